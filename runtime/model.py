@@ -1,0 +1,446 @@
+"""The Mixtral forward pass the engine runs, over a KV cache with one row per running sequence.
+
+Weights come from a Hugging Face Mixtral folder loaded by transformers; the forward pass is ours
+because the engine needs two things transformers' modules don't give together:
+
+* **Batch invariance on CPU.** A sequence's logits must not depend on which other sequences share
+  the forward pass, so that greedy output under load equals the output of the request alone. MKL
+  picks other kernels (other summation orders) for GEMMs of 1-3 rows and vectorised kernels leave
+  a scalar tail whose transcendental functions round differently, so in `batch_invariant` mode
+  every token batch is padded to a multiple of `ROW_MULTIPLE` rows and attention runs per
+  sequence over exactly that sequence's cache, the same call as when it runs alone.
+* **No host synchronisation in the GPU decode step**: experts run as two grouped GEMMs over
+  tokens sorted by expert (offsets stay on the device), and attention reads the cache rows in
+  place, so the step can be queued ahead of the GPU and captured in a CUDA graph.
+
+Cache rows are compact: running sequence number i lives in cache row i (the engine moves the last
+row into a freed one), so batched attention reads `cache[:batch]` without a gather.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Row counts that MKL's sgemm treats alike (measured: 1, 2, 3, 5 and 7 rows use other kernels).
+ROW_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    experts_per_token: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelSpec:
+        if getattr(config, "model_type", None) != "mixtral":
+            raise ValueError(f"expected a Mixtral checkpoint, got model_type={config.model_type!r}")
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"unsupported RoPE type {rope_type!r}: only 'default' is implemented")
+        rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 1e6))
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            head_dim=head_dim,
+            num_experts=config.num_local_experts,
+            experts_per_token=config.num_experts_per_tok,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=float(rope_theta),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+    @property
+    def active_parameters_per_token(self) -> int:
+        """Weights one decode step reads for a single sequence (attention + top-k experts)."""
+        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        experts = self.experts_per_token * 3 * self.hidden_size * self.intermediate_size
+        router = self.num_experts * self.hidden_size
+        return self.num_layers * (attention + experts + router) + self.vocab_size * self.hidden_size
+
+    @property
+    def total_parameters(self) -> int:
+        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        experts = self.num_experts * 3 * self.hidden_size * self.intermediate_size
+        router = self.num_experts * self.hidden_size
+        return (
+            self.num_layers * (attention + experts + router)
+            + 2 * self.vocab_size * self.hidden_size
+        )
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o_proj: torch.Tensor  # [hidden, heads * head_dim]
+    post_attention_norm: torch.Tensor  # [hidden]
+    router: torch.Tensor  # [experts, hidden]
+    gate_up: torch.Tensor  # [experts, 2 * intermediate, hidden]: gate (w1) rows, then up (w3)
+    down: torch.Tensor  # [experts, hidden, intermediate]
+
+
+@dataclass
+class MixtralWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]
+
+
+def load_mixtral(
+    folder: Path, *, dtype: torch.dtype, device: torch.device
+) -> tuple[ModelSpec, MixtralWeights]:
+    """Load a Hugging Face Mixtral folder with transformers and take its tensors.
+
+    The checkpoint is read into host memory first (device_map placement needs `accelerate`, which
+    the runtime image doesn't carry), then each tensor moves to `device`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(folder))
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(device)
+
+    layers = []
+    for layer in hf_model.model.layers:
+        attention = layer.self_attn
+        moe = getattr(layer, "mlp", None) or layer.block_sparse_moe
+        layers.append(
+            LayerWeights(
+                input_norm=take(layer.input_layernorm.weight),
+                qkv=take(
+                    torch.cat(
+                        [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+                    )
+                ),
+                o_proj=take(attention.o_proj.weight),
+                post_attention_norm=take(layer.post_attention_layernorm.weight),
+                router=take(moe.gate.weight),
+                gate_up=take(moe.experts.gate_up_proj),
+                down=take(moe.experts.down_proj),
+            )
+        )
+    weights = MixtralWeights(
+        embed=take(hf_model.model.embed_tokens.weight),
+        layers=layers,
+        final_norm=take(hf_model.model.norm.weight),
+        lm_head=take(hf_model.lm_head.weight),
+    )
+    return spec, weights
+
+
+def random_mixtral(
+    spec: ModelSpec, *, dtype: torch.dtype, device: torch.device, seed: int = 0, std: float = 0.02
+) -> MixtralWeights:
+    """Random weights made directly on `device` (for benchmarks of full-size architectures)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        tensor = torch.empty(*shape, dtype=dtype, device=device)
+        return tensor.normal_(0.0, std, generator=generator)
+
+    def ones(size: int) -> torch.Tensor:
+        return torch.ones(size, dtype=dtype, device=device)
+
+    hidden, inter, experts = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    return MixtralWeights(
+        embed=normal(spec.vocab_size, hidden),
+        layers=[
+            LayerWeights(
+                input_norm=ones(hidden),
+                qkv=normal(qkv_rows, hidden),
+                o_proj=normal(hidden, spec.num_heads * spec.head_dim),
+                post_attention_norm=ones(hidden),
+                router=normal(experts, hidden),
+                gate_up=normal(experts, 2 * inter, hidden),
+                down=normal(experts, hidden, inter),
+            )
+            for _ in range(spec.num_layers)
+        ],
+        final_norm=ones(hidden),
+        lm_head=normal(spec.vocab_size, hidden),
+    )
+
+
+class MixtralRunner:
+    """Prefill and decode over a preallocated KV cache of `max_num_seqs` rows."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: MixtralWeights,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        batch_invariant: bool,
+    ):
+        self.spec = spec
+        self.weights = weights
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.batch_invariant = batch_invariant
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        cache_shape = (max_num_seqs, spec.num_kv_heads, max_model_len, spec.head_dim)
+        self.k_cache = [
+            torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+            for _ in range(spec.num_layers)
+        ]
+        self.v_cache = [
+            torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+            for _ in range(spec.num_layers)
+        ]
+        # Same arithmetic as transformers' default RoPE, tabulated once per position.
+        inv_freq = 1.0 / (
+            spec.rope_theta
+            ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim)
+        )
+        freqs = torch.arange(max_model_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.rope_cos = angles.cos().to(device=self.device, dtype=self.dtype)
+        self.rope_sin = angles.sin().to(device=self.device, dtype=self.dtype)
+        self.positions = torch.arange(max_model_len, device=self.device)
+        self.scale = 1.0 / math.sqrt(spec.head_dim)
+        grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+        self._grouped_mm = grouped_mm if self.device.type == "cuda" else None
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    @torch.inference_mode()
+    def prefill(self, row: int, token_ids: list[int]) -> torch.Tensor:
+        """Run a prompt alone into cache row `row`; return the float32 logits of its last token."""
+        length = len(token_ids)
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = self.positions[:length]
+        hidden = self._pad(F.embedding(tokens, self.weights.embed))
+        for index, layer in enumerate(self.weights.layers):
+            q, k, v = self._qkv(hidden, length, layer, positions)
+            self.k_cache[index][row, :, :length] = k.transpose(0, 1)
+            self.v_cache[index][row, :, :length] = v.transpose(0, 1)
+            attention = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
+            hidden = self._attention_out_and_moe(
+                hidden, self._pad(attention.reshape(length, -1)), length, layer
+            )
+        return self._logits(self._pad(hidden[length - 1 : length]))[0]
+
+    @torch.inference_mode()
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of cache rows 0..len-1; return float32 logits [rows, vocab]."""
+        batch = len(token_ids)
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.batch_invariant:
+            return self._decode_per_sequence_attention(tokens, position_tensor, positions)
+        # Attend over a length rounded up so that a handful of shapes cover a whole generation.
+        attend_len = min(self.max_model_len, _round_up(max(positions) + 1, 64))
+        return self.decode_tensors(tokens, position_tensor, attend_len)[:batch]
+
+    def decode_tensors(
+        self, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int
+    ) -> torch.Tensor:
+        """Batched decode with no host synchronisation (the step a CUDA graph captures)."""
+        batch = tokens.shape[0]
+        rows = torch.arange(batch, device=self.device)
+        visible = (self.positions[None, :attend_len] <= positions[:, None])[:, None, None, :]
+        hidden = F.embedding(tokens, self.weights.embed)
+        for index, layer in enumerate(self.weights.layers):
+            q, k, v = self._qkv(hidden, batch, layer, positions)
+            self.k_cache[index][rows, :, positions] = k
+            self.v_cache[index][rows, :, positions] = v
+            attention = F.scaled_dot_product_attention(
+                q[:, :, None, :],
+                self.k_cache[index][:batch, :, :attend_len],
+                self.v_cache[index][:batch, :, :attend_len],
+                attn_mask=visible,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            hidden = self._attention_out_and_moe(hidden, attention.reshape(batch, -1), batch, layer)
+        return self._logits(hidden)
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` cache positions of row `source` into row `target`."""
+        for cache in self.k_cache + self.v_cache:
+            cache[target, :, :length] = cache[source, :, :length]
+
+    def _decode_per_sequence_attention(
+        self, tokens: torch.Tensor, position_tensor: torch.Tensor, positions: list[int]
+    ) -> torch.Tensor:
+        batch = len(positions)
+        rows = torch.arange(batch, device=self.device)
+        hidden = self._pad(F.embedding(tokens, self.weights.embed))
+        attention = hidden.new_zeros(hidden.shape[0], self.spec.num_heads * self.spec.head_dim)
+        for index, layer in enumerate(self.weights.layers):
+            q, k, v = self._qkv(hidden, batch, layer, position_tensor)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[rows, :, position_tensor] = k
+            v_cache[rows, :, position_tensor] = v
+            for row, position in enumerate(positions):
+                attention[row] = F.scaled_dot_product_attention(
+                    q[row, :, None, :][None],
+                    k_cache[row : row + 1, :, : position + 1],
+                    v_cache[row : row + 1, :, : position + 1],
+                    scale=self.scale,
+                    enable_gqa=True,
+                ).reshape(-1)
+            hidden = self._attention_out_and_moe(hidden, attention, batch, layer)
+        return self._logits(hidden)[:batch]
+
+    def _qkv(
+        self, hidden: torch.Tensor, rows: int, layer: LayerWeights, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of the first `rows` rows of `hidden`, rotated."""
+        spec = self.spec
+        qkv = self._linear(self._rms_norm(hidden, layer.input_norm), layer.qkv)[:rows]
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        q = qkv[:, :q_size].reshape(-1, spec.num_heads, spec.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].reshape(-1, spec.num_kv_heads, spec.head_dim)
+        v = qkv[:, q_size + kv_size :].reshape(-1, spec.num_kv_heads, spec.head_dim)
+        cos = self.rope_cos[positions][:, None, :]
+        sin = self.rope_sin[positions][:, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _attention_out_and_moe(
+        self, hidden: torch.Tensor, attention: torch.Tensor, rows: int, layer: LayerWeights
+    ) -> torch.Tensor:
+        hidden = hidden + self._linear(attention, layer.o_proj)
+        normed = self._rms_norm(hidden, layer.post_attention_norm)
+        return hidden + self._moe(normed, rows, layer)
+
+    def _moe(self, hidden: torch.Tensor, rows: int, layer: LayerWeights) -> torch.Tensor:
+        """Top-k mixture of experts over the first `rows` rows (padding rows stay zero)."""
+        top_k = self.spec.experts_per_token
+        router_logits = self._linear(hidden, layer.router)[:rows]
+        router_probs = F.softmax(router_logits.float(), dim=-1)
+        weights, experts = torch.topk(router_probs, top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(hidden.dtype)
+        if self._grouped_mm is not None:
+            per_choice = self._experts_grouped(hidden, experts, weights, layer)
+        else:
+            per_choice = self._experts_loop(hidden, experts, weights, layer)
+        # Sum the top-k contributions in rank order, the same order whatever the batch.
+        output = per_choice[:, 0]
+        for rank in range(1, top_k):
+            output = output + per_choice[:, rank]
+        return output
+
+    def _experts_loop(
+        self,
+        hidden: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        layer: LayerWeights,
+    ) -> torch.Tensor:
+        top_k = self.spec.experts_per_token
+        per_choice = hidden.new_zeros(hidden.shape[0], top_k, hidden.shape[1])
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            choices = order[start : start + count]
+            start += count
+            tokens, ranks = choices // top_k, choices % top_k
+            expert_input = self._pad(hidden[tokens])
+            gate, up = self._linear(expert_input, layer.gate_up[expert]).chunk(2, dim=-1)
+            routed = self._pad(weights[tokens, ranks])
+            expert_output = self._linear(F.silu(gate) * up, layer.down[expert]) * routed[:, None]
+            per_choice[tokens, ranks] = expert_output[:count]
+        return per_choice
+
+    def _experts_grouped(
+        self,
+        hidden: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        layer: LayerWeights,
+    ) -> torch.Tensor:
+        top_k, num_experts = self.spec.experts_per_token, self.spec.num_experts
+        flat = experts.reshape(-1)
+        sorted_experts, order = torch.sort(flat)
+        # histc rather than bincount: bincount reads the maximum back to the host.
+        histogram_input = sorted_experts.int() if hidden.is_cuda else sorted_experts.float()
+        counts = torch.histc(histogram_input, bins=num_experts, min=0, max=num_experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        expert_input = hidden[order // top_k]
+        gate, up = self._grouped_mm(
+            expert_input, layer.gate_up.transpose(-2, -1), offs=offsets
+        ).chunk(2, dim=-1)
+        expert_output = self._grouped_mm(
+            F.silu(gate) * up, layer.down.transpose(-2, -1), offs=offsets
+        )
+        expert_output = expert_output * weights.reshape(-1)[order, None]
+        per_choice = torch.empty_like(expert_output)
+        per_choice[order] = expert_output
+        return per_choice.view(experts.shape[0], top_k, hidden.shape[1])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = self._rms_norm(hidden, self.weights.final_norm)
+        return self._linear(normed, self.weights.lm_head).float()
+
+    def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        as_float = hidden.float()
+        variance = as_float.pow(2).mean(-1, keepdim=True)
+        normed = as_float * torch.rsqrt(variance + self.spec.rms_norm_eps)
+        return weight * normed.to(hidden.dtype)
+
+    def _linear(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # In batch-invariant mode callers pass padded rows, so `_pad` is only a safety net here.
+        return F.linear(self._pad(hidden), weight)
+
+    def _pad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Pad the row count up to a multiple of ROW_MULTIPLE in batch-invariant mode."""
+        if not self.batch_invariant:
+            return tensor
+        rows = tensor.shape[0]
+        padded = max(ROW_MULTIPLE, _round_up(rows, ROW_MULTIPLE))
+        if padded == rows:
+            return tensor
+        return torch.cat([tensor, tensor.new_zeros(padded - rows, *tensor.shape[1:])])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
