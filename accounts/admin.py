@@ -1,0 +1,67 @@
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+
+from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
+
+
+@admin.register(User)
+class UserAdmin(BaseUserAdmin):
+    ordering = ["email"]
+    list_display = ["email", "full_name", "is_staff", "is_active", "date_joined"]
+    search_fields = ["email", "full_name"]
+    fieldsets = [
+        (None, {"fields": ["email", "password", "full_name"]}),
+        ("Permissions", {"fields": ["is_active", "is_staff", "is_superuser", "groups"]}),
+    ]
+    add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Organization)
+class OrganizationAdmin(admin.ModelAdmin):
+    list_display = [
+        "slug",
+        "name",
+        "status",
+        "currency",
+        "max_gpus",
+        "max_deployments",
+        "monthly_spend_limit",
+    ]
+    list_filter = ["status", "currency"]
+    search_fields = ["slug", "name", "billing_email"]
+    inlines = [MembershipInline]
+
+
+@admin.register(APIKey)
+class APIKeyAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "display_prefix",
+        "organization",
+        "scopes",
+        "revoked_at",
+        "last_used_at",
+    ]
+    list_filter = ["revoked_at"]
+    search_fields = ["name", "prefix", "organization__slug"]
+    # The hash is never edited by hand; keys are made and revoked through the API or console.
+    readonly_fields = ["prefix", "secret_hash", "created_by", "created_at", "last_used_at"]
+
+
+@admin.register(AuditLogEntry)
+class AuditLogEntryAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "organization", "actor_label", "action", "target_repr"]
+    list_filter = ["action"]
+    search_fields = ["actor_label", "target_repr", "request_id"]
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,208 @@
+import hashlib
+import hmac
+
+from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from accounts.roles import Role
+
+slug_validator = RegexValidator(
+    r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
+    "Use 1-40 lowercase letters, digits or hyphens, starting and ending with a letter or digit.",
+)
+
+
+class UserManager(BaseUserManager):
+    use_in_migrations = True
+
+    def create_user(self, email, password=None, **fields):
+        if not email:
+            raise ValueError("Users need an email address.")
+        user = self.model(email=self.normalize_email(email).lower(), **fields)
+        user.set_password(password)
+        user.save(using=self._db)
+        return user
+
+    def create_superuser(self, email, password=None, **fields):
+        fields.update(is_staff=True, is_superuser=True)
+        return self.create_user(email, password, **fields)
+
+
+class User(AbstractBaseUser, PermissionsMixin):
+    """A person. Logs in with an email address; belongs to organizations through Memberships."""
+
+    email = models.EmailField(unique=True)
+    full_name = models.CharField(max_length=200, blank=True)
+    is_active = models.BooleanField(default=True)
+    is_staff = models.BooleanField(default=False, help_text="Operators: may use the admin.")
+    date_joined = models.DateTimeField(default=timezone.now)
+
+    USERNAME_FIELD = "email"
+    EMAIL_FIELD = "email"
+    REQUIRED_FIELDS: list[str] = []
+
+    objects = UserManager()
+
+    def __str__(self):
+        return self.email
+
+
+class Organization(models.Model):
+    """A tenant: owns deployments, keys, usage and invoices. Quotas live here too."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        SUSPENDED = "suspended", "Suspended"
+
+    slug = models.SlugField(max_length=40, unique=True, validators=[slug_validator])
+    name = models.CharField(max_length=200)
+    billing_email = models.EmailField(blank=True)
+    currency = models.CharField(
+        max_length=3,
+        default="USD",
+        validators=[RegexValidator(r"^[A-Z]{3}$", "Use an ISO 4217 code such as USD or EUR.")],
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    max_gpus = models.PositiveIntegerField(
+        default=8, help_text="Most GPUs all of the organization's dedicated replicas may hold."
+    )
+    max_deployments = models.PositiveIntegerField(default=10)
+    monthly_spend_limit = models.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Hard limit in the organization's currency; empty means no limit.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self):
+        return self.slug
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == self.Status.ACTIVE
+
+
+class Membership(models.Model):
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="memberships"
+    )
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "user"], name="unique_membership")
+        ]
+        ordering = ["created_at", "id"]
+
+    def __str__(self):
+        return f"{self.user} in {self.organization} as {self.role}"
+
+
+class APIKey(models.Model):
+    """A secret for the REST API and the gateway. Only its SHA-256 is stored.
+
+    The secret is `sk-` + a 12-character lookup prefix + 40 random characters; the prefix is
+    shown in lists so people can tell their keys apart, and finds the row without scanning.
+    SHA-256 (not a slow password hash) is right here: the secret has ~240 bits of entropy, and
+    the gateway checks it on every request.
+    """
+
+    class Scope(models.TextChoices):
+        INFERENCE = "inference", "Inference (/v1)"
+        MANAGEMENT = "management", "Management (/api/v1)"
+
+    PREFIX_LENGTH = 12
+    SECRET_LENGTH = 40
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=PREFIX_LENGTH, unique=True)
+    secret_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    role = models.CharField(
+        max_length=16,
+        choices=Role.choices,
+        default=Role.DEVELOPER,
+        help_text="What a management-scoped key may do in the REST API.",
+    )
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.name} ({self.display_prefix}…)"
+
+    @property
+    def display_prefix(self) -> str:
+        return f"sk-{self.prefix}"
+
+    @staticmethod
+    def hash_secret(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    def matches(self, secret: str) -> bool:
+        return hmac.compare_digest(self.secret_hash, self.hash_secret(secret))
+
+    def is_usable(self, now=None) -> bool:
+        now = now or timezone.now()
+        return (
+            self.revoked_at is None
+            and (self.expires_at is None or self.expires_at > now)
+            and self.organization.is_active
+        )
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+class AuditLogEntry(models.Model):
+    """Who did what to which object, when. Written by services, never edited."""
+
+    organization = models.ForeignKey(
+        Organization, null=True, on_delete=models.CASCADE, related_name="audit_log"
+    )
+    actor_user = models.ForeignKey(User, null=True, on_delete=models.SET_NULL, related_name="+")
+    actor_api_key = models.ForeignKey(
+        APIKey, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Kept as text too, so the entry still says who it was after a user or key is deleted.
+    actor_label = models.CharField(max_length=200)
+    action = models.CharField(max_length=64)
+    target_type = models.CharField(max_length=64)
+    target_id = models.CharField(max_length=64)
+    target_repr = models.CharField(max_length=200, blank=True)
+    changes = models.JSONField(default=dict, blank=True)
+    request_id = models.CharField(max_length=128, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["organization", "-created_at"])]
+        verbose_name_plural = "audit log entries"
+
+    def __str__(self):
+        return (
+            f"{self.created_at:%Y-%m-%d %H:%M} {self.actor_label} {self.action} {self.target_repr}"
+        )

@@ -1,0 +1,122 @@
+from rest_framework import serializers
+
+from accounts.models import APIKey, AuditLogEntry, Membership, Organization
+from accounts.roles import Role
+from controlplane.rest.serializers import StrictSerializer
+
+
+class OrganizationSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Organization
+        fields = [
+            "id",
+            "slug",
+            "name",
+            "billing_email",
+            "currency",
+            "status",
+            "max_gpus",
+            "max_deployments",
+            "monthly_spend_limit",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class OrganizationUpdateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=200, required=False)
+    billing_email = serializers.EmailField(required=False, allow_blank=True)
+    currency = serializers.RegexField(
+        r"^[A-Z]{3}$",
+        required=False,
+        error_messages={"invalid": "Use an ISO 4217 code such as USD."},
+    )
+    monthly_spend_limit = serializers.DecimalField(
+        max_digits=14, decimal_places=2, min_value=0, required=False, allow_null=True
+    )
+
+
+class MembershipSerializer(serializers.ModelSerializer):
+    email = serializers.EmailField(source="user.email", read_only=True)
+    full_name = serializers.CharField(source="user.full_name", read_only=True)
+
+    class Meta:
+        model = Membership
+        fields = ["id", "email", "full_name", "role", "created_at"]
+        read_only_fields = fields
+
+
+class MembershipCreateSerializer(StrictSerializer):
+    email = serializers.EmailField()
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class MembershipUpdateSerializer(StrictSerializer):
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class APIKeySerializer(serializers.ModelSerializer):
+    prefix = serializers.CharField(source="display_prefix", read_only=True)
+    created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+
+    class Meta:
+        model = APIKey
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "scopes",
+            "role",
+            "rpm_limit",
+            "tpm_limit",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class APIKeyCreatedSerializer(APIKeySerializer):
+    """Returned once, by create: the only time the secret is ever shown."""
+
+    key = serializers.CharField(
+        read_only=True, help_text="The secret. Store it now: it is not shown again."
+    )
+
+    class Meta(APIKeySerializer.Meta):
+        fields = [*APIKeySerializer.Meta.fields, "key"]
+        read_only_fields = fields
+
+
+class APIKeyCreateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=100)
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=APIKey.Scope.choices),
+        default=[APIKey.Scope.INFERENCE],
+        allow_empty=False,
+    )
+    role = serializers.ChoiceField(choices=Role.choices, default=Role.DEVELOPER)
+    rpm_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    tpm_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class AuditLogEntrySerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor_label", read_only=True)
+
+    class Meta:
+        model = AuditLogEntry
+        fields = [
+            "id",
+            "created_at",
+            "actor",
+            "action",
+            "target_type",
+            "target_id",
+            "target_repr",
+            "changes",
+            "request_id",
+        ]
+        read_only_fields = fields

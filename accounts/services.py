@@ -1,0 +1,237 @@
+import secrets
+import string
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.actors import Actor
+from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
+from accounts.roles import Permission, Role, role_can_grant
+from accounts.signals import api_key_revoked
+from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+
+_KEY_ALPHABET = string.ascii_letters + string.digits
+
+
+def require(actor: Actor, permission: str) -> None:
+    """Raise PermissionDenied unless the actor's role grants `permission`."""
+    if not actor.can(permission):
+        raise PermissionDenied(
+            f"Your role {actor.role!r} may not do this ({permission}). "
+            "Ask an owner or admin of the organization."
+        )
+
+
+def audit_record(
+    *, actor: Actor, action: str, target, changes: dict | None = None, organization=None
+) -> AuditLogEntry:
+    """Append one entry to the audit log. Every service that writes calls this."""
+    return AuditLogEntry.objects.create(
+        organization=organization or actor.organization,
+        actor_user=actor.user,
+        actor_api_key=actor.api_key,
+        actor_label=actor.label,
+        action=action,
+        target_type=target._meta.label_lower,
+        target_id=str(target.pk),
+        target_repr=str(target)[:200],
+        changes=changes or {},
+        request_id=actor.request_id,
+    )
+
+
+@transaction.atomic
+def organization_create(
+    *, slug: str, name: str, owner: User, billing_email: str = "", currency: str = "USD"
+) -> Organization:
+    if Organization.objects.filter(slug=slug).exists():
+        raise Conflict(f"The organization slug {slug!r} is taken; choose another.", field="slug")
+    organization = Organization(
+        slug=slug, name=name, billing_email=billing_email or owner.email, currency=currency
+    )
+    organization.full_clean()
+    organization.save()
+    Membership.objects.create(organization=organization, user=owner, role=Role.OWNER)
+    actor = Actor(organization=organization, role=Role.OWNER, user=owner)
+    audit_record(actor=actor, action="organization.create", target=organization)
+    return organization
+
+
+ORGANIZATION_EDITABLE_FIELDS = {"name", "billing_email", "currency"}
+
+
+@transaction.atomic
+def organization_update(*, actor: Actor, organization: Organization, **fields) -> Organization:
+    """Change the organization's profile. Spend limits are a billing permission."""
+    unknown = set(fields) - ORGANIZATION_EDITABLE_FIELDS - {"monthly_spend_limit"}
+    if unknown:
+        raise ValidationFailed(
+            f"{sorted(unknown)[0]} cannot be changed here.", field=sorted(unknown)[0]
+        )
+    if "monthly_spend_limit" in fields:
+        require(actor, Permission.BILLING_WRITE)
+    if set(fields) & ORGANIZATION_EDITABLE_FIELDS:
+        require(actor, Permission.ORGANIZATION_WRITE)
+    organization = Organization.objects.select_for_update().get(pk=organization.pk)
+    changes = {}
+    for name, value in fields.items():
+        old = getattr(organization, name)
+        if old != value:
+            changes[name] = [_jsonable(old), _jsonable(value)]
+            setattr(organization, name, value)
+    if changes:
+        organization.full_clean()
+        organization.save()
+        audit_record(
+            actor=actor, action="organization.update", target=organization, changes=changes
+        )
+    return organization
+
+
+@transaction.atomic
+def member_add(*, actor: Actor, email: str, role: str) -> Membership:
+    """Add a person to the organization, creating their user if needed (no password yet:
+    they set one through password reset)."""
+    require(actor, Permission.MEMBERS_WRITE)
+    _check_grant(actor, role)
+    email = email.strip().lower()
+    user, _ = User.objects.get_or_create(email=email, defaults={"password": "!"})
+    if Membership.objects.filter(organization=actor.organization, user=user).exists():
+        raise Conflict(f"{email} is already a member; change their role instead.", field="email")
+    membership = Membership.objects.create(organization=actor.organization, user=user, role=role)
+    audit_record(actor=actor, action="member.add", target=membership, changes={"role": role})
+    return membership
+
+
+@transaction.atomic
+def member_update_role(*, actor: Actor, membership: Membership, role: str) -> Membership:
+    require(actor, Permission.MEMBERS_WRITE)
+    _check_grant(actor, role)
+    _check_grant(actor, membership.role)
+    if membership.role == Role.OWNER and role != Role.OWNER:
+        _ensure_another_owner(membership)
+    old = membership.role
+    membership.role = role
+    membership.save(update_fields=["role"])
+    audit_record(
+        actor=actor, action="member.update", target=membership, changes={"role": [old, role]}
+    )
+    return membership
+
+
+@transaction.atomic
+def member_remove(*, actor: Actor, membership: Membership) -> None:
+    require(actor, Permission.MEMBERS_WRITE)
+    _check_grant(actor, membership.role)
+    if membership.role == Role.OWNER:
+        _ensure_another_owner(membership)
+    audit_record(actor=actor, action="member.remove", target=membership)
+    membership.delete()
+
+
+def _check_grant(actor: Actor, role: str) -> None:
+    if role not in Role.values:
+        raise ValidationFailed(
+            f"Unknown role {role!r}. Use one of: {', '.join(Role.values)}.", field="role"
+        )
+    if not role_can_grant(actor.role, role):
+        raise PermissionDenied(
+            f"Your role {actor.role!r} cannot grant or change the role {role!r}."
+        )
+
+
+def _ensure_another_owner(membership: Membership) -> None:
+    owners = Membership.objects.select_for_update().filter(
+        organization_id=membership.organization_id, role=Role.OWNER
+    )
+    if not owners.exclude(pk=membership.pk).exists():
+        raise Conflict("An organization needs at least one owner; make someone else owner first.")
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    actor: Actor,
+    name: str,
+    scopes: list[str] | None = None,
+    role: str = Role.DEVELOPER,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[APIKey, str]:
+    """Create a key and return it with its secret. The secret is never retrievable again."""
+    require(actor, Permission.API_KEYS_WRITE)
+    scopes = sorted(set(scopes or [APIKey.Scope.INFERENCE]))
+    bad = [s for s in scopes if s not in APIKey.Scope.values]
+    if bad:
+        raise ValidationFailed(
+            f"Unknown scope {bad[0]!r}. Use {' and/or '.join(APIKey.Scope.values)}.", field="scopes"
+        )
+    _check_grant(actor, role)
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationFailed("expires_at must be in the future.", field="expires_at")
+    name = name.strip()
+    if not name:
+        raise ValidationFailed("Give the key a name, such as 'production backend'.", field="name")
+    for _attempt in range(5):
+        prefix = "".join(secrets.choice(_KEY_ALPHABET) for _ in range(APIKey.PREFIX_LENGTH))
+        secret = f"sk-{prefix}" + "".join(
+            secrets.choice(_KEY_ALPHABET) for _ in range(APIKey.SECRET_LENGTH)
+        )
+        try:
+            with transaction.atomic():
+                key = APIKey.objects.create(
+                    organization=actor.organization,
+                    name=name,
+                    prefix=prefix,
+                    secret_hash=APIKey.hash_secret(secret),
+                    scopes=scopes,
+                    role=role,
+                    rpm_limit=rpm_limit,
+                    tpm_limit=tpm_limit,
+                    expires_at=expires_at,
+                    created_by=actor.user,
+                )
+            break
+        except IntegrityError:  # a prefix collision: 62**12 makes this astronomically rare
+            continue
+    else:  # pragma: no cover
+        raise Conflict("Could not allocate a unique key prefix; try again.")
+    audit_record(
+        actor=actor,
+        action="api_key.create",
+        target=key,
+        changes={"scopes": scopes, "role": role, "rpm_limit": rpm_limit, "tpm_limit": tpm_limit},
+    )
+    return key, secret
+
+
+@transaction.atomic
+def api_key_revoke(*, actor: Actor, api_key: APIKey) -> APIKey:
+    """Revoke a key (idempotent). The row stays, so usage and audit history keep their key."""
+    require(actor, Permission.API_KEYS_WRITE)
+    if api_key.organization_id != actor.organization.pk:
+        raise NotFound("No such API key in your organization.")
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+        audit_record(actor=actor, action="api_key.revoke", target=api_key)
+        key_id, prefix = api_key.pk, api_key.prefix
+        transaction.on_commit(
+            lambda: api_key_revoked.send(sender=APIKey, api_key_id=key_id, prefix=prefix)
+        )
+    return api_key
+
+
+def api_key_touch(*, api_key: APIKey) -> None:
+    """Record use, at most once a minute per key: a write per request would cost too much."""
+    now = timezone.now()
+    if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
+        APIKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+
+
+def _jsonable(value):
+    return str(value) if isinstance(value, Decimal) else value

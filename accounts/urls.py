@@ -1,0 +1,14 @@
+from django.urls import path
+
+from accounts import apis
+
+urlpatterns = [
+    path(
+        "organizations/current", apis.CurrentOrganizationApi.as_view(), name="organization-current"
+    ),
+    path("members", apis.MemberListApi.as_view(), name="member-list"),
+    path("members/<int:pk>", apis.MemberDetailApi.as_view(), name="member-detail"),
+    path("api-keys", apis.APIKeyListApi.as_view(), name="api-key-list"),
+    path("api-keys/<int:pk>", apis.APIKeyDetailApi.as_view(), name="api-key-detail"),
+    path("audit-log", apis.AuditLogListApi.as_view(), name="audit-log"),
+]

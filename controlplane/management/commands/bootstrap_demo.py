@@ -1,0 +1,18 @@
+from django.core.management.base import BaseCommand
+
+from controlplane.demo import DEMO_EMAIL, ensure_demo_organization
+
+
+class Command(BaseCommand):
+    help = (
+        "Create (or bring up to date) the demo: organization `demo`, its owner "
+        f"{DEMO_EMAIL}, the catalog seeds and the tiny MoE. Safe to run any number of times."
+    )
+
+    def handle(self, *args, **options):
+        organization, user, password = ensure_demo_organization()
+        self.stdout.write(f"Organization: {organization.slug}")
+        if password:
+            self.stdout.write(f"Login: {user.email} / {password}")
+        else:
+            self.stdout.write(f"Login: {user.email} (password unchanged)")

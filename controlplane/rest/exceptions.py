@@ -1,0 +1,107 @@
+"""The one place where errors become HTTP responses in the REST API: RFC 9457 problem JSON.
+
+Every error says what went wrong in `detail`, lists field errors in `errors`, and carries the
+request id, so a customer can quote it to support.
+"""
+
+import logging
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+
+from controlplane.errors import DomainError
+from controlplane.logging import request_id_var
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+_TITLES = {
+    400: "Invalid request",
+    401: "Authentication required",
+    403: "Permission denied",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    409: "Conflict",
+    413: "Request too large",
+    415: "Unsupported media type",
+    429: "Too many requests",
+}
+
+
+def _flatten(detail, prefix=""):
+    """DRF's nested error dict/list → [{field, message}] with dotted field paths."""
+    if isinstance(detail, dict):
+        out = []
+        for key, value in detail.items():
+            name = key if key != "non_field_errors" else ""
+            out += _flatten(value, f"{prefix}.{name}".strip(".") if name else prefix)
+        return out
+    if isinstance(detail, list):
+        out = []
+        for index, value in enumerate(detail):
+            if isinstance(value, dict | list) and not all(isinstance(v, str) for v in value):
+                out += _flatten(value, f"{prefix}.{index}".strip("."))
+            else:
+                out += _flatten(value, prefix)
+        return out
+    return [{"field": prefix or None, "message": str(detail)}]
+
+
+def problem_response(status_code, detail, *, code, errors=None, headers=None):
+    body = {
+        "type": f"urn:sirocco:problem:{code}",
+        "title": _TITLES.get(status_code, "Error"),
+        "status": status_code,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id_var.get(),
+    }
+    if errors:
+        body["errors"] = errors
+    return Response(body, status=status_code, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def problem_exception_handler(exc, context):
+    if isinstance(exc, DomainError):
+        errors = [{"field": exc.field, "message": exc.message}] if exc.field else None
+        return problem_response(exc.status_code, exc.message, code=exc.code, errors=errors)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound(
+            "No such object in your organization. Check the id, or list the collection."
+        )
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
+    elif isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(
+            exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+        )
+
+    if not isinstance(exc, exceptions.APIException):
+        return None  # a bug: Django logs it and answers 500
+
+    headers = {}
+    if getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = exc.auth_header
+    if getattr(exc, "wait", None):
+        headers["Retry-After"] = str(int(exc.wait))
+
+    if isinstance(exc, exceptions.ValidationError):
+        errors = _flatten(exc.detail)
+        summary = "; ".join(
+            f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors
+        )
+        return problem_response(
+            status.HTTP_400_BAD_REQUEST, summary, code="invalid", errors=errors, headers=headers
+        )
+    codes = exc.get_codes()
+    return problem_response(
+        exc.status_code,
+        str(exc.detail),
+        code=codes if isinstance(codes, str) else exc.default_code,
+        headers=headers,
+    )

@@ -1,0 +1,66 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.nodb
+
+
+def load_settings(**env):
+    base = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "DEBUG", "DATABASE_URL"}}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import controlplane.settings.base as s; print(s.DATABASES['default']['ENGINE'])",
+        ],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_refuses_to_start_without_a_secret_key(tmp_path):
+    result = load_settings(DEBUG="false", SIROCCO_VAR_DIR=str(tmp_path))
+    assert result.returncode != 0
+    assert "SECRET_KEY is not set" in result.stderr
+
+
+def test_embedded_default_is_sqlite_under_var(tmp_path):
+    result = load_settings(SECRET_KEY="x" * 50, SIROCCO_VAR_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "django.db.backends.sqlite3"
+
+
+def test_database_url_selects_postgresql(tmp_path):
+    result = load_settings(
+        SECRET_KEY="x" * 50,
+        DATABASE_URL="postgres://postgres@127.0.0.1:5432/test",
+        SIROCCO_VAR_DIR=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "django.db.backends.postgresql"
+
+
+def test_celery_is_json_only_with_late_acks_and_named_queues():
+    from controlplane.celery import app
+
+    assert app.conf.task_serializer == "json"
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.task_acks_late is True
+    assert app.conf.task_time_limit and app.conf.task_soft_time_limit
+    assert {q.name for q in app.conf.task_queues} == {"default", "provisioning", "billing"}
+    assert all(q.routing_key == q.name for q in app.conf.task_queues)
+
+
+def test_embedded_broker_needs_no_server(settings):
+    from django.conf import settings as live
+
+    if os.environ.get("CELERY_BROKER_URL"):
+        pytest.skip("a broker URL is configured for this run")
+    assert live.CELERY_BROKER_URL.startswith("sqla+sqlite:///")
