@@ -1,0 +1,44 @@
+"""The usage record billing consumes: unique by request id, so a replayed write is a no-op."""
+
+import uuid
+from datetime import UTC, datetime
+
+from gateway.models import UsageEvent
+
+
+def make_event(organization, request_id, **fields):
+    now = datetime.now(UTC)
+    values = {
+        "request_id": request_id,
+        "organization_id": organization.id,
+        "deployment_id": uuid.uuid4(),
+        "model": "tiny",
+        "prompt_tokens": 7,
+        "completion_tokens": 5,
+        "status_code": 200,
+        "latency_ms": 12.5,
+        "usage_source": UsageEvent.Source.UPSTREAM,
+        "started_at": now,
+        "finished_at": now,
+    }
+    values.update(fields)
+    return UsageEvent(**values)
+
+
+def test_writing_the_same_request_twice_keeps_one_row(organization):
+    UsageEvent.objects.bulk_create([make_event(organization, "req_a")], ignore_conflicts=True)
+    UsageEvent.objects.bulk_create(
+        [make_event(organization, "req_a", prompt_tokens=99), make_event(organization, "req_b")],
+        ignore_conflicts=True,
+    )
+    rows = dict(UsageEvent.objects.values_list("request_id", "prompt_tokens"))
+    assert rows == {"req_a": 7, "req_b": 7}
+
+
+def test_an_event_outlives_the_key_it_was_made_with(organization, make_api_key):
+    key, _secret = make_api_key(organization)
+    UsageEvent.objects.bulk_create([make_event(organization, "req_k", api_key_id=key.id)])
+    key.delete()
+    event = UsageEvent.objects.get(request_id="req_k")
+    assert event.api_key_id is not None
+    assert event.total_tokens == 12
