@@ -1,0 +1,424 @@
+"""The catalog: serving runtimes, hardware profiles, models, their versions, artifacts and prices.
+
+Everything a deployment or an invoice line points at lives here. Memory requirements of a
+version are derived (see `catalog.fit`) and stored, so "deployable on this profile" is a plain
+indexed comparison in SQL, on SQLite and PostgreSQL alike.
+"""
+
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+currency_validator = RegexValidator(r"^[A-Z]{3}$", "Use an ISO 4217 code such as USD or EUR.")
+model_slug_validator = RegexValidator(
+    r"^[a-z0-9]([a-z0-9.-]{0,98}[a-z0-9])?$",
+    "Use 1-100 lowercase letters, digits, dots or hyphens, starting and ending with a letter "
+    "or digit (e.g. mixtral-8x7b-instruct-v0.1).",
+)
+profile_name_validator = RegexValidator(
+    r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$",
+    "Use 1-64 lowercase letters, digits or hyphens (e.g. h100-80gb-x2).",
+)
+
+
+def _validate_string_list(value):
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValidationError("Give a list of strings.")
+
+
+def _validate_string_dict(value):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValidationError('Give an object of string labels, e.g. {"gpu": "h100"}.')
+
+
+def _validate_memory_quantity(value):
+    from catalog.fit import quantity_to_bytes
+
+    try:
+        quantity_to_bytes(value)
+    except ValueError as error:
+        raise ValidationError(str(error)) from error
+
+
+class ServingRuntime(models.Model):
+    """A program that serves a model version: its pinned image, ports, health paths and the
+    argument template the provisioner fills in (placeholders in braces, e.g. {model_path})."""
+
+    class Name(models.TextChoices):
+        VLLM = "vllm", "vLLM"
+        BUILTIN = "builtin", "Sirocco builtin runtime"
+
+    class Device(models.TextChoices):
+        GPU = "gpu", "GPU"
+        CPU = "cpu", "CPU"
+
+    name = models.CharField(max_length=32, unique=True, choices=Name.choices)
+    display_name = models.CharField(max_length=100)
+    image = models.CharField(max_length=200, help_text="Pinned image reference, never :latest.")
+    device = models.CharField(max_length=8, choices=Device.choices)
+    port = models.PositiveIntegerField(default=8000)
+    health_path = models.CharField(max_length=200, default="/health")
+    readiness_path = models.CharField(max_length=200, default="/v1/models")
+    args_template = models.JSONField(default=list, validators=[_validate_string_list])
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class HardwareProfile(models.Model):
+    """A shape of replica: GPUs (or none, for CPU), requests, scheduling labels and a price."""
+
+    name = models.SlugField(max_length=64, unique=True, validators=[profile_name_validator])
+    display_name = models.CharField(max_length=100)
+    gpu_model = models.CharField(max_length=100, blank=True, help_text='"" for CPU profiles.')
+    gpu_count = models.PositiveSmallIntegerField(default=0)
+    gpu_memory_gb = models.PositiveIntegerField(default=0, help_text="Per GPU, in GB.")
+    cpu_request = models.CharField(max_length=16, help_text='Kubernetes quantity, e.g. "16".')
+    memory_request = models.CharField(
+        max_length=16,
+        validators=[_validate_memory_quantity],
+        help_text='Kubernetes quantity, e.g. "128Gi".',
+    )
+    node_selector = models.JSONField(default=dict, blank=True, validators=[_validate_string_dict])
+    tolerations = models.JSONField(default=list, blank=True)
+    price_per_hour = models.DecimalField(
+        max_digits=12, decimal_places=4, validators=[MinValueValidator(0)]
+    )
+    currency = models.CharField(max_length=3, default="USD", validators=[currency_validator])
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["gpu_count", "gpu_memory_gb", "name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(gpu_count=0) & Q(gpu_memory_gb=0))
+                | (Q(gpu_count__gt=0) & Q(gpu_memory_gb__gt=0)),
+                name="hardware_profile_gpu_count_and_memory_agree",
+            )
+        ]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpu_count == 0
+
+    @property
+    def total_gpu_memory_gb(self) -> int:
+        return self.gpu_count * self.gpu_memory_gb
+
+
+class Model(models.Model):
+    """A model as customers browse it: facts, the model card, and who may see it."""
+
+    class Architecture(models.TextChoices):
+        DENSE = "dense", "Dense"
+        MOE = "moe", "Mixture of experts"
+
+    class Visibility(models.TextChoices):
+        PUBLIC = "public", "Public"
+        PRIVATE = "private", "Private to one organization"
+
+    class Task(models.TextChoices):
+        CHAT = "chat", "Chat"
+        COMPLETION = "completion", "Text completion"
+        EMBEDDINGS = "embeddings", "Embeddings"
+        FUNCTION_CALLING = "function-calling", "Function calling"
+
+    slug = models.CharField(max_length=100, unique=True, validators=[model_slug_validator])
+    display_name = models.CharField(max_length=200)
+    publisher = models.CharField(max_length=100)
+    family = models.CharField(max_length=100, blank=True)
+    description = models.TextField(blank=True, help_text="The model card, in Markdown.")
+    tasks = models.JSONField(default=list, validators=[_validate_string_list])
+    languages = models.JSONField(
+        default=list, validators=[_validate_string_list], help_text="ISO 639-1 codes."
+    )
+    license = models.CharField(max_length=100, help_text="SPDX id where there is one.")
+    context_length = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    architecture = models.CharField(max_length=8, choices=Architecture.choices)
+    num_experts = models.PositiveSmallIntegerField(null=True, blank=True)
+    experts_per_token = models.PositiveSmallIntegerField(null=True, blank=True)
+    total_parameters = models.BigIntegerField(validators=[MinValueValidator(1)])
+    active_parameters = models.BigIntegerField(validators=[MinValueValidator(1)])
+    tags = models.JSONField(default=list, blank=True, validators=[_validate_string_list])
+    visibility = models.CharField(
+        max_length=8, choices=Visibility.choices, default=Visibility.PUBLIC
+    )
+    organization = models.ForeignKey(
+        "accounts.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="private_models",
+        help_text="The only organization that sees a private model; empty for public ones.",
+    )
+    # Derived in save(): lowercase text the list endpoint searches and filters with LIKE, so the
+    # JSON lists (tasks, languages, tags) filter the same way on SQLite and PostgreSQL.
+    search_text = models.TextField(blank=True, editable=False)
+    facets = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(visibility="public") & Q(organization__isnull=True))
+                | (Q(visibility="private") & Q(organization__isnull=False)),
+                name="model_private_iff_organization",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    Q(architecture="dense")
+                    & Q(num_experts__isnull=True)
+                    & Q(experts_per_token__isnull=True)
+                )
+                | (
+                    Q(architecture="moe")
+                    & Q(num_experts__gt=1)
+                    & Q(experts_per_token__gt=0)
+                    & Q(experts_per_token__lte=models.F("num_experts"))
+                ),
+                name="model_experts_match_architecture",
+            ),
+            models.CheckConstraint(
+                condition=Q(active_parameters__lte=models.F("total_parameters")),
+                name="model_active_parameters_at_most_total",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["publisher"]),
+            models.Index(fields=["context_length"]),
+            models.Index(fields=["organization", "slug"]),
+        ]
+
+    def __str__(self):
+        return self.slug
+
+    def save(self, *args, **kwargs):
+        self.refresh_search_fields()
+        if kwargs.get("update_fields") is not None:
+            kwargs["update_fields"] = {*kwargs["update_fields"], "search_text", "facets"}
+        super().save(*args, **kwargs)
+
+    def refresh_search_fields(self) -> None:
+        """Recompute `search_text` and `facets`; bulk writers call this before bulk_create."""
+        self.search_text = " ".join(
+            [
+                self.slug,
+                self.display_name,
+                self.publisher,
+                self.family,
+                *self.tags,
+                self.description,
+            ]
+        ).lower()
+        self.facets = facet_text(tasks=self.tasks, languages=self.languages, tags=self.tags)
+
+
+def facet_token(kind: str, value: str) -> str:
+    """How one facet value is written in Model.facets; filters look for exactly this."""
+    return f" {kind}:{value.strip().lower()} "
+
+
+def facet_text(*, tasks, languages, tags) -> str:
+    parts = [facet_token("task", t) for t in tasks]
+    parts += [facet_token("lang", lang) for lang in languages]
+    parts += [facet_token("tag", t) for t in tags]
+    # Tokens are space-delimited on both sides, so " task:chat " never matches "task:chatty".
+    return "".join(parts).replace("  ", " ")
+
+
+class ModelVersion(models.Model):
+    """One servable build of a model: weights, the runtime that serves them, and its status."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        PUBLISHED = "published", "Published"
+        DEPRECATED = "deprecated", "Deprecated"
+
+    class WeightsFormat(models.TextChoices):
+        SAFETENSORS = "safetensors", "safetensors (Hugging Face)"
+        GGUF = "gguf", "GGUF"
+
+    class Dtype(models.TextChoices):
+        FLOAT32 = "float32", "float32"
+        BFLOAT16 = "bfloat16", "bfloat16"
+        FLOAT16 = "float16", "float16"
+        FP8 = "fp8", "FP8"
+        INT8 = "int8", "int8"
+        INT4 = "int4", "int4"
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="versions")
+    version = models.CharField(
+        max_length=50,
+        validators=[
+            RegexValidator(
+                r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$", "Use letters, digits, dots, - or _."
+            )
+        ],
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    weights_format = models.CharField(
+        max_length=16, choices=WeightsFormat.choices, default=WeightsFormat.SAFETENSORS
+    )
+    dtype = models.CharField(max_length=16, choices=Dtype.choices, default=Dtype.BFLOAT16)
+    size_bytes = models.BigIntegerField(
+        default=0,
+        validators=[MinValueValidator(0)],
+        help_text="Total size of the weights; 0 until known (then params × dtype size is used).",
+    )
+    serving_runtime = models.ForeignKey(
+        ServingRuntime, on_delete=models.PROTECT, related_name="model_versions"
+    )
+    runtime_args = models.JSONField(default=dict, blank=True)
+    # Derived in save() from the weights and runtime_args (see catalog.fit): what a replica
+    # needs, so that "fits this profile" is a comparison the database can do.
+    required_memory_gb = models.DecimalField(
+        max_digits=10, decimal_places=2, default=Decimal(0), editable=False
+    )
+    min_gpu_memory_gb = models.PositiveIntegerField(
+        default=0,
+        editable=False,
+        help_text="Least total GPU memory (GB, all GPUs of a replica) this version fits in.",
+    )
+    artifact_uri = models.CharField(
+        max_length=500, blank=True, help_text='Store URI of the weights folder; "" if not imported.'
+    )
+    served_model_name = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+    deprecated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["model", "-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "version"], name="unique_model_version")
+        ]
+        indexes = [
+            models.Index(fields=["model", "status"]),
+            models.Index(fields=["status", "min_gpu_memory_gb"]),
+        ]
+
+    def __str__(self):
+        return f"{self.model.slug}:{self.version}" if self.model_id else self.version
+
+    def save(self, *args, **kwargs):
+        from catalog.fit import version_requirements
+
+        if not self.served_model_name and self.model_id:
+            self.served_model_name = self.model.slug
+        requirements = version_requirements(self)
+        self.required_memory_gb = requirements.required_gb
+        self.min_gpu_memory_gb = requirements.min_gpu_memory_gb
+        if kwargs.get("update_fields") is not None:
+            kwargs["update_fields"] = {
+                *kwargs["update_fields"],
+                "required_memory_gb",
+                "min_gpu_memory_gb",
+                "served_model_name",
+            }
+        super().save(*args, **kwargs)
+
+    @property
+    def weights_imported(self) -> bool:
+        return bool(self.artifact_uri)
+
+
+class ModelArtifact(models.Model):
+    """One file of a version's weights folder, with what a download must match."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="artifacts")
+    path = models.CharField(max_length=500, help_text="Relative to the version's artifact_uri.")
+    size_bytes = models.BigIntegerField(validators=[MinValueValidator(0)])
+    sha256 = models.CharField(
+        max_length=64, validators=[RegexValidator(r"^[0-9a-f]{64}$", "A hex SHA-256 digest.")]
+    )
+
+    class Meta:
+        ordering = ["version", "path"]
+        constraints = [
+            models.UniqueConstraint(fields=["version", "path"], name="unique_artifact_path")
+        ]
+
+    def __str__(self):
+        return self.path
+
+
+class TokenPrice(models.Model):
+    """Serverless price of a version per million tokens, in force from `effective_from` until
+    the next price of the same version starts."""
+
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="token_prices"
+    )
+    currency = models.CharField(max_length=3, default="USD", validators=[currency_validator])
+    input_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    output_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    effective_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model_version", "-effective_from", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_version", "effective_from"], name="unique_token_price_start"
+            )
+        ]
+
+    def __str__(self):
+        return (
+            f"{self.model_version_id}: {self.input_per_million}/{self.output_per_million} "
+            f"{self.currency} per 1M from {self.effective_from:%Y-%m-%d}"
+        )
+
+
+class DedicatedPrice(models.Model):
+    """Dedicated price of a version on a hardware profile, per replica-hour."""
+
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="dedicated_prices"
+    )
+    hardware_profile = models.ForeignKey(
+        HardwareProfile, on_delete=models.PROTECT, related_name="dedicated_prices"
+    )
+    currency = models.CharField(max_length=3, default="USD", validators=[currency_validator])
+    per_hour = models.DecimalField(
+        max_digits=12, decimal_places=4, validators=[MinValueValidator(0)]
+    )
+    effective_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model_version", "hardware_profile", "-effective_from", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_version", "hardware_profile", "effective_from"],
+                name="unique_dedicated_price_start",
+            )
+        ]
+
+    def __str__(self):
+        return (
+            f"{self.model_version_id} on {self.hardware_profile_id}: {self.per_hour} "
+            f"{self.currency}/h from {self.effective_from:%Y-%m-%d}"
+        )

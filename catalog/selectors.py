@@ -1,0 +1,154 @@
+"""Reads of the catalog, shared by the REST API, the console, deployments, gateway and billing."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet
+from django.utils import timezone
+
+from catalog import fit as fit_rules
+from catalog.fit import Fit
+from catalog.models import (
+    DedicatedPrice,
+    HardwareProfile,
+    Model,
+    ModelVersion,
+    ServingRuntime,
+    TokenPrice,
+)
+from controlplane.errors import NotFound
+
+__all__ = [
+    "Fit",
+    "dedicated_price_at",
+    "hardware_profile_list",
+    "model_by_slug",
+    "model_list",
+    "profile_fit",
+    "token_price_at",
+]
+
+
+def profile_fit(*, version: ModelVersion, profile: HardwareProfile) -> Fit:
+    """Whether `version` fits one replica of `profile`, and in words why (not)."""
+    return fit_rules.fit(version=version, profile=profile)
+
+
+def token_price_at(*, version: ModelVersion, at: datetime) -> TokenPrice | None:
+    """The serverless price of `version` in force at `at` (the latest one started by then)."""
+    return (
+        TokenPrice.objects.filter(model_version=version, effective_from__lte=at)
+        .order_by("-effective_from", "-id")
+        .first()
+    )
+
+
+def dedicated_price_at(
+    *, version: ModelVersion, profile: HardwareProfile, at: datetime
+) -> DedicatedPrice | None:
+    """The hourly price of `version` on `profile` in force at `at`."""
+    return (
+        DedicatedPrice.objects.filter(
+            model_version=version, hardware_profile=profile, effective_from__lte=at
+        )
+        .order_by("-effective_from", "-id")
+        .first()
+    )
+
+
+def visible_models(*, organization) -> QuerySet[Model]:
+    """Every model `organization` may see, in any state: public ones and its own private ones."""
+    return Model.objects.filter(Q(organization__isnull=True) | Q(organization=organization))
+
+
+def model_list(*, organization, include_unpublished: bool = False) -> QuerySet[Model]:
+    """Models `organization` may browse: public plus its private ones, with at least one
+    published version unless `include_unpublished` (operators see drafts too)."""
+    models = visible_models(organization=organization)
+    if not include_unpublished:
+        models = models.filter(
+            Exists(
+                ModelVersion.objects.filter(
+                    model=OuterRef("pk"), status=ModelVersion.Status.PUBLISHED
+                )
+            )
+        )
+    return models
+
+
+def model_list_for_api(*, organization, include_unpublished: bool = False) -> QuerySet[Model]:
+    """model_list with what a list item shows (published versions and current token prices)
+    prefetched, so a page costs the same few queries whatever its size."""
+    now = timezone.now()
+    versions = (
+        ModelVersion.objects.filter(status=ModelVersion.Status.PUBLISHED)
+        .select_related("serving_runtime")
+        .prefetch_related(
+            Prefetch(
+                "token_prices",
+                queryset=TokenPrice.objects.filter(effective_from__lte=now).order_by(
+                    "-effective_from", "-id"
+                ),
+            )
+        )
+        .order_by("-published_at", "-id")
+    )
+    return model_list(
+        organization=organization, include_unpublished=include_unpublished
+    ).prefetch_related(Prefetch("versions", queryset=versions, to_attr="published_versions"))
+
+
+def model_by_slug(*, organization, slug: str, include_unpublished: bool = False) -> Model:
+    """The model `slug` if `organization` may see it; NotFound otherwise (never revealing that
+    another organization's private model exists)."""
+    model = (
+        model_list(organization=organization, include_unpublished=include_unpublished)
+        .filter(slug=slug)
+        .first()
+    )
+    if model is None:
+        raise NotFound(f"No model {slug!r} in the catalog. List them at /api/v1/models.")
+    return model
+
+
+def model_versions_for_detail(*, model: Model, include_unpublished: bool = False):
+    """A model's versions with runtime, artifacts and prices in force, newest first."""
+    now = timezone.now()
+    versions = model.versions.select_related("serving_runtime").prefetch_related(
+        "artifacts",
+        Prefetch(
+            "token_prices",
+            queryset=TokenPrice.objects.filter(effective_from__lte=now).order_by(
+                "-effective_from", "-id"
+            ),
+        ),
+        Prefetch(
+            "dedicated_prices",
+            queryset=DedicatedPrice.objects.filter(effective_from__lte=now).order_by(
+                "-effective_from", "-id"
+            ),
+        ),
+    )
+    if not include_unpublished:
+        versions = versions.exclude(status=ModelVersion.Status.DRAFT)
+    return versions.order_by("-created_at", "-id")
+
+
+def hardware_profile_list(*, include_inactive: bool = False) -> QuerySet[HardwareProfile]:
+    profiles = HardwareProfile.objects.all()
+    return profiles if include_inactive else profiles.filter(is_active=True)
+
+
+def versions_deployable_on(profile: HardwareProfile) -> QuerySet[ModelVersion]:
+    """Published versions that fit one replica of `profile`: the SQL form of profile_fit."""
+    versions = ModelVersion.objects.filter(status=ModelVersion.Status.PUBLISHED)
+    if profile.is_cpu:
+        return versions.filter(
+            serving_runtime__device=ServingRuntime.Device.CPU,
+            required_memory_gb__lte=fit_rules.profile_memory_gb(profile),
+        )
+    return versions.filter(
+        serving_runtime__device=ServingRuntime.Device.GPU,
+        min_gpu_memory_gb__lte=profile.total_gpu_memory_gb,
+    )
