@@ -1,0 +1,401 @@
+"""Continuous (iteration-level) batching over `MixtralRunner`.
+
+Each iteration of `Engine.step`:
+1. drops cancelled requests (their cache rows are free again at once);
+2. admits waiting requests while rows are free, running each prompt alone (prefill) and sampling
+   its first token, so a newcomer never waits for the running ones to finish;
+3. runs one decode forward pass over every running sequence and samples one token each;
+4. detokenizes, applies stop conditions and hands each request its new text.
+
+The engine runs on its own thread (`run_forever`); requests come in and results go out through
+thread-safe queues and per-request `sink` callbacks. `transformers`' continuous batching manager
+is not used: it would couple the runtime to its paged-attention internals, which differ between
+the transformers on our CPU image and the GPU image, and it gives no batch-invariance guarantee.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.model import MixtralRunner
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """What a request gets after a step: new text, and the finish reason on the last event."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class EngineListener:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_step(self, *, running: int, waiting: int, kv_cache_usage: float) -> None:
+        pass
+
+    def on_prompt(self, *, tokens: int) -> None:
+        pass
+
+    def on_generated(self, *, tokens: int) -> None:
+        pass
+
+    def on_first_token(self, *, seconds: float) -> None:
+        pass
+
+    def on_finished(self, *, reason: str, seconds: float, prompt_tokens: int, tokens: int) -> None:
+        pass
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[GenerationEvent], None]
+    arrival: float
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed to the sink
+    prefix_offset: int = 0  # incremental detokenization window over output_ids
+    read_offset: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: MixtralRunner,
+        decode: Callable[[list[int]], str],
+        eos_token_ids: Iterable[int],
+        *,
+        max_prefill_tokens: int = 2048,
+        listener: EngineListener | None = None,
+    ):
+        """`decode` turns token ids into text (special tokens skipped)."""
+        self.runner = runner
+        self.decode_tokens = decode
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_num_seqs = runner.max_num_seqs
+        self.max_model_len = runner.max_model_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.listener = listener or EngineListener()
+        self._incoming: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
+        self._cancelled: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # running[i] lives in cache row i
+        self._unseeded = torch.Generator()
+        self._unseeded.seed()  # requests without a seed get non-reproducible samples
+
+    # ---- called from any thread ----
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[GenerationEvent], None],
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is over "
+                f"the context length of {self.max_model_len} tokens"
+            )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        self._incoming.put(
+            _Sequence(
+                request_id=request_id,
+                prompt_ids=list(prompt_ids),
+                params=params,
+                sink=sink,
+                arrival=time.monotonic(),
+                generator=generator,
+            )
+        )
+        self._wakeup.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (its client went away); its row is freed at the next iteration."""
+        self._cancelled.put(request_id)
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._incoming.qsize()
+
+    # ---- the engine thread ----
+
+    def run_forever(self) -> None:
+        while not self._stopping.is_set():
+            if not self.step():
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+
+    def step(self) -> bool:
+        """One iteration; returns False when there was nothing to do."""
+        self._take_incoming()
+        self._apply_cancellations()
+        busy = bool(self._waiting or self._running)
+        if busy:
+            try:
+                self._admit_waiting()
+                if self._running:
+                    self._decode_running()
+            except Exception as error:  # a failed forward pass must not take the server down
+                logger.exception("engine step failed; failing the requests in flight")
+                self._fail_all(error)
+        self.listener.on_step(
+            running=len(self._running),
+            waiting=self.num_waiting,
+            kv_cache_usage=sum(s.length for s in self._running)
+            / (self.max_num_seqs * self.max_model_len),
+        )
+        return busy
+
+    def _take_incoming(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                return
+
+    def _apply_cancellations(self) -> None:
+        cancelled = set()
+        while True:
+            try:
+                cancelled.add(self._cancelled.get_nowait())
+            except queue.Empty:
+                break
+        if not cancelled:
+            return
+        self._waiting = deque(s for s in self._waiting if s.request_id not in cancelled)
+        for row in reversed(range(len(self._running))):
+            sequence = self._running[row]
+            if sequence.request_id in cancelled:
+                sequence.finish_reason = FINISH_ABORT
+                self._report_finished(sequence)
+                self._free_row(row)
+
+    def _admit_waiting(self) -> None:
+        budget = self.max_prefill_tokens
+        admitted = 0
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            sequence = self._waiting[0]
+            if admitted and len(sequence.prompt_ids) > budget:
+                break
+            self._waiting.popleft()
+            row = len(self._running)
+            self._running.append(sequence)  # before the forward pass, so a failure reaches it
+            logits = self.runner.prefill(row, sequence.prompt_ids)
+            self.listener.on_prompt(tokens=len(sequence.prompt_ids))
+            budget -= len(sequence.prompt_ids)
+            admitted += 1
+            token = self._sample(logits[None], [sequence])[0]
+            self._accept(sequence, token)
+            if sequence.finish_reason is not None:
+                self._free_row(row)
+
+    def _decode_running(self) -> None:
+        sequences = list(self._running)
+        logits = self.runner.decode(
+            [s.output_ids[-1] for s in sequences], [s.length - 1 for s in sequences]
+        )
+        tokens = self._sample(logits, sequences)
+        for sequence, token in zip(sequences, tokens, strict=True):
+            self._accept(sequence, token)
+        for row in reversed(range(len(self._running))):
+            if self._running[row].finish_reason is not None:
+                self._free_row(row)
+
+    def _free_row(self, row: int) -> None:
+        last = len(self._running) - 1
+        if row != last:
+            moved = self._running[last]
+            # Its newest token has no cache entry yet: it is fed at the next decode step.
+            self.runner.move_row(last, row, moved.length - 1)
+            self._running[row] = moved
+        self._running.pop()
+
+    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
+        """Greedy where temperature is 0; else temperature and nucleus (top-p) sampling."""
+        chosen = logits.argmax(dim=-1).tolist()
+        for row, sequence in enumerate(sequences):
+            params = sequence.params
+            if params.temperature == 0:
+                continue
+            # Sampled rows go through the CPU so that a seed gives the same text on any device.
+            row_logits = logits[row].float().cpu() / params.temperature
+            probs = torch.softmax(row_logits, dim=-1)
+            if params.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                outside = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) > params.top_p
+                sorted_probs[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            generator = sequence.generator or self._unseeded
+            chosen[row] = int(torch.multinomial(probs, 1, generator=generator))
+        return chosen
+
+    def _accept(self, sequence: _Sequence, token: int) -> None:
+        """Add a sampled token to a sequence, decide whether it is finished, emit new text."""
+        now = time.monotonic()
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+            self.listener.on_first_token(seconds=now - sequence.arrival)
+        sequence.output_ids.append(token)
+        self.listener.on_generated(tokens=1)
+        params = sequence.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            sequence.finish_reason = FINISH_STOP
+        else:
+            sequence.text += self._detokenize_next(sequence)
+            if (
+                len(sequence.output_ids) >= params.max_tokens
+                or sequence.length >= self.max_model_len
+            ):
+                sequence.finish_reason = FINISH_LENGTH
+        if sequence.finish_reason is not None:
+            sequence.text += self._flush_detokenizer(sequence)
+        # A stop sequence wins over the length limit when the last token completes it.
+        if params.stop and self._truncate_at_stop(sequence):
+            sequence.finish_reason = FINISH_STOP
+        if sequence.finish_reason is not None:
+            self._emit(sequence, len(sequence.text))
+            self._report_finished(sequence)
+        else:
+            self._emit(sequence, len(sequence.text) - _stop_prefix_holdback(sequence))
+
+    def _detokenize_next(self, sequence: _Sequence) -> str:
+        # Decode a small window and hand out only the part past the last complete character, so
+        # multi-byte characters split over tokens never surface as U+FFFD halves.
+        ids = sequence.output_ids
+        before = self.decode_tokens(ids[sequence.prefix_offset : sequence.read_offset])
+        after = self.decode_tokens(ids[sequence.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            sequence.prefix_offset = sequence.read_offset
+            sequence.read_offset = len(ids)
+            return after[len(before) :]
+        return ""
+
+    def _flush_detokenizer(self, sequence: _Sequence) -> str:
+        ids = sequence.output_ids
+        if sequence.read_offset == len(ids):
+            return ""
+        before = self.decode_tokens(ids[sequence.prefix_offset : sequence.read_offset])
+        after = self.decode_tokens(ids[sequence.prefix_offset :])
+        sequence.prefix_offset = sequence.read_offset = len(ids)
+        return after[len(before) :]
+
+    def _truncate_at_stop(self, sequence: _Sequence) -> bool:
+        longest = max(len(s) for s in sequence.params.stop)
+        start = max(0, sequence.emitted - longest)
+        hits = [i for s in sequence.params.stop if (i := sequence.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        sequence.text = sequence.text[: min(hits)]
+        return True
+
+    def _emit(self, sequence: _Sequence, upto: int) -> None:
+        finished = sequence.finish_reason is not None
+        if upto <= sequence.emitted and not finished:
+            return
+        text = sequence.text[sequence.emitted : max(upto, sequence.emitted)]
+        sequence.emitted = max(upto, sequence.emitted)
+        sequence.sink(
+            GenerationEvent(
+                text=text,
+                prompt_tokens=len(sequence.prompt_ids),
+                completion_tokens=len(sequence.output_ids),
+                finish_reason=sequence.finish_reason,
+            )
+        )
+
+    def _report_finished(self, sequence: _Sequence) -> None:
+        self.listener.on_finished(
+            reason=sequence.finish_reason or FINISH_ABORT,
+            seconds=time.monotonic() - sequence.arrival,
+            prompt_tokens=len(sequence.prompt_ids),
+            tokens=len(sequence.output_ids),
+        )
+
+    def _fail_all(self, error: Exception) -> None:
+        failed = list(self._running) + list(self._waiting)
+        self._running.clear()
+        self._waiting.clear()
+        for sequence in failed:
+            if sequence.finish_reason is not None:
+                continue
+            sequence.finish_reason = FINISH_ERROR
+            self._report_finished(sequence)
+            try:
+                sequence.sink(
+                    GenerationEvent(
+                        text="",
+                        prompt_tokens=len(sequence.prompt_ids),
+                        completion_tokens=len(sequence.output_ids),
+                        finish_reason=FINISH_ERROR,
+                        error=f"{type(error).__name__}: {error}",
+                    )
+                )
+            except Exception:
+                logger.exception("could not tell request %s about the failure", sequence.request_id)
+
+
+def _stop_prefix_holdback(sequence: _Sequence) -> int:
+    """Characters at the end of the text that could be the start of a stop sequence."""
+    stops = sequence.params.stop
+    if not stops:
+        return 0
+    pending = len(sequence.text) - sequence.emitted
+    for size in range(min(pending, max(len(s) for s in stops) - 1), 0, -1):
+        tail = sequence.text[-size:]
+        if any(stop.startswith(tail) for stop in stops):
+            return size
+    return 0

@@ -1,0 +1,451 @@
+"""OpenAI request validation and response shapes for /v1/chat/completions and /v1/completions.
+
+Validation is by hand (the runtime image carries no pydantic): each check names the field and
+says what to send instead, and everything unsupported is refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.engine import SamplingParams
+
+SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP_SEQUENCES = 4
+
+
+class RequestError(Exception):
+    """A client mistake, answered in OpenAI's error format."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        error_type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+        self.error_type = error_type
+
+    def body(self) -> dict:
+        return error_body(self.message, self.error_type, param=self.param, code=self.code)
+
+
+def error_body(message: str, error_type: str, *, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    chat: bool
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+class Tokenization:
+    """What request parsing needs from the tokenizer."""
+
+    def __init__(self, tokenizer, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as error:  # templates reject conversations with raise_exception()
+            raise RequestError(
+                f"the chat template rejected these messages: {error}", param="messages"
+            ) from error
+        return self.encode(text)
+
+
+def parse_chat_request(body: Any, tokenization: Tokenization) -> ParsedRequest:
+    body = _require_object(body)
+    model = _require_string(body, "model")
+    messages = _chat_messages(body.get("messages"))
+    _refuse_unsupported(body, chat=True)
+    prompt_ids = tokenization.render_chat(messages)
+    max_tokens = _optional_int(body, "max_completion_tokens", minimum=1)
+    max_tokens_param = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens = _optional_int(body, "max_tokens", minimum=1)
+        max_tokens_param = "max_tokens"
+    return _finish_parsing(
+        body, model, prompt_ids, max_tokens, max_tokens_param, "messages", tokenization, chat=True
+    )
+
+
+def parse_completion_request(body: Any, tokenization: Tokenization) -> ParsedRequest:
+    body = _require_object(body)
+    model = _require_string(body, "model")
+    prompt_ids = _completion_prompt(body.get("prompt", _MISSING), tokenization)
+    _refuse_unsupported(body, chat=False)
+    max_tokens = _optional_int(body, "max_tokens", minimum=1)
+    if "max_tokens" not in body:
+        max_tokens = 16  # OpenAI's default for legacy completions
+    return _finish_parsing(
+        body, model, prompt_ids, max_tokens, "max_tokens", "prompt", tokenization, chat=False
+    )
+
+
+def _finish_parsing(
+    body: dict,
+    model: str,
+    prompt_ids: list[int],
+    max_tokens: int | None,
+    max_tokens_param: str,
+    prompt_param: str,
+    tokenization: Tokenization,
+    *,
+    chat: bool,
+) -> ParsedRequest:
+    limit = tokenization.max_model_len
+    where = "messages" if chat else "prompt"
+    if not prompt_ids:
+        raise RequestError(f"the {prompt_param} must not be empty", param=prompt_param)
+    if max_tokens is None:
+        if len(prompt_ids) >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, your {where} "
+                f"resulted in {len(prompt_ids)} tokens. Please reduce the length of the {where}.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        max_tokens = limit - len(prompt_ids)
+    elif len(prompt_ids) + max_tokens > limit:
+        raise RequestError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {where}, "
+            f"{max_tokens} in the completion). Please reduce the length of the {where} or "
+            f"{max_tokens_param}.",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
+    temperature = _optional_number(body, "temperature", 0.0, 2.0)
+    top_p = _optional_number(body, "top_p", 0.0, 1.0)
+    if top_p is not None and top_p == 0.0:
+        raise RequestError("top_p must be greater than 0", param="top_p")
+    seed = _optional_int(body, "seed", minimum=-(2**63), maximum=2**64 - 1)
+    stream = _optional_bool(body, "stream") or False
+    include_usage = False
+    if body.get("stream_options") is not None:
+        if not stream:
+            raise RequestError(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
+        options = body["stream_options"]
+        if not isinstance(options, dict):
+            raise RequestError("stream_options must be an object", param="stream_options")
+        include_usage = _optional_bool(options, "include_usage", "stream_options.") or False
+    return ParsedRequest(
+        chat=chat,
+        model=model,
+        prompt_ids=prompt_ids,
+        params=SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=None if seed is None else seed % 2**64,
+            stop=_stop_sequences(body.get("stop")),
+            ignore_eos=_optional_bool(body, "ignore_eos") or False,
+        ),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+_MISSING = object()
+
+
+def _chat_messages(messages: Any) -> list[dict]:
+    if messages is None:
+        raise RequestError("messages is required", param="messages")
+    if not isinstance(messages, list):
+        raise RequestError("messages must be an array of message objects", param="messages")
+    if not messages:
+        raise RequestError("messages must not be empty", param="messages")
+    rendered = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{param} must be an object", param=param)
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise RequestError(f"{param}.role must be a string", param=f"{param}.role")
+        if role not in SUPPORTED_ROLES:
+            raise RequestError(
+                f"{param}.role {role!r} is not supported; use one of {', '.join(SUPPORTED_ROLES)}",
+                param=f"{param}.role",
+            )
+        if message.get("tool_calls") or message.get("function_call"):
+            raise RequestError("tool calls are not supported", param=f"{param}.tool_calls")
+        rendered.append(
+            {
+                "role": "system" if role == "developer" else role,
+                "content": _message_text(message.get("content"), role, param),
+            }
+        )
+    return rendered
+
+
+def _message_text(content: Any, role: str, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise RequestError(
+                    f"{param}.content[{index}]: only text parts are supported",
+                    param=f"{param}.content",
+                )
+            if not isinstance(part.get("text"), str):
+                raise RequestError(
+                    f"{param}.content[{index}].text must be a string", param=f"{param}.content"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(
+        f"{param}.content must be a string or an array of text parts", param=f"{param}.content"
+    )
+
+
+def _completion_prompt(prompt: Any, tokenization: Tokenization) -> list[int]:
+    if prompt is _MISSING:
+        raise RequestError("prompt is required", param="prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return tokenization.encode(prompt)
+    if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+        if any(not 0 <= t < tokenization.vocab_size for t in prompt):
+            raise RequestError(
+                f"prompt token ids must be between 0 and {tokenization.vocab_size - 1}",
+                param="prompt",
+            )
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        raise RequestError(
+            "this runtime takes one prompt per request; send the prompts as separate requests",
+            param="prompt",
+        )
+    raise RequestError("prompt must be a string or an array of token ids", param="prompt")
+
+
+def _refuse_unsupported(body: dict, *, chat: bool) -> None:
+    n = _optional_int(body, "n", minimum=1)
+    if n not in (None, 1):
+        raise RequestError("n must be 1: this runtime returns one choice per request", param="n")
+    best_of = _optional_int(body, "best_of", minimum=1)
+    if best_of not in (None, 1):
+        raise RequestError("best_of must be 1", param="best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _optional_number(body, name, -2.0, 2.0)
+        if value not in (None, 0.0):
+            raise RequestError(f"{name} is not supported; leave it at 0", param=name)
+    if body.get("logit_bias"):
+        raise RequestError("logit_bias is not supported", param="logit_bias")
+    if chat:
+        if body.get("logprobs") or body.get("top_logprobs"):
+            raise RequestError("logprobs are not supported", param="logprobs")
+        if body.get("tools") or body.get("functions"):
+            raise RequestError("tools are not supported", param="tools")
+        response_format = body.get("response_format")
+        if response_format is not None and response_format != {"type": "text"}:
+            raise RequestError(
+                "only response_format {'type': 'text'} is supported", param="response_format"
+            )
+    else:
+        if body.get("logprobs") is not None:
+            raise RequestError("logprobs are not supported", param="logprobs")
+        if body.get("echo"):
+            raise RequestError("echo is not supported", param="echo")
+        if body.get("suffix"):
+            raise RequestError("suffix is not supported", param="suffix")
+
+
+def _stop_sequences(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError("stop must be a string or an array of strings", param="stop")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(
+            f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}", param="stop"
+        )
+    if any(s == "" for s in stop):
+        raise RequestError("stop sequences must not be empty strings", param="stop")
+    return tuple(stop)
+
+
+def _require_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def _require_string(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{name} is required and must be a non-empty string", param=name)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_int(
+    body: dict, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise RequestError(f"{name} must be an integer, got {_json_type(value)}", param=name)
+    if minimum is not None and value < minimum:
+        raise RequestError(f"{name} must be at least {minimum}, got {value}", param=name)
+    if maximum is not None and value > maximum:
+        raise RequestError(f"{name} must be at most {maximum}, got {value}", param=name)
+    return value
+
+
+def _optional_number(body: dict, name: str, minimum: float, maximum: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(f"{name} must be a number, got {_json_type(value)}", param=name)
+    if not minimum <= value <= maximum:
+        raise RequestError(
+            f"{name} must be between {minimum} and {maximum}, got {value}", param=name
+        )
+    return float(value)
+
+
+def _optional_bool(body: dict, name: str, prefix: str = "") -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise RequestError(
+            f"{prefix}{name} must be true or false, got {_json_type(value)}", param=prefix + name
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+# ---- responses ----
+
+
+def completion_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def full_response(
+    request: ParsedRequest,
+    response_id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage_: dict,
+) -> dict:
+    if request.chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        kind = "text_completion"
+    return {
+        "id": response_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage_,
+    }
+
+
+def stream_chunk(
+    request: ParsedRequest,
+    response_id: str,
+    model: str,
+    created: int,
+    *,
+    text: str | None = None,
+    role: bool = False,
+    finish_reason: str | None = None,
+    usage_: dict | None = None,
+) -> dict:
+    """One SSE chunk; with `usage_` it is the final usage chunk, which has no choices."""
+    if usage_ is not None:
+        choices = []
+    elif request.chat:
+        delta: dict = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    else:
+        choices = [
+            {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        ]
+    chunk = {
+        "id": response_id,
+        "object": "chat.completion.chunk" if request.chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if request.include_usage:
+        chunk["usage"] = usage_
+    return chunk

@@ -1,0 +1,445 @@
+"""The OpenAI-compatible HTTP server: Starlette on uvicorn, the engine on its own thread.
+
+The socket is served at once and the model loads in the background: until it is ready `/health`
+and the API answer 503 (with Retry-After), so a pod's readiness probe and the gateway both wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.engine import FINISH_ERROR, Engine, GenerationEvent
+from runtime.metrics import PrometheusListener
+from runtime.protocol import (
+    ParsedRequest,
+    RequestError,
+    Tokenization,
+    completion_id,
+    error_body,
+    full_response,
+    parse_chat_request,
+    parse_completion_request,
+    stream_chunk,
+    usage,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    tokenization: Tokenization
+
+
+class RuntimeState:
+    def __init__(self, served_model_name: str):
+        self.served_model_name = served_model_name
+        self.model: LoadedModel | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.registry = CollectorRegistry()
+        self.listener = PrometheusListener(served_model_name, self.registry)
+        self.engine_thread: threading.Thread | None = None
+
+
+def create_app(
+    *,
+    served_model_name: str,
+    load_model: Callable[[PrometheusListener], LoadedModel],
+    on_load_failure: Callable[[], None] = lambda: None,
+) -> Starlette:
+    """The ASGI app; `load_model` runs on a background thread once the server is up."""
+    state = RuntimeState(served_model_name)
+
+    def load_in_background() -> None:
+        try:
+            started = time.monotonic()
+            model = load_model(state.listener)
+            state.engine_thread = threading.Thread(
+                target=model.engine.run_forever, name="engine", daemon=True
+            )
+            state.engine_thread.start()
+            state.model = model
+            logger.info("model %s ready in %.1fs", served_model_name, time.monotonic() - started)
+        except Exception as error:
+            logger.exception("loading the model failed")
+            state.load_error = f"{type(error).__name__}: {error}"
+            on_load_failure()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        threading.Thread(target=load_in_background, name="model-loader", daemon=True).start()
+        yield
+        if state.model is not None:
+            state.model.engine.stop()
+            state.engine_thread.join(timeout=10)
+
+    async def health(request: Request) -> Response:
+        if state.model is not None:
+            return JSONResponse({"status": "ready"})
+        if state.load_error is not None:
+            return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+        return JSONResponse(
+            {"status": "loading"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def list_models(request: Request) -> Response:
+        model = state.model
+        if model is None:
+            return _unavailable(state)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": served_model_name,
+                        "object": "model",
+                        "created": state.created,
+                        "owned_by": "sirocco",
+                        "max_model_len": model.tokenization.max_model_len,
+                    }
+                ],
+            }
+        )
+
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, state, parse_chat_request)
+
+    async def completions(request: Request) -> Response:
+        return await _generate(request, state, parse_completion_request)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/v1/models", list_models),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
+    app.state.runtime = state
+    return app
+
+
+def _unavailable(state: RuntimeState) -> Response:
+    message = (
+        f"the model failed to load: {state.load_error}"
+        if state.load_error
+        else "the model is still loading; retry shortly"
+    )
+    return JSONResponse(
+        error_body(message, "service_unavailable", code="model_not_ready"),
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _generate(request: Request, state: RuntimeState, parse) -> Response:
+    model = state.model
+    if model is None:
+        return _unavailable(state)
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return JSONResponse(
+            error_body("the request body is not valid JSON", "invalid_request_error"),
+            status_code=400,
+        )
+    try:
+        parsed: ParsedRequest = parse(body, model.tokenization)
+    except RequestError as error:
+        return JSONResponse(error.body(), status_code=error.status)
+    if parsed.model != state.served_model_name:
+        return JSONResponse(
+            error_body(
+                f"The model `{parsed.model}` does not exist; this server serves "
+                f"`{state.served_model_name}`.",
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            ),
+            status_code=404,
+        )
+    request_id = completion_id(parsed.chat)
+    loop = asyncio.get_running_loop()
+    if parsed.stream:
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        model.engine.submit(
+            request_id,
+            parsed.prompt_ids,
+            parsed.params,
+            _threadsafe(loop, events.put_nowait),
+        )
+        return StreamingResponse(
+            _stream(model.engine, request_id, parsed, state.served_model_name, events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
+        )
+    return await _complete(request, model.engine, request_id, parsed, state.served_model_name)
+
+
+async def _complete(
+    request: Request, engine: Engine, request_id: str, parsed: ParsedRequest, model_name: str
+) -> Response:
+    # Text accumulates on the engine thread; the event loop wakes once, at the end.
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[GenerationEvent] = loop.create_future()
+    parts: list[str] = []
+
+    def sink(event: GenerationEvent) -> None:
+        parts.append(event.text)
+        if event.finish_reason is not None:
+            _threadsafe(loop, _resolve)(finished, event)
+
+    engine.submit(request_id, parsed.prompt_ids, parsed.params, sink)
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({finished, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+    if not finished.done():
+        engine.cancel(request_id)  # the client went away: free its row now
+        return Response(status_code=499)
+    event = finished.result()
+    if event.finish_reason == FINISH_ERROR:
+        return JSONResponse(
+            error_body(f"generation failed: {event.error}", "server_error"), status_code=500
+        )
+    return JSONResponse(
+        full_response(
+            parsed,
+            request_id,
+            model_name,
+            "".join(parts),
+            event.finish_reason,
+            usage(event.prompt_tokens, event.completion_tokens),
+        ),
+        headers={"X-Request-Id": request_id},
+    )
+
+
+async def _stream(
+    engine: Engine,
+    request_id: str,
+    parsed: ParsedRequest,
+    model_name: str,
+    events: asyncio.Queue[GenerationEvent],
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    finished = False
+
+    def chunk(**fields) -> str:
+        payload = stream_chunk(parsed, request_id, model_name, created, **fields)
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    try:
+        if parsed.chat:
+            yield chunk(role=True, text="")
+        while True:
+            event = await events.get()
+            text = event.text
+            while event.finish_reason is None and not events.empty():
+                event = events.get_nowait()  # the client fell behind: send what piled up at once
+                text += event.text
+            if event.finish_reason == FINISH_ERROR:
+                finished = True
+                error = error_body(f"generation failed: {event.error}", "server_error")
+                yield f"data: {json.dumps(error)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            if parsed.chat:
+                if text:
+                    yield chunk(text=text)
+                if event.finish_reason is not None:
+                    yield chunk(finish_reason=event.finish_reason)
+            elif text or event.finish_reason is not None:
+                yield chunk(text=text, finish_reason=event.finish_reason)
+            if event.finish_reason is not None:
+                finished = True
+                if parsed.include_usage:
+                    yield chunk(usage_=usage(event.prompt_tokens, event.completion_tokens))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not finished:
+            engine.cancel(request_id)  # the client disconnected mid-stream
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable) -> Callable:
+    """Run `callback` on the event loop from the engine thread; a closed loop drops it."""
+
+    def call(*args) -> None:
+        # A RuntimeError means the loop has shut down: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, *args)
+
+    return call
+
+
+# ---- `python -m runtime serve` ----
+
+
+def load_model(
+    model: str,
+    listener: PrometheusListener,
+    *,
+    device: str,
+    dtype: str,
+    max_model_len: int | None,
+    max_num_seqs: int,
+    download_dir: Path,
+) -> LoadedModel:
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from runtime.loader import resolve_model
+    from runtime.model import MixtralRunner, load_mixtral
+
+    torch_device = torch.device(device)
+    torch_dtype = _torch_dtype(dtype, torch_device)
+    folder = resolve_model(model, cache_dir=download_dir)
+    spec, weights = load_mixtral(folder, dtype=torch_dtype, device=torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context = max_model_len or spec.max_position_embeddings
+    if context > spec.max_position_embeddings:
+        raise ValueError(
+            f"--max-model-len {context} is over the model's "
+            f"{spec.max_position_embeddings} positions"
+        )
+    runner = MixtralRunner(
+        spec,
+        weights,
+        max_num_seqs=max_num_seqs,
+        max_model_len=context,
+        batch_invariant=torch_device.type == "cpu",
+    )
+    logger.info(
+        "%s on %s in %s: %.1fM parameters, KV cache %.1f MB for %d sequences of %d tokens",
+        folder,
+        torch_device,
+        torch_dtype,
+        spec.total_parameters / 1e6,
+        runner.kv_cache_bytes / 1e6,
+        max_num_seqs,
+        context,
+    )
+    eos_token_ids = set()
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+        eos = generation.eos_token_id
+        eos_token_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass  # no generation_config.json
+    if tokenizer.eos_token_id is not None:
+        eos_token_ids.add(tokenizer.eos_token_id)
+    backend = tokenizer.backend_tokenizer
+
+    def decode(token_ids: list[int]) -> str:
+        return backend.decode(token_ids, skip_special_tokens=True)
+
+    runner.prefill(0, [0, 1, 2])  # warm the kernels before the first request is timed
+    runner.decode([0], [3])
+    engine = Engine(runner, decode, eos_token_ids, listener=listener)
+    return LoadedModel(engine=engine, tokenization=Tokenization(tokenizer, context))
+
+
+def _torch_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return dtypes[name]
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    served_model_name = args.served_model_name or Path(args.model.rstrip("/")).name
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    server: uvicorn.Server | None = None
+
+    def stop_server() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(
+        served_model_name=served_model_name,
+        load_model=lambda listener: load_model(
+            args.model,
+            listener,
+            device=args.device,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            download_dir=args.download_dir,
+        ),
+        on_load_failure=stop_server,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    host, port = sock.getsockname()[:2]
+    logger.info("serving %s on http://%s:%d", served_model_name, host, port)
+    server.run(sockets=[sock])
+    return 1 if app.state.runtime.load_error else 0
