@@ -7,6 +7,15 @@ def membership_list(*, organization: Organization) -> QuerySet[Membership]:
     return Membership.objects.filter(organization=organization).select_related("user")
 
 
+def membership_list_for_user(*, user: User) -> QuerySet[Membership]:
+    """The organizations a person may act for (the console's organization switcher)."""
+    return (
+        Membership.objects.filter(user=user, organization__status=Organization.Status.ACTIVE)
+        .select_related("organization")
+        .order_by("organization__name", "organization_id")
+    )
+
+
 def membership_for_user(*, user: User, organization_id: int | None = None) -> Membership | None:
     """The membership a session acts through: the chosen organization, else the oldest one."""
     memberships = Membership.objects.filter(

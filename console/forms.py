@@ -1,0 +1,105 @@
+"""Console forms check the shape of what was typed; the services check the rules.
+
+A rule a service enforces (who may grant which role, quotas, prices) is never repeated here:
+its domain error is shown on the form instead (`console.views.base.apply_domain_error`).
+"""
+
+from decimal import Decimal
+
+from django import forms
+from django.contrib.auth.forms import AuthenticationForm
+
+from accounts.models import APIKey
+from accounts.roles import Role
+
+
+class LoginForm(AuthenticationForm):
+    username = forms.EmailField(
+        label="Email", widget=forms.EmailInput(attrs={"autofocus": True, "autocomplete": "email"})
+    )
+    error_messages = {
+        **AuthenticationForm.error_messages,
+        "invalid_login": "That email and password do not match an account. Check both and retry.",
+    }
+
+
+class APIKeyCreateForm(forms.Form):
+    name = forms.CharField(
+        max_length=100,
+        help_text="Something that tells you where it is used, such as “production backend”.",
+    )
+    scopes = forms.MultipleChoiceField(
+        choices=APIKey.Scope.choices,
+        initial=[APIKey.Scope.INFERENCE],
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Inference calls the models (/v1); management drives the REST API (/api/v1).",
+        error_messages={"required": "Choose at least one scope."},
+    )
+    role = forms.ChoiceField(
+        choices=Role.choices,
+        initial=Role.DEVELOPER,
+        help_text="What a management key may do. You cannot grant more than your own role.",
+    )
+    rpm_limit = forms.IntegerField(
+        label="Requests per minute", min_value=1, required=False, help_text="Empty: no limit."
+    )
+    tpm_limit = forms.IntegerField(
+        label="Tokens per minute", min_value=1, required=False, help_text="Empty: no limit."
+    )
+    expires_at = forms.DateTimeField(
+        label="Expires (UTC)",
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d"],
+        help_text="Empty: never expires.",
+    )
+
+
+class PageForm(forms.Form):
+    """A form that shares its page with others: ids carry the form's name so none collide."""
+
+    id_prefix = ""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("auto_id", f"{self.id_prefix}-%s")
+        super().__init__(*args, **kwargs)
+
+
+class OrganizationProfileForm(PageForm):
+    id_prefix = "profile"
+
+    name = forms.CharField(max_length=200)
+    billing_email = forms.EmailField(
+        required=False, help_text="Where invoices and budget alerts go."
+    )
+    currency = forms.RegexField(
+        regex=r"^[A-Z]{3}$",
+        max_length=3,
+        error_messages={"invalid": "Use an ISO 4217 code such as USD or EUR."},
+        help_text="Applies to invoices from the next billing period.",
+    )
+
+
+class BudgetForm(PageForm):
+    id_prefix = "budget"
+
+    monthly_spend_limit = forms.DecimalField(
+        label="Monthly spend limit",
+        max_digits=14,
+        decimal_places=2,
+        min_value=Decimal("0"),
+        required=False,
+        help_text="A hard limit: calls are refused once this month's spend reaches it. "
+        "Empty: no limit.",
+    )
+
+
+class MemberAddForm(PageForm):
+    id_prefix = "member"
+
+    email = forms.EmailField()
+    role = forms.ChoiceField(choices=Role.choices, initial=Role.DEVELOPER)
+
+
+class MemberRoleForm(forms.Form):
+    role = forms.ChoiceField(choices=Role.choices)

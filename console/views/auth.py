@@ -1,0 +1,52 @@
+from django.contrib.auth import views as auth_views
+from django.http import HttpResponseBadRequest
+from django.shortcuts import redirect
+from django.urls import Resolver404, resolve
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
+
+from accounts.permissions import SESSION_ORGANIZATION_KEY
+from accounts.selectors import membership_list_for_user
+from console.forms import LoginForm
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "console/login.html"
+    authentication_form = LoginForm
+    redirect_authenticated_user = True
+
+
+class LogoutView(auth_views.LogoutView):
+    """POST only (Django's rule): a link or an image tag cannot log anyone out."""
+
+
+@require_POST
+def switch_organization(request):
+    """Act for another organization the person belongs to, and stay on the same kind of page."""
+    if not request.user.is_authenticated:
+        return redirect("console:login")
+    try:
+        organization_id = int(request.POST.get("organization", ""))
+    except ValueError:
+        return HttpResponseBadRequest("Choose an organization from the list.")
+    memberships = membership_list_for_user(user=request.user)
+    if not memberships.filter(organization_id=organization_id).exists():
+        return HttpResponseBadRequest("You are not a member of that organization.")
+    request.session[SESSION_ORGANIZATION_KEY] = organization_id
+    return redirect(_same_section(request, request.POST.get("next", "")))
+
+
+def _same_section(request, next_url: str) -> str:
+    # A page about one object (a deployment, an invoice) belongs to the old organization and
+    # would be a 404 in the new one: such pages go back to the overview instead.
+    if not url_has_allowed_host_and_scheme(
+        next_url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return "console:overview"
+    try:
+        match = resolve(next_url.split("?", 1)[0])
+    except Resolver404:
+        return "console:overview"
+    if match.namespace != "console" or match.kwargs:
+        return "console:overview"
+    return next_url
