@@ -137,6 +137,32 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Every periodic task of the platform, in one place (each app adds its entries here).
 CELERY_BEAT_SCHEDULE: dict = {}
 
+# --- Deployments ------------------------------------------------------------------------------
+# Where replicas run: `local` (runtime processes on this machine, the embedded default) or
+# `kubernetes` (pods through the official client; kubeconfig or in-cluster config).
+SIROCCO_PROVISIONER = env.str("SIROCCO_PROVISIONER", default="local")
+# Kubernetes: a kubeconfig file (and context), else the in-cluster service account, else ~/.kube.
+SIROCCO_KUBECONFIG = env.str("SIROCCO_KUBECONFIG", default="")
+SIROCCO_KUBE_CONTEXT = env.str("SIROCCO_KUBE_CONTEXT", default="")
+SIROCCO_K8S_REQUEST_TIMEOUT = env.float("SIROCCO_K8S_REQUEST_TIMEOUT", default=10.0)
+SIROCCO_K8S_NAMESPACE_PREFIX = env.str("SIROCCO_K8S_NAMESPACE_PREFIX", default="sirocco-")
+# Only the gateway's pods may reach model servers (their NetworkPolicy admits these labels).
+SIROCCO_K8S_GATEWAY_NAMESPACE = env.str("SIROCCO_K8S_GATEWAY_NAMESPACE", default="sirocco")
+SIROCCO_K8S_GATEWAY_POD_LABELS = env.dict(
+    "SIROCCO_K8S_GATEWAY_POD_LABELS",
+    default={"app.kubernetes.io/name": "sirocco", "app.kubernetes.io/component": "gateway"},
+)
+# The init container that copies weights from S3 into the pod (needs python and boto3).
+SIROCCO_K8S_FETCHER_IMAGE = env.str("SIROCCO_K8S_FETCHER_IMAGE", default="sirocco/runtime:0.1.0")
+SIROCCO_K8S_ARTIFACT_SECRET = env.str(
+    "SIROCCO_K8S_ARTIFACT_SECRET", default="sirocco-artifact-store"
+)
+SIROCCO_K8S_AWS_ENDPOINT_URL = env.str("SIROCCO_K8S_AWS_ENDPOINT_URL", default="")
+DEPLOYMENTS_MAX_REPLICAS = env.int("DEPLOYMENTS_MAX_REPLICAS", default=16)
+# Autoscaler: time constant of the in-flight moving average (the beat schedule sets how often
+# it ticks: DEPLOYMENTS_AUTOSCALE_SECONDS, and the drift sweep: DEPLOYMENTS_SWEEP_SECONDS).
+DEPLOYMENTS_LOAD_AVERAGE_SECONDS = env.float("DEPLOYMENTS_LOAD_AVERAGE_SECONDS", default=30.0)
+
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_USER_MODEL = "accounts.User"
 LOGIN_URL = "/login/"

@@ -1,0 +1,180 @@
+"""Reads of deployments: the REST API, the console, the gateway and billing share these."""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+from uuid import UUID
+
+from django.db.models import Prefetch, QuerySet
+
+from accounts.models import Organization
+from deployments.models import Deployment, DeploymentEvent, Replica
+
+PLATFORM_ORGANIZATION_SLUG = "platform"
+
+# What a caller may send requests to: everything not being (or already) torn down.
+CALLABLE_STATUSES = (
+    Deployment.Status.PENDING,
+    Deployment.Status.PROVISIONING,
+    Deployment.Status.READY,
+    Deployment.Status.SCALING,
+    Deployment.Status.UPDATING,
+    Deployment.Status.FAILED,
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the gateway sends a request for `model` of an organization (see CONTRACTS.md)."""
+
+    deployment_id: UUID
+    organization_id: int
+    model_version_id: int
+    served_model_name: str
+    max_model_len: int | None
+    deployment_type: str
+    status: str
+    replicas: list[tuple[str, str]] = field(default_factory=list)
+    can_scale_from_zero: bool = False
+
+
+class CallableModel(NamedTuple):
+    name: str
+    created: int  # Unix seconds, as OpenAI's GET /v1/models shows it
+
+
+def deployment_list(*, organization: Organization) -> QuerySet[Deployment]:
+    """An organization's deployments, deleted ones included (the API filters by status)."""
+    return (
+        Deployment.objects.filter(organization=organization)
+        .select_related(
+            "model_version__model", "hardware_profile", "serving_runtime", "pool__hardware_profile"
+        )
+        .prefetch_related(
+            Prefetch("replicas", queryset=Replica.objects.order_by("name")),
+            Prefetch("pool__replicas", queryset=Replica.objects.order_by("name")),
+        )
+    )
+
+
+def deployment_get(*, organization: Organization, deployment_id) -> Deployment | None:
+    return deployment_list(organization=organization).filter(pk=deployment_id).first()
+
+
+def deployment_events(*, deployment: Deployment) -> QuerySet[DeploymentEvent]:
+    return DeploymentEvent.objects.filter(deployment=deployment)
+
+
+def serving_replicas(deployment: Deployment) -> list[Replica]:
+    """The replicas that answer for a deployment: its own, or its pool's when serverless."""
+    source = deployment.pool if deployment.pool_id else deployment
+    return list(source.replicas.all())
+
+
+def route_for(*, organization_id: int, model: str) -> Route | None:
+    """The route for `model` as the organization calls it, or None (the gateway says 404).
+
+    Two queries: the deployment (with its version and pool) and the ready replicas. The gateway
+    caches the answer for a few seconds.
+    """
+    deployment = (
+        Deployment.objects.filter(
+            organization_id=organization_id, name=model, status__in=CALLABLE_STATUSES
+        )
+        .select_related("model_version__model", "pool")
+        .only(
+            "id",
+            "organization_id",
+            "type",
+            "status",
+            "min_replicas",
+            "max_replicas",
+            "pool_id",
+            "pool__id",
+            "pool__status",
+            "pool__min_replicas",
+            "pool__max_replicas",
+            "model_version__id",
+            "model_version__served_model_name",
+            "model_version__runtime_args",
+            "model_version__model__slug",
+            "model_version__model__context_length",
+        )
+        .first()
+    )
+    if deployment is None:
+        return None
+    serving = deployment.pool if deployment.pool_id else deployment
+    replicas = list(
+        Replica.objects.filter(deployment_id=serving.pk, ready=True)
+        .exclude(endpoint="")
+        .order_by("name")
+        .values_list("name", "endpoint")
+    )
+    version = deployment.model_version
+    return Route(
+        deployment_id=deployment.pk,
+        organization_id=deployment.organization_id,
+        model_version_id=version.pk,
+        served_model_name=version.served_model_name or version.model.slug,
+        max_model_len=max_model_len(version),
+        deployment_type=deployment.type,
+        status=deployment.status,
+        replicas=[tuple(r) for r in replicas],
+        can_scale_from_zero=(
+            serving.min_replicas == 0
+            and serving.max_replicas > 0
+            and serving.status != Deployment.Status.FAILED
+            and deployment.status != Deployment.Status.FAILED
+        ),
+    )
+
+
+def callable_models(*, organization_id: int) -> list[CallableModel]:
+    """The model names an organization may call (its deployments), for GET /v1/models."""
+    rows = (
+        Deployment.objects.filter(organization_id=organization_id, status__in=CALLABLE_STATUSES)
+        .order_by("name")
+        .values_list("name", "created_at")
+    )
+    return [CallableModel(name, int(created.timestamp())) for name, created in rows]
+
+
+def max_model_len(version) -> int | None:
+    """The context length the runtime serves: the version's runtime args, else the model's."""
+    configured = (version.runtime_args or {}).get("max_model_len")
+    if configured:
+        return int(configured)
+    return version.model.context_length or None
+
+
+def pool_for(*, model_version) -> Deployment | None:
+    """The platform's shared serverless pool serving this model version, if it offers one."""
+    return (
+        Deployment.objects.filter(
+            organization__slug=PLATFORM_ORGANIZATION_SLUG,
+            type=Deployment.Type.SERVERLESS,
+            pool__isnull=True,
+            model_version=model_version,
+            status__in=CALLABLE_STATUSES,
+        )
+        .exclude(status=Deployment.Status.FAILED)
+        .order_by("created_at")
+        .first()
+    )
+
+
+def organization_gpu_usage(*, organization: Organization, exclude_id=None) -> int:
+    """GPUs the organization's dedicated deployments may hold at their maximum replica count."""
+    deployments = Deployment.objects.filter(
+        organization=organization,
+        type=Deployment.Type.DEDICATED,
+        status__in=Deployment.LIVE_STATUSES,
+    ).select_related("hardware_profile")
+    if exclude_id is not None:
+        deployments = deployments.exclude(pk=exclude_id)
+    return sum(d.max_replicas * (d.hardware_profile.gpu_count or 0) for d in deployments)
+
+
+def deployments_needing_reconcile() -> QuerySet[Deployment]:
+    """Everything a sweep must look at: not deleted yet."""
+    return Deployment.objects.exclude(status=Deployment.Status.DELETED)

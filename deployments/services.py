@@ -1,0 +1,527 @@
+"""Writes of deployments: what customers ask for (create, update, delete), what the gateway
+reports (load, scale-from-zero), and what the reconciler observes (status, events, replicas)."""
+
+import math
+from datetime import datetime
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from accounts.actors import Actor
+from accounts.roles import Permission
+from accounts.services import audit_record, require
+from controlplane.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from deployments.models import Deployment, DeploymentEvent, LoadReport, dns_name_validator
+from deployments.selectors import organization_gpu_usage, pool_for
+
+
+def _enqueue_reconcile(deployment_id) -> None:
+    from deployments.tasks import reconcile_deployment
+
+    transaction.on_commit(lambda: reconcile_deployment.delay(str(deployment_id)))
+
+
+def _catalog():
+    # Imported late: catalog is a sibling app that may import deployments' selectors later.
+    from catalog import models as catalog_models
+    from catalog import selectors as catalog_selectors
+
+    return catalog_models, catalog_selectors
+
+
+def _resolve_version(*, organization, model: str, version: str | None):
+    catalog_models, catalog_selectors = _catalog()
+    try:
+        found = catalog_selectors.model_by_slug(organization=organization, slug=model)
+    except NotFound:
+        raise ValidationFailed(
+            f"Unknown model {model!r}. List the catalog with GET /api/v1/models.", field="model"
+        ) from None
+    versions = found.versions.filter(status=catalog_models.ModelVersion.Status.PUBLISHED)
+    if version:
+        chosen = versions.filter(version=version).first()
+        if chosen is None:
+            offered = ", ".join(versions.values_list("version", flat=True)) or "none"
+            raise ValidationFailed(
+                f"{model} has no published version {version!r} (published: {offered}).",
+                field="version",
+            )
+        return chosen
+    chosen = versions.order_by(F("published_at").desc(nulls_last=True), "-id").first()
+    if chosen is None:
+        raise ValidationFailed(f"{model} has no published version yet.", field="model")
+    return chosen
+
+
+def _resolve_profile(name: str):
+    catalog_models, _ = _catalog()
+    profile = catalog_models.HardwareProfile.objects.filter(name=name, is_active=True).first()
+    if profile is None:
+        active = catalog_models.HardwareProfile.objects.filter(is_active=True)
+        raise ValidationFailed(
+            f"Unknown hardware profile {name!r}. Use one of: "
+            f"{', '.join(active.values_list('name', flat=True)) or 'none defined'} "
+            "(GET /api/v1/hardware-profiles).",
+            field="hardware_profile",
+        )
+    return profile
+
+
+def _check_fit(*, version, profile) -> None:
+    _, catalog_selectors = _catalog()
+    fit = catalog_selectors.profile_fit(version=version, profile=profile)
+    if not fit.fits:
+        raise ValidationFailed(
+            f"{version.model.slug} {version.version} does not fit {profile.name}: {fit.reason}.",
+            field="hardware_profile",
+        )
+
+
+def _check_gpu_quota(*, organization, profile, max_replicas: int, exclude_id=None) -> None:
+    needed = max_replicas * (profile.gpu_count or 0)
+    if not needed:
+        return
+    used = organization_gpu_usage(organization=organization, exclude_id=exclude_id)
+    if used + needed > organization.max_gpus:
+        raise QuotaExceeded(
+            f"max_gpus: this deployment needs {needed} GPUs ({max_replicas} replicas × "
+            f"{profile.gpu_count} {profile.gpu_model or 'GPU'}); your organization uses {used} "
+            f"of {organization.max_gpus}. Lower max_replicas, delete a deployment, or ask the "
+            "platform team for a higher quota.",
+            field="max_replicas",
+        )
+
+
+def _check_deployment_quota(organization) -> None:
+    live = Deployment.objects.filter(
+        organization=organization, status__in=Deployment.LIVE_STATUSES
+    ).count()
+    if live >= organization.max_deployments:
+        raise QuotaExceeded(
+            f"max_deployments: your organization has {live} of {organization.max_deployments} "
+            "deployments. Delete one, or ask the platform team for a higher quota."
+        )
+
+
+def _check_replicas(*, min_replicas: int, max_replicas: int) -> None:
+    if min_replicas < 0:
+        raise ValidationFailed("min_replicas cannot be negative.", field="min_replicas")
+    if max_replicas < 1:
+        raise ValidationFailed("max_replicas must be at least 1.", field="max_replicas")
+    if min_replicas > max_replicas:
+        raise ValidationFailed(
+            f"min_replicas ({min_replicas}) cannot exceed max_replicas ({max_replicas}).",
+            field="min_replicas",
+        )
+    limit = settings.DEPLOYMENTS_MAX_REPLICAS
+    if max_replicas > limit:
+        raise ValidationFailed(f"max_replicas can be at most {limit}.", field="max_replicas")
+
+
+def _check_name(organization, name: str) -> None:
+    from django.core.exceptions import ValidationError
+
+    try:
+        dns_name_validator(name)
+    except ValidationError as error:
+        raise ValidationFailed(error.messages[0], field="name") from None
+    if (
+        Deployment.objects.filter(organization=organization, name=name)
+        .exclude(status=Deployment.Status.DELETED)
+        .exists()
+    ):
+        raise Conflict(
+            f"Your organization already has a deployment named {name!r}; choose another name "
+            "(or delete that one first).",
+            field="name",
+            code="name_taken",
+        )
+
+
+def _check_price(*, deployment_type: str, version, profile) -> None:
+    _, catalog_selectors = _catalog()
+    now = timezone.now()
+    label = f"{version.model.slug} {version.version}"
+    if deployment_type == Deployment.Type.DEDICATED:
+        if catalog_selectors.dedicated_price_at(version=version, profile=profile, at=now) is None:
+            raise ValidationFailed(
+                f"{label} has no dedicated price on {profile.name}, so it cannot be deployed "
+                "there; choose another hardware profile.",
+                field="hardware_profile",
+            )
+    elif catalog_selectors.token_price_at(version=version, at=now) is None:
+        raise ValidationFailed(
+            f"{label} has no per-token price, so it is not offered serverless.", field="type"
+        )
+
+
+@transaction.atomic
+def deployment_create(
+    *,
+    actor: Actor,
+    name: str,
+    model: str,
+    version: str | None = None,
+    type: str = Deployment.Type.DEDICATED,
+    hardware_profile: str | None = None,
+    min_replicas: int = 1,
+    max_replicas: int | None = None,
+    target_in_flight_per_replica: int = 8,
+    scale_to_zero_after_seconds: int | None = None,
+) -> Deployment:
+    """Ask for a deployment. Checks name, model, profile fit, price and quotas; the reconciler
+    makes it real after the transaction commits."""
+    require(actor, Permission.DEPLOYMENTS_WRITE)
+    organization = actor.organization
+    _check_name(organization, name)
+    model_version = _resolve_version(organization=organization, model=model, version=version)
+    if type not in Deployment.Type.values:
+        raise ValidationFailed(
+            f"Unknown type {type!r}. Use {' or '.join(Deployment.Type.values)}.", field="type"
+        )
+    _check_deployment_quota(organization)
+
+    if type == Deployment.Type.SERVERLESS:
+        if hardware_profile:
+            raise ValidationFailed(
+                "Serverless deployments run on the platform's shared pool: leave out "
+                "hardware_profile.",
+                field="hardware_profile",
+            )
+        pool = pool_for(model_version=model_version)
+        if pool is None:
+            raise ValidationFailed(
+                f"{model} {model_version.version} is not offered serverless; deploy it "
+                "dedicated on a hardware profile instead.",
+                field="type",
+            )
+        _check_price(deployment_type=type, version=model_version, profile=None)
+        deployment = Deployment(
+            organization=organization,
+            name=name,
+            model_version=model_version,
+            type=type,
+            pool=pool,
+            serving_runtime=model_version.serving_runtime,
+            min_replicas=0,
+            max_replicas=1,
+            desired_replicas=0,
+        )
+    else:
+        if not hardware_profile:
+            raise ValidationFailed(
+                "A dedicated deployment needs a hardware_profile (GET /api/v1/hardware-profiles).",
+                field="hardware_profile",
+            )
+        max_replicas = max_replicas if max_replicas is not None else max(1, min_replicas)
+        _check_replicas(min_replicas=min_replicas, max_replicas=max_replicas)
+        _check_autoscaling(target_in_flight_per_replica, scale_to_zero_after_seconds)
+        profile = _resolve_profile(hardware_profile)
+        _check_fit(version=model_version, profile=profile)
+        _check_price(deployment_type=type, version=model_version, profile=profile)
+        _check_gpu_quota(organization=organization, profile=profile, max_replicas=max_replicas)
+        deployment = Deployment(
+            organization=organization,
+            name=name,
+            model_version=model_version,
+            type=type,
+            hardware_profile=profile,
+            serving_runtime=model_version.serving_runtime,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            desired_replicas=max(min_replicas, 1) if max_replicas else 0,
+            target_in_flight_per_replica=target_in_flight_per_replica,
+            scale_to_zero_after_seconds=scale_to_zero_after_seconds,
+        )
+    try:
+        with transaction.atomic():
+            deployment.save()
+    except IntegrityError:  # a concurrent create took the name between the check and here
+        raise Conflict(
+            f"Your organization already has a deployment named {name!r}; choose another name.",
+            field="name",
+            code="name_taken",
+        ) from None
+    deployment_event_record(
+        deployment=deployment,
+        reason="Created",
+        message=f"{actor.label} asked for {_describe(deployment)}.",
+    )
+    audit_record(
+        actor=actor,
+        action="deployment.create",
+        target=deployment,
+        changes={
+            "model": model,
+            "version": model_version.version,
+            "type": type,
+            "hardware_profile": hardware_profile,
+            "min_replicas": deployment.min_replicas,
+            "max_replicas": deployment.max_replicas,
+        },
+    )
+    _enqueue_reconcile(deployment.pk)
+    return deployment
+
+
+def _check_autoscaling(target: int, scale_to_zero_after_seconds: int | None) -> None:
+    if target < 1:
+        raise ValidationFailed(
+            "target_in_flight_per_replica must be at least 1.",
+            field="target_in_flight_per_replica",
+        )
+    if scale_to_zero_after_seconds is not None and scale_to_zero_after_seconds < 60:
+        raise ValidationFailed(
+            "scale_to_zero_after_seconds must be at least 60 (or empty for never).",
+            field="scale_to_zero_after_seconds",
+        )
+
+
+def _describe(deployment: Deployment) -> str:
+    version = deployment.model_version
+    if deployment.pool_id:
+        return f"{version.model.slug} {version.version} serverless"
+    profile = deployment.hardware_profile.name if deployment.hardware_profile_id else "-"
+    return (
+        f"{version.model.slug} {version.version} on {profile}, "
+        f"{deployment.min_replicas}-{deployment.max_replicas} replicas"
+    )
+
+
+UPDATABLE_FIELDS = {
+    "version",
+    "hardware_profile",
+    "min_replicas",
+    "max_replicas",
+    "target_in_flight_per_replica",
+    "scale_to_zero_after_seconds",
+}
+
+
+@transaction.atomic
+def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Deployment:
+    """Change a deployment: scale bounds and autoscaling (a scale), or the model version or
+    hardware profile (a rolling update: new replicas become ready before old ones stop)."""
+    require(actor, Permission.DEPLOYMENTS_WRITE)
+    unknown = sorted(set(fields) - UPDATABLE_FIELDS)
+    if unknown:
+        raise ValidationFailed(f"{unknown[0]} cannot be changed.", field=unknown[0])
+    deployment = (
+        Deployment.objects.select_for_update()
+        .select_related("model_version__model", "hardware_profile", "serving_runtime")
+        .get(pk=deployment.pk)
+    )
+    if deployment.organization_id != actor.organization.pk:
+        raise NotFound("No such deployment in your organization.")
+    if deployment.status in (Deployment.Status.DELETING, Deployment.Status.DELETED):
+        raise Conflict("This deployment is being deleted; it cannot be changed.")
+    if deployment.pool_id and fields:
+        raise ValidationFailed(
+            "A serverless deployment runs on the shared pool: there is nothing to scale or "
+            "update. Delete it and deploy the version you want.",
+            field=sorted(fields)[0],
+        )
+
+    changes: dict = {}
+    rollout = False
+    if "version" in fields and fields["version"] != deployment.model_version.version:
+        new_version = _resolve_version(
+            organization=deployment.organization,
+            model=deployment.model_version.model.slug,
+            version=fields["version"],
+        )
+        changes["version"] = [deployment.model_version.version, new_version.version]
+        deployment.model_version = new_version
+        deployment.serving_runtime = new_version.serving_runtime
+        rollout = True
+    if "hardware_profile" in fields and fields["hardware_profile"] != (
+        deployment.hardware_profile.name
+    ):
+        profile = _resolve_profile(fields["hardware_profile"])
+        changes["hardware_profile"] = [deployment.hardware_profile.name, profile.name]
+        deployment.hardware_profile = profile
+        rollout = True
+    for name in ("min_replicas", "max_replicas", "target_in_flight_per_replica"):
+        if name in fields and fields[name] != getattr(deployment, name):
+            changes[name] = [getattr(deployment, name), fields[name]]
+            setattr(deployment, name, fields[name])
+    if "scale_to_zero_after_seconds" in fields and (
+        fields["scale_to_zero_after_seconds"] != deployment.scale_to_zero_after_seconds
+    ):
+        changes["scale_to_zero_after_seconds"] = [
+            deployment.scale_to_zero_after_seconds,
+            fields["scale_to_zero_after_seconds"],
+        ]
+        deployment.scale_to_zero_after_seconds = fields["scale_to_zero_after_seconds"]
+    if not changes:
+        return deployment
+
+    _check_replicas(min_replicas=deployment.min_replicas, max_replicas=deployment.max_replicas)
+    _check_autoscaling(
+        deployment.target_in_flight_per_replica, deployment.scale_to_zero_after_seconds
+    )
+    if rollout:
+        _check_fit(version=deployment.model_version, profile=deployment.hardware_profile)
+        _check_price(
+            deployment_type=deployment.type,
+            version=deployment.model_version,
+            profile=deployment.hardware_profile,
+        )
+    _check_gpu_quota(
+        organization=deployment.organization,
+        profile=deployment.hardware_profile,
+        max_replicas=deployment.max_replicas,
+        exclude_id=deployment.pk,
+    )
+    desired = min(
+        max(deployment.desired_replicas, deployment.min_replicas), deployment.max_replicas
+    )
+    replicas_changed = desired != deployment.desired_replicas
+    deployment.desired_replicas = desired
+    if rollout or replicas_changed:
+        deployment.generation += 1
+        if rollout:
+            deployment.status = Deployment.Status.UPDATING
+        elif deployment.status == Deployment.Status.READY:
+            deployment.status = Deployment.Status.SCALING
+        elif deployment.status == Deployment.Status.FAILED:
+            deployment.status = Deployment.Status.PROVISIONING
+        deployment.status_reason = ""
+        deployment.reconcile_failures = 0
+    deployment.save()
+    summary = ", ".join(f"{name} {old} → {new}" for name, (old, new) in changes.items())
+    deployment_event_record(
+        deployment=deployment, reason="Updated", message=f"{actor.label} changed {summary}."
+    )
+    audit_record(actor=actor, action="deployment.update", target=deployment, changes=changes)
+    _enqueue_reconcile(deployment.pk)
+    return deployment
+
+
+@transaction.atomic
+def deployment_delete(*, actor: Actor, deployment: Deployment) -> Deployment:
+    """Ask for a deployment's removal. The reconciler tears everything down, waits until the
+    cluster has let go, then marks it deleted (its usage history stays for billing)."""
+    require(actor, Permission.DEPLOYMENTS_WRITE)
+    deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    if deployment.organization_id != actor.organization.pk:
+        raise NotFound("No such deployment in your organization.")
+    if deployment.status in (Deployment.Status.DELETING, Deployment.Status.DELETED):
+        return deployment
+    members = deployment.members.exclude(status=Deployment.Status.DELETED)
+    if members.exists():
+        raise Conflict(
+            f"{members.count()} serverless deployments still use this pool; they must be "
+            "deleted first."
+        )
+    deployment.status = Deployment.Status.DELETING
+    deployment.status_reason = "Removing replicas and cluster objects."
+    deployment.desired_replicas = 0
+    deployment.generation += 1
+    deployment.reconcile_failures = 0
+    deployment.save()
+    deployment_event_record(
+        deployment=deployment, reason="Deleting", message=f"{actor.label} deleted it."
+    )
+    audit_record(actor=actor, action="deployment.delete", target=deployment)
+    _enqueue_reconcile(deployment.pk)
+    return deployment
+
+
+def deployment_request_scale_up(*, deployment_id) -> None:
+    """The gateway has a request for a deployment with no replicas: scale it (or its pool)
+    from zero. Idempotent and cheap when already scaling: one read, no write."""
+    deployment = Deployment.objects.filter(pk=deployment_id).only("pk", "pool_id", "status").first()
+    if deployment is None:
+        return
+    serving_id = deployment.pool_id or deployment.pk
+    now = timezone.now()
+    with transaction.atomic():
+        updated = Deployment.objects.filter(
+            pk=serving_id,
+            desired_replicas=0,
+            max_replicas__gt=0,
+            status__in=(
+                Deployment.Status.READY,
+                Deployment.Status.SCALING,
+                Deployment.Status.PROVISIONING,
+                Deployment.Status.PENDING,
+            ),
+        ).update(
+            desired_replicas=1,
+            generation=F("generation") + 1,
+            status=Deployment.Status.SCALING,
+            scale_up_requested_at=now,
+            last_scaled_at=now,
+            updated_at=now,
+        )
+        if updated:
+            DeploymentEvent.objects.create(
+                deployment_id=serving_id,
+                reason="ScaledUpFromZero",
+                message="A request arrived while no replica ran: starting one.",
+            )
+            _enqueue_reconcile(serving_id)
+
+
+def load_report(
+    *,
+    deployment_id,
+    source: str,
+    in_flight: float,
+    requests: int,
+    last_request_at: datetime | None,
+) -> None:
+    """Record a gateway process's view of a deployment's load (one row per deployment and
+    source). The row keeps an exponential moving average the autoscaler divides by the target."""
+    now = timezone.now()
+    in_flight = max(0.0, float(in_flight))
+    tau = settings.DEPLOYMENTS_LOAD_AVERAGE_SECONDS
+    with transaction.atomic():
+        report = (
+            LoadReport.objects.select_for_update()
+            .filter(deployment_id=deployment_id, source=source)
+            .first()
+        )
+        if report is None:
+            try:
+                with transaction.atomic():
+                    LoadReport.objects.create(
+                        deployment_id=deployment_id,
+                        source=source,
+                        in_flight=in_flight,
+                        in_flight_average=in_flight,
+                        requests=max(0, requests),
+                        last_request_at=last_request_at,
+                        reported_at=now,
+                    )
+                return
+            except IntegrityError:  # a report from the same source raced us, or no deployment
+                report = (
+                    LoadReport.objects.select_for_update()
+                    .filter(deployment_id=deployment_id, source=source)
+                    .first()
+                )
+                if report is None:
+                    return
+        elapsed = max(0.0, (now - report.reported_at).total_seconds())
+        weight = 1.0 - math.exp(-elapsed / tau) if tau > 0 else 1.0
+        report.in_flight_average += weight * (in_flight - report.in_flight_average)
+        report.in_flight = in_flight
+        report.requests = max(0, requests)
+        if last_request_at is not None and (
+            report.last_request_at is None or last_request_at > report.last_request_at
+        ):
+            report.last_request_at = last_request_at
+        report.reported_at = now
+        report.save()
+
+
+def deployment_event_record(
+    *, deployment: Deployment, reason: str, message: str, type: str = DeploymentEvent.Type.NORMAL
+) -> DeploymentEvent:
+    return DeploymentEvent.objects.create(
+        deployment=deployment, reason=reason, message=message, type=type
+    )
