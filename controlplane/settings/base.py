@@ -263,5 +263,31 @@ X_FRAME_OPTIONS = "DENY"
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="Sirocco <billing@sirocco.local>")
 
+# --- Billing --------------------------------------------------------------------------------
+# Length of a billing period: monthly (calendar months, UTC), weekly or daily.
+BILLING_PERIOD = env.str("BILLING_PERIOD", default="monthly")
+# A fraction: "0.2" adds 20 % tax on each invoice's rounded subtotal.
+BILLING_TAX_RATE = env.str("BILLING_TAX_RATE", default="0")
+BILLING_INVOICE_PREFIX = env.str("BILLING_INVOICE_PREFIX", default="SIR")
+BILLING_INGEST_BATCH_SIZE = env.int("BILLING_INGEST_BATCH_SIZE", default=5000)
+# Stripe is off while STRIPE_API_KEY is empty; invoices are still made and numbered.
+# https://docs.stripe.com/keys
+STRIPE_API_KEY = env.str("STRIPE_API_KEY", default="")
+# https://docs.stripe.com/webhooks#verify-events (the endpoint's signing secret, whsec_...)
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="https://api.stripe.com")
+STRIPE_TIMEOUT_SECONDS = env.float("STRIPE_TIMEOUT_SECONDS", default=20.0)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "billing-ingest-usage": {"task": "billing.tasks.ingest_usage_events", "schedule": 5.0},
+        "billing-ingest-replica-usage": {
+            "task": "billing.tasks.ingest_replica_usage",
+            "schedule": 60.0,
+        },
+        "billing-close-periods": {"task": "billing.tasks.close_billing_periods", "schedule": 600.0},
+        "billing-stripe-sync": {"task": "billing.tasks.stripe_sync_due", "schedule": 120.0},
+    }
+)
+
 # --- Demo -----------------------------------------------------------------------------------
 SIROCCO_DEMO_PASSWORD = env.str("SIROCCO_DEMO_PASSWORD", default="")

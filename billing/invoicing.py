@@ -1,0 +1,588 @@
+"""Invoices: the live draft of the current period, closing a period, credit notes and credits.
+
+Lines come straight from the ledger by GROUP BY in the database (integer token and second sums
+per price); amounts are computed from those sums in Decimal and rounded once, on the line.
+Closing is two-phase so that it is safe against concurrent ingestion and against being killed:
+1. the period's row is marked `closing` (FOR UPDATE; waits for ingestion batches in flight,
+   after which late usage goes to the next period), so the period's ledger stops changing;
+2. each organization's invoice is finalized in its own transaction; one that exists is skipped.
+Rerunning after a crash therefore produces the same invoices, each once, with gapless numbers.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from uuid import UUID
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Sum
+from django.utils import timezone
+
+from accounts.models import Organization
+from billing.models import (
+    BillingPeriod,
+    CreditApplication,
+    CreditGrant,
+    CreditNote,
+    DedicatedUsageRecord,
+    Invoice,
+    InvoiceLine,
+    NumberSequence,
+    UsageRecord,
+)
+from billing.money import round_money
+from billing.periods import Period, period_containing, period_starting
+from billing.rating import (
+    MILLION,
+    SECONDS_PER_HOUR,
+    invoice_totals,
+    rate_gpu_seconds,
+    rate_tokens,
+    stored_amount,
+)
+from billing.selectors import credit_grants_available
+from controlplane.errors import Conflict, ValidationFailed
+
+_QUANTITY = Decimal("0.000001")
+
+
+def tax_rate() -> Decimal:
+    """BILLING_TAX_RATE as a fraction: "0.2" is 20 %."""
+    try:
+        rate = Decimal(str(settings.BILLING_TAX_RATE))
+    except ArithmeticError:
+        raise ImproperlyConfigured(
+            f"BILLING_TAX_RATE={settings.BILLING_TAX_RATE!r} is not a decimal number"
+        ) from None
+    if not 0 <= rate < 1:
+        raise ImproperlyConfigured("BILLING_TAX_RATE is a fraction: 0.2 means 20 %")
+    return rate
+
+
+@dataclass
+class DraftLine:
+    kind: str
+    description: str
+    quantity: Decimal
+    unit: str
+    unit_price: Decimal
+    amount_exact: Decimal
+    amount: Decimal
+    ledger_quantity: int = 0
+    model_version_id: int | None = None
+    deployment_id: UUID | None = None
+    hardware_profile_id: int | None = None
+
+
+@dataclass
+class DraftInvoice:
+    organization: Organization
+    period: Period
+    currency: str
+    tax_rate: Decimal
+    lines: list[DraftLine]
+    subtotal: Decimal
+    tax: Decimal
+    credits_applied: Decimal
+    total: Decimal
+    credit_draws: list[tuple[CreditGrant, Decimal]] = field(default_factory=list)
+
+    @property
+    def all_lines(self) -> list[DraftLine]:
+        """Usage lines, then tax and credits as lines of their own."""
+        extra = []
+        if self.tax:
+            extra.append(
+                DraftLine(
+                    kind=InvoiceLine.Kind.TAX,
+                    description=f"Tax ({(self.tax_rate * 100).normalize():f} %)",
+                    quantity=Decimal(1),
+                    unit="",
+                    unit_price=self.tax,
+                    amount_exact=self.tax,
+                    amount=self.tax,
+                )
+            )
+        if self.credits_applied:
+            extra.append(
+                DraftLine(
+                    kind=InvoiceLine.Kind.CREDITS,
+                    description="Prepaid credits applied",
+                    quantity=Decimal(1),
+                    unit="",
+                    unit_price=-self.credits_applied,
+                    amount_exact=-self.credits_applied,
+                    amount=-self.credits_applied,
+                )
+            )
+        return [*self.lines, *extra]
+
+
+# --- Lines from the ledger -------------------------------------------------------------------
+
+
+def token_groups(*, period_start: datetime, organization_id: int | None = None) -> list[dict]:
+    """Token sums per organization x model version x price for a period (one GROUP BY)."""
+    records = UsageRecord.objects.filter(period_start=period_start)
+    if organization_id is not None:
+        records = records.filter(organization_id=organization_id)
+    return list(
+        records.values(
+            "organization_id",
+            "model_version_id",
+            "currency",
+            "input_price_per_million",
+            "output_price_per_million",
+        )
+        .annotate(
+            requests=Count("id"),
+            input_tokens=Sum("input_tokens"),
+            output_tokens=Sum("output_tokens"),
+        )
+        .order_by()
+    )
+
+
+def dedicated_groups(*, period_start: datetime, organization_id: int | None = None) -> list[dict]:
+    """Replica-second sums per organization x deployment x profile x price for a period."""
+    records = DedicatedUsageRecord.objects.filter(period_start=period_start)
+    if organization_id is not None:
+        records = records.filter(organization_id=organization_id)
+    return list(
+        records.values(
+            "organization_id",
+            "deployment_id",
+            "model_version_id",
+            "hardware_profile_id",
+            "gpu_count",
+            "currency",
+            "price_per_hour",
+        )
+        .annotate(seconds=Sum("seconds"))
+        .order_by()
+    )
+
+
+def _version_names(ids) -> dict[int, str]:
+    from catalog.models import ModelVersion
+
+    return {
+        v.pk: str(v)
+        for v in ModelVersion.objects.filter(pk__in={i for i in ids if i}).select_related("model")
+    }
+
+
+def _deployment_names(ids) -> dict[UUID, str]:
+    from deployments.models import Deployment
+
+    ids = {i for i in ids if i}
+    if not ids:
+        return {}
+    return dict(Deployment.objects.filter(pk__in=ids).values_list("pk", "name"))
+
+
+def _profile_names(ids) -> dict[int, str]:
+    from catalog.models import HardwareProfile
+
+    return dict(HardwareProfile.objects.filter(pk__in=set(ids)).values_list("pk", "name"))
+
+
+@dataclass
+class _Names:
+    versions: dict
+    deployments: dict
+    profiles: dict
+
+    @classmethod
+    def load(cls, tokens: list[dict], dedicated: list[dict]) -> "_Names":
+        return cls(
+            versions=_version_names(
+                [g["model_version_id"] for g in tokens] + [g["model_version_id"] for g in dedicated]
+            ),
+            deployments=_deployment_names(g["deployment_id"] for g in dedicated),
+            profiles=_profile_names(g["hardware_profile_id"] for g in dedicated),
+        )
+
+
+def usage_lines(
+    *, currency: str, tokens: list[dict], dedicated: list[dict], names: _Names
+) -> list[DraftLine]:
+    """Invoice lines for one organization's groups, in a stable order. Groups in another
+    currency than the invoice's are left out (billing_reconcile reports them)."""
+    lines = []
+    for group in sorted(
+        (g for g in tokens if g["currency"] == currency),
+        key=lambda g: (
+            names.versions.get(g["model_version_id"], ""),
+            g["model_version_id"] or 0,
+            g["input_price_per_million"],
+            g["output_price_per_million"],
+        ),
+    ):
+        version = g_version = group["model_version_id"]
+        label = names.versions.get(version) or (f"model version {version}" if version else "")
+        label = label or "unknown model"
+        for kind, count, price in (
+            (
+                InvoiceLine.Kind.INPUT_TOKENS,
+                group["input_tokens"],
+                group["input_price_per_million"],
+            ),
+            (
+                InvoiceLine.Kind.OUTPUT_TOKENS,
+                group["output_tokens"],
+                group["output_price_per_million"],
+            ),
+        ):
+            if not count:
+                continue
+            exact = rate_tokens(
+                input_tokens=count,
+                output_tokens=0,
+                input_per_million=price,
+                output_per_million=Decimal(0),
+            )
+            lines.append(
+                DraftLine(
+                    kind=kind,
+                    description=f"{label} — {InvoiceLine.Kind(kind).label.lower()}"
+                    + ("" if price else " (no price in force)"),
+                    quantity=(Decimal(count) / MILLION).quantize(_QUANTITY),
+                    unit="1M tokens",
+                    unit_price=price,
+                    amount_exact=stored_amount(exact),
+                    amount=round_money(exact, currency),
+                    ledger_quantity=count,
+                    model_version_id=g_version,
+                )
+            )
+    for group in sorted(
+        (g for g in dedicated if g["currency"] == currency),
+        key=lambda g: (
+            names.deployments.get(g["deployment_id"], ""),
+            str(g["deployment_id"]),
+            g["hardware_profile_id"],
+            g["price_per_hour"],
+        ),
+    ):
+        seconds, gpus, per_hour = group["seconds"], group["gpu_count"], group["price_per_hour"]
+        exact = rate_gpu_seconds(seconds=seconds, per_hour=per_hour)
+        deployment = names.deployments.get(group["deployment_id"]) or str(group["deployment_id"])
+        profile = names.profiles.get(group["hardware_profile_id"], "")
+        version = names.versions.get(group["model_version_id"], "")
+        if gpus:
+            quantity = Decimal(seconds * gpus) / SECONDS_PER_HOUR
+            unit, unit_price = "GPU hour", per_hour / gpus
+        else:
+            quantity = Decimal(seconds) / SECONDS_PER_HOUR
+            unit, unit_price = "replica hour", per_hour
+        lines.append(
+            DraftLine(
+                kind=InvoiceLine.Kind.DEDICATED,
+                description=f"Dedicated deployment {deployment} ({version} on {profile})",
+                quantity=quantity.quantize(_QUANTITY),
+                unit=unit,
+                unit_price=unit_price.quantize(Decimal("0.00000001")),
+                amount_exact=stored_amount(exact),
+                amount=round_money(exact, currency),
+                ledger_quantity=seconds,
+                model_version_id=group["model_version_id"],
+                deployment_id=group["deployment_id"],
+                hardware_profile_id=group["hardware_profile_id"],
+            )
+        )
+    return lines
+
+
+def _draft(
+    *,
+    organization: Organization,
+    period: Period,
+    tokens: list[dict],
+    dedicated: list[dict],
+    names: _Names,
+    lock_credits: bool,
+) -> DraftInvoice:
+    currency = organization.currency
+    lines = usage_lines(currency=currency, tokens=tokens, dedicated=dedicated, names=names)
+    grants = credit_grants_available(organization=organization, currency=currency, at=period.end)
+    if lock_credits:
+        grants = grants.select_for_update()
+    grants = list(grants)
+    rate = tax_rate()
+    totals = invoice_totals(
+        line_amounts=[line.amount for line in lines],
+        currency=currency,
+        tax_rate=rate,
+        credits_available=sum((g.remaining for g in grants), Decimal(0)),
+    )
+    draws, left = [], totals.credits_applied
+    for grant in grants:
+        if left <= 0:
+            break
+        take = min(grant.remaining, left)
+        draws.append((grant, take))
+        left -= take
+    return DraftInvoice(
+        organization=organization,
+        period=period,
+        currency=currency,
+        tax_rate=rate,
+        lines=lines,
+        subtotal=totals.subtotal,
+        tax=totals.tax,
+        credits_applied=totals.credits_applied,
+        total=totals.total,
+        credit_draws=draws,
+    )
+
+
+def invoice_draft(*, organization: Organization, now: datetime | None = None) -> DraftInvoice:
+    """The live draft of the current period: what the invoice would say if it closed now."""
+    period = period_containing(now or timezone.now())
+    tokens = token_groups(period_start=period.start, organization_id=organization.pk)
+    dedicated = dedicated_groups(period_start=period.start, organization_id=organization.pk)
+    return _draft(
+        organization=organization,
+        period=period,
+        tokens=tokens,
+        dedicated=dedicated,
+        names=_Names.load(tokens, dedicated),
+        lock_credits=False,
+    )
+
+
+# --- Closing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CloseResult:
+    period: Period
+    created: list[Invoice]
+    skipped: int
+
+
+def billing_period_close(*, period_start: datetime, now: datetime | None = None) -> CloseResult:
+    """Close a finished period: finalize an invoice for every organization with usage in it.
+    Idempotent; see the module docstring for why a crash or a rerun is harmless."""
+    now = now or timezone.now()
+    period = period_starting(period_start)
+    if period.end > now:
+        raise ValidationFailed(
+            f"The period {period.label} has not ended yet; it can close after "
+            f"{period.end.isoformat()}."
+        )
+    billing_period_mark_closing(period=period, now=now)
+    tokens = token_groups(period_start=period.start)
+    dedicated = dedicated_groups(period_start=period.start)
+    names = _Names.load(tokens, dedicated)
+    by_org_tokens, by_org_dedicated = defaultdict(list), defaultdict(list)
+    for group in tokens:
+        by_org_tokens[group["organization_id"]].append(group)
+    for group in dedicated:
+        by_org_dedicated[group["organization_id"]].append(group)
+    done = set(
+        Invoice.objects.filter(period_start=period.start).values_list("organization_id", flat=True)
+    )
+    created, skipped = [], len(done)
+    for organization in Organization.objects.filter(
+        pk__in=(by_org_tokens.keys() | by_org_dedicated.keys()) - done
+    ).order_by("pk"):
+        try:
+            invoice = invoice_finalize(
+                organization=organization,
+                period=period,
+                tokens=by_org_tokens[organization.pk],
+                dedicated=by_org_dedicated[organization.pk],
+                names=names,
+                now=now,
+            )
+        except Conflict:
+            skipped += 1  # another worker finalized it a moment ago
+            continue
+        if invoice is not None:
+            created.append(invoice)
+    BillingPeriod.objects.filter(start=period.start).update(status="closed", closed_at=now)
+    return CloseResult(period=period, created=created, skipped=skipped)
+
+
+@transaction.atomic
+def billing_period_mark_closing(*, period: Period, now: datetime) -> BillingPeriod:
+    """Stop usage from entering `period`: after this commits, ingestion sends late usage to
+    the period open then. Waits for ingestion transactions that hold the period."""
+    BillingPeriod.objects.bulk_create(
+        [BillingPeriod(start=period.start, end=period.end)], ignore_conflicts=True
+    )
+    row = BillingPeriod.objects.select_for_update().get(start=period.start)
+    if row.status == BillingPeriod.Status.OPEN:
+        row.status = BillingPeriod.Status.CLOSING
+        row.closing_started_at = now
+        row.save(update_fields=["status", "closing_started_at"])
+    return row
+
+
+def billing_periods_close_due(*, now: datetime | None = None) -> list[CloseResult]:
+    """Close every period that has ended and is not closed (the beat task's job)."""
+    now = now or timezone.now()
+    current = period_containing(now)
+    results = []
+    due = BillingPeriod.objects.filter(end__lte=now).exclude(status=BillingPeriod.Status.CLOSED)
+    for start in due.order_by("start").values_list("start", flat=True):
+        if start < current.start:
+            results.append(billing_period_close(period_start=start, now=now))
+    return results
+
+
+def _next_number(kind: str, year: int) -> str:
+    name = f"{kind}-{year}"
+    NumberSequence.objects.bulk_create([NumberSequence(name=name)], ignore_conflicts=True)
+    sequence = NumberSequence.objects.select_for_update().get(name=name)
+    sequence.last_value += 1
+    sequence.save(update_fields=["last_value"])
+    prefix = settings.BILLING_INVOICE_PREFIX
+    middle = "" if kind == "invoice" else "CN-"
+    return f"{prefix}-{middle}{year}-{sequence.last_value:06d}"
+
+
+@transaction.atomic
+def invoice_finalize(
+    *,
+    organization: Organization,
+    period: Period,
+    tokens: list[dict],
+    dedicated: list[dict],
+    names: _Names,
+    now: datetime,
+) -> Invoice | None:
+    """Write the finalized invoice of one organization and period, numbered in sequence, and
+    draw its prepaid credits. Raises Conflict when it exists already."""
+    if Invoice.objects.filter(organization=organization, period_start=period.start).exists():
+        raise Conflict(f"{organization.slug} already has an invoice for {period.label}.")
+    draft = _draft(
+        organization=organization,
+        period=period,
+        tokens=tokens,
+        dedicated=dedicated,
+        names=names,
+        lock_credits=True,
+    )
+    stripe_on = bool(settings.STRIPE_API_KEY)
+    try:
+        with transaction.atomic():
+            invoice = Invoice.objects.create(
+                organization=organization,
+                number=_next_number("invoice", now.year),
+                period_start=period.start,
+                period_end=period.end,
+                currency=draft.currency,
+                subtotal=draft.subtotal,
+                tax_rate=draft.tax_rate,
+                tax=draft.tax,
+                credits_applied=draft.credits_applied,
+                total=draft.total,
+                finalized_at=now,
+                payment_status=(
+                    Invoice.PaymentStatus.UNPAID
+                    if draft.total > 0
+                    else Invoice.PaymentStatus.NOTHING_DUE
+                ),
+                stripe_status=(
+                    Invoice.StripeStatus.PENDING
+                    if stripe_on and draft.total > 0
+                    else Invoice.StripeStatus.DISABLED
+                ),
+            )
+    except IntegrityError:
+        raise Conflict(f"{organization.slug} already has an invoice for {period.label}.") from None
+    InvoiceLine.objects.bulk_create(
+        [
+            InvoiceLine(
+                invoice=invoice,
+                position=position,
+                kind=line.kind,
+                description=line.description[:300],
+                model_version_id=line.model_version_id,
+                deployment_id=line.deployment_id,
+                hardware_profile_id=line.hardware_profile_id,
+                quantity=line.quantity,
+                unit=line.unit,
+                unit_price=line.unit_price,
+                amount_exact=line.amount_exact,
+                amount=line.amount,
+                ledger_quantity=line.ledger_quantity,
+            )
+            for position, line in enumerate(draft.all_lines, start=1)
+        ]
+    )
+    for grant, amount in draft.credit_draws:
+        grant.remaining -= amount
+        grant.save(update_fields=["remaining"])
+        CreditApplication.objects.create(grant=grant, invoice=invoice, amount=amount)
+    if invoice.stripe_status == Invoice.StripeStatus.PENDING:
+        from billing.tasks import stripe_sync_invoice
+
+        invoice_id = invoice.pk
+        transaction.on_commit(lambda: stripe_sync_invoice.delay(invoice_id))
+    return invoice
+
+
+# --- Corrections and credits -------------------------------------------------------------------
+
+
+@transaction.atomic
+def credit_note_create(
+    *, invoice: Invoice, amount: Decimal, reason: str, created_by: str
+) -> CreditNote:
+    """Correct a finalized invoice by crediting part or all of what it charged."""
+    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
+    if round_money(amount, invoice.currency) != amount or amount <= 0:
+        raise ValidationFailed(
+            f"The amount must be positive and in whole {invoice.currency} minor units.",
+            field="amount",
+        )
+    credited = invoice.credit_notes.aggregate(total=Sum("amount"))["total"] or Decimal(0)
+    charged = invoice.subtotal + invoice.tax
+    if credited + amount > charged:
+        raise ValidationFailed(
+            f"Invoice {invoice.number} charged {charged} {invoice.currency} and has "
+            f"{credited} credited already; at most {charged - credited} can be credited.",
+            field="amount",
+        )
+    if not reason.strip():
+        raise ValidationFailed("Say why the invoice is corrected.", field="reason")
+    return CreditNote.objects.create(
+        invoice=invoice,
+        number=_next_number("credit-note", timezone.now().year),
+        amount=amount,
+        reason=reason.strip(),
+        created_by=created_by,
+    )
+
+
+@transaction.atomic
+def credit_grant_create(
+    *,
+    organization: Organization,
+    amount: Decimal,
+    description: str,
+    created_by: str,
+    expires_at: datetime | None = None,
+) -> CreditGrant:
+    """Give an organization prepaid credit in its currency; the next invoices draw on it."""
+    currency = organization.currency
+    if amount <= 0 or round_money(amount, currency) != amount:
+        raise ValidationFailed(
+            f"The amount must be positive and in whole {currency} minor units.", field="amount"
+        )
+    return CreditGrant.objects.create(
+        organization=organization,
+        currency=currency,
+        amount=amount,
+        remaining=amount,
+        description=description,
+        created_by=created_by,
+        expires_at=expires_at,
+    )

@@ -1,0 +1,428 @@
+"""Writes to the usage ledger: ingestion of the gateway's usage events and of dedicated replica
+time. Every function here is idempotent and safe to run concurrently or to kill at any line.
+
+One ingestion batch is one transaction: it takes un-ingested events (FOR UPDATE SKIP LOCKED, so
+workers split the backlog), rates them with the price in force when each request finished,
+inserts the ledger rows (unique request id; conflicts ignored), adds them to the rollups and
+the organizations' period spend, raises budget alerts, and marks the events ingested.
+"""
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from accounts.models import Organization
+from billing.models import (
+    BillingPeriod,
+    DedicatedUsageRecord,
+    PeriodSpend,
+    ReplicaUsageCursor,
+    UsageRecord,
+    UsageRollup,
+)
+from billing.periods import Period, period_containing, split_interval
+from billing.rating import PriceBook, rate_gpu_seconds, rate_tokens, stored_amount
+from catalog.models import DedicatedPrice, TokenPrice
+from deployments.models import Deployment, ReplicaUsage
+from gateway.models import UsageEvent
+
+logger = logging.getLogger(__name__)
+
+ZERO = Decimal(0)
+_EVENT_FIELDS = (
+    "id",
+    "request_id",
+    "organization_id",
+    "api_key_id",
+    "deployment_id",
+    "model_version_id",
+    "deployment_type",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "finished_at",
+)
+
+
+def lock_periods(periods: Iterable[Period], *, now: datetime) -> dict[datetime, datetime]:
+    """Create the periods' rows if missing and hold them FOR SHARE until the transaction ends;
+    return where usage of each period goes: itself while open, else the period open `now`.
+
+    Closing takes the same rows FOR UPDATE, so it waits for this transaction, and after it
+    has marked a period `closing` every later writer sends that period's usage onward.
+    """
+    current = period_containing(now)
+    wanted = sorted({*periods, current}, key=lambda p: p.start)
+    BillingPeriod.objects.bulk_create(
+        [BillingPeriod(start=p.start, end=p.end) for p in wanted], ignore_conflicts=True
+    )
+    starts = [p.start for p in wanted]
+    if connection.vendor == "postgresql":
+        # Django has no FOR SHARE; concurrent ingestions must not block one another.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT start, status FROM billing_billingperiod "
+                "WHERE start = ANY(%s) ORDER BY start FOR SHARE",
+                [starts],
+            )
+            statuses = dict(cursor.fetchall())
+    else:  # SQLite runs one writing transaction at a time: nothing to lock.
+        statuses = dict(
+            BillingPeriod.objects.filter(start__in=starts).values_list("start", "status")
+        )
+    if statuses[current.start] != BillingPeriod.Status.OPEN:
+        raise RuntimeError(f"the current billing period {current.label} is not open")
+    return {
+        start: start if status == BillingPeriod.Status.OPEN else current.start
+        for start, status in statuses.items()
+    }
+
+
+def token_price_book(version_ids: Iterable[int]) -> PriceBook:
+    """Every token price of these versions, for catalog.selectors.token_price_at's rule."""
+    book = PriceBook()
+    for price in TokenPrice.objects.filter(model_version_id__in=set(version_ids)).order_by(
+        "effective_from", "id"
+    ):
+        book.add(price.model_version_id, price.effective_from, price)
+    return book
+
+
+@transaction.atomic
+def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None = None) -> int:
+    """Ingest one batch of the gateway's un-ingested usage events. Returns how many events it
+    took (0 when there is no backlog)."""
+    batch_size = batch_size or settings.BILLING_INGEST_BATCH_SIZE
+    now = now or timezone.now()
+    events = list(
+        UsageEvent.objects.filter(ingested_at__isnull=True)
+        .order_by("id")
+        .select_for_update(skip_locked=True)
+        .values_list(*_EVENT_FIELDS)[:batch_size]
+    )
+    if not events:
+        return 0
+    already = set(
+        UsageRecord.objects.filter(request_id__in=[e[1] for e in events]).values_list(
+            "request_id", flat=True
+        )
+    )
+    currencies = dict(
+        Organization.objects.filter(id__in={e[2] for e in events}).values_list("id", "currency")
+    )
+    book = token_price_book(e[5] for e in events if e[5] is not None)
+    period_of = {}
+    for event in events:
+        period = period_containing(event[11])
+        period_of[period.start] = period
+    destination = lock_periods(period_of.values(), now=now)
+
+    records = []
+    rollups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    for (
+        _id,
+        request_id,
+        organization_id,
+        api_key_id,
+        deployment_id,
+        version_id,
+        deployment_type,
+        model,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        finished_at,
+    ) in events:
+        if request_id in already:
+            continue
+        currency = currencies.get(organization_id)
+        if currency is None:
+            logger.warning("usage event %s: organization %s is gone", request_id, organization_id)
+            continue
+        price = book.at(version_id, finished_at) if version_id is not None else None
+        if price is not None and price.currency != currency:
+            logger.warning(
+                "usage event %s: the price of version %s is in %s, the organization pays in %s",
+                request_id,
+                version_id,
+                price.currency,
+                currency,
+            )
+            price = None
+        input_price = price.input_per_million if price else ZERO
+        output_price = price.output_per_million if price else ZERO
+        amount = rate_tokens(
+            input_tokens=prompt_tokens,
+            output_tokens=completion_tokens,
+            input_per_million=input_price,
+            output_per_million=output_price,
+        )
+        period_start = destination[period_containing(finished_at).start]
+        records.append(
+            UsageRecord(
+                request_id=request_id,
+                organization_id=organization_id,
+                period_start=period_start,
+                occurred_at=finished_at,
+                api_key_id=api_key_id,
+                deployment_id=deployment_id,
+                model_version_id=version_id,
+                deployment_type=deployment_type,
+                model=model,
+                input_tokens=prompt_tokens,
+                output_tokens=completion_tokens,
+                cached_tokens=cached_tokens,
+                currency=currency,
+                token_price_id=price.pk if price else None,
+                input_price_per_million=input_price,
+                output_price_per_million=output_price,
+                amount=stored_amount(amount),
+                ingested_at=now,
+            )
+        )
+        key = (
+            period_start,
+            finished_at.astimezone(UTC).date(),
+            organization_id,
+            version_id or 0,
+            str(deployment_id) if deployment_id else "",
+            api_key_id or 0,
+            currency,
+            input_price,
+            output_price,
+        )
+        sums = rollups[key]
+        sums[0] += 1
+        sums[1] += prompt_tokens
+        sums[2] += completion_tokens
+        sums[3] += cached_tokens
+        spend[(organization_id, period_start)] += amount
+
+    UsageRecord.objects.bulk_create(records, ignore_conflicts=True, batch_size=2000)
+    rollups_add(rollups)
+    touched = spend_add(spend, currencies=currencies)
+    from billing.budgets import budget_alerts_raise
+
+    budget_alerts_raise(spend_rows=touched)
+    UsageEvent.objects.filter(id__in=[e[0] for e in events]).update(ingested_at=now)
+    return len(events)
+
+
+_ROLLUP_KEY = (
+    "period_start",
+    "day",
+    "organization_id",
+    "model_version_id",
+    "deployment_id",
+    "api_key_id",
+    "currency",
+    "input_price_per_million",
+    "output_price_per_million",
+)
+_ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "cached_tokens")
+
+
+def rollups_add(rollups: dict[tuple, list[int]]) -> None:
+    """Add integer sums to the rollup rows (upsert: insert, or add to the existing row)."""
+    if not rollups:
+        return
+    table = UsageRollup._meta.db_table
+    columns = ", ".join((*_ROLLUP_KEY, *_ROLLUP_SUMS))
+    placeholders = ", ".join(["%s"] * (len(_ROLLUP_KEY) + len(_ROLLUP_SUMS)))
+    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
+    sql = (
+        f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "  # noqa: S608 - names are ours
+        f"ON CONFLICT ({', '.join(_ROLLUP_KEY)}) DO UPDATE SET {updates}"
+    )
+    ops = connection.ops
+    price_field = UsageRollup._meta.get_field("input_price_per_million")
+
+    def adapt(key, sums):
+        period_start, day, org, version, deployment, key_id, currency, p_in, p_out = key
+        return [
+            ops.adapt_datetimefield_value(period_start),
+            ops.adapt_datefield_value(day),
+            org,
+            version,
+            deployment,
+            key_id,
+            currency,
+            ops.adapt_decimalfield_value(p_in, price_field.max_digits, price_field.decimal_places),
+            ops.adapt_decimalfield_value(p_out, price_field.max_digits, price_field.decimal_places),
+            *sums,
+        ]
+
+    # A fixed order makes concurrent batches lock shared rows in the same order: no deadlock.
+    rows = [adapt(key, rollups[key]) for key in sorted(rollups, key=_sortable)]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)
+
+
+def _sortable(key):
+    return tuple(str(part) for part in key)
+
+
+def spend_add(
+    spend: dict[tuple[int, datetime], Decimal], *, currencies: dict[int, str]
+) -> list[PeriodSpend]:
+    """Add rated amounts to the organizations' period spend. Returns the updated rows."""
+    if not spend:
+        return []
+    keys = sorted(spend)
+    PeriodSpend.objects.bulk_create(
+        [
+            PeriodSpend(organization_id=org, period_start=start, currency=currencies[org])
+            for org, start in keys
+        ],
+        ignore_conflicts=True,
+    )
+    rows = {
+        (row.organization_id, row.period_start): row
+        for row in PeriodSpend.objects.select_for_update()
+        .filter(
+            organization_id__in={org for org, _ in keys},
+            period_start__in={start for _, start in keys},
+        )
+        .order_by("organization_id", "period_start")
+    }
+    touched = []
+    now = timezone.now()
+    for key in keys:
+        row = rows[key]
+        row.amount = stored_amount(row.amount + spend[key])
+        row.updated_at = now
+        touched.append(row)
+    PeriodSpend.objects.bulk_update(touched, ["amount", "updated_at"])
+    return touched
+
+
+def _floor_second(moment: datetime) -> datetime:
+    return moment.replace(microsecond=0)
+
+
+def _ceil_second(moment: datetime) -> datetime:
+    floor = moment.replace(microsecond=0)
+    return floor if floor == moment else floor + timedelta(seconds=1)
+
+
+@transaction.atomic
+def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> int:
+    """Cut dedicated replicas' running time (deployments' ReplicaUsage) into ledger segments.
+
+    Ended intervals are taken whole; running ones up to the last whole hour, so a replica
+    adds a row an hour while it runs. Boundaries are whole seconds (start rounded down, end
+    up: a started second is billed) and segments break at UTC midnights and price changes.
+    Each interval's cursor row is locked while it is cut, so concurrent runs never overlap.
+    Returns the number of segments written.
+    """
+    now = now or timezone.now()
+    complete = ReplicaUsageCursor.objects.filter(complete=True).values("replica_usage_id")
+    candidates = list(
+        ReplicaUsage.objects.filter(deployment__type=Deployment.Type.DEDICATED)
+        .exclude(pk__in=complete)
+        .order_by("id")
+        .values_list("id", "started_at")[:limit]
+    )
+    if not candidates:
+        return 0
+    ReplicaUsageCursor.objects.bulk_create(
+        [
+            ReplicaUsageCursor(replica_usage_id=pk, billed_until=_floor_second(started))
+            for pk, started in candidates
+        ],
+        ignore_conflicts=True,
+    )
+    cursors = {
+        c.replica_usage_id: c
+        for c in ReplicaUsageCursor.objects.select_for_update(skip_locked=True).filter(
+            replica_usage_id__in=[pk for pk, _ in candidates], complete=False
+        )
+    }
+    usages = list(
+        ReplicaUsage.objects.filter(pk__in=cursors)
+        .select_related("deployment__organization", "hardware_profile")
+        .order_by("id")
+    )
+    book = PriceBook()
+    for price in DedicatedPrice.objects.filter(
+        model_version_id__in={u.deployment.model_version_id for u in usages},
+        hardware_profile_id__in={u.hardware_profile_id for u in usages},
+    ).order_by("effective_from", "id"):
+        book.add((price.model_version_id, price.hardware_profile_id), price.effective_from, price)
+
+    pieces = []  # (usage, segment start, segment end)
+    last_whole_hour = now.replace(minute=0, second=0, microsecond=0)
+    for usage in usages:
+        cursor = cursors[usage.pk]
+        ended = usage.ended_at is not None
+        end = _ceil_second(usage.ended_at) if ended else last_whole_hour
+        start = cursor.billed_until
+        key = (usage.deployment.model_version_id, usage.hardware_profile_id)
+        if end > start:
+            for a, b in split_interval(start, end, book.changes_between(key, start, end)):
+                pieces.append((usage, a, b))
+            cursor.billed_until = end
+        cursor.complete = ended
+    destination = (
+        lock_periods({period_containing(a) for _, a, _ in pieces}, now=now) if pieces else {}
+    )
+
+    records = []
+    spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    currencies = {}
+    for usage, a, b in pieces:
+        deployment, profile = usage.deployment, usage.hardware_profile
+        organization = deployment.organization
+        currencies[organization.pk] = organization.currency
+        price = book.at((deployment.model_version_id, profile.pk), a)
+        if price is not None:
+            per_hour, price_currency, price_id = price.per_hour, price.currency, price.pk
+        else:  # no price for this version on this profile: the profile's list price
+            per_hour, price_currency, price_id = profile.price_per_hour, profile.currency, None
+        if price_currency != organization.currency:
+            logger.warning(
+                "replica usage %s: priced in %s, the organization pays in %s; not charged",
+                usage.pk,
+                price_currency,
+                organization.currency,
+            )
+            per_hour, price_id = Decimal(0), None
+        seconds = int((b - a).total_seconds())
+        period_start = destination[period_containing(a).start]
+        records.append(
+            DedicatedUsageRecord(
+                replica_usage_id=usage.pk,
+                start=a,
+                end=b,
+                organization_id=organization.pk,
+                period_start=period_start,
+                deployment_id=deployment.pk,
+                model_version_id=deployment.model_version_id,
+                hardware_profile_id=profile.pk,
+                gpu_count=profile.gpu_count,
+                replica_name=usage.replica_name,
+                seconds=seconds,
+                currency=organization.currency,
+                dedicated_price_id=price_id,
+                price_per_hour=per_hour,
+                ingested_at=now,
+            )
+        )
+        spend[(organization.pk, period_start)] += rate_gpu_seconds(
+            seconds=seconds, per_hour=per_hour
+        )
+    DedicatedUsageRecord.objects.bulk_create(records, ignore_conflicts=True)
+    ReplicaUsageCursor.objects.bulk_update(cursors.values(), ["billed_until", "complete"])
+    touched = spend_add(spend, currencies=currencies)
+    from billing.budgets import budget_alerts_raise
+
+    budget_alerts_raise(spend_rows=touched)
+    return len(records)

@@ -1,0 +1,57 @@
+"""Billing's Celery tasks (queue `billing`). Thin: ids in, a service call, idempotent."""
+
+import time
+
+from celery import shared_task
+from django.conf import settings
+
+from billing import budgets, invoicing, ledger, stripe_sync
+
+# Leave the worker to other tasks after this long; the next beat tick continues the backlog.
+_INGEST_TIME_BUDGET_SECONDS = 50
+
+
+@shared_task(queue="billing")
+def ingest_usage_events() -> int:
+    """Ingest the gateway's usage backlog batch by batch (beat runs this every few seconds)."""
+    taken, deadline = 0, time.monotonic() + _INGEST_TIME_BUDGET_SECONDS
+    while time.monotonic() < deadline:
+        count = ledger.usage_events_ingest()
+        taken += count
+        if count < settings.BILLING_INGEST_BATCH_SIZE:
+            break
+    return taken
+
+
+@shared_task(queue="billing")
+def ingest_replica_usage() -> int:
+    """Cut the deployments' replica intervals into dedicated ledger rows."""
+    return ledger.replica_usage_ingest()
+
+
+@shared_task(queue="billing")
+def close_billing_periods() -> int:
+    """Finalize the invoices of every period that has ended (idempotent; beat runs it hourly)."""
+    return sum(len(result.created) for result in invoicing.billing_periods_close_due())
+
+
+@shared_task(queue="billing")
+def stripe_sync_invoice(invoice_id: int) -> str | None:
+    invoice = stripe_sync.invoice_stripe_sync(invoice_id=invoice_id)
+    return invoice.stripe_status if invoice else None
+
+
+@shared_task(queue="billing")
+def stripe_sync_due() -> int:
+    """Retry the Stripe sync of invoices whose back-off has passed (and any never tried)."""
+    if not stripe_sync.stripe_enabled():
+        return 0
+    ids = list(stripe_sync.invoices_stripe_due().values_list("id", flat=True)[:500])
+    for invoice_id in ids:
+        stripe_sync_invoice.delay(invoice_id)
+    return len(ids)
+
+
+@shared_task(queue="billing")
+def send_budget_alert(alert_id: int) -> bool:
+    return budgets.budget_alert_email(alert_id=alert_id)
