@@ -1,0 +1,73 @@
+"""Every setting the control plane reads from its environment is set by the chart, baked into
+the image, or deliberately left out of a cluster install: a new setting fails here until the
+chart (values, ConfigMap or Secret) knows about it."""
+
+import re
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from tests.helm.conftest import ROOT
+from tests.helm.variants import VARIANTS
+
+pytestmark = pytest.mark.nodb
+
+SETTINGS_DIR = ROOT / "controlplane" / "settings"
+# Settings a cluster install leaves at their defaults, and why.
+NOT_SET_BY_THE_CHART = {
+    "DEBUG": "off in production, which is the settings' default",
+    "SIROCCO_DEMO_PASSWORD": "the demo organization is for `make run`, not for a cluster",
+    "TEST_DATABASE_NAME": "only the test suite reads it",
+    "CELERY_TASK_ALWAYS_EAGER": "only the test suite runs tasks in-process",
+}
+ENV_READ = re.compile(
+    r"""(?:\benv(?:\.\w+)?\(|os\.environ\.get\(|os\.getenv\(|os\.environ\[)\s*["']([A-Z][A-Z0-9_]*)["']"""
+)
+
+
+def settings_read_from_the_environment() -> set[str]:
+    names = set()
+    for path in SETTINGS_DIR.glob("*.py"):
+        if path.name != "test.py":
+            names |= set(ENV_READ.findall(path.read_text()))
+    return names
+
+
+@pytest.fixture(scope="module")
+def provided(render) -> set[str]:
+    """Variables a pod of the chart gets, over every variant, plus the image's own ENV."""
+    names = set(DockerfileParser(str(ROOT / "Dockerfile")).envs)
+    for values in VARIANTS.values():
+        rendered = render(values)
+        for config_map in rendered.of_kind("ConfigMap"):
+            names |= set(config_map["data"])
+        for deployment in rendered.of_kind("Deployment"):
+            for container in deployment["spec"]["template"]["spec"]["containers"]:
+                names |= {variable["name"] for variable in container.get("env", [])}
+    return names
+
+
+def test_the_parser_finds_the_settings_that_are_read():
+    # Guards the regular expression: these are read in settings/base.py today.
+    assert {"SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "ALLOWED_HOSTS"} <= (
+        settings_read_from_the_environment()
+    )
+
+
+def test_every_setting_reaches_the_pods_or_is_left_out_on_purpose(provided):
+    missing = settings_read_from_the_environment() - provided - set(NOT_SET_BY_THE_CHART)
+    assert not missing, (
+        f"settings the Helm chart does not set: {sorted(missing)}. Add each to "
+        "helm/sirocco (values.yaml, values.schema.json and the ConfigMap in _helpers.tpl, or "
+        "the Secret keys), or to NOT_SET_BY_THE_CHART here with the reason."
+    )
+
+
+def test_every_variable_in_the_readmes_table_reaches_the_pods_or_is_left_out(provided):
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)`", readme, flags=re.MULTILINE))
+    assert documented, "README.md has a configuration table"
+    missing = documented - provided - set(NOT_SET_BY_THE_CHART)
+    assert not missing, (
+        f"README's configuration table names variables the chart never sets: {sorted(missing)}"
+    )

@@ -1,0 +1,75 @@
+"""The worker's ClusterRole grants what the Kubernetes provisioner uses, and nothing more."""
+
+import json
+
+import pytest
+
+from tests.helm.conftest import ROOT
+
+pytestmark = pytest.mark.nodb
+
+# Written by the Kubernetes provisioner's tests (tests/deployments): every request it made to
+# the emulated API server, as [{"group": "apps", "resource": "deployments", "verb": "patch"}].
+OBSERVED_VERBS = ROOT / "tests" / "deployments" / "observed_k8s_verbs.json"
+
+# What the provisioner manages (issue 5), and what it only reads.
+MANAGED = {
+    ("", "namespaces"),
+    ("", "resourcequotas"),
+    ("", "services"),
+    ("apps", "deployments"),
+    ("networking.k8s.io", "networkpolicies"),
+    ("policy", "poddisruptionbudgets"),
+}
+READ_ONLY = {("", "pods"), ("", "events")}
+READ_VERBS = {"get", "list", "watch"}
+
+
+def granted_rules(rendered) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) for every permission the ClusterRole grants."""
+    (role,) = rendered.of_kind("ClusterRole")
+    grants = set()
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, (
+            f"a rule with more than groups, resources and verbs is not least privilege: {rule}"
+        )
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    grants.add((group, resource, verb))
+    return grants
+
+
+def observed_verbs() -> set[tuple[str, str, str]]:
+    entries = json.loads(OBSERVED_VERBS.read_text())
+    return {(entry["group"], entry["resource"], entry["verb"]) for entry in entries}
+
+
+def test_the_cluster_role_grants_every_verb_the_provisioner_used_and_no_more(render):
+    if not OBSERVED_VERBS.exists():
+        pytest.skip(
+            f"{OBSERVED_VERBS.relative_to(ROOT)} does not exist yet: the Kubernetes "
+            "provisioner's tests (issue 5) write it; until then there is nothing to compare with"
+        )
+    observed = observed_verbs()
+    assert observed, f"{OBSERVED_VERBS} lists no requests"
+    # Server-side apply is a PATCH; when it creates the object the API server also checks
+    # "create" for it (k8s.io/apiserver/pkg/endpoints/handlers/patch.go), which an emulated
+    # API server does not, so every applied resource needs both.
+    needed = observed | {
+        (group, resource, "create") for group, resource, verb in observed if verb == "patch"
+    }
+    granted = granted_rules(render())
+    assert granted == needed, (
+        f"missing: {sorted(needed - granted)}; not used by the provisioner: {sorted(granted - needed)}"
+    )
+
+
+def test_the_cluster_role_names_no_wildcards_and_no_other_resources(render):
+    granted = granted_rules(render())
+    assert granted, "the default release has a ClusterRole with rules"
+    for group, resource, verb in granted:
+        assert "*" not in (group, resource, verb)
+        assert (group, resource) in MANAGED | READ_ONLY, (group, resource)
+        if (group, resource) in READ_ONLY:
+            assert verb in READ_VERBS, (group, resource, verb)
