@@ -404,3 +404,30 @@ def test_notes_tell_the_operator_what_to_do_next(render):
     notes = render(VARIANTS["ingress-tls"]).notes
     assert "https://ai.example.com/v1/" in notes
     assert "create secret generic" not in render(VARIANTS["chart-managed-secret"]).notes
+
+
+def test_the_provisioner_lets_exactly_the_gateways_pods_reach_model_servers(variant):
+    # Model servers' NetworkPolicy admits pods with these labels from this namespace only.
+    _name, rendered = variant
+    config = rendered.config()
+    assert config["SIROCCO_K8S_GATEWAY_NAMESPACE"] == NAMESPACE
+    labels = dict(
+        pair.split("=", 1) for pair in config["SIROCCO_K8S_GATEWAY_POD_LABELS"].split(",")
+    )
+    gateway_pods = rendered.deployment("gateway")["spec"]["template"]["metadata"]["labels"]
+    assert labels.items() <= gateway_pods.items()
+    others = [rendered.deployment(c)["spec"]["template"]["metadata"]["labels"] for c in COMPONENTS]
+    assert sum(labels.items() <= pod.items() for pod in others) == 1
+
+
+def test_the_provisioner_and_billing_settings_come_from_values(render):
+    config = render().config()
+    assert config["SIROCCO_K8S_NAMESPACE_PREFIX"] == "sirocco-"
+    assert config["SIROCCO_K8S_FETCHER_IMAGE"] == "sirocco/runtime:0.1.0"
+    assert "SIROCCO_K8S_AWS_ENDPOINT_URL" not in config
+    assert (config["BILLING_PERIOD"], config["BILLING_TAX_RATE"]) == ("monthly", "0")
+    # Inference pods reach the same S3 endpoint as the control plane unless told otherwise.
+    stores = render(VARIANTS["chart-managed-secret"]).config()
+    assert stores["SIROCCO_K8S_AWS_ENDPOINT_URL"] == "https://minio.storage:9000"
+    own = render({"provisioner": {"awsEndpointUrl": "http://minio.internal:9000"}}).config()
+    assert own["SIROCCO_K8S_AWS_ENDPOINT_URL"] == "http://minio.internal:9000"

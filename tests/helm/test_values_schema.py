@@ -60,6 +60,10 @@ SCHEMA_ERRORS = [
         {"securityContext": {"allowPrivilegeEscalation": True}},
         "at '/securityContext/allowPrivilegeEscalation'",
     ),
+    ({"billing": {"period": "yearly"}}, "at '/billing/period': value must be one of"),
+    ({"billing": {"taxRate": "20%"}}, "at '/billing/taxRate'"),
+    ({"billing": {"taxRate": 0.2}}, "at '/billing/taxRate': got number, want string"),
+    ({"provisioner": {"namespacePrefix": "Tenants_"}}, "at '/provisioner/namespacePrefix'"),
     ({"beat": {"replicas": 2}}, "additional properties 'replicas' not allowed"),
     ({"ingress": {"enabled": True, "hosts": [{"host": "Bad_Host"}]}}, "at '/ingress/hosts/0/host'"),
 ]

@@ -155,6 +155,24 @@ AWS_ENDPOINT_URL: {{ . | quote }}
 {{- with .Values.config.awsRegion }}
 AWS_DEFAULT_REGION: {{ . | quote }}
 {{- end }}
+{{- with .Values.provisioner }}
+SIROCCO_K8S_NAMESPACE_PREFIX: {{ .namespacePrefix | quote }}
+SIROCCO_K8S_FETCHER_IMAGE: {{ .fetcherImage | quote }}
+SIROCCO_K8S_ARTIFACT_SECRET: {{ .artifactSecret | quote }}
+{{- with default $.Values.config.awsEndpointUrl .awsEndpointUrl }}
+SIROCCO_K8S_AWS_ENDPOINT_URL: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- /* Model servers admit traffic from the gateway's pods only: tell the provisioner which. */}}
+SIROCCO_K8S_GATEWAY_NAMESPACE: {{ .Release.Namespace | quote }}
+{{- $labels := list }}
+{{- range $key, $value := include "sirocco.selectorLabels" (dict "root" . "component" "gateway") | fromYaml }}
+{{- $labels = append $labels (printf "%s=%s" $key $value) }}
+{{- end }}
+SIROCCO_K8S_GATEWAY_POD_LABELS: {{ $labels | join "," | quote }}
+BILLING_PERIOD: {{ .Values.billing.period | quote }}
+BILLING_TAX_RATE: {{ .Values.billing.taxRate | quote }}
+BILLING_INVOICE_PREFIX: {{ .Values.billing.invoicePrefix | quote }}
 {{- end }}
 
 {{/* Names of the settings read from the Secret: required ones first, then optional ones. */}}
