@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, Invoice, StripeEvent, StripeInvoiceItem
 from billing.money import to_minor_units
-from billing.periods import period_starting
+from billing.periods import Period
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _push(client: stripe.StripeClient, invoice: Invoice) -> None:
     currency = invoice.currency.lower()
     key = f"sirocco-invoice-{invoice.pk}"
     if not invoice.stripe_invoice_id:
-        period = period_starting(invoice.period_start)
+        period = Period(invoice.period_start, invoice.period_end)
         remote = client.v1.invoices.create(
             params={
                 "customer": customer,

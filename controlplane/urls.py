@@ -6,6 +6,7 @@ from controlplane import health
 
 api_v1 = [
     path("", include("accounts.urls")),
+    path("", include("billing.urls")),
 ]
 
 urlpatterns = [
