@@ -1,0 +1,134 @@
+"""Dedicated GPU time: replica intervals cut into per-day segments, billed by the second."""
+
+import itertools
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.db.models import Sum
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from billing.invoicing import billing_period_close
+from billing.ledger import replica_usage_ingest
+from billing.models import DedicatedUsageRecord, PeriodSpend
+from tests.billing.conftest import NOW, at
+from tests.catalog.factories import DedicatedPriceFactory, HardwareProfileFactory
+from tests.deployments.factories import DeploymentFactory, ReplicaUsageFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def deployment(organization):
+    profile = HardwareProfileFactory(gpu_count=2, price_per_hour=Decimal("9.0000"))
+    deployment = DeploymentFactory(organization=organization, hardware_profile=profile)
+    DedicatedPriceFactory(
+        model_version=deployment.model_version,
+        hardware_profile=profile,
+        per_hour=Decimal("7.2000"),
+        effective_from=at(2026, 1, 1),
+    )
+    return deployment
+
+
+def test_an_interval_across_midnight_is_split_and_billed_by_the_second(deployment):
+    usage = ReplicaUsageFactory(
+        deployment=deployment,
+        started_at=at(2026, 2, 27, 23, 30, 0, 250_000),
+        ended_at=at(2026, 3, 1, 0, 10, 0, 1),
+    )
+    replica_usage_ingest(now=NOW)
+    segments = list(DedicatedUsageRecord.objects.order_by("start"))
+    assert [(s.start, s.end, s.seconds) for s in segments] == [
+        (at(2026, 2, 27, 23, 30), at(2026, 2, 28), 1800),
+        (at(2026, 2, 28), at(2026, 3, 1), 86_400),
+        (at(2026, 3, 1), at(2026, 3, 1, 0, 10, 1), 601),  # a started second is billed
+    ]
+    assert [s.period_start for s in segments] == [at(2026, 2, 1)] * 2 + [at(2026, 3, 1)]
+    assert {s.replica_usage_id for s in segments} == {usage.pk}
+    assert replica_usage_ingest(now=NOW) == 0  # nothing twice
+
+    [invoice] = billing_period_close(period_start=at(2026, 2, 1), now=NOW).created
+    [line] = invoice.lines.all()
+    assert line.kind == "dedicated"
+    assert line.ledger_quantity == 88_200
+    assert line.unit == "GPU hour"
+    assert line.quantity == Decimal("49.000000")  # 88200 s x 2 GPUs
+    assert line.unit_price == Decimal("3.6")
+    assert line.amount == Decimal("176.40")  # 88200 / 3600 x 7.20
+    assert deployment.name in line.description
+
+
+def test_a_running_replica_is_billed_hour_by_hour_then_to_its_end(deployment):
+    usage = ReplicaUsageFactory(
+        deployment=deployment, started_at=at(2026, 3, 15, 9, 20), ended_at=None
+    )
+    replica_usage_ingest(now=at(2026, 3, 15, 11, 5))
+    assert DedicatedUsageRecord.objects.aggregate(s=Sum("seconds"))["s"] == 100 * 60
+    replica_usage_ingest(now=at(2026, 3, 15, 11, 59))
+    assert DedicatedUsageRecord.objects.count() == 1
+    usage.ended_at = at(2026, 3, 15, 12, 0, 30)
+    usage.save()
+    replica_usage_ingest(now=at(2026, 3, 15, 12, 1))
+    assert DedicatedUsageRecord.objects.aggregate(s=Sum("seconds"))["s"] == 160 * 60 + 30
+    spend = PeriodSpend.objects.get()
+    assert spend.amount == Decimal("7.2") * (160 * 60 + 30) / 3600
+
+
+def test_a_price_change_splits_the_segment(deployment):
+    DedicatedPriceFactory(
+        model_version=deployment.model_version,
+        hardware_profile=deployment.hardware_profile,
+        per_hour=Decimal("3.6000"),
+        effective_from=at(2026, 2, 10, 12),
+    )
+    ReplicaUsageFactory(
+        deployment=deployment, started_at=at(2026, 2, 10, 11), ended_at=at(2026, 2, 10, 13)
+    )
+    replica_usage_ingest(now=NOW)
+    assert [
+        (s.seconds, s.price_per_hour) for s in DedicatedUsageRecord.objects.order_by("start")
+    ] == [(3600, Decimal("7.2")), (3600, Decimal("3.6"))]
+
+
+def test_without_a_dedicated_price_the_profile_list_price_applies(organization):
+    profile = HardwareProfileFactory(gpu_count=1, price_per_hour=Decimal("2.0000"))
+    deployment = DeploymentFactory(organization=organization, hardware_profile=profile)
+    ReplicaUsageFactory(
+        deployment=deployment, started_at=at(2026, 2, 1), ended_at=at(2026, 2, 1, 1)
+    )
+    replica_usage_ingest(now=NOW)
+    segment = DedicatedUsageRecord.objects.get()
+    assert (segment.price_per_hour, segment.dedicated_price_id) == (Decimal(2), None)
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    start_offset=st.integers(0, 40 * 86_400),
+    length=st.integers(0, 5 * 86_400),
+    micro=st.integers(0, 999_999),
+    ticks=st.lists(st.integers(0, 6 * 86_400), max_size=5),
+)
+def test_segments_always_add_up_to_the_interval(deployment, start_offset, length, micro, ticks):
+    started = at(2026, 1, 1) + timedelta(seconds=start_offset, microseconds=micro)
+    ended = started + timedelta(seconds=length)
+    usage = ReplicaUsageFactory(deployment=deployment, started_at=started, ended_at=None)
+    for tick in sorted(ticks):  # ingestion runs while the replica is up
+        moment = started + timedelta(seconds=tick)
+        if moment < ended:
+            replica_usage_ingest(now=moment)
+    usage.ended_at = ended
+    usage.save()
+    replica_usage_ingest(now=ended + timedelta(hours=1))
+    segments = DedicatedUsageRecord.objects.filter(replica_usage_id=usage.pk).order_by("start")
+    floor = started.replace(microsecond=0)
+    ceil = ended if ended.microsecond == 0 else ended.replace(microsecond=0) + timedelta(seconds=1)
+    assert sum(s.seconds for s in segments) == int((ceil - floor).total_seconds())
+    edges = [(s.start, s.end) for s in segments]
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(edges))
+    assert all(s.start.date() == (s.end - timedelta(microseconds=1)).date() for s in segments)
