@@ -2,13 +2,18 @@
 what the chart's processes need and nothing else. (No Docker engine runs in the test
 environment, so these read the Dockerfiles rather than build them.)"""
 
+import ast
+import importlib.metadata
 import json
 import re
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.helm.conftest import ROOT
 
@@ -100,6 +105,68 @@ def test_the_control_plane_image_installs_the_runtime_dependencies_only():
     names = {re.split(r"[\[=<>~!; ]", dep, maxsplit=1)[0].lower() for dep in dependencies}
     # Inference happens in the runtime image; torch would add gigabytes to every process.
     assert not names & {"torch", "transformers", "vllm"}
+
+
+# The packages the control-plane processes run; `runtime` is the inference image's program.
+CONTROL_PLANE_PACKAGES = (
+    "controlplane",
+    "accounts",
+    "catalog",
+    "deployments",
+    "gateway",
+    "billing",
+    "console",
+)
+
+
+def installed_closure(requirements: list[str]) -> set[str]:
+    """Distributions a `pip install` of these requirements brings, extras included."""
+    extras_of: dict[str, set[str]] = {}
+    pending = [Requirement(text) for text in requirements]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in extras_of and set(requirement.extras) <= extras_of[name]:
+            continue
+        extras = extras_of.setdefault(name, set())
+        extras |= requirement.extras
+        for text in importlib.metadata.distribution(name).requires or []:
+            sub = Requirement(text)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras | {""}):
+                pending.append(sub)
+    return set(extras_of)
+
+
+def imported_top_level_modules(package: Path):
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                yield name.split(".")[0], path.relative_to(ROOT)
+
+
+def test_the_control_plane_image_has_every_module_its_processes_import():
+    # The image installs project.dependencies alone: a module that comes only with the dev or
+    # runtime extras (installed here, absent there) would crash the process that imports it.
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed = installed_closure(dependencies)
+    providers = importlib.metadata.packages_distributions()
+    first_party = {*CONTROL_PLANE_PACKAGES, "runtime"}
+    missing: dict[str, set[str]] = {}
+    for package in CONTROL_PLANE_PACKAGES:
+        for module, path in imported_top_level_modules(ROOT / package):
+            if module in sys.stdlib_module_names or module in first_party or module == "__future__":
+                continue
+            if not {canonicalize_name(d) for d in providers.get(module, [])} & installed:
+                missing.setdefault(module, set()).add(str(path))
+    assert not missing, (
+        f"imported by the control plane but not installed by project.dependencies: {missing}"
+    )
 
 
 def test_the_build_context_lets_in_every_app_and_nothing_else():
