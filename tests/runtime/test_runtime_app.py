@@ -2,10 +2,13 @@
 
 import threading
 
+import pytest
 from starlette.testclient import TestClient
 
 from runtime.loader import DEFAULT_CACHE_DIR
 from runtime.server import create_app, load_model
+
+pytestmark = pytest.mark.nodb
 
 
 def _load_tiny(tiny_moe_dir, listener):

@@ -8,6 +8,8 @@ from moto.server import ThreadedMotoServer
 
 from runtime.loader import ModelLoadError, resolve_model
 
+pytestmark = pytest.mark.nodb
+
 
 @pytest.fixture(scope="module")
 def s3_endpoint():

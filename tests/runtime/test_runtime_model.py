@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from runtime.model import MixtralRunner, load_mixtral
 
+pytestmark = pytest.mark.nodb
+
 CPU = torch.device("cpu")
 
 

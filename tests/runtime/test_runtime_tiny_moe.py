@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from runtime.tiny_moe import build_tiny_moe, sha256_of
 
+pytestmark = pytest.mark.nodb
+
 
 def test_same_seed_gives_byte_identical_files(tiny_moe_dir, tmp_path):
     again = build_tiny_moe(tmp_path / "again", seed=0)
