@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     serve.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads on CPU (default: torch's choice, one per core); small "
+        "models and shared machines run faster with 1",
+    )
+    serve.add_argument(
         "--download-dir",
         type=Path,
         default=None,
@@ -56,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.max_num_seqs < 1:
         parser.error("--max-num-seqs must be at least 1")
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            parser.error("--cpu-threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
     args.download_dir = args.download_dir or DEFAULT_CACHE_DIR
     return run_server(args)
 

@@ -60,6 +60,8 @@ def _start_runtime(model: str, log_path: Path, *extra: str, env: dict | None = N
         "0",
         "--device",
         "cpu",
+        "--cpu-threads",
+        "1",
         *extra,
     ]
     with open(log_path, "wb") as log:

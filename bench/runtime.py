@@ -1,0 +1,244 @@
+"""Builtin runtime vs transformers' `generate`, one request at a time, on the tiny MoE.
+
+    python bench/runtime.py [--model DIR] [--tokens 64] [--concurrency 1 4 16]
+
+Measures, in one run on the same prompts: aggregate generated tokens/s and time to first token
+(p50/p99) of the runtime server at each concurrency (closed loop: each client sends its next
+request when the previous one ends; every request streams and generates exactly --tokens
+tokens, ignore_eos), against `model.generate` run serially in this process (its TTFT is the
+time to the first new token of each call). The serial baseline runs first and alone, then the
+server process, so the two never compete for the CPU; the HTTP clients do share it with the
+server. Both use --cpu-threads torch threads (default 1). Prints a table and writes
+bench/results/runtime.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+SERVED_NAME = "tiny-moe"
+TOPICS = [
+    "the history of the harbour",
+    "a recipe for bread",
+    "why the sky is blue",
+    "the rules of chess",
+    "a trip to Lisbon",
+    "how rivers form",
+    "a letter to a friend",
+    "the life of bees",
+]
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Request {i}: write about {TOPICS[i % len(TOPICS)]}." for i in range(count)]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def serial_generate(model_dir: Path, texts: list[str], tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+            self.first_at = None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first_at is None:  # call 1 is the prompt
+                self.first_at = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def run(text: str, streamer=None) -> int:
+        inputs = tokenizer(text, return_tensors="pt")
+        output = model.generate(
+            **inputs,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return output.shape[1] - inputs["input_ids"].shape[1]
+
+    run(texts[0])  # warm-up
+    ttfts, generated = [], 0
+    started = time.perf_counter()
+    for text in texts:
+        streamer = FirstToken()
+        call_started = time.perf_counter()
+        generated += run(text, streamer)
+        ttfts.append(streamer.first_at - call_started)
+    elapsed = time.perf_counter() - started
+    return _summary("transformers generate, serial", 1, len(texts), generated, elapsed, ttfts)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, text: str, tokens: int):
+    body = {
+        "model": SERVED_NAME,
+        "prompt": text,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first_at, generated = None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and first_at is None:
+                first_at = time.perf_counter()
+            if chunk.get("usage"):
+                generated = chunk["usage"]["completion_tokens"]
+    return first_at - started, generated
+
+
+async def closed_loop(url: str, texts: list[str], concurrency: int, tokens: int) -> dict:
+    pending = list(texts)
+    ttfts, generated = [], 0
+
+    async def client_loop(client):
+        nonlocal generated
+        while pending:
+            text = pending.pop()
+            ttft, count = await one_request(client, url, text, tokens)
+            ttfts.append(ttft)
+            generated += count
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await one_request(client, url, texts[0], 4)  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return _summary("runtime server", concurrency, len(texts), generated, elapsed, ttfts)
+
+
+def _summary(name, concurrency, requests, generated, elapsed, ttfts) -> dict:
+    return {
+        "system": name,
+        "concurrency": concurrency,
+        "requests": requests,
+        "generated_tokens": generated,
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": round(generated / elapsed, 1),
+        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+        "ttft_p99_ms": round(1000 * percentile(ttfts, 0.99), 1),
+    }
+
+
+def start_server(model_dir: Path, max_num_seqs: int, threads: int, log_path: Path):
+    command = [
+        sys.executable, "-m", "runtime", "serve", "--model", str(model_dir),
+        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", "0",
+        "--device", "cpu", "--max-num-seqs", str(max_num_seqs), "--cpu-threads", str(threads),
+    ]  # fmt: skip
+    log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the process)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    url = None
+    while time.monotonic() < deadline and process.poll() is None:
+        found = re.search(r"serving \S+ on (http://[\d.]+:\d+)", log_path.read_text())
+        if found:
+            url = found.group(1)
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    return process, url
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"the runtime did not become ready:\n{log_path.read_text()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="Mixtral folder (default: build the tiny MoE)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--serial-requests", type=int, default=16)
+    parser.add_argument(
+        "--cpu-threads", type=int, default=1, help="torch threads, for the baseline and the server"
+    )
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.cpu_threads)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
+    model_dir = args.model
+    if model_dir is None:
+        from runtime.tiny_moe import build_tiny_moe
+
+        model_dir = build_tiny_moe(workdir / "tiny-moe")
+
+    results = [serial_generate(model_dir, prompts(args.serial_requests), args.tokens)]
+    process, url = start_server(
+        model_dir, max(args.concurrency), args.cpu_threads, workdir / "runtime.log"
+    )
+    try:
+        for concurrency in args.concurrency:
+            texts = prompts(concurrency * args.requests_per_client)
+            results.append(asyncio.run(closed_loop(url, texts, concurrency, args.tokens)))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    baseline = results[0]["tokens_per_second"]
+    print(f"{'system':32} {'conc':>4} {'reqs':>4} {'tok/s':>8} {'x serial':>8} "
+          f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")  # fmt: skip
+    for row in results:
+        row["speedup_vs_serial"] = round(row["tokens_per_second"] / baseline, 2)
+        print(
+            f"{row['system']:32} {row['concurrency']:>4} {row['requests']:>4} "
+            f"{row['tokens_per_second']:>8.1f} {row['speedup_vs_serial']:>8.2f} "
+            f"{row['ttft_p50_ms']:>11.1f} {row['ttft_p99_ms']:>11.1f}"
+        )
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "tokens_per_request": args.tokens,
+        "cpu_threads": args.cpu_threads,
+        "results": results,
+    }
+    out = REPO_ROOT / "bench" / "results" / "runtime.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
