@@ -6,9 +6,9 @@ Measures, in one run on the same prompts: aggregate generated tokens/s and time 
 (p50/p99) of the runtime server at each concurrency (closed loop: each client sends its next
 request when the previous one ends; every request streams and generates exactly --tokens
 tokens, ignore_eos), against `model.generate` run serially in this process (its TTFT is the
-time to the first new token of each call). The serial baseline runs first and alone, then the
-server process, so the two never compete for the CPU; the HTTP clients do share it with the
-server. Both use --cpu-threads torch threads (default 1). Prints a table and writes
+time to the first new token of each call). The systems take turns, never running at once, in
+--rounds interleaved rounds; tokens/s is the median over rounds. The HTTP clients share the CPU
+with the server. Both use --cpu-threads torch threads (default 1). Prints a table and writes
 bench/results/runtime.json.
 """
 
@@ -55,7 +55,8 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
-def serial_generate(model_dir: Path, texts: list[str], tokens: int) -> dict:
+def serial_baseline(model_dir: Path, tokens: int):
+    """A function running transformers' generate over prompts one at a time."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -88,16 +89,19 @@ def serial_generate(model_dir: Path, texts: list[str], tokens: int) -> dict:
         )
         return output.shape[1] - inputs["input_ids"].shape[1]
 
-    run(texts[0])  # warm-up
-    ttfts, generated = [], 0
-    started = time.perf_counter()
-    for text in texts:
-        streamer = FirstToken()
-        call_started = time.perf_counter()
-        generated += run(text, streamer)
-        ttfts.append(streamer.first_at - call_started)
-    elapsed = time.perf_counter() - started
-    return _summary("transformers generate, serial", 1, len(texts), generated, elapsed, ttfts)
+    def measure(texts: list[str]) -> dict:
+        ttfts, generated = [], 0
+        started = time.perf_counter()
+        for text in texts:
+            streamer = FirstToken()
+            call_started = time.perf_counter()
+            generated += run(text, streamer)
+            ttfts.append(streamer.first_at - call_started)
+        elapsed = time.perf_counter() - started
+        return _measurement(generated, elapsed, ttfts)
+
+    run("warm-up")
+    return measure
 
 
 async def one_request(client: httpx.AsyncClient, url: str, text: str, tokens: int):
@@ -143,17 +147,24 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, tokens: int)
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return _summary("runtime server", concurrency, len(texts), generated, elapsed, ttfts)
+    return _measurement(generated, elapsed, ttfts)
 
 
-def _summary(name, concurrency, requests, generated, elapsed, ttfts) -> dict:
+def _measurement(generated: int, elapsed: float, ttfts: list[float]) -> dict:
+    return {"generated": generated, "seconds": elapsed, "ttfts": ttfts}
+
+
+def summarize(name: str, concurrency: int, rounds: list[dict]) -> dict:
+    """Median tokens/s over the rounds; TTFT percentiles over every request of every round."""
+    ttfts = [t for r in rounds for t in r["ttfts"]]
     return {
         "system": name,
         "concurrency": concurrency,
-        "requests": requests,
-        "generated_tokens": generated,
-        "seconds": round(elapsed, 3),
-        "tokens_per_second": round(generated / elapsed, 1),
+        "requests": sum(len(r["ttfts"]) for r in rounds),
+        "tokens_per_second": round(
+            statistics.median(r["generated"] / r["seconds"] for r in rounds), 1
+        ),
+        "tokens_per_second_by_round": [round(r["generated"] / r["seconds"], 1) for r in rounds],
         "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
         "ttft_p99_ms": round(1000 * percentile(ttfts, 0.99), 1),
     }
@@ -190,6 +201,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--serial-requests", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--cpu-threads", type=int, default=1, help="torch threads, for the baseline and the server"
     )
@@ -205,18 +217,29 @@ def main() -> None:
 
         model_dir = build_tiny_moe(workdir / "tiny-moe")
 
-    results = [serial_generate(model_dir, prompts(args.serial_requests), args.tokens)]
+    serial = serial_baseline(model_dir, args.tokens)
     process, url = start_server(
         model_dir, max(args.concurrency), args.cpu_threads, workdir / "runtime.log"
     )
+    # Rounds interleave the systems, so that load from elsewhere on a shared machine falls on
+    # all of them alike; each figure is the median over the rounds.
+    measured: dict[int, list[dict]] = {0: []} | {c: [] for c in args.concurrency}
     try:
-        for concurrency in args.concurrency:
-            texts = prompts(concurrency * args.requests_per_client)
-            results.append(asyncio.run(closed_loop(url, texts, concurrency, args.tokens)))
+        for round_number in range(args.rounds):
+            print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
+            measured[0].append(serial(prompts(args.serial_requests)))
+            for concurrency in args.concurrency:
+                texts = prompts(concurrency * args.requests_per_client)
+                measured[concurrency].append(
+                    asyncio.run(closed_loop(url, texts, concurrency, args.tokens))
+                )
     finally:
         process.terminate()
         process.wait(timeout=30)
 
+    results = [summarize("transformers generate, serial", 1, measured[0])] + [
+        summarize("runtime server", c, measured[c]) for c in args.concurrency
+    ]
     baseline = results[0]["tokens_per_second"]
     print(f"{'system':32} {'conc':>4} {'reqs':>4} {'tok/s':>8} {'x serial':>8} "
           f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")  # fmt: skip
@@ -231,6 +254,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "tokens_per_request": args.tokens,
+        "rounds": args.rounds,
         "cpu_threads": args.cpu_threads,
         "results": results,
     }

@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Row counts that MKL's sgemm treats alike (measured: 1, 2, 3, 5 and 7 rows use other kernels).
+# Row counts that MKL's sgemm treats alike (measured on AVX-512: GEMMs of 1, 2, 3, 5 and 7 rows
+# use other kernels; multiples of 4 agree row for row, in any position, with 1 to 4 threads).
+# Token batches are padded to 16 rows, each expert's group of tokens to 4.
 ROW_MULTIPLE = 16
+EXPERT_ROW_MULTIPLE = 4
 
 
 @dataclass(frozen=True)
@@ -227,8 +230,7 @@ class MixtralRunner:
         self.rope_sin = angles.sin().to(device=self.device, dtype=self.dtype)
         self.positions = torch.arange(max_model_len, device=self.device)
         self.scale = 1.0 / math.sqrt(spec.head_dim)
-        grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-        self._grouped_mm = grouped_mm if self.device.type == "cuda" else None
+        self._grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -349,63 +351,58 @@ class MixtralRunner:
         router_probs = F.softmax(router_logits.float(), dim=-1)
         weights, experts = torch.topk(router_probs, top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(hidden.dtype)
-        if self._grouped_mm is not None:
-            per_choice = self._experts_grouped(hidden, experts, weights, layer)
-        else:
-            per_choice = self._experts_loop(hidden, experts, weights, layer)
+        per_choice = self._experts(hidden, experts, weights, layer)
         # Sum the top-k contributions in rank order, the same order whatever the batch.
         output = per_choice[:, 0]
         for rank in range(1, top_k):
             output = output + per_choice[:, rank]
+        if output.shape[0] != hidden.shape[0]:  # padding rows: no expert output
+            output = self._pad(output)
         return output
 
-    def _experts_loop(
+    def _experts(
         self,
         hidden: torch.Tensor,
         experts: torch.Tensor,
         weights: torch.Tensor,
         layer: LayerWeights,
     ) -> torch.Tensor:
-        top_k = self.spec.experts_per_token
-        per_choice = hidden.new_zeros(hidden.shape[0], top_k, hidden.shape[1])
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            choices = order[start : start + count]
-            start += count
-            tokens, ranks = choices // top_k, choices % top_k
-            expert_input = self._pad(hidden[tokens])
-            gate, up = self._linear(expert_input, layer.gate_up[expert]).chunk(2, dim=-1)
-            routed = self._pad(weights[tokens, ranks])
-            expert_output = self._linear(F.silu(gate) * up, layer.down[expert]) * routed[:, None]
-            per_choice[tokens, ranks] = expert_output[:count]
-        return per_choice
-
-    def _experts_grouped(
-        self,
-        hidden: torch.Tensor,
-        experts: torch.Tensor,
-        weights: torch.Tensor,
-        layer: LayerWeights,
-    ) -> torch.Tensor:
+        """Each token's top-k expert outputs, [tokens, top_k, hidden], as two grouped GEMMs over
+        the (token, expert) pairs sorted by expert."""
         top_k, num_experts = self.spec.experts_per_token, self.spec.num_experts
         flat = experts.reshape(-1)
-        sorted_experts, order = torch.sort(flat)
-        # histc rather than bincount: bincount reads the maximum back to the host.
-        histogram_input = sorted_experts.int() if hidden.is_cuda else sorted_experts.float()
-        counts = torch.histc(histogram_input, bins=num_experts, min=0, max=num_experts - 1)
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        expert_input = hidden[order // top_k]
+        order = torch.argsort(flat, stable=True)
+        sorted_experts = flat[order]
+        pairs = flat.shape[0]
+        if self.batch_invariant:
+            # Each expert's group padded to EXPERT_ROW_MULTIPLE rows: its GEMM then computes a
+            # token's row the same way whatever else was routed to that expert.
+            counts = torch.bincount(flat, minlength=num_experts)
+            padded = (counts + EXPERT_ROW_MULTIPLE - 1) // EXPERT_ROW_MULTIPLE * EXPERT_ROW_MULTIPLE
+            offsets = torch.cumsum(padded, dim=0)
+            rank_in_group = (
+                torch.arange(pairs, device=flat.device)
+                - (torch.cumsum(counts, dim=0) - counts)[sorted_experts]
+            )
+            rows = (offsets - padded)[sorted_experts] + rank_in_group
+            expert_input = hidden.new_zeros(int(offsets[-1]), hidden.shape[1])
+            expert_input[rows] = hidden[order // top_k]
+            offsets = offsets.to(torch.int32)
+        else:
+            # histc rather than bincount: bincount reads its maximum back to the host.
+            histogram_input = sorted_experts.int() if hidden.is_cuda else sorted_experts.float()
+            counts = torch.histc(histogram_input, bins=num_experts, min=0, max=num_experts - 1)
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            rows = None
+            expert_input = hidden[order // top_k]
         gate, up = self._grouped_mm(
             expert_input, layer.gate_up.transpose(-2, -1), offs=offsets
         ).chunk(2, dim=-1)
         expert_output = self._grouped_mm(
             F.silu(gate) * up, layer.down.transpose(-2, -1), offs=offsets
         )
+        if rows is not None:
+            expert_output = expert_output[rows]
         expert_output = expert_output * weights.reshape(-1)[order, None]
         per_choice = torch.empty_like(expert_output)
         per_choice[order] = expert_output
