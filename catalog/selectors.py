@@ -77,9 +77,10 @@ def model_list(*, organization, include_unpublished: bool = False) -> QuerySet[M
     return models
 
 
-def model_list_for_api(*, organization, include_unpublished: bool = False) -> QuerySet[Model]:
+def model_list_for_api(*, organization, operator: bool = False) -> QuerySet[Model]:
     """model_list with what a list item shows (published versions and current token prices)
-    prefetched, so a page costs the same few queries whatever its size."""
+    prefetched, so a page costs the same few queries whatever its size. Operators see every
+    model, drafts and all organizations' private ones included."""
     now = timezone.now()
     versions = (
         ModelVersion.objects.filter(status=ModelVersion.Status.PUBLISHED)
@@ -94,9 +95,10 @@ def model_list_for_api(*, organization, include_unpublished: bool = False) -> Qu
         )
         .order_by("-published_at", "-id")
     )
-    return model_list(
-        organization=organization, include_unpublished=include_unpublished
-    ).prefetch_related(Prefetch("versions", queryset=versions, to_attr="published_versions"))
+    models = Model.objects.all() if operator else model_list(organization=organization)
+    return models.prefetch_related(
+        Prefetch("versions", queryset=versions, to_attr="published_versions")
+    )
 
 
 def model_by_slug(*, organization, slug: str, include_unpublished: bool = False) -> Model:

@@ -7,6 +7,7 @@ from controlplane import health
 api_v1 = [
     path("", include("accounts.urls")),
     path("", include("billing.urls")),
+    path("", include("catalog.urls")),
 ]
 
 urlpatterns = [

@@ -228,6 +228,11 @@ SPECTACULAR_SETTINGS = {
     "SERVE_AUTHENTICATION": [],
 }
 
+# --- Model artifacts ----------------------------------------------------------------------
+# s3://bucket/prefix (boto3: AWS_ENDPOINT_URL and the usual AWS_* variables apply) or
+# file:///absolute/path. Empty: the embedded default, file://<SIROCCO_VAR_DIR>/artifacts.
+ARTIFACT_STORE_URL = env.str("ARTIFACT_STORE_URL", default="")
+
 # --- Logging --------------------------------------------------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env.str("LOG_FORMAT", default="json")  # json | text

@@ -1,5 +1,7 @@
 from django.core.management.base import BaseCommand
 
+from catalog.seeds import ensure_catalog_seeds
+from catalog.tiny import ensure_tiny_moe
 from controlplane.demo import DEMO_EMAIL, ensure_demo_organization
 
 
@@ -16,3 +18,9 @@ class Command(BaseCommand):
             self.stdout.write(f"Login: {user.email} / {password}")
         else:
             self.stdout.write(f"Login: {user.email} (password unchanged)")
+        seeded = ensure_catalog_seeds()
+        tiny = ensure_tiny_moe()
+        self.stdout.write(
+            f"Catalog: {len(seeded) + 1} models; {tiny} served by the builtin runtime from "
+            f"{tiny.artifact_uri}"
+        )

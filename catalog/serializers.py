@@ -1,0 +1,319 @@
+import markdown
+import nh3
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from catalog.models import (
+    DedicatedPrice,
+    HardwareProfile,
+    Model,
+    ModelArtifact,
+    ModelVersion,
+    ServingRuntime,
+    TokenPrice,
+)
+from catalog.selectors import profile_fit
+from controlplane.rest.serializers import StrictSerializer
+
+MODEL_FACT_FIELDS = [
+    "slug",
+    "display_name",
+    "publisher",
+    "family",
+    "tasks",
+    "languages",
+    "license",
+    "context_length",
+    "architecture",
+    "num_experts",
+    "experts_per_token",
+    "total_parameters",
+    "active_parameters",
+    "tags",
+    "visibility",
+]
+
+
+class TokenPriceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TokenPrice
+        fields = ["currency", "input_per_million", "output_per_million", "effective_from"]
+        read_only_fields = fields
+
+
+class DedicatedPriceSerializer(serializers.ModelSerializer):
+    hardware_profile = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = DedicatedPrice
+        fields = ["hardware_profile", "currency", "per_hour", "effective_from"]
+        read_only_fields = fields
+
+
+class ModelListSerializer(serializers.ModelSerializer):
+    """A list item: the facts, the newest published version and the cheapest current price.
+    Reads only what model_list_for_api prefetched."""
+
+    latest_version = serializers.SerializerMethodField()
+    runtimes = serializers.SerializerMethodField()
+    weights_imported = serializers.SerializerMethodField()
+    price_from = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Model
+        fields = [
+            *MODEL_FACT_FIELDS,
+            "latest_version",
+            "runtimes",
+            "weights_imported",
+            "price_from",
+        ]
+        read_only_fields = fields
+
+    def _versions(self, model) -> list[ModelVersion]:
+        return getattr(model, "published_versions", [])
+
+    def get_latest_version(self, model) -> str | None:
+        versions = self._versions(model)
+        return versions[0].version if versions else None
+
+    def get_runtimes(self, model) -> list[str]:
+        return sorted({v.serving_runtime.name for v in self._versions(model)})
+
+    def get_weights_imported(self, model) -> bool:
+        versions = self._versions(model)
+        return bool(versions) and versions[0].weights_imported
+
+    @extend_schema_field(TokenPriceSerializer(allow_null=True))
+    def get_price_from(self, model) -> dict | None:
+        current = [v.token_prices.all()[0] for v in self._versions(model) if v.token_prices.all()]
+        if not current:
+            return None
+        cheapest = min(current, key=lambda p: p.input_per_million + p.output_per_million)
+        return TokenPriceSerializer(cheapest).data
+
+
+class ServingRuntimeSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ServingRuntime
+        fields = ["name", "display_name", "device", "image", "port"]
+        read_only_fields = fields
+
+
+class VersionProfileSerializer(serializers.Serializer):
+    """How one hardware profile suits a version: fit, why, and the price if it fits."""
+
+    name = serializers.CharField()
+    display_name = serializers.CharField()
+    fits = serializers.BooleanField()
+    reason = serializers.CharField()
+    required_gb = serializers.DecimalField(max_digits=12, decimal_places=2)
+    available_gb = serializers.DecimalField(max_digits=12, decimal_places=2)
+    dedicated_price = DedicatedPriceSerializer(allow_null=True)
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    serving_runtime = ServingRuntimeSerializer(read_only=True)
+    weights_imported = serializers.BooleanField(read_only=True)
+    files = serializers.SerializerMethodField()
+    token_price = serializers.SerializerMethodField()
+    hardware_profiles = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "version",
+            "status",
+            "weights_format",
+            "dtype",
+            "size_bytes",
+            "weights_imported",
+            "files",
+            "serving_runtime",
+            "runtime_args",
+            "served_model_name",
+            "required_memory_gb",
+            "min_gpu_memory_gb",
+            "created_at",
+            "published_at",
+            "deprecated_at",
+            "token_price",
+            "hardware_profiles",
+        ]
+        read_only_fields = fields
+
+    def get_files(self, version) -> int:
+        return len(version.artifacts.all())
+
+    @extend_schema_field(TokenPriceSerializer(allow_null=True))
+    def get_token_price(self, version) -> dict | None:
+        prices = version.token_prices.all()
+        return TokenPriceSerializer(prices[0]).data if prices else None
+
+    @extend_schema_field(VersionProfileSerializer(many=True))
+    def get_hardware_profiles(self, version) -> list[dict]:
+        """Every active profile: those that fit first, each with why and its price."""
+        current = {}
+        for price in version.dedicated_prices.all():  # newest first: keep the first per profile
+            current.setdefault(price.hardware_profile_id, price)
+        rows = []
+        for profile in self.context.get("profiles", []):
+            fit = profile_fit(version=version, profile=profile)
+            price = current.get(profile.pk) if fit.fits else None
+            if price is not None:
+                price.hardware_profile = profile
+            rows.append(
+                {
+                    "name": profile.name,
+                    "display_name": profile.display_name,
+                    "fits": fit.fits,
+                    "reason": fit.reason,
+                    "required_gb": fit.required_gb,
+                    "available_gb": fit.available_gb,
+                    "dedicated_price": price,
+                }
+            )
+        rows.sort(key=lambda row: not row["fits"])
+        return VersionProfileSerializer(rows, many=True).data
+
+
+class ModelDetailSerializer(serializers.ModelSerializer):
+    description_html = serializers.SerializerMethodField()
+    versions = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Model
+        fields = [
+            *MODEL_FACT_FIELDS,
+            "description",
+            "description_html",
+            "created_at",
+            "updated_at",
+            "versions",
+        ]
+        read_only_fields = fields
+
+    def get_description_html(self, model) -> str:
+        """The model card rendered, with anything a browser could run stripped."""
+        return nh3.clean(markdown.markdown(model.description, extensions=["tables", "fenced_code"]))
+
+    @extend_schema_field(ModelVersionSerializer(many=True))
+    def get_versions(self, model) -> list[dict]:
+        return ModelVersionSerializer(
+            self.context["versions"], many=True, context=self.context
+        ).data
+
+
+class HardwareProfileSerializer(serializers.ModelSerializer):
+    device = serializers.SerializerMethodField()
+
+    class Meta:
+        model = HardwareProfile
+        fields = [
+            "name",
+            "display_name",
+            "device",
+            "gpu_model",
+            "gpu_count",
+            "gpu_memory_gb",
+            "cpu_request",
+            "memory_request",
+            "node_selector",
+            "tolerations",
+            "price_per_hour",
+            "currency",
+        ]
+        read_only_fields = fields
+
+    def get_device(self, profile) -> str:
+        return ServingRuntime.Device.CPU if profile.is_cpu else ServingRuntime.Device.GPU
+
+
+class ModelArtifactSerializer(serializers.ModelSerializer):
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelArtifact
+        fields = ["path", "size_bytes", "sha256", "download_url"]
+        read_only_fields = fields
+
+    def get_download_url(self, artifact) -> str:
+        return self.context["store"].presigned_url(
+            f"{self.context['prefix']}/{artifact.path}", expires_in=3600
+        )
+
+
+# --- operator input -----------------------------------------------------------------------
+
+
+class ModelWriteSerializer(StrictSerializer):
+    display_name = serializers.CharField(max_length=200)
+    publisher = serializers.CharField(max_length=100)
+    family = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    description = serializers.CharField(required=False, allow_blank=True)
+    tasks = serializers.ListField(
+        child=serializers.ChoiceField(choices=Model.Task.choices), allow_empty=False
+    )
+    languages = serializers.ListField(child=serializers.CharField(max_length=3), required=False)
+    license = serializers.CharField(max_length=100)
+    context_length = serializers.IntegerField(min_value=1)
+    architecture = serializers.ChoiceField(choices=Model.Architecture.choices)
+    num_experts = serializers.IntegerField(min_value=2, required=False, allow_null=True)
+    experts_per_token = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    total_parameters = serializers.IntegerField(min_value=1)
+    active_parameters = serializers.IntegerField(min_value=1)
+    tags = serializers.ListField(child=serializers.CharField(max_length=50), required=False)
+
+
+class ModelCreateSerializer(ModelWriteSerializer):
+    slug = serializers.RegexField(
+        r"^[a-z0-9]([a-z0-9.-]{0,98}[a-z0-9])?$",
+        error_messages={"invalid": "Use lowercase letters, digits, dots or hyphens."},
+    )
+    organization = serializers.SlugField(
+        required=False, help_text="Slug of the organization a private model belongs to."
+    )
+
+
+class ModelUpdateSerializer(ModelWriteSerializer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, partial=True, **kwargs)
+
+
+class ModelVersionWriteSerializer(StrictSerializer):
+    serving_runtime = serializers.ChoiceField(choices=ServingRuntime.Name.choices)
+    weights_format = serializers.ChoiceField(
+        choices=ModelVersion.WeightsFormat.choices, required=False
+    )
+    dtype = serializers.ChoiceField(choices=ModelVersion.Dtype.choices, required=False)
+    size_bytes = serializers.IntegerField(min_value=0, required=False)
+    runtime_args = serializers.DictField(required=False)
+    served_model_name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+
+
+class ModelVersionCreateSerializer(ModelVersionWriteSerializer):
+    version = serializers.RegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$",
+        error_messages={"invalid": "Use letters, digits, dots, - or _ (at most 50)."},
+    )
+
+
+class ModelVersionUpdateSerializer(ModelVersionWriteSerializer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, partial=True, **kwargs)
+
+
+class TokenPriceCreateSerializer(StrictSerializer):
+    currency = serializers.RegexField(r"^[A-Z]{3}$", default="USD")
+    input_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, min_value=0)
+    output_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, min_value=0)
+    effective_from = serializers.DateTimeField(required=False)
+
+
+class DedicatedPriceCreateSerializer(StrictSerializer):
+    hardware_profile = serializers.SlugRelatedField(
+        slug_field="name", queryset=HardwareProfile.objects.all()
+    )
+    currency = serializers.RegexField(r"^[A-Z]{3}$", default="USD")
+    per_hour = serializers.DecimalField(max_digits=12, decimal_places=4, min_value=0)
+    effective_from = serializers.DateTimeField(required=False)
