@@ -24,7 +24,11 @@ def variant(request, render):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_helm_lint_finds_no_errors_or_warnings(name):
     report = helm.lint(
-        CHART_DIR, VARIANTS[name], strict=True, kube_version=f"v{KUBERNETES_VERSION}.0"
+        CHART_DIR,
+        VARIANTS[name],
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=f"v{KUBERNETES_VERSION}.0",
     )
     findings = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and findings == [], report
@@ -58,6 +62,8 @@ def test_the_default_release_has_exactly_these_objects(render):
             ("ServiceAccount", "sirocco-provisioner"),
             ("ClusterRole", "sirocco-sirocco-provisioner"),
             ("ClusterRoleBinding", "sirocco-sirocco-provisioner"),
+            ("ValidatingAdmissionPolicy", "sirocco-sirocco-provisioner"),
+            ("ValidatingAdmissionPolicyBinding", "sirocco-sirocco-provisioner"),
         ]
     )
     # No Secret by default: the credentials stay out of Helm's release history.
@@ -227,7 +233,7 @@ def test_rbac_can_be_left_to_the_operator(render):
 
 def test_cluster_scoped_names_differ_between_namespaces(render):
     first = render().of_kind("ClusterRole")[0]["metadata"]["name"]
-    second = render(namespace="sirocco-staging").of_kind("ClusterRole")[0]["metadata"]["name"]
+    second = render(namespace="staging").of_kind("ClusterRole")[0]["metadata"]["name"]
     assert first != second
 
 

@@ -2,9 +2,11 @@
 
 import json
 
+import celpy
 import pytest
 
-from tests.helm.conftest import ROOT
+from tests.helm.conftest import NAMESPACE, ROOT
+from tests.helm.variants import VARIANTS
 
 pytestmark = pytest.mark.nodb
 
@@ -73,3 +75,73 @@ def test_the_cluster_role_names_no_wildcards_and_no_other_resources(render):
         assert (group, resource) in MANAGED | READ_ONLY, (group, resource)
         if (group, resource) in READ_ONLY:
             assert verb in READ_VERBS, (group, resource, verb)
+
+
+def admission_request(*, resource: str, name: str, namespace: str = "", user: str) -> dict:
+    """The parts of an admission request the policy reads, as the API server fills them."""
+    group = {"deployments": "apps", "networkpolicies": "networking.k8s.io"}.get(resource, "")
+    return {
+        "operation": "DELETE",
+        "resource": {"group": group, "version": "v1", "resource": resource},
+        "name": name,
+        "namespace": namespace,
+        "userInfo": {"username": user},
+    }
+
+
+def evaluate(expression: str, request: dict) -> bool:
+    environment = celpy.Environment()
+    program = environment.program(environment.compile(expression))
+    return bool(program.evaluate({"request": celpy.json_to_cel(request)}))
+
+
+def test_an_admission_policy_holds_the_provisioner_to_the_organizations_namespaces(render):
+    rendered = render()
+    (policy,) = rendered.of_kind("ValidatingAdmissionPolicy")
+    (binding,) = rendered.of_kind("ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    # It covers every resource the ClusterRole lets the provisioner change.
+    matched = {
+        (group, resource)
+        for rule in spec["matchConstraints"]["resourceRules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    writable = {(g, r) for g, r, verb in granted_rules(rendered) if verb not in READ_VERBS}
+    assert writable <= matched
+    for rule in spec["matchConstraints"]["resourceRules"]:
+        assert set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+
+    (condition,) = spec["matchConditions"]
+    (validation,) = spec["validations"]
+    provisioner = f"system:serviceaccount:{NAMESPACE}:sirocco-provisioner"
+    cases = [
+        ("namespaces", "sirocco-acme", "", True),
+        ("namespaces", "kube-system", "", False),
+        ("namespaces", NAMESPACE, "", False),  # the control plane's own namespace
+        ("deployments", "mixtral", "sirocco-acme", True),
+        ("deployments", "coredns", "kube-system", False),
+        ("services", "sirocco-web", NAMESPACE, False),
+        ("networkpolicies", "mixtral-gateway-only", "sirocco-acme", True),
+    ]
+    for resource, name, namespace, allowed in cases:
+        request = admission_request(
+            resource=resource, name=name, namespace=namespace, user=provisioner
+        )
+        assert evaluate(condition["expression"], request)
+        assert evaluate(validation["expression"], request) is allowed, (resource, namespace, name)
+    # Everyone else (people, other controllers) is not this policy's business.
+    someone = admission_request(resource="namespaces", name="kube-system", user="admin")
+    assert not evaluate(condition["expression"], someone)
+
+
+def test_the_admission_policy_goes_with_the_rbac_it_narrows(render):
+    assert render(VARIANTS["minimal"]).of_kind("ValidatingAdmissionPolicy") == []
+    off = render({"rbac": {"create": True, "restrictToTenantNamespaces": False}})
+    assert off.of_kind("ValidatingAdmissionPolicy") == []
+    assert off.of_kind("ClusterRole")

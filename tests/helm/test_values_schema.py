@@ -117,6 +117,15 @@ def test_the_schema_rejects_bad_values_naming_them(chart, values, message):
     assert message in str(raised.value)
 
 
+def test_the_release_namespace_cannot_look_like_an_organizations(chart):
+    with pytest.raises(helm.HelmRenderError) as raised:
+        chart.render({}, name=RELEASE, namespace="sirocco-platform")
+    assert (
+        'the release\'s namespace "sirocco-platform" starts with provisioner.namespacePrefix '
+        '"sirocco-"' in str(raised.value)
+    )
+
+
 @pytest.mark.parametrize(("values", "message"), TEMPLATE_ERRORS)
 def test_contradictory_values_stop_the_render_with_a_message(chart, values, message):
     chart.validate_schema(values)

@@ -312,7 +312,7 @@ readinessProbe:
 
 {{/* Cluster-scoped names carry the namespace: two releases of one name must not collide. */}}
 {{- define "sirocco.clusterRoleName" -}}
-{{- printf "%s-%s-provisioner" .Release.Namespace (include "sirocco.fullname" .) }}
+{{- compact (list .Release.Namespace (include "sirocco.fullname" .) "provisioner") | join "-" }}
 {{- end }}
 
 {{/*
@@ -337,6 +337,9 @@ the values to change.
 {{- if has $name $taken }}
 {{- fail (printf "config.extraEnv.%s is a setting the chart already sets: use the chart's own value for it (see values.yaml) instead of extraEnv" $name) }}
 {{- end }}
+{{- end }}
+{{- if hasPrefix .Values.provisioner.namespacePrefix .Release.Namespace }}
+{{- fail (printf "the release's namespace %q starts with provisioner.namespacePrefix %q, so the worker would treat it as an organization's: install into another namespace or change the prefix" .Release.Namespace .Values.provisioner.namespacePrefix) }}
 {{- end }}
 {{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
 {{- fail "ingress.enabled=true needs at least one entry in ingress.hosts" }}
