@@ -7,6 +7,7 @@ key, deployment or model version it mentions, and a batch insert must never fail
 Amounts are Decimal; unrounded ones carry 16 places, rounded ones the currency's minor unit.
 """
 
+import uuid
 from decimal import Decimal
 
 from django.db import models
@@ -287,6 +288,9 @@ class BillingAccount(models.Model):
     organization = models.OneToOneField(
         "accounts.Organization", on_delete=models.CASCADE, related_name="billing_account"
     )
+    # Idempotency keys at Stripe derive from this, not from the row id, which another database
+    # (a staging copy, a reset test database) sharing the Stripe account may reuse.
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     stripe_customer_id = models.CharField(max_length=64, blank=True)
 
     def __str__(self):
@@ -342,6 +346,8 @@ class Invoice(models.Model):
         "accounts.Organization", on_delete=models.PROTECT, related_name="invoices"
     )
     number = models.CharField(max_length=32, unique=True)
+    # Stripe idempotency keys derive from this (see BillingAccount.uid).
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     period_start = models.DateTimeField()
     period_end = models.DateTimeField()
     currency = models.CharField(max_length=3)

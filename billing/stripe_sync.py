@@ -54,7 +54,7 @@ def _customer_id(client: stripe.StripeClient, organization) -> str:
                 "sirocco_organization": organization.slug,
             },
         },
-        options={"idempotency_key": f"sirocco-customer-{organization.pk}"},
+        options={"idempotency_key": f"sirocco-customer-{account.uid}"},
     )
     BillingAccount.objects.filter(pk=account.pk, stripe_customer_id="").update(
         stripe_customer_id=customer.id
@@ -94,7 +94,7 @@ def invoice_stripe_sync(*, invoice_id: int) -> Invoice | None:
 def _push(client: stripe.StripeClient, invoice: Invoice) -> None:
     customer = _customer_id(client, invoice.organization)
     currency = invoice.currency.lower()
-    key = f"sirocco-invoice-{invoice.pk}"
+    key = f"sirocco-invoice-{invoice.uid}"
     if not invoice.stripe_invoice_id:
         period = Period(invoice.period_start, invoice.period_end)
         remote = client.v1.invoices.create(
@@ -121,7 +121,7 @@ def _push(client: stripe.StripeClient, invoice: Invoice) -> None:
         # Lines already on the Stripe invoice (an item made just before a crash) are not made
         # again, even past the 24 hours Stripe keeps idempotency keys.
         present = {
-            (line.get("metadata") or {}).get("sirocco_line")
+            (line.to_dict().get("metadata") or {}).get("sirocco_line")
             for line in client.v1.invoices.line_items.list(
                 invoice.stripe_invoice_id, params={"limit": 100}
             ).auto_paging_iter()
