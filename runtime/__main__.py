@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="cache for s3:// models (default: $SIROCCO_RUNTIME_CACHE or ~/.cache/sirocco-runtime)",
     )
+    serve.add_argument(
+        "--enforce-eager", action="store_true", help="on CUDA, run decode without CUDA graphs"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
 

@@ -231,6 +231,9 @@ class MixtralRunner:
         self.positions = torch.arange(max_model_len, device=self.device)
         self.scale = 1.0 / math.sqrt(spec.head_dim)
         self._grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graph_pool = None
+        self._batch_buckets: list[int] = []
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -264,36 +267,90 @@ class MixtralRunner:
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of cache rows 0..len-1; return float32 logits [rows, vocab]."""
         batch = len(token_ids)
+        if self.batch_invariant:
+            tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
+            return self._decode_per_sequence_attention(tokens, position_tensor, positions)
+        attend_len = self._attend_len(max(positions) + 1)
+        if self._graphs:
+            return self._replay(token_ids, positions, attend_len)
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if self.batch_invariant:
-            return self._decode_per_sequence_attention(tokens, position_tensor, positions)
-        # Attend over a length rounded up so that a handful of shapes cover a whole generation.
-        attend_len = min(self.max_model_len, _round_up(max(positions) + 1, 64))
         return self.decode_tensors(tokens, position_tensor, attend_len)[:batch]
 
     def decode_tensors(
         self, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int
     ) -> torch.Tensor:
         """Batched decode with no host synchronisation (the step a CUDA graph captures)."""
+        spec = self.spec
         batch = tokens.shape[0]
+        group = spec.num_heads // spec.num_kv_heads
         rows = torch.arange(batch, device=self.device)
-        visible = (self.positions[None, :attend_len] <= positions[:, None])[:, None, None, :]
+        # Cache positions past each row's current token: [batch, 1, 1, attend_len].
+        beyond = (self.positions[None, :attend_len] > positions[:, None])[:, None, None, :]
         hidden = F.embedding(tokens, self.weights.embed)
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(hidden, batch, layer, positions)
             self.k_cache[index][rows, :, positions] = k
             self.v_cache[index][rows, :, positions] = v
-            attention = F.scaled_dot_product_attention(
-                q[:, :, None, :],
-                self.k_cache[index][:batch, :, :attend_len],
-                self.v_cache[index][:batch, :, :attend_len],
-                attn_mask=visible,
-                scale=self.scale,
-                enable_gqa=True,
-            )
+            # Grouped-query attention as two batched GEMMs over the cache rows in place: each
+            # key/value head is read once for its `group` query heads (no expanded copies).
+            queries = q.view(batch, spec.num_kv_heads, group, spec.head_dim)
+            keys = self.k_cache[index][:batch, :, :attend_len]
+            values = self.v_cache[index][:batch, :, :attend_len]
+            scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * self.scale
+            probs = torch.softmax(scores.masked_fill(beyond, float("-inf")), dim=-1)
+            attention = torch.matmul(probs.to(values.dtype), values)
             hidden = self._attention_out_and_moe(hidden, attention.reshape(batch, -1), batch, layer)
         return self._logits(hidden)
+
+    # ---- CUDA graphs: one captured decode step per (batch bucket, attention length) ----
+
+    def capture_cuda_graphs(self) -> int:
+        """Capture the decode step for every batch bucket and attention length; return how many.
+
+        Replaying a graph launches the step's ~1,500 kernels at once instead of one Python call
+        each. Capture writes scratch keys and values into every cache row, so it must run before
+        any sequence is admitted.
+        """
+        if self.device.type != "cuda" or self.batch_invariant:
+            return 0
+        batch_buckets = sorted({min(2**i, self.max_num_seqs) for i in range(16)})
+        lengths = sorted({self._attend_len(n) for n in range(1, self.max_model_len + 1, 64)})
+        stream = torch.cuda.Stream()
+        for bucket in batch_buckets:
+            for length in lengths:
+                tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
+                positions = torch.zeros(bucket, dtype=torch.long, device=self.device)
+                with torch.inference_mode():
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        self.decode_tensors(tokens, positions, length)  # warm-up, off-graph
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._graph_pool):
+                        logits = self.decode_tensors(tokens, positions, length)
+                self._graph_pool = graph.pool()
+                self._graphs[(bucket, length)] = _DecodeGraph(graph, tokens, positions, logits)
+        self._batch_buckets = batch_buckets
+        return len(self._graphs)
+
+    def _replay(self, token_ids: list[int], positions: list[int], attend_len: int) -> torch.Tensor:
+        batch = len(token_ids)
+        bucket = next(b for b in self._batch_buckets if b >= batch)
+        captured = self._graphs[(bucket, attend_len)]
+        padding = [0] * (bucket - batch)  # spare rows write scratch entries into free rows
+        captured.tokens.copy_(torch.tensor(token_ids + padding), non_blocking=True)
+        captured.positions.copy_(torch.tensor(positions + padding), non_blocking=True)
+        captured.graph.replay()
+        return captured.logits[:batch]
+
+    def _attend_len(self, needed: int) -> int:
+        """Attention length for a step: a power of two from 256, so few shapes cover all steps."""
+        length = 256
+        while length < needed:
+            length *= 2
+        return min(length, self.max_model_len)
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cache positions of row `source` into row `target`."""
@@ -431,6 +488,14 @@ class MixtralRunner:
         if padded == rows:
             return tensor
         return torch.cat([tensor, tensor.new_zeros(padded - rows, *tensor.shape[1:])])
+
+
+@dataclass
+class _DecodeGraph:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

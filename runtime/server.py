@@ -358,6 +358,7 @@ def load_model(
     max_model_len: int | None,
     max_num_seqs: int,
     download_dir: Path,
+    cuda_graphs: bool = True,
 ) -> LoadedModel:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
@@ -409,6 +410,10 @@ def load_model(
 
     runner.prefill(0, [0, 1, 2])  # warm the kernels before the first request is timed
     runner.decode([0], [3])
+    if cuda_graphs and torch_device.type == "cuda":
+        started = time.monotonic()
+        count = runner.capture_cuda_graphs()
+        logger.info("captured %d CUDA graphs in %.1fs", count, time.monotonic() - started)
     engine = Engine(runner, decode, eos_token_ids, listener=listener)
     return LoadedModel(engine=engine, tokenization=Tokenization(tokenizer, context))
 
@@ -450,6 +455,7 @@ def serve(args) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             download_dir=args.download_dir,
+            cuda_graphs=not args.enforce_eager,
         ),
         on_load_failure=stop_server,
     )
