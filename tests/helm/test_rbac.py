@@ -10,8 +10,8 @@ from tests.helm.variants import VARIANTS
 
 pytestmark = pytest.mark.nodb
 
-# Written by the Kubernetes provisioner's tests (tests/deployments): every request it made to
-# the emulated API server, as [{"group": "apps", "resource": "deployments", "verb": "patch"}].
+# Written by the Kubernetes provisioner's tests (tests/deployments/conftest.py): every request
+# it made to the emulated API server, as {"rules": [{"apiGroup", "resource", "verbs"}]}.
 OBSERVED_VERBS = ROOT / "tests" / "deployments" / "observed_k8s_verbs.json"
 
 # What the provisioner manages (issue 5), and what it only reads.
@@ -43,8 +43,8 @@ def granted_rules(rendered) -> set[tuple[str, str, str]]:
 
 
 def observed_verbs() -> set[tuple[str, str, str]]:
-    entries = json.loads(OBSERVED_VERBS.read_text())
-    return {(entry["group"], entry["resource"], entry["verb"]) for entry in entries}
+    rules = json.loads(OBSERVED_VERBS.read_text())["rules"]
+    return {(rule["apiGroup"], rule["resource"], verb) for rule in rules for verb in rule["verbs"]}
 
 
 def test_the_cluster_role_grants_every_verb_the_provisioner_used_and_no_more(render):
