@@ -267,3 +267,15 @@ def test_invalid_json_and_unconfigured_secret(client):
     with override_settings(STRIPE_WEBHOOK_SECRET=""):
         assert post(client, b"{}", signed(b"{}")).status_code == 503
     assert client.get("/api/v1/billing/stripe/webhook").status_code == 405
+
+
+def test_reconcile_compares_with_stripe(organization, stripe_on):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    invoice_stripe_sync(invoice_id=closed_invoice(organization).pk)
+    out = StringIO()
+    call_command("billing_reconcile", "--period", "2026-02", stdout=out)
+    assert "agree" in out.getvalue()
+    assert " 300" in out.getvalue()  # Stripe's amount due, in cents

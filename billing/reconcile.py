@@ -1,0 +1,168 @@
+"""Reconciliation of a closed period: the ledger (recomputed now) against the invoices, the
+rollups against the ledger, and the invoices against Stripe. Every difference is reported."""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from django.db.models import Count, Sum
+
+from accounts.models import Organization
+from billing.invoicing import _Names, dedicated_groups, token_groups, usage_lines
+from billing.models import Invoice, InvoiceLine, UsageRecord, UsageRollup
+from billing.money import format_money, to_minor_units
+from billing.periods import Period
+from billing.stripe_sync import stripe_amount_due, stripe_enabled
+
+
+@dataclass
+class OrganizationReport:
+    organization: str
+    currency: str
+    ledger_subtotal: Decimal
+    invoice_number: str = ""
+    invoice_subtotal: Decimal | None = None
+    invoice_total: Decimal | None = None
+    stripe_amount_due: int | None = None
+
+
+@dataclass
+class PeriodReport:
+    period: Period
+    organizations: list[OrganizationReport] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _line_key(line) -> tuple:
+    return (
+        line.kind,
+        line.model_version_id or None,
+        str(line.deployment_id or ""),
+        line.hardware_profile_id or None,
+        line.unit_price,
+    )
+
+
+def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodReport:
+    report = PeriodReport(period=period)
+    tokens = token_groups(period_start=period.start)
+    dedicated = dedicated_groups(period_start=period.start)
+    names = _Names.load(tokens, dedicated)
+    by_org = defaultdict(lambda: ([], []))
+    for group in tokens:
+        by_org[group["organization_id"]][0].append(group)
+    for group in dedicated:
+        by_org[group["organization_id"]][1].append(group)
+    invoices = {
+        invoice.organization_id: invoice
+        for invoice in Invoice.objects.filter(period_start=period.start).prefetch_related("lines")
+    }
+    organizations = Organization.objects.in_bulk(by_org.keys() | invoices.keys())
+    for org_id in sorted(organizations):
+        organization = organizations[org_id]
+        invoice = invoices.get(org_id)
+        currency = invoice.currency if invoice else organization.currency
+        org_tokens, org_dedicated = by_org.get(org_id, ([], []))
+        expected = usage_lines(
+            currency=currency, tokens=org_tokens, dedicated=org_dedicated, names=names
+        )
+        row = OrganizationReport(
+            organization=organization.slug,
+            currency=currency,
+            ledger_subtotal=sum((line.amount for line in expected), Decimal(0)),
+        )
+        report.organizations.append(row)
+        where = f"{organization.slug} {period.label}"
+        for group in (*org_tokens, *org_dedicated):
+            if group["currency"] != currency:
+                report.differences.append(
+                    f"{where}: ledger usage in {group['currency']} cannot be on a "
+                    f"{currency} invoice ({group})"
+                )
+        if invoice is None:
+            if expected:
+                report.differences.append(
+                    f"{where}: the ledger has {row.ledger_subtotal} {currency} of usage "
+                    "but there is no invoice"
+                )
+            continue
+        where = f"{where} {invoice.number}"
+        row.invoice_number = invoice.number
+        row.invoice_subtotal, row.invoice_total = invoice.subtotal, invoice.total
+        stored = [line for line in invoice.lines.all() if line.kind in InvoiceLine.USAGE_KINDS]
+        want = {_line_key(line): line for line in expected}
+        have = {_line_key(line): line for line in stored}
+        for key in sorted(want.keys() | have.keys(), key=str):
+            a, b = want.get(key), have.get(key)
+            if b is None:
+                report.differences.append(
+                    f"{where}: missing line {a.description!r}: ledger {a.ledger_quantity} "
+                    f"units = {a.amount} {currency}"
+                )
+            elif a is None:
+                report.differences.append(
+                    f"{where}: line {b.position} {b.description!r} "
+                    f"({format_money(b.amount, currency)} {currency}) "
+                    "has no usage in the ledger"
+                )
+            elif (a.ledger_quantity, a.amount) != (b.ledger_quantity, b.amount):
+                report.differences.append(
+                    f"{where}: line {b.position} {b.description!r}: ledger {a.ledger_quantity} "
+                    f"units = {format_money(a.amount, currency)} {currency}, invoice "
+                    f"{b.ledger_quantity} units = {format_money(b.amount, currency)} {currency}"
+                )
+        lines_total = sum((line.amount for line in invoice.lines.all()), Decimal(0))
+        if invoice.subtotal != sum((line.amount for line in stored), Decimal(0)):
+            report.differences.append(f"{where}: subtotal differs from its usage lines")
+        if lines_total != invoice.total or (
+            invoice.subtotal + invoice.tax - invoice.credits_applied != invoice.total
+        ):
+            report.differences.append(
+                f"{where}: total {invoice.total} does not add up (lines {lines_total})"
+            )
+        if check_stripe and stripe_enabled() and invoice.total > 0:
+            if not invoice.stripe_invoice_id or invoice.stripe_status != "synced":
+                report.differences.append(
+                    f"{where}: not in Stripe yet ({invoice.stripe_status}; "
+                    f"{invoice.stripe_attempts} attempts; {invoice.stripe_last_error[:100]})"
+                )
+            else:
+                row.stripe_amount_due = stripe_amount_due(invoice=invoice)
+                ours = to_minor_units(invoice.total, invoice.currency)
+                if row.stripe_amount_due != ours:
+                    report.differences.append(
+                        f"{where}: Stripe asks {row.stripe_amount_due} minor units, "
+                        f"the invoice {ours}"
+                    )
+    _check_rollups(period, report)
+    unpriced = UsageRecord.objects.filter(
+        period_start=period.start, token_price_id__isnull=True
+    ).count()
+    if unpriced:
+        report.notes.append(f"{unpriced} requests had no price in force and were not charged")
+    return report
+
+
+def _check_rollups(period: Period, report: PeriodReport) -> None:
+    sums = ("input_tokens", "output_tokens", "cached_tokens")
+    ledger = {
+        row["organization_id"]: row
+        for row in UsageRecord.objects.filter(period_start=period.start)
+        .values("organization_id")
+        .annotate(requests=Count("id"), **{s: Sum(s) for s in sums})
+        .order_by()
+    }
+    rollups = {
+        row["organization_id"]: row
+        for row in UsageRollup.objects.filter(period_start=period.start)
+        .values("organization_id")
+        .annotate(requests=Sum("requests"), **{s: Sum(s) for s in sums})
+        .order_by()
+    }
+    for org_id in sorted(ledger.keys() | rollups.keys()):
+        a, b = ledger.get(org_id), rollups.get(org_id)
+        if a != b:
+            report.differences.append(
+                f"organization {org_id} {period.label}: rollups {b} differ from the ledger {a}"
+            )

@@ -1,0 +1,78 @@
+from decimal import Decimal
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from billing.invoicing import billing_period_close
+from billing.ledger import usage_events_ingest
+from billing.models import UsageRecord
+from tests.billing.conftest import NOW, at
+from tests.billing.factories import UsageEventFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def reconcile(*args):
+    out = StringIO()
+    call_command("billing_reconcile", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_a_clean_month_reconciles(organization, version, price):
+    UsageEventFactory(
+        organization=organization,
+        model_version_id=version.pk,
+        finished_at=at(2026, 2, 3),
+        prompt_tokens=2_000_000,
+        completion_tokens=0,
+    )
+    usage_events_ingest(now=NOW)
+    billing_period_close(period_start=at(2026, 2, 1), now=NOW)
+    out = reconcile("--period", "2026-02")
+    assert "agree" in out
+    assert organization.slug in out
+    assert "SIR-2026-000001" in out
+
+
+def test_every_difference_is_printed_and_the_exit_is_non_zero(organization, version, price):
+    UsageEventFactory(
+        organization=organization,
+        model_version_id=version.pk,
+        finished_at=at(2026, 2, 3),
+        prompt_tokens=2_000_000,
+        completion_tokens=0,
+    )
+    usage_events_ingest(now=NOW)
+    billing_period_close(period_start=at(2026, 2, 1), now=NOW)
+    # A row written behind the ledger's back (not through ingestion, so no rollup either).
+    UsageRecord.objects.create(
+        request_id="smuggled",
+        organization=organization,
+        period_start=at(2026, 2, 1),
+        occurred_at=at(2026, 2, 4),
+        model="m",
+        model_version_id=version.pk,
+        token_price_id=price.pk,
+        input_tokens=1_000_000,
+        output_tokens=0,
+        currency="USD",
+        input_price_per_million=Decimal("0.5"),
+        output_price_per_million=Decimal("1.5"),
+        amount=Decimal("0.5"),
+        ingested_at=NOW,
+    )
+    out = StringIO()
+    with pytest.raises(CommandError) as error:
+        call_command("billing_reconcile", "--period", "2026-02", stdout=out)
+    assert error.value.returncode == 1
+    text = out.getvalue()
+    assert "ledger 3000000 units = 1.50 USD, invoice 2000000 units = 1.00 USD" in text
+    assert "rollups" in text
+
+
+def test_bad_periods(db):
+    with pytest.raises(CommandError, match="YYYY-MM"):
+        reconcile("--period", "2026/02")
+    with pytest.raises(CommandError, match="has not ended"):
+        reconcile("--period", "2999-01")
