@@ -380,14 +380,17 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
     )
     replicas_changed = desired != deployment.desired_replicas
     deployment.desired_replicas = desired
-    if rollout or replicas_changed:
+    retry = deployment.status == Deployment.Status.FAILED
+    if rollout or replicas_changed or retry:
+        # A new generation: the reconciler applies it. Changing a failed deployment retries it.
         deployment.generation += 1
-        if rollout:
+        if retry:
+            deployment.status = Deployment.Status.PROVISIONING
+            deployment.desired_replicas = max(desired, 1)
+        elif rollout:
             deployment.status = Deployment.Status.UPDATING
         elif deployment.status == Deployment.Status.READY:
             deployment.status = Deployment.Status.SCALING
-        elif deployment.status == Deployment.Status.FAILED:
-            deployment.status = Deployment.Status.PROVISIONING
         deployment.status_reason = ""
         deployment.reconcile_failures = 0
     deployment.save()

@@ -1,15 +1,64 @@
 """Celery tasks of the provisioning queue. Thin: ids in, the reconciler and autoscaler do the
 work, and every task may run twice or be killed at any line (see deployments/reconciler.py)."""
 
+import logging
+
 from celery import shared_task
+from django.db import OperationalError
+
+logger = logging.getLogger(__name__)
 
 
-@shared_task(bind=True, queue="provisioning", ignore_result=True)
-def reconcile_deployment(self, deployment_id: str) -> None:
-    """Make one deployment's world match its desired spec, and record what is seen."""
+@shared_task(
+    bind=True,
+    queue="provisioning",
+    ignore_result=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=5,
+)
+def reconcile_deployment(self, deployment_id: str, force: bool = False) -> None:
+    """Make one deployment's world match its desired spec, and record what is seen. `force`
+    re-applies everything (the sweep found drift)."""
     from deployments.reconciler import reconcile
 
-    requeue_after = reconcile(deployment_id)
+    requeue_after = reconcile(deployment_id, force=force)
     # Eager runs (tests) do one pass; the tests and the sweep drive the rest.
     if requeue_after is not None and not self.request.is_eager:
         reconcile_deployment.apply_async((deployment_id,), countdown=requeue_after)
+
+
+@shared_task(queue="provisioning", ignore_result=True)
+def reconcile_sweep() -> list[str]:
+    """Periodic: re-reconcile what drifted or stalled, and clean up what nothing owns."""
+    from deployments.reconciler import find_orphans, sweep
+
+    stalled, drifted = sweep()
+    for deployment_id in stalled:
+        reconcile_deployment.delay(deployment_id)
+    for deployment_id in drifted:
+        reconcile_deployment.delay(deployment_id, force=True)
+    for orphan in find_orphans():
+        remove_orphan.delay(orphan)
+    if stalled or drifted:
+        logger.info("sweep: %d stalled and %d drifted deployments", len(stalled), len(drifted))
+    return stalled + drifted
+
+
+@shared_task(queue="provisioning", ignore_result=True)
+def remove_orphan(orphan: str) -> None:
+    """Remove what runs for no deployment (e.g. objects left by a deployment deleted while the
+    cluster was unreachable). Checks again first: it may have been adopted meanwhile."""
+    from deployments.provisioners import get_provisioner
+    from deployments.reconciler import find_orphans
+
+    if orphan in find_orphans():
+        get_provisioner().remove_orphan(orphan)
+
+
+@shared_task(queue="provisioning", ignore_result=True)
+def autoscale_tick() -> int:
+    """Periodic: set replica counts from the gateway's load reports."""
+    from deployments.autoscaler import autoscale
+
+    return len(autoscale())

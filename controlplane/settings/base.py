@@ -135,7 +135,18 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Every periodic task of the platform, in one place (each app adds its entries here).
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BEAT_SCHEDULE: dict = {
+    # Re-reconcile deployments that drifted or stalled; clean up what nothing owns.
+    "deployments-reconcile-sweep": {
+        "task": "deployments.tasks.reconcile_sweep",
+        "schedule": env.float("DEPLOYMENTS_SWEEP_SECONDS", default=30.0),
+    },
+    # Replica counts from the gateway's in-flight reports (and scale to zero when idle).
+    "deployments-autoscale-tick": {
+        "task": "deployments.tasks.autoscale_tick",
+        "schedule": env.float("DEPLOYMENTS_AUTOSCALE_SECONDS", default=10.0),
+    },
+}
 
 # --- Deployments ------------------------------------------------------------------------------
 # Where replicas run: `local` (runtime processes on this machine, the embedded default) or

@@ -1,0 +1,531 @@
+"""The `kubernetes` provisioner: server-side apply of rendered manifests through the official
+client, and a translation of what the cluster reports into reasons a customer understands.
+
+Every write is a server-side apply (PATCH, `application/apply-patch+yaml`) with field manager
+`sirocco` and `force=true`: applying the same manifests twice changes nothing, so a reconcile
+killed at any line is simply run again. A digest of the manifests is kept as an annotation on
+the Deployment; when it matches, a pass makes no write at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from deployments.provisioners.base import (
+    DeploymentSpec,
+    Observation,
+    ObservedReplica,
+    PermanentError,
+    Provisioner,
+    TransientError,
+)
+from deployments.provisioners.manifests import (
+    ANNOTATION_SPEC_HASH,
+    CONTAINER_NAME,
+    FETCH_CONTAINER_NAME,
+    FIELD_MANAGER,
+    LABEL_DEPLOYMENT_ID,
+    LABEL_ORGANIZATION,
+    LABEL_REVISION,
+    MANAGED_BY,
+    PROGRESS_DEADLINE_SECONDS,
+    ClusterOptions,
+    render_all,
+)
+
+logger = logging.getLogger(__name__)
+
+APPLY_PATCH = "application/apply-patch+yaml"
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+# A replica that crashed this many times is not going to start by itself.
+CRASH_RESTARTS_TO_FAIL = 3
+OOM_RESTARTS_TO_FAIL = 2
+IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+CREATING_REASONS = {"ContainerCreating", "PodInitializing"}
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str
+    api: type
+    snake: str  # as in patch_namespaced_<snake>
+    plural: str
+    group: str
+    namespaced: bool = True
+
+
+KINDS = {
+    kind.kind: kind
+    for kind in (
+        Kind("Namespace", k8s.CoreV1Api, "namespace", "namespaces", "", namespaced=False),
+        Kind("ResourceQuota", k8s.CoreV1Api, "resource_quota", "resourcequotas", ""),
+        Kind("Service", k8s.CoreV1Api, "service", "services", ""),
+        Kind("Pod", k8s.CoreV1Api, "pod", "pods", ""),
+        Kind("Deployment", k8s.AppsV1Api, "deployment", "deployments", "apps"),
+        Kind(
+            "NetworkPolicy",
+            k8s.NetworkingV1Api,
+            "network_policy",
+            "networkpolicies",
+            "networking.k8s.io",
+        ),
+        Kind(
+            "PodDisruptionBudget",
+            k8s.PolicyV1Api,
+            "pod_disruption_budget",
+            "poddisruptionbudgets",
+            "policy",
+        ),
+    )
+}
+# What a deployment owns in its organization's namespace (the Namespace and quota are shared).
+DEPLOYMENT_KINDS = ("Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget")
+
+
+def api_client_from_settings() -> k8s.ApiClient:
+    """A client from SIROCCO_KUBECONFIG (and context), else in-cluster, else ~/.kube/config."""
+    from django.conf import settings
+
+    configuration = k8s.Configuration()
+    if settings.SIROCCO_KUBECONFIG:
+        k8s_config.load_kube_config(
+            config_file=settings.SIROCCO_KUBECONFIG,
+            context=settings.SIROCCO_KUBE_CONTEXT or None,
+            client_configuration=configuration,
+        )
+    else:
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config(
+                context=settings.SIROCCO_KUBE_CONTEXT or None, client_configuration=configuration
+            )
+    # We back off ourselves (see the reconciler); one quick retry absorbs a dropped connection.
+    configuration.retries = 1
+    return k8s.ApiClient(configuration)
+
+
+def _status_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body or "{}").get("message") or error.reason or str(error.status)
+    except (ValueError, AttributeError):
+        return error.reason or str(error.status)
+
+
+class KubeClient:
+    """The few calls the provisioner makes, returning plain dicts, raising our errors."""
+
+    def __init__(self, api_client: k8s.ApiClient, *, timeout: float = 10.0):
+        self.api_client = api_client
+        self.timeout = timeout
+        self._apis: dict[type, object] = {}
+
+    def _method(self, kind: Kind, verb: str, *, all_namespaces: bool = False):
+        api = self._apis.get(kind.api)
+        if api is None:
+            api = self._apis[kind.api] = kind.api(self.api_client)
+        if all_namespaces:
+            return getattr(api, f"list_{kind.snake}_for_all_namespaces")
+        scope = "namespaced_" if kind.namespaced else ""
+        return getattr(api, f"{verb}_{scope}{kind.snake}")
+
+    def _call(self, description: str, method, *args, **kwargs) -> dict:
+        try:
+            response = method(
+                *args, _preload_content=False, _request_timeout=self.timeout, **kwargs
+            )
+        except ApiException as error:
+            raise _classify(error, description) from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise TransientError(
+                f"The Kubernetes API did not answer ({description}): {error}"
+            ) from error
+        data = response.data
+        return json.loads(data) if data else {}
+
+    def apply(self, obj: dict) -> dict:
+        kind = KINDS[obj["kind"]]
+        metadata = obj["metadata"]
+        args = (metadata["name"], metadata["namespace"]) if kind.namespaced else (metadata["name"],)
+        return self._call(
+            f"apply {kind.kind} {metadata['name']}",
+            self._method(kind, "patch"),
+            *args,
+            obj,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY_PATCH,
+        )
+
+    def get(self, kind_name: str, name: str, namespace: str | None = None) -> dict | None:
+        kind = KINDS[kind_name]
+        args = (name, namespace) if kind.namespaced else (name,)
+        try:
+            return self._call(f"read {kind_name} {name}", self._method(kind, "read"), *args)
+        except _NotFound:
+            return None
+
+    def list(
+        self, kind_name: str, *, namespace: str | None = None, label_selector: str = ""
+    ) -> list[dict]:
+        kind = KINDS[kind_name]
+        if kind.namespaced and namespace is None:
+            method, args = self._method(kind, "list", all_namespaces=True), ()
+        else:
+            method = self._method(kind, "list")
+            args = (namespace,) if kind.namespaced else ()
+        try:
+            answer = self._call(
+                f"list {kind.plural}", method, *args, label_selector=label_selector or None
+            )
+        except _NotFound:  # the namespace is gone: nothing in it
+            return []
+        return answer.get("items") or []
+
+    def delete(self, kind_name: str, name: str, namespace: str | None = None) -> bool:
+        """Ask for removal (dependents in the background); False when it was already gone."""
+        kind = KINDS[kind_name]
+        args = (name, namespace) if kind.namespaced else (name,)
+        try:
+            self._call(
+                f"delete {kind_name} {name}",
+                self._method(kind, "delete"),
+                *args,
+                propagation_policy="Background",
+            )
+        except _NotFound:
+            return False
+        return True
+
+
+class _NotFound(PermanentError):
+    pass
+
+
+def _classify(error: ApiException, description: str) -> Exception:
+    status = error.status or 0
+    message = _status_message(error)
+    if status == 404:
+        return _NotFound(message)
+    if status in (409, 429) or status >= 500 or status == 0:
+        return TransientError(f"The Kubernetes API answered {status} ({description}): {message}")
+    if status == 403 and "being terminated" in message:
+        # Applying into a namespace that a previous deletion is still emptying.
+        return TransientError(f"The namespace is still being deleted ({description}).")
+    if status in (401, 403):
+        return PermanentError(
+            f"The platform is not allowed to {description} in the cluster ({message}). "
+            "The platform team must fix the control plane's Kubernetes permissions."
+        )
+    return PermanentError(f"The cluster rejected {description}: {message}")
+
+
+def _conditions(obj: dict) -> dict[str, dict]:
+    return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def _container_status(pod: dict, name: str, *, init: bool = False) -> dict | None:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    for status in (pod.get("status") or {}).get(key) or []:
+        if status.get("name") == name:
+            return status
+    return None
+
+
+def replica_from_pod(pod: dict, spec: DeploymentSpec) -> ObservedReplica:
+    """What a pod's status means for the customer: a phase, and if stuck, why."""
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    conditions = _conditions(pod)
+    ready = (conditions.get("Ready") or {}).get("status") == "True"
+    ip = status.get("podIP") or ""
+    scheduled = bool((pod.get("spec") or {}).get("nodeName")) or (
+        (conditions.get("PodScheduled") or {}).get("status") == "True"
+    )
+    replica = ObservedReplica(
+        name=metadata.get("name", ""),
+        phase="scheduling",
+        ready=ready and not metadata.get("deletionTimestamp"),
+        endpoint=f"http://{ip}:{spec.runtime.port}" if ip else "",
+        revision=(metadata.get("labels") or {}).get(LABEL_REVISION, ""),
+        holds_hardware=scheduled,
+    )
+    if metadata.get("deletionTimestamp"):
+        replica.phase = "terminating"
+        return replica
+    if not scheduled:
+        unscheduled = conditions.get("PodScheduled") or {}
+        if unscheduled.get("reason") == "Unschedulable":
+            replica.reason = "Unschedulable"
+            replica.message = (
+                f"No node can run this replica yet ({_gpu_text(spec)}): "
+                f"{unscheduled.get('message', 'no node fits')}"
+            )
+        return replica
+
+    fetcher = _container_status(pod, FETCH_CONTAINER_NAME, init=True)
+    server = _container_status(pod, CONTAINER_NAME)
+    fetched = fetcher is None or (
+        (fetcher.get("state") or {}).get("terminated", {}).get("exitCode") == 0
+    )
+    current = server if fetched else fetcher
+    replica.restart_count = (server or {}).get("restartCount", 0) + (fetcher or {}).get(
+        "restartCount", 0
+    )
+    state = (current or {}).get("state") or {}
+    last_terminated = ((current or {}).get("lastState") or {}).get("terminated") or {}
+    waiting = state.get("waiting") or {}
+    reason = waiting.get("reason", "")
+    if reason in IMAGE_PULL_REASONS:
+        replica.phase = "pulling_image"
+        replica.reason = "ImagePullBackOff" if reason != "InvalidImageName" else reason
+        image = (current or {}).get("image") or spec.runtime.image
+        replica.message = f"Cannot pull the image {image}: {waiting.get('message', reason)}"
+    elif reason == "CrashLoopBackOff" or state.get("terminated"):
+        replica.phase = "crashed"
+        terminated = state.get("terminated") or last_terminated
+        if terminated.get("reason") == "OOMKilled":
+            replica.reason = "OOMKilled"
+            replica.message = (
+                f"The model server ran out of memory (OOMKilled; limit "
+                f"{spec.profile.memory_request}): choose a hardware profile with more memory."
+            )
+        else:
+            replica.reason = "CrashLoopBackOff"
+            what = "fetching the weights" if not fetched else "the model server"
+            detail = (terminated.get("message") or "").strip().splitlines()
+            replica.message = (
+                f"{what[0].upper()}{what[1:]} keeps exiting (exit code "
+                f"{terminated.get('exitCode', '?')})" + (f": {detail[-1]}" if detail else ".")
+            )
+    elif not fetched:
+        # Until the server starts, the pod fetches: its images, and the weights from S3 (the
+        # init container). Progress stays monotonic: "loading weights" is the server loading
+        # them into memory.
+        replica.phase = "pulling_image"
+        if state.get("running") is not None:
+            replica.message = f"Downloading the weights from {spec.artifact_uri}."
+    elif reason in CREATING_REASONS or not current:
+        replica.phase = "pulling_image"
+    elif state.get("running") is not None:
+        replica.phase = "ready" if replica.ready else "loading_weights"
+    else:
+        replica.phase = "pulling_image"
+    if replica.phase == "ready":
+        replica.reason = replica.message = ""
+    return replica
+
+
+def _gpu_text(spec: DeploymentSpec) -> str:
+    if not spec.profile.gpu_count:
+        return f"{spec.profile.cpu_request} CPUs, {spec.profile.memory_request} memory"
+    return f"{spec.profile.gpu_count} × {spec.profile.gpu_model or 'GPU'}"
+
+
+# The most telling reason first, when several replicas are stuck for different ones.
+_REASON_ORDER = ["OOMKilled", "CrashLoopBackOff", "InvalidImageName", "ImagePullBackOff"]
+_REASON_ORDER += ["Unschedulable", "FailedCreate"]
+
+
+def _worst(replicas: list[ObservedReplica]) -> ObservedReplica | None:
+    stuck = [r for r in replicas if r.reason]
+    if not stuck:
+        return None
+    return min(
+        stuck,
+        key=lambda r: _REASON_ORDER.index(r.reason) if r.reason in _REASON_ORDER else 99,
+    )
+
+
+class KubernetesProvisioner(Provisioner):
+    name = "kubernetes"
+    poll_interval = 5.0
+
+    def __init__(self, client: KubeClient, options: ClusterOptions | None = None):
+        self.client = client
+        self.options = options or ClusterOptions()
+
+    def namespace(self, spec: DeploymentSpec) -> str:
+        return self.options.namespace(spec.organization_slug)
+
+    def apply(self, spec: DeploymentSpec, *, force: bool = False) -> None:
+        self._apply(spec, force=force)
+
+    def _apply(self, spec: DeploymentSpec, *, force: bool = False) -> dict:
+        """Apply every object unless the Deployment already carries this exact digest."""
+        objects = render_all(spec, self.options)
+        desired = objects[-1]
+        current = self.client.get("Deployment", spec.name, self.namespace(spec))
+        if current is not None:
+            owner = (current["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT_ID)
+            if owner != spec.deployment_id:
+                raise PermanentError(
+                    f"A Deployment named {spec.name} already exists in {self.namespace(spec)} "
+                    "and is not this deployment's; choose another name."
+                )
+            annotations = current["metadata"].get("annotations") or {}
+            desired_hash = desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+            if not force and annotations.get(ANNOTATION_SPEC_HASH) == desired_hash:
+                return current
+        for obj in objects:
+            applied = self.client.apply(obj)
+        return applied
+
+    def observe(self, spec: DeploymentSpec) -> Observation:
+        current = self.client.get("Deployment", spec.name, self.namespace(spec))
+        return self._observe(spec, current)
+
+    def sync(self, spec: DeploymentSpec, *, force: bool = False) -> Observation:
+        return self._observe(spec, self._apply(spec, force=force))
+
+    def _observe(self, spec: DeploymentSpec, deployment: dict | None) -> Observation:
+        pods = self.client.list(
+            "Pod",
+            namespace=self.namespace(spec),
+            label_selector=f"{LABEL_DEPLOYMENT_ID}={spec.deployment_id}",
+        )
+        replicas = sorted(
+            (replica_from_pod(pod, spec) for pod in pods), key=lambda replica: replica.name
+        )
+        observation = Observation(replicas=replicas)
+        revision = spec.revision()
+        current = [r for r in replicas if r.revision == revision and r.phase != "terminating"]
+        if deployment is not None:
+            status = deployment.get("status") or {}
+            wanted = spec.replicas
+            observation.rolled_out = (
+                status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+                and status.get("updatedReplicas", 0) == wanted
+                and status.get("readyReplicas", 0) == wanted
+                and status.get("replicas", 0) == wanted
+                and len(replicas) == wanted
+                and all(r.revision == revision and r.ready for r in replicas)
+            )
+            conditions = _conditions(deployment)
+            failure = conditions.get("ReplicaFailure") or {}
+            if failure.get("status") == "True":
+                # The ReplicaSet cannot create pods, e.g. the namespace's GPU quota is spent.
+                observation.waiting_reason = "FailedCreate"
+                observation.waiting = f"Cannot create replicas: {failure.get('message', '')}"
+            progressing = conditions.get("Progressing") or {}
+            if (
+                progressing.get("status") == "False"
+                and progressing.get("reason") == "ProgressDeadlineExceeded"
+            ):
+                worst = _worst(current)
+                observation.failure_reason = worst.reason if worst else "ProgressDeadlineExceeded"
+                observation.failure = (
+                    worst.message
+                    if worst
+                    else f"The rollout made no progress in {PROGRESS_DEADLINE_SECONDS // 60} "
+                    "minutes."
+                )
+        for replica in current:
+            if (
+                replica.reason == "OOMKilled" and replica.restart_count >= OOM_RESTARTS_TO_FAIL
+            ) or (
+                replica.reason == "CrashLoopBackOff"
+                and replica.restart_count >= CRASH_RESTARTS_TO_FAIL
+            ):
+                observation.failure, observation.failure_reason = replica.message, replica.reason
+                break
+            if replica.reason == "InvalidImageName":
+                observation.failure, observation.failure_reason = replica.message, replica.reason
+                break
+        worst = _worst(current)
+        if worst is not None and not observation.waiting:
+            observation.waiting, observation.waiting_reason = worst.message, worst.reason
+        return observation
+
+    def delete(self, spec: DeploymentSpec) -> bool:
+        namespace = self.namespace(spec)
+        present = self.client.get("Deployment", spec.name, namespace)
+        if present is not None and (present["metadata"].get("labels") or {}).get(
+            LABEL_DEPLOYMENT_ID
+        ) not in (spec.deployment_id, None):
+            present = None  # someone else's object of the same name: not ours to delete
+        else:
+            for kind in DEPLOYMENT_KINDS:
+                name = spec.name if kind != "NetworkPolicy" else f"{spec.name}-gateway-only"
+                self.client.delete(kind, name, namespace)
+        pods = self.client.list(
+            "Pod", namespace=namespace, label_selector=f"{LABEL_DEPLOYMENT_ID}={spec.deployment_id}"
+        )
+        if pods or (present is not None and self.client.get("Deployment", spec.name, namespace)):
+            return False
+        return self._delete_namespace_if_unused(namespace)
+
+    def _delete_namespace_if_unused(self, namespace: str) -> bool:
+        """The organization's namespace goes with its last deployment; True once it is gone."""
+        if self.client.list("Deployment", namespace=namespace, label_selector=MANAGED_SELECTOR):
+            return True  # other deployments of the organization still live there
+        if self.client.get("Namespace", namespace) is None:
+            return True
+        self.client.delete("Namespace", namespace)
+        return self.client.get("Namespace", namespace) is None
+
+    def drifted(self, specs: dict[str, DeploymentSpec], known: dict[str, dict]) -> set[str]:
+        """Compare the whole cluster with the database in a handful of LIST calls."""
+        by_id: dict[str, dict[str, set]] = {}
+        hashes: dict[str, str] = {}
+        for kind in DEPLOYMENT_KINDS:
+            for obj in self.client.list(kind, label_selector=MANAGED_SELECTOR):
+                labels = obj["metadata"].get("labels") or {}
+                owner = labels.get(LABEL_DEPLOYMENT_ID)
+                by_id.setdefault(owner, {}).setdefault("kinds", set()).add(kind)
+                if kind == "Deployment":
+                    annotations = obj["metadata"].get("annotations") or {}
+                    hashes[owner] = annotations.get(ANNOTATION_SPEC_HASH, "")
+        pods: dict[str, list[dict]] = {}
+        for pod in self.client.list("Pod", label_selector=MANAGED_SELECTOR):
+            owner = (pod["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT_ID)
+            pods.setdefault(owner, []).append(pod)
+        drifted = set()
+        for deployment_id, spec in specs.items():
+            objects = render_all(spec, self.options)
+            desired_hash = objects[-1]["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+            kinds = by_id.get(deployment_id, {}).get("kinds", set())
+            replicas = [replica_from_pod(pod, spec) for pod in pods.get(deployment_id, [])]
+            expected = known.get(deployment_id, {})
+            if (
+                kinds != set(DEPLOYMENT_KINDS)
+                or hashes.get(deployment_id) != desired_hash
+                or sum(r.ready for r in replicas) != expected.get("ready")
+                or {r.name for r in replicas} != expected.get("replicas")
+            ):
+                drifted.add(deployment_id)
+        return drifted
+
+    def orphans(self, live_ids: set[str], live_organizations: set[str]) -> list[str]:
+        """Objects labelled ours whose deployment no longer exists, and namespaces of
+        organizations with no deployment left: "namespace/deployment-id" or "namespace"."""
+        found = []
+        for kind in DEPLOYMENT_KINDS:
+            for obj in self.client.list(kind, label_selector=MANAGED_SELECTOR):
+                metadata = obj["metadata"]
+                owner = (metadata.get("labels") or {}).get(LABEL_DEPLOYMENT_ID)
+                if owner and owner not in live_ids:
+                    found.append(f"{metadata['namespace']}/{owner}")
+        for namespace in self.client.list("Namespace", label_selector=MANAGED_SELECTOR):
+            organization = (namespace["metadata"].get("labels") or {}).get(LABEL_ORGANIZATION)
+            if organization not in live_organizations:
+                found.append(namespace["metadata"]["name"])
+        return sorted(set(found))
+
+    def remove_orphan(self, orphan: str) -> None:
+        if "/" not in orphan:
+            self.client.delete("Namespace", orphan)
+            return
+        namespace, owner = orphan.split("/", 1)
+        for kind in DEPLOYMENT_KINDS:
+            for obj in self.client.list(
+                kind, namespace=namespace, label_selector=f"{LABEL_DEPLOYMENT_ID}={owner}"
+            ):
+                self.client.delete(kind, obj["metadata"]["name"], namespace)

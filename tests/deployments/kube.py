@@ -1,0 +1,774 @@
+"""A Kubernetes API for tests: kmock's emulator on loopback, plus what our provisioner needs
+from a real cluster and kmock leaves out, and a small simulated control loop.
+
+On top of kmock's `KubernetesEmulator` (HTTP server, request parsing and recording, discovery,
+Status errors, object storage in `kmock.objects`):
+
+* server-side apply: PATCH with `application/apply-patch+yaml` creates or replaces the applied
+  object (single field manager), keeps system metadata and status, bumps `generation` when the
+  spec changes and `resourceVersion` only when something changed;
+* label selectors on LIST, and cluster-wide LIST;
+* deletion: objects go at once, pods and namespaces terminate over a tick, a namespace takes
+  its contents with it, and a terminating namespace refuses new objects (403);
+* injected faults: an HTTP status or a delay (a timeout) for the next N matching requests;
+* a simulated control loop run by `tick()`: a Deployment controller (rolling updates with
+  maxSurge 1 / maxUnavailable 0, ResourceQuota on GPUs), a scheduler (GPU capacity per node,
+  node selectors, taints), and a kubelet (init container, image pull, loading, readiness, and
+  injected image-pull failures, crash loops and OOM kills).
+
+The official client talks real HTTP to it; the loop runs on a background thread, so tests and
+the sync provisioner code stay synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp.web
+import attrs
+import kmock
+import yaml
+from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
+
+Resource = kmock.resource
+
+RESOURCES = {
+    ("", "namespaces"): ("v1", "Namespace", False),
+    ("", "resourcequotas"): ("v1", "ResourceQuota", True),
+    ("", "services"): ("v1", "Service", True),
+    ("", "pods"): ("v1", "Pod", True),
+    ("apps", "deployments"): ("v1", "Deployment", True),
+    ("networking.k8s.io", "networkpolicies"): ("v1", "NetworkPolicy", True),
+    ("policy", "poddisruptionbudgets"): ("v1", "PodDisruptionBudget", True),
+}
+NAMESPACES = Resource("", "v1", "namespaces")
+PODS = Resource("", "v1", "pods")
+DEPLOYMENTS = Resource("apps", "v1", "deployments")
+QUOTAS = Resource("", "v1", "resourcequotas")
+GPU = "nvidia.com/gpu"
+DEPLOYMENT_LABEL = "sirocco.dev/deployment-id"
+REVISION_LABEL = "sirocco.dev/revision"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Node:
+    name: str
+    gpus: int = 8
+    labels: dict = field(default_factory=dict)
+    taints: list = field(default_factory=list)
+
+
+@dataclass
+class Fault:
+    verb: str  # get, list, patch, delete, or "*"
+    plural: str  # e.g. "deployments", or "*"
+    status: int = 500
+    times: int = 1
+    delay: float = 0.0
+    message: str = "injected failure"
+
+
+@dataclass
+class PodLife:
+    """The kubelet's private memory of a pod: how far along it is."""
+
+    stage: int = 0
+    restarts: int = 0
+
+
+def parse_selector(selector: str | None) -> list[tuple[str, str, str | None]]:
+    terms = []
+    for term in (selector or "").split(","):
+        term = term.strip()
+        if not term:
+            continue
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            terms.append(("!=", key.strip(), value.strip()))
+        elif "=" in term:
+            key, value = term.split("=", 1)
+            terms.append(("=", key.strip().rstrip("="), value.strip().lstrip("=")))
+        elif term.startswith("!"):
+            terms.append(("!", term[1:], None))
+        else:
+            terms.append(("exists", term, None))
+    return terms
+
+
+def matches(labels: dict, terms) -> bool:
+    for op, key, value in terms:
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!" and key in labels:
+            return False
+    return True
+
+
+def gpu_request(pod: dict) -> int:
+    total = 0
+    for container in pod["spec"].get("containers", []):
+        total += int((container.get("resources") or {}).get("requests", {}).get(GPU, 0))
+    return total
+
+
+@attrs.define(kw_only=True)
+class SimulatedCluster(kmock.KubernetesEmulator):
+    nodes: list = attrs.field(factory=list)
+    faults: list = attrs.field(factory=list)
+    # Ticks a pod spends in each stage before the next (see _kubelet).
+    stage_ticks: int = 1
+    # Injected pod failures by deployment (Kubernetes Deployment) name.
+    pod_faults: dict = attrs.field(factory=dict)
+    # Deployments whose rollout Kubernetes reports as past its progress deadline.
+    past_deadline: set = attrs.field(factory=set)
+    _index: dict = attrs.field(factory=dict, init=False)
+    _lives: dict = attrs.field(factory=dict, init=False)
+    _create_failures: dict = attrs.field(factory=dict, init=False)
+    _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _ips: itertools.count = attrs.field(factory=lambda: itertools.count(10), init=False)
+    _names: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+    calls: list = attrs.field(factory=list, init=False)
+
+    # --- storage --------------------------------------------------------------------------
+
+    def _get(self, resource, namespace, name) -> dict | None:
+        obj = self.objects._objects.get((resource, namespace, name))
+        if obj is None or obj.deleted:
+            return None
+        return obj.raw
+
+    def _put(self, resource, namespace, name, body: dict) -> dict:
+        key = (resource, namespace, name)
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = str(next(self._versions))
+        existing = self.objects._objects.get(key)
+        if existing is None:
+            self.objects[resource, namespace, name] = body
+        else:
+            existing.create(body)
+        self._index.setdefault((resource, namespace), set()).add(name)
+        return body
+
+    def _remove(self, resource, namespace, name) -> None:
+        obj = self.objects._objects.get((resource, namespace, name))
+        if obj is not None and not obj.deleted:
+            obj.delete()
+        self._index.get((resource, namespace), set()).discard(name)
+        if resource == PODS:
+            self._lives.pop((namespace, name), None)
+
+    def _all(self, resource, namespace=None):
+        for (res, ns), names in list(self._index.items()):
+            if res != resource or (namespace is not None and ns != namespace):
+                continue
+            for name in sorted(names):
+                body = self._get(res, ns, name)
+                if body is not None:
+                    yield body
+
+    def get_object(self, kind_plural: str, namespace: str | None, name: str) -> dict | None:
+        for (group, plural), (version, _kind, _namespaced) in RESOURCES.items():
+            if plural == kind_plural:
+                return self._get(Resource(group, version, plural), namespace, name)
+        raise KeyError(kind_plural)
+
+    def list_objects(self, kind_plural: str, namespace: str | None = None) -> list[dict]:
+        for (group, plural), (version, _kind, _namespaced) in RESOURCES.items():
+            if plural == kind_plural:
+                return list(self._all(Resource(group, version, plural), namespace))
+        raise KeyError(kind_plural)
+
+    # --- the API --------------------------------------------------------------------------
+
+    async def __call__(self, raw_request):
+        # kmock 0.8's path parser fails on the bare collection /api/v1/namespaces (it reads
+        # "namespaces" as a namespace scope with no name): list namespaces here instead.
+        if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            await raw_request.read()
+            self.calls.append(("list", "", "namespaces", None))
+            async with self._lock:
+                return self._json(self._list(raw_request, NAMESPACES, None, raw_request.query))
+        return await super().__call__(raw_request)
+
+    async def _handle(self, request):
+        target = self._target(request)
+        if target is None:
+            return await super()._handle(request)
+        resource, namespace, name, verb = target
+        self.calls.append((verb, resource.group, resource.plural, namespace))
+        async with self._lock:
+            fault = self._take_fault(verb, resource.plural)
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            raise KubernetesError(
+                status=fault.status, reason="InjectedFault", message=fault.message, details={}
+            )
+        async with self._lock:
+            if verb == "patch" and "apply-patch" in self._content_type(request):
+                return self._json(self._apply(request, resource, namespace, name))
+            if verb == "get":
+                body = self._get(resource, namespace, name)
+                if body is None:
+                    raise KubernetesObjectNotFoundError(
+                        reason="NotFound", message=f'{resource.plural} "{name}" not found'
+                    )
+                return self._json(body)
+            if verb == "list":
+                return self._json(self._list(request, resource, namespace))
+            if verb == "delete":
+                return self._json(self._delete(resource, namespace, name))
+        return await super()._handle(request)
+
+    @staticmethod
+    def _target(request):
+        """(resource, namespace, name, verb) of a request for one of our resources, else None.
+        kmock reads /api/v1/namespaces/NAME as a namespace scope; here it is the object."""
+        parts = request.url.path.strip("/").split("/")
+        if parts[:1] == ["api"] and len(parts) >= 2:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            return None
+        namespace = None
+        if len(rest) >= 3 and rest[0] == "namespaces":
+            namespace, rest = rest[1], rest[2:]
+        if not rest or len(rest) > 2 or (group, rest[0]) not in RESOURCES:
+            return None
+        resource = Resource(group, version, rest[0])
+        name = rest[1] if len(rest) == 2 else None
+        method = str(request.method.value if hasattr(request.method, "value") else request.method)
+        if method == "GET":
+            verb = "watch" if request.params.get("watch") == "true" else ("get" if name else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(
+                method.upper(), method.lower()
+            )
+        return resource, namespace, name, verb
+
+    @staticmethod
+    def _content_type(request) -> str:
+        return {k.lower(): v for k, v in request.headers.items()}.get("content-type", "")
+
+    @staticmethod
+    def _json(body) -> aiohttp.web.Response:
+        return aiohttp.web.json_response(body)
+
+    def _take_fault(self, verb: str, plural: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.times > 0 and fault.verb in (verb, "*") and fault.plural in (plural, "*"):
+                fault.times -= 1
+                return fault
+        return None
+
+    def _apply(self, request, resource, namespace, name) -> dict:
+        if not request.params.get("fieldManager"):
+            raise KubernetesError(
+                status=400, reason="BadRequest", message="fieldManager is required for apply"
+            )
+        applied = json.loads(request.text) if request.text.lstrip().startswith("{") else None
+        applied = applied if applied is not None else yaml.safe_load(request.text)
+        _version, kind, namespaced = RESOURCES[(resource.group, resource.plural)]
+        metadata = applied.get("metadata") or {}
+        if applied.get("kind") != kind or metadata.get("name") != name:
+            raise KubernetesError(
+                status=400, reason="BadRequest", message="the body does not match the URL"
+            )
+        if namespaced:
+            ns = self._get(NAMESPACES, None, namespace)
+            if ns is None:
+                raise KubernetesObjectNotFoundError(
+                    reason="NotFound", message=f'namespaces "{namespace}" not found'
+                )
+            if ns["metadata"].get("deletionTimestamp"):
+                raise KubernetesError(
+                    status=403,
+                    reason="Forbidden",
+                    message=f"unable to create new content in namespace {namespace} because "
+                    "it is being terminated",
+                )
+        current = self._get(resource, namespace, name)
+        if current is None:
+            body = copy.deepcopy(applied)
+            body["metadata"].update(
+                uid=f"uid-{next(self._names)}", creationTimestamp=now_iso(), generation=1
+            )
+            if kind == "Namespace":
+                body["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+                body["status"] = {"phase": "Active"}
+            return self._put(resource, namespace, name, body)
+        body = copy.deepcopy(applied)
+        body["metadata"] = {
+            **{
+                key: value
+                for key, value in current["metadata"].items()
+                if key not in ("labels", "annotations")
+            },
+            **{key: value for key, value in body["metadata"].items()},
+        }
+        if kind == "Namespace":
+            body["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+        if "status" in current:
+            body["status"] = current["status"]
+        if body.get("spec") != current.get("spec"):
+            body["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        unchanged = {**body["metadata"], "resourceVersion": None} == {
+            **current["metadata"],
+            "resourceVersion": None,
+        } and {k: v for k, v in body.items() if k != "metadata"} == {
+            k: v for k, v in current.items() if k != "metadata"
+        }
+        if unchanged:
+            return current  # a no-op apply writes nothing
+        return self._put(resource, namespace, name, body)
+
+    def _list(self, request, resource, namespace, params=None) -> dict:
+        params = request.params if params is None else params
+        terms = parse_selector(params.get("labelSelector"))
+        items = [
+            obj
+            for obj in self._all(resource, namespace)
+            if matches(obj["metadata"].get("labels") or {}, terms)
+        ]
+        version, kind, _ = RESOURCES[(resource.group, resource.plural)]
+        return {
+            "apiVersion": f"{resource.group}/{version}".lstrip("/"),
+            "kind": f"{kind}List",
+            "metadata": {"resourceVersion": str(next(self._versions))},
+            "items": items,
+        }
+
+    def _delete(self, resource, namespace, name) -> dict:
+        body = self._get(resource, namespace, name)
+        if body is None:
+            raise KubernetesObjectNotFoundError(
+                reason="NotFound", message=f'{resource.plural} "{name}" not found'
+            )
+        if resource in (PODS, NAMESPACES):
+            # Pods honour their grace period and namespaces empty themselves first: both
+            # linger, marked, until the next tick.
+            if not body["metadata"].get("deletionTimestamp"):
+                body["metadata"]["deletionTimestamp"] = now_iso()
+                if resource == NAMESPACES:
+                    body["status"] = {"phase": "Terminating"}
+                self._put(resource, namespace, name, body)
+            return body
+        self._remove(resource, namespace, name)
+        return {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {}}
+
+    # --- the control loop ----------------------------------------------------------------
+
+    def _step(self) -> None:
+        self._finish_terminations()
+        for deployment in list(self._all(DEPLOYMENTS)):
+            self._deployment_controller(deployment)
+        self._collect_orphan_pods()
+        self._schedule()
+        self._kubelet()
+        for deployment in list(self._all(DEPLOYMENTS)):
+            self._deployment_status(deployment)
+
+    def _finish_terminations(self) -> None:
+        for pod in list(self._all(PODS)):
+            if pod["metadata"].get("deletionTimestamp"):
+                self._remove(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
+        for namespace in list(self._all(NAMESPACES)):
+            if not namespace["metadata"].get("deletionTimestamp"):
+                continue
+            name = namespace["metadata"]["name"]
+            for (resource, ns), names in list(self._index.items()):
+                if ns == name:
+                    for item in list(names):
+                        self._remove(resource, ns, item)
+            self._remove(NAMESPACES, None, name)
+
+    def _pods_of(self, deployment: dict) -> list[dict]:
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        return [
+            pod
+            for pod in self._all(PODS, deployment["metadata"]["namespace"])
+            if all(pod["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+        ]
+
+    @staticmethod
+    def _is_ready(pod: dict) -> bool:
+        return any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in pod.get("status", {}).get("conditions", [])
+        )
+
+    def _terminate(self, pod: dict) -> None:
+        pod = copy.deepcopy(pod)
+        pod["metadata"]["deletionTimestamp"] = now_iso()
+        self._put(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], pod)
+
+    def _deployment_controller(self, deployment: dict) -> None:
+        namespace = deployment["metadata"]["namespace"]
+        template = deployment["spec"]["template"]
+        revision = template["metadata"]["labels"].get(REVISION_LABEL)
+        wanted = deployment["spec"].get("replicas", 1)
+        pods = [p for p in self._pods_of(deployment) if not p["metadata"].get("deletionTimestamp")]
+        new = [p for p in pods if p["metadata"]["labels"].get(REVISION_LABEL) == revision]
+        old = [p for p in pods if p not in new]
+        failure = None
+        # Scale the new revision down first, the least advanced pods first.
+        for pod in sorted(new, key=self._is_ready)[: max(0, len(new) - wanted)]:
+            self._terminate(pod)
+            new.remove(pod)
+        # Surge one pod above the wanted count while old pods still serve (maxSurge 1).
+        count = len(new)
+        while count < wanted and count + len(old) < wanted + 1:
+            failure = self._create_pod(deployment, namespace, template)
+            if failure:
+                break
+            count += 1
+        # maxUnavailable 0: an old pod goes only when enough others are ready.
+        ready_new = sum(1 for p in new if self._is_ready(p))
+        for pod in sorted(old, key=self._is_ready):
+            ready_old = sum(1 for p in old if self._is_ready(p))
+            if not self._is_ready(pod) or ready_new + ready_old - 1 >= wanted:
+                self._terminate(pod)
+                old.remove(pod)
+        self._create_failures[deployment["metadata"]["uid"]] = failure
+
+    def _create_pod(self, deployment: dict, namespace: str, template: dict) -> str | None:
+        pod_spec = copy.deepcopy(template["spec"])
+        needed = sum(
+            int((c.get("resources") or {}).get("requests", {}).get(GPU, 0))
+            for c in pod_spec.get("containers", [])
+        )
+        quota = self._get(QUOTAS, namespace, "gpu-quota")
+        if quota is not None and needed:
+            hard = int(quota["spec"]["hard"].get(f"requests.{GPU}", 0))
+            used = sum(
+                gpu_request(p)
+                for p in self._all(PODS, namespace)
+                if not p["metadata"].get("deletionTimestamp")
+            )
+            if used + needed > hard:
+                return (
+                    f'pods "{deployment["metadata"]["name"]}-x" is forbidden: exceeded quota: '
+                    f"gpu-quota, requested: requests.{GPU}={needed}, used: requests.{GPU}={used}, "
+                    f"limited: requests.{GPU}={hard}"
+                )
+        serial = next(self._names)
+        name = f"{deployment['metadata']['name']}-{serial:05x}"
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": f"uid-{serial}",
+                "labels": dict(template["metadata"].get("labels", {})),
+                "creationTimestamp": now_iso(),
+                "ownerReferences": [
+                    {"kind": "ReplicaSet", "name": deployment["metadata"]["name"], "uid": "rs"}
+                ],
+            },
+            "spec": pod_spec,
+            "status": {"phase": "Pending", "conditions": []},
+        }
+        self._put(PODS, namespace, name, pod)
+        self._lives[(namespace, name)] = PodLife()
+        return None
+
+    def _collect_orphan_pods(self) -> None:
+        owners = {
+            d["spec"]["selector"]["matchLabels"].get(DEPLOYMENT_LABEL)
+            for d in self._all(DEPLOYMENTS)
+        }
+        for pod in list(self._all(PODS)):
+            owner = pod["metadata"].get("labels", {}).get(DEPLOYMENT_LABEL)
+            if owner not in owners and not pod["metadata"].get("deletionTimestamp"):
+                self._terminate(pod)
+
+    def _node_fits(self, node: Node, pod: dict, used: dict) -> bool:
+        spec = pod["spec"]
+        if any(node.labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+            return False
+        tolerations = spec.get("tolerations") or []
+        for taint in node.taints:
+            if not any(
+                t.get("key") == taint["key"]
+                and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
+                and t.get("effect", taint["effect"]) == taint["effect"]
+                for t in tolerations
+            ):
+                return False
+        return used.get(node.name, 0) + gpu_request(pod) <= node.gpus
+
+    def _schedule(self) -> None:
+        used: dict[str, int] = {}
+        pods = list(self._all(PODS))
+        for pod in pods:
+            if pod["spec"].get("nodeName"):
+                used[pod["spec"]["nodeName"]] = used.get(pod["spec"]["nodeName"], 0) + (
+                    gpu_request(pod)
+                )
+        for pod in pods:
+            if pod["spec"].get("nodeName") or pod["metadata"].get("deletionTimestamp"):
+                continue
+            pod = copy.deepcopy(pod)
+            node = next((n for n in self.nodes if self._node_fits(n, pod, used)), None)
+            if node is None:
+                reasons = []
+                if any(gpu_request(pod) > n.gpus - used.get(n.name, 0) for n in self.nodes):
+                    reasons.append(f"Insufficient {GPU}")
+                message = (
+                    f"0/{len(self.nodes)} nodes are available: {len(self.nodes)} "
+                    f"{reasons[0] if reasons else 'node(s) did not match Pod node affinity'}."
+                )
+                pod["status"]["conditions"] = [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": message,
+                    }
+                ]
+            else:
+                used[node.name] = used.get(node.name, 0) + gpu_request(pod)
+                pod["spec"]["nodeName"] = node.name
+                pod["status"]["podIP"] = f"10.244.0.{next(self._ips) % 250 + 2}"
+                pod["status"]["conditions"] = [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}
+                ]
+            self._put(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], pod)
+
+    def _kubelet(self) -> None:
+        for pod in list(self._all(PODS)):
+            if not pod["spec"].get("nodeName") or pod["metadata"].get("deletionTimestamp"):
+                continue
+            namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+            life = self._lives.setdefault((namespace, name), PodLife())
+            life.stage += 1
+            instance = pod["metadata"]["labels"].get("app.kubernetes.io/instance")
+            fault = self.pod_faults.get(instance)
+            stage = life.stage // self.stage_ticks
+            server_image = pod["spec"]["containers"][0]["image"]
+            init = {"name": "fetch-weights", "restartCount": 0, "image": "fetcher"}
+            server = {"name": "server", "restartCount": 0, "image": server_image, "ready": False}
+            ready = False
+            if stage <= 1:
+                init["state"] = {"waiting": {"reason": "PodInitializing"}}
+                server["state"] = {"waiting": {"reason": "PodInitializing"}}
+            elif stage == 2:
+                init["state"] = {"running": {"startedAt": now_iso()}}
+                server["state"] = {"waiting": {"reason": "PodInitializing"}}
+            else:
+                init["state"] = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+                if fault == "image_pull":
+                    reason = "ErrImagePull" if stage % 2 else "ImagePullBackOff"
+                    server["state"] = {
+                        "waiting": {
+                            "reason": reason,
+                            "message": f'Back-off pulling image "{server_image}"',
+                        }
+                    }
+                elif stage == 3:
+                    server["state"] = {"waiting": {"reason": "ContainerCreating"}}
+                elif fault in ("crash", "oom") and stage >= 4:
+                    life.restarts += 1
+                    terminated = (
+                        {"exitCode": 137, "reason": "OOMKilled"}
+                        if fault == "oom"
+                        else {
+                            "exitCode": 1,
+                            "reason": "Error",
+                            "message": "Traceback ...\nRuntimeError: CUDA error: no kernel image",
+                        }
+                    )
+                    server["restartCount"] = life.restarts
+                    server["lastState"] = {"terminated": terminated}
+                    server["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
+                elif stage == 4:
+                    server["state"] = {"running": {"startedAt": now_iso()}}
+                else:
+                    server["state"] = {"running": {"startedAt": now_iso()}}
+                    server["ready"] = ready = True
+            new = copy.deepcopy(pod)
+            new["status"]["phase"] = "Running" if stage >= 4 else "Pending"
+            new["status"]["initContainerStatuses"] = [init]
+            new["status"]["containerStatuses"] = [server]
+            conditions = [c for c in new["status"]["conditions"] if c["type"] == "PodScheduled"]
+            conditions.append({"type": "Ready", "status": "True" if ready else "False"})
+            new["status"]["conditions"] = conditions
+            if new != pod:
+                self._put(PODS, namespace, name, new)
+
+    def _deployment_status(self, deployment: dict) -> None:
+        revision = deployment["spec"]["template"]["metadata"]["labels"].get(REVISION_LABEL)
+        pods = [p for p in self._pods_of(deployment) if not p["metadata"].get("deletionTimestamp")]
+        new = [p for p in pods if p["metadata"]["labels"].get(REVISION_LABEL) == revision]
+        ready = sum(1 for p in pods if self._is_ready(p))
+        wanted = deployment["spec"].get("replicas", 1)
+        complete = len(new) == wanted == len(pods) and all(self._is_ready(p) for p in new)
+        name = deployment["metadata"]["name"]
+        conditions = [
+            {
+                "type": "Available",
+                "status": "True" if ready >= wanted else "False",
+                "reason": "MinimumReplicasAvailable"
+                if ready >= wanted
+                else "MinimumReplicasUnavailable",
+            },
+            {
+                "type": "Progressing",
+                "status": "False" if name in self.past_deadline and not complete else "True",
+                "reason": (
+                    "ProgressDeadlineExceeded"
+                    if name in self.past_deadline and not complete
+                    else ("NewReplicaSetAvailable" if complete else "ReplicaSetUpdated")
+                ),
+            },
+        ]
+        failure = self._create_failures.get(deployment["metadata"]["uid"])
+        if failure:
+            conditions.append(
+                {
+                    "type": "ReplicaFailure",
+                    "status": "True",
+                    "reason": "FailedCreate",
+                    "message": failure,
+                }
+            )
+        status = {
+            "observedGeneration": deployment["metadata"].get("generation", 1),
+            "replicas": len(pods),
+            "updatedReplicas": len(new),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "conditions": conditions,
+        }
+        if deployment.get("status") != status:
+            deployment = copy.deepcopy(deployment)
+            deployment["status"] = status
+            self._put(
+                DEPLOYMENTS,
+                deployment["metadata"]["namespace"],
+                deployment["metadata"]["name"],
+                deployment,
+            )
+
+
+class ClusterThread:
+    """Runs a SimulatedCluster and its kmock server on a background event loop."""
+
+    def __init__(self, cluster: SimulatedCluster):
+        self.cluster = cluster
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: kmock.Server | None = None
+        self.url = ""
+        self._auto: asyncio.Task | None = None
+
+    def __enter__(self) -> ClusterThread:
+        self.thread.start()
+
+        async def start():
+            await self.cluster.__aenter__()
+            self.server = kmock.Server(self.cluster)
+            await self.server.__aenter__()
+            return str(self.server.url).rstrip("/")
+
+        self.url = self.run(start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_auto()
+
+        async def stop():
+            await self.server.__aexit__(None, None, None)
+            await self.cluster.__aexit__(None, None, None)
+
+        self.run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+    def run(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def call(self, function: Callable, *args):
+        """Run `function(*args)` on the loop, under the emulator's lock."""
+
+        async def locked():
+            async with self.cluster._lock:
+                return function(*args)
+
+        return self.run(locked())
+
+    def tick(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.call(self.cluster._step)
+
+    def start_auto(self, interval: float = 0.05) -> None:
+        """Let the control loop run by itself (for benchmarks and real-worker tests)."""
+
+        async def loop():
+            while True:
+                async with self.cluster._lock:
+                    self.cluster._step()
+                await asyncio.sleep(interval)
+
+        async def start():
+            self._auto = asyncio.ensure_future(loop())
+
+        self.run(start())
+
+    def stop_auto(self) -> None:
+        if self._auto is not None:
+            task = self._auto
+
+            async def cancel():
+                task.cancel()
+
+            self.run(cancel())
+            self._auto = None
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+                    "users": [{"name": "sirocco", "user": {"token": "test-token"}}],
+                    "contexts": [
+                        {"name": "kmock", "context": {"cluster": "kmock", "user": "sirocco"}}
+                    ],
+                    "current-context": "kmock",
+                }
+            )
+        )
+        return path
+
+
+def gpu_nodes(count: int = 2, gpus: int = 8) -> list[Node]:
+    return [
+        Node(
+            name=f"gpu-node-{index}",
+            gpus=gpus,
+            labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB"},
+            taints=[{"key": GPU, "value": "present", "effect": "NoSchedule"}],
+        )
+        for index in range(count)
+    ]
