@@ -103,3 +103,78 @@ class MemberAddForm(PageForm):
 
 class MemberRoleForm(forms.Form):
     role = forms.ChoiceField(choices=Role.choices)
+
+
+class DeployForm(forms.Form):
+    """What `deployments.services.deployment_create` takes, plus the expected load that only
+    the break-even estimate uses."""
+
+    name = forms.CharField(
+        max_length=63,
+        help_text="Lowercase letters, digits and hyphens. It is the model name you call.",
+    )
+    version = forms.ChoiceField(widget=forms.HiddenInput)
+    type = forms.ChoiceField(
+        choices=[
+            ("serverless", "Serverless: shared pool, pay per token"),
+            ("dedicated", "Dedicated: your own replicas, pay per GPU-hour"),
+        ],
+        widget=forms.RadioSelect,
+        initial="dedicated",
+    )
+    hardware_profile = forms.ChoiceField(
+        required=False, label="Hardware profile", help_text="Dedicated only."
+    )
+    min_replicas = forms.IntegerField(
+        min_value=0, initial=1, label="Minimum replicas", help_text="0 lets it scale to zero."
+    )
+    max_replicas = forms.IntegerField(min_value=1, initial=1, label="Maximum replicas")
+    scale_to_zero_after_seconds = forms.IntegerField(
+        min_value=60,
+        required=False,
+        label="Scale to zero after (seconds idle)",
+        help_text="With minimum 0: stop every replica after this long without requests.",
+    )
+    requests_per_day = forms.IntegerField(
+        min_value=0, initial=10_000, label="Expected requests a day", required=False
+    )
+    input_tokens = forms.IntegerField(
+        min_value=0, initial=500, label="Input tokens a request", required=False
+    )
+    output_tokens = forms.IntegerField(
+        min_value=0, initial=300, label="Output tokens a request", required=False
+    )
+
+    SERVICE_FIELDS = (
+        "name",
+        "version",
+        "type",
+        "hardware_profile",
+        "min_replicas",
+        "max_replicas",
+        "scale_to_zero_after_seconds",
+    )
+    LOAD_FIELDS = ("requests_per_day", "input_tokens", "output_tokens")
+
+    def __init__(self, *args, versions=(), profiles=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["version"].choices = [(v, v) for v in versions]
+        self.fields["hardware_profile"].choices = [("", "—"), *profiles]
+
+    def service_arguments(self) -> dict:
+        data = {name: self.cleaned_data.get(name) for name in self.SERVICE_FIELDS}
+        if data["type"] == "serverless":
+            # The shared pool decides replicas; the service refuses a profile for serverless.
+            return {"name": data["name"], "version": data["version"], "type": "serverless"}
+        return data
+
+    def load(self):
+        from console.estimates import Load
+
+        values = {name: (self.cleaned_data.get(name) or 0) for name in self.LOAD_FIELDS}
+        return Load(**values)
+
+
+class ScaleForm(forms.Form):
+    min_replicas = forms.IntegerField(min_value=0, label="Minimum replicas")
+    max_replicas = forms.IntegerField(min_value=1, label="Maximum replicas")

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from console.views import auth, keys, organization, overview
+from console.views import auth, catalog, deployments, keys, organization, overview, playground
 
 app_name = "console"
 
@@ -9,6 +9,36 @@ urlpatterns = [
     path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth.LogoutView.as_view(), name="logout"),
     path("organization/switch", auth.switch_organization, name="switch-organization"),
+    path("models/", catalog.ModelListView.as_view(), name="models"),
+    path("models/<str:slug>/", catalog.ModelDetailView.as_view(), name="model"),
+    path("models/<str:slug>/deploy", deployments.DeployView.as_view(), name="deploy"),
+    path(
+        "models/<str:slug>/deploy/estimate",
+        deployments.DeployEstimateView.as_view(),
+        name="deploy-estimate",
+    ),
+    path("deployments/", deployments.DeploymentListView.as_view(), name="deployments"),
+    path(
+        "deployments/<uuid:deployment_id>/",
+        deployments.DeploymentDetailView.as_view(),
+        name="deployment",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/scale",
+        deployments.DeploymentScaleView.as_view(),
+        name="deployment-scale",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/delete",
+        deployments.DeploymentDeleteView.as_view(),
+        name="deployment-delete",
+    ),
+    path("playground/", playground.PlaygroundIndexView.as_view(), name="playground-index"),
+    path(
+        "deployments/<uuid:deployment_id>/playground",
+        playground.PlaygroundView.as_view(),
+        name="playground",
+    ),
     path("api-keys/", keys.APIKeyListView.as_view(), name="api-keys"),
     path("api-keys/<int:pk>/revoke", keys.APIKeyRevokeView.as_view(), name="api-key-revoke"),
     path("settings/", organization.OrganizationSettingsView.as_view(), name="settings"),

@@ -33,6 +33,9 @@ class NavItem:
 # The sidebar, in order. A role that lacks an item's permission does not see the item.
 NAV = [
     NavItem("overview", "Overview", "console:overview"),
+    NavItem("models", "Models", "console:models"),
+    NavItem("deployments", "Deployments", "console:deployments", Permission.DEPLOYMENTS_READ),
+    NavItem("playground", "Playground", "console:playground-index", Permission.API_KEYS_WRITE),
     NavItem("api-keys", "API keys", "console:api-keys", Permission.API_KEYS_READ),
     NavItem("settings", "Organization", "console:settings", Permission.ORGANIZATION_READ),
 ]

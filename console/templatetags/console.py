@@ -1,0 +1,89 @@
+"""Template filters of the console: money, token counts, sizes, and model cards."""
+
+from decimal import ROUND_HALF_UP, Decimal
+
+import markdown as markdown_lib
+import nh3
+from django import template
+from django.utils.safestring import mark_safe
+
+register = template.Library()
+
+CURRENCY_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£"}
+
+# What a model card may contain once rendered: text structure, code, tables and links. No
+# images, styles or scripts: a card must not load anything from elsewhere or run anything.
+CARD_TAGS = {
+    "a", "abbr", "b", "blockquote", "br", "code", "dd", "del", "details", "dl", "dt", "em",
+    "h1", "h2", "h3", "h4", "h5", "h6", "hr", "i", "kbd", "li", "ol", "p", "pre", "s",
+    "strong", "sub", "summary", "sup", "table", "tbody", "td", "th", "thead", "tr", "ul",
+}  # fmt: skip
+CARD_ATTRIBUTES = {"a": {"href", "title"}, "abbr": {"title"}, "td": {"align"}, "th": {"align"}}
+
+
+@register.filter
+def model_card(text: str) -> str:
+    """Markdown → HTML, then sanitized (nh3): the card is written by whoever published it."""
+    html = markdown_lib.markdown(text or "", extensions=["fenced_code", "tables", "sane_lists"])
+    cleaned = nh3.clean(
+        html,
+        tags=CARD_TAGS,
+        attributes=CARD_ATTRIBUTES,
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener noreferrer nofollow",
+    )
+    return mark_safe(cleaned)  # noqa: S308 - sanitized just above
+
+
+@register.filter
+def money(amount, currency: str = "USD") -> str:
+    """Decimal(1234.5), "USD" → "$1,234.50"; small amounts keep the digits that matter."""
+    if amount is None or amount == "":
+        return "—"
+    amount = Decimal(amount)
+    places = Decimal("0.01") if abs(amount) >= 1 or amount == 0 else Decimal("0.0001")
+    text = f"{amount.quantize(places, ROUND_HALF_UP):,}"
+    if places == Decimal("0.0001"):
+        text = text.rstrip("0")
+        if len(text.split(".")[1]) < 2:
+            text = f"{amount.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
+    symbol = CURRENCY_SYMBOLS.get(currency)
+    if symbol:
+        return f"-{symbol}{text[1:]}" if text.startswith("-") else f"{symbol}{text}"
+    return f"{text} {currency}"
+
+
+@register.filter
+def tokens(value) -> str:
+    """131072 → "131k", 32768 → "32k", 1_000_000 → "1M": context lengths and token counts."""
+    if value is None:
+        return "—"
+    value = int(value)
+    for limit, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if value >= limit:
+            shown = value / limit
+            return (
+                f"{shown:.1f}".rstrip("0").rstrip(".") + suffix
+                if shown < 10
+                else f"{shown:.0f}{suffix}"
+            )
+    return str(value)
+
+
+@register.filter
+def parameters(value) -> str:
+    """46_700_000_000 → "46.7B"."""
+    return tokens(value)
+
+
+@register.filter
+def language_names(codes) -> str:
+    return ", ".join(LANGUAGES.get(code, code) for code in codes or [])
+
+
+LANGUAGES = {
+    "en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
+    "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese", "ja": "Japanese",
+    "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "pl": "Polish", "tr": "Turkish",
+    "sv": "Swedish", "da": "Danish", "fi": "Finnish", "no": "Norwegian", "cs": "Czech",
+}  # fmt: skip

@@ -1,0 +1,104 @@
+"""The playground: chat with a deployment from the browser, tokens streaming into the page.
+
+The page calls the platform's own gateway (`/v1/chat/completions`, stream=true) exactly as a
+customer's code does, with a short-lived key: inference scope only, expiring an hour after it
+was made, created through the same service as any key (so it is audited, listed and
+revocable, and its usage is metered like any other). One key serves a person's session in an
+organization until it is about to expire. Why not a proxy that holds the session? The gateway
+authenticates keys, not sessions, and going through it unchanged means the playground shows
+exactly what the API does: limits, budgets, errors and usage included.
+"""
+
+import uuid
+from datetime import timedelta
+
+from django.shortcuts import redirect
+from django.utils import timezone
+
+from accounts import services as account_services
+from accounts.models import APIKey
+from accounts.roles import Permission, Role
+from console.views.base import ConsoleView
+from console.views.deployments import DeploymentMixin
+from deployments import selectors
+from deployments.models import Deployment
+
+PLAYGROUND_KEY_SESSION_KEY = "console.playground_key"
+KEY_LIFETIME = timedelta(hours=1)
+# A key this close to expiry is replaced, so a conversation never dies mid-answer.
+KEY_RENEW_BEFORE = timedelta(minutes=10)
+CHATTABLE = {
+    Deployment.Status.PENDING,
+    Deployment.Status.PROVISIONING,
+    Deployment.Status.READY,
+    Deployment.Status.SCALING,
+    Deployment.Status.UPDATING,
+}
+
+
+def playground_key(request) -> str:
+    """This session's playground key for the acting organization: reused, or made now."""
+    actor = request.actor
+    now = timezone.now()
+    held = request.session.get(PLAYGROUND_KEY_SESSION_KEY)
+    if held and held["organization_id"] == actor.organization.pk:
+        still_valid = APIKey.objects.filter(
+            pk=held["id"], revoked_at__isnull=True, expires_at__gt=now + KEY_RENEW_BEFORE
+        ).exists()
+        if still_valid:
+            return held["secret"]
+    key, secret = account_services.api_key_create(
+        actor=actor,
+        name=f"Playground ({actor.label})",
+        scopes=[APIKey.Scope.INFERENCE],
+        role=Role.VIEWER,
+        expires_at=now + KEY_LIFETIME,
+    )
+    request.session[PLAYGROUND_KEY_SESSION_KEY] = {
+        "id": key.pk,
+        "secret": secret,
+        "organization_id": actor.organization.pk,
+    }
+    return secret
+
+
+class PlaygroundIndexView(ConsoleView):
+    """Pick a deployment to chat with (the sidebar's Playground)."""
+
+    section = "playground"
+    required_permissions = {"GET": Permission.API_KEYS_WRITE}
+
+    def get(self, request):
+        deployments = (
+            selectors.deployment_list(organization=request.actor.organization)
+            .filter(status__in=CHATTABLE)
+            .order_by("name")
+        )
+        chosen = request.GET.get("deployment")
+        if chosen:
+            match = deployments.filter(pk=chosen).first() if _is_uuid(chosen) else None
+            if match is not None:
+                return redirect("console:playground", deployment_id=match.pk)
+        return self.render("console/playground/index.html", {"deployments": deployments})
+
+
+class PlaygroundView(DeploymentMixin, ConsoleView):
+    section = "playground"
+    required_permissions = {"GET": Permission.API_KEYS_WRITE}
+
+    def get(self, request, deployment_id):
+        deployment = self.get_deployment(deployment_id)
+        context = {"deployment": deployment, "chattable": deployment.status in CHATTABLE}
+        if context["chattable"]:
+            context["key"] = playground_key(request)
+        response = self.render("console/playground/chat.html", context)
+        response["Cache-Control"] = "no-store"  # the page holds a (short-lived) key
+        return response
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
