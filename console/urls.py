@@ -1,6 +1,16 @@
 from django.urls import path
 
-from console.views import auth, catalog, deployments, keys, organization, overview, playground
+from console.views import (
+    auth,
+    catalog,
+    deployments,
+    invoices,
+    keys,
+    organization,
+    overview,
+    playground,
+    usage,
+)
 
 app_name = "console"
 
@@ -39,6 +49,12 @@ urlpatterns = [
         playground.PlaygroundView.as_view(),
         name="playground",
     ),
+    path("usage/", usage.UsageView.as_view(), name="usage"),
+    path("usage/export.csv", usage.UsageExportView.as_view(), name="usage-export"),
+    path("invoices/", invoices.InvoiceListView.as_view(), name="invoices"),
+    path("invoices/upcoming", invoices.UpcomingInvoiceView.as_view(), name="invoice-upcoming"),
+    path("invoices/<str:number>/", invoices.InvoiceDetailView.as_view(), name="invoice"),
+    path("invoices/<str:number>/pdf", invoices.InvoicePdfView.as_view(), name="invoice-pdf"),
     path("api-keys/", keys.APIKeyListView.as_view(), name="api-keys"),
     path("api-keys/<int:pk>/revoke", keys.APIKeyRevokeView.as_view(), name="api-key-revoke"),
     path("settings/", organization.OrganizationSettingsView.as_view(), name="settings"),

@@ -87,3 +87,14 @@ LANGUAGES = {
     "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "pl": "Polish", "tr": "Turkish",
     "sv": "Swedish", "da": "Danish", "fi": "Finnish", "no": "Norwegian", "cs": "Czech",
 }  # fmt: skip
+
+
+@register.filter
+def get_item(mapping, key):
+    return mapping.get(key)
+
+
+@register.filter
+def hours(seconds) -> str:
+    """GPU seconds as hours: 5400 → "1.5 h"."""
+    return f"{Decimal(seconds) / 3600:.2f}".rstrip("0").rstrip(".") + " h"

@@ -36,6 +36,8 @@ NAV = [
     NavItem("models", "Models", "console:models"),
     NavItem("deployments", "Deployments", "console:deployments", Permission.DEPLOYMENTS_READ),
     NavItem("playground", "Playground", "console:playground-index", Permission.API_KEYS_WRITE),
+    NavItem("usage", "Usage", "console:usage", Permission.USAGE_READ),
+    NavItem("invoices", "Invoices", "console:invoices", Permission.BILLING_READ),
     NavItem("api-keys", "API keys", "console:api-keys", Permission.API_KEYS_READ),
     NavItem("settings", "Organization", "console:settings", Permission.ORGANIZATION_READ),
 ]

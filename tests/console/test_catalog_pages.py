@@ -98,7 +98,7 @@ def test_another_organizations_private_model_is_invisible(
 def test_the_model_page_shows_card_versions_and_hardware(console, organization):
     model, version = mixtral()
     h100 = HardwareProfileFactory(name="h100-80gb-x2", display_name="2 × H100", gpu_count=2)
-    small = HardwareProfileFactory(name="l4-24gb", display_name="1 × L4", gpu_memory_gb=24)
+    HardwareProfileFactory(name="l4-24gb", display_name="1 × L4", gpu_memory_gb=24)
     CpuProfileFactory(name="cpu-small")
     DedicatedPriceFactory(model_version=version, hardware_profile=h100, per_hour=Decimal("8"))
     old = ModelVersionFactory(model=model, version="v0.0", status="deprecated")

@@ -12,7 +12,6 @@ from tests.catalog.factories import (
     HardwareProfileFactory,
     ModelFactory,
     ModelVersionFactory,
-    TokenPriceFactory,
 )
 from tests.deployments.factories import (
     DeploymentEventFactory,
