@@ -40,7 +40,10 @@ def short_number(value) -> str:
             return f"{(value / limit).normalize():f}"[:5].rstrip(".") + suffix
     if value == value.to_integral_value():
         return f"{int(value)}"
-    return f"{value.quantize(Decimal('0.01')).normalize():f}"
+    if abs(value) >= 1:
+        return f"{value.quantize(Decimal('0.01')).normalize():f}"
+    # Cents and fractions of them (a day of light usage): keep three significant digits.
+    return f"{value.quantize(Decimal(1).scaleb(value.adjusted() - 2)).normalize():f}"
 
 
 def stacked_bar_chart(
@@ -137,11 +140,15 @@ def legend(series: list[Series]) -> SafeString:
     return mark_safe(f'<div class="legend" aria-hidden="true">{items}</div>')  # noqa: S308
 
 
-def share_bars(*, title: str, rows: list[tuple[str, Decimal]], unit: str = "") -> SafeString:
-    """Horizontal bars, one per row, longest first (e.g. cost by model)."""
+def share_bars(
+    *, title: str, rows: list[tuple[str, Decimal]], unit: str = "", shown=None
+) -> SafeString:
+    """Horizontal bars, one per row, longest first (e.g. cost by model). `shown` formats a
+    value for its label (default: a short number and the unit)."""
     chart_id = f"chart-{next(_ids)}"
     rows = sorted(rows, key=lambda row: row[1], reverse=True)
-    width, label_w, value_w, row_h = 760, 220, 90, 26
+    shown = shown or (lambda value: f"{short_number(value)} {unit}".strip())
+    width, label_w, value_w, row_h = 480, 150, 80, 26
     height = max(len(rows), 1) * row_h + 8
     ceiling = max((Decimal(value) for _label, value in rows), default=Decimal(0)) or Decimal(1)
     bar_room = width - label_w - value_w
@@ -149,30 +156,28 @@ def share_bars(*, title: str, rows: list[tuple[str, Decimal]], unit: str = "") -
     for index, (label, value) in enumerate(rows):
         y = 4 + index * row_h
         w = float(Decimal(value) / ceiling) * bar_room
-        shown = label if len(label) <= 30 else label[:29] + "…"
+        short_label = label if len(label) <= 22 else label[:21] + "…"
         parts.append(
             format_html(
                 '<text x="{}" y="{}" text-anchor="end">{}</text>'
                 '<rect class="bar" x="{}" y="{}" width="{}" height="{}" rx="2">'
-                "<title>{}: {} {}</title></rect>"
-                '<text x="{}" y="{}">{} {}</text>',
+                "<title>{}: {}</title></rect>"
+                '<text x="{}" y="{}">{}</text>',
                 label_w - 8,
                 y + 16,
-                shown,
+                short_label,
                 label_w,
                 y + 3,
                 f"{max(w, 1):.1f}",
                 row_h - 8,
                 label,
-                short_number(value),
-                unit,
+                shown(value),
                 label_w + max(w, 1) + 6,
                 y + 16,
-                short_number(value),
-                unit,
+                shown(value),
             )
         )
-    description = "; ".join(f"{label}: {short_number(value)} {unit}" for label, value in rows)
+    description = "; ".join(f"{label}: {shown(value)}" for label, value in rows)
     return format_html(
         '<svg class="chart" viewBox="0 0 {} {}" role="img" aria-labelledby="{}-title {}-desc">'
         '<title id="{}-title">{}</title><desc id="{}-desc">{}</desc>{}</svg>',

@@ -1,5 +1,6 @@
 """Template filters of the console: money, token counts, sizes, and model cards."""
 
+import re
 from decimal import ROUND_HALF_UP, Decimal
 
 import markdown as markdown_lib
@@ -32,7 +33,9 @@ def model_card(text: str) -> str:
         url_schemes={"http", "https", "mailto"},
         link_rel="noopener noreferrer nofollow",
     )
-    return mark_safe(cleaned)  # noqa: S308 - sanitized just above
+    # The page has its own h1 and h2s: a card's headings start below them.
+    demoted = re.sub(r"<(/?)h([1-6])>", lambda m: f"<{m[1]}h{min(int(m[2]) + 2, 6)}>", cleaned)
+    return mark_safe(demoted)  # noqa: S308 - sanitized just above
 
 
 @register.filter

@@ -7,6 +7,7 @@ from accounts.roles import Permission
 from billing import selectors as billing_selectors
 from billing.budgets import spend_percent
 from console import charts
+from console.templatetags.console import money
 from console.usage import usage_summary
 from console.views.base import ConsoleView
 
@@ -72,12 +73,12 @@ class UsageView(ConsoleView):
             "model_chart": charts.share_bars(
                 title="Cost by model",
                 rows=[(r.model, r.cost) for r in summary.by_model()],
-                unit=organization.currency,
+                shown=lambda value: money(value, organization.currency),
             ),
             "deployment_chart": charts.share_bars(
                 title="Cost by deployment",
                 rows=[(r.deployment, r.cost) for r in summary.by_deployment()],
-                unit=organization.currency,
+                shown=lambda value: money(value, organization.currency),
             ),
             "period_spend": spend,
             "spend_percent": spend_percent(spend, organization.monthly_spend_limit),

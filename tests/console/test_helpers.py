@@ -79,7 +79,9 @@ def test_model_cards_render_markdown_and_drop_anything_active():
         "<script>alert(1)</script><img src=https://cdn.example.com/x.png onerror=alert(1)>\n\n"
         "[click](javascript:alert(1))\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```\ncode\n```"
     )
-    assert "<h1>Mixtral</h1>" in html and "<strong>Sparse</strong>" in html
+    assert (
+        "<h3>Mixtral</h3>" in html
+    )  # below the page's own headings and "<strong>Sparse</strong>" in html
     assert 'href="https://arxiv.org/abs/2401.04088"' in html and "nofollow" in html
     assert "<script" not in html and "<img" not in html and "onerror" not in html
     assert "javascript:" not in html
@@ -115,3 +117,5 @@ def test_nice_ceiling_and_short_numbers():
     assert charts.nice_ceiling(Decimal("0.03")) == Decimal("0.05")
     assert charts.short_number(Decimal(12_345)) == "12.34k"
     assert charts.short_number(Decimal("2.5")) == "2.5"
+    assert charts.short_number(Decimal("0.00125")) == "0.00125"
+    assert charts.short_number(Decimal("0.0031500")) == "0.00315"
