@@ -93,11 +93,6 @@ LANGUAGES = {
 
 
 @register.filter
-def get_item(mapping, key):
-    return mapping.get(key)
-
-
-@register.filter
 def hours(seconds) -> str:
     """GPU seconds as hours: 5400 → "1.5 h"."""
     return f"{Decimal(seconds) / 3600:.2f}".rstrip("0").rstrip(".") + " h"

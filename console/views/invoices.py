@@ -1,9 +1,8 @@
-from django.http import Http404, HttpResponse
+from django.http import Http404
 
 from accounts.roles import Permission
 from billing import selectors as billing_selectors
 from billing.invoicing import invoice_draft
-from console.invoice_pdf import invoice_pdf
 from console.views.base import ConsoleView
 
 
@@ -50,14 +49,3 @@ class InvoiceDetailView(InvoiceMixin, ConsoleView):
             "console/invoices/detail.html",
             {"invoice": invoice, "lines": invoice.lines.all()},
         )
-
-
-class InvoicePdfView(InvoiceMixin, ConsoleView):
-    def get(self, request, number):
-        invoice = self.get_invoice(number)
-        pdf = invoice_pdf(
-            invoice, lines=invoice.lines.all(), organization=request.actor.organization
-        )
-        response = HttpResponse(pdf, content_type="application/pdf")
-        response["Content-Disposition"] = f'inline; filename="invoice-{invoice.number}.pdf"'
-        return response

@@ -86,28 +86,26 @@ def test_the_usage_page_shows_tokens_and_cost_by_day_model_and_deployment(
     total = response.context["total"]
     assert (total.requests, total.input_tokens, total.output_tokens) == (3, 3000, 1500)
     # 3000 × $1/1M + 1500 × $2/1M = $0.006 of tokens; 30 minutes at $4/h = $2.
-    assert total.token_cost == Decimal("0.006")
-    assert total.dedicated_cost == Decimal("2")
+    assert total.amount == Decimal("2.006")
+    assert total.gpu_seconds == 1800
     body = response.content.decode()
     assert "$2.01" in body
     assert body.count('<svg class="chart"') == 4
-    deployments = {row.deployment: row.cost for row in response.context["by_deployment"]}
+    deployments = {row.label: row.amount for row in response.context["by_deployment"]}
     assert deployments == {"chat": Decimal("0.006"), "big": Decimal("2")}
-    assert [row.model for row in response.context["by_model"]] == ["Mixtral tiny v1"]
-    assert len(response.context["by_day"]) == 30
+    assert [row.label for row in response.context["by_model"]] == [f"{usage.model.slug}:v1"]
 
 
-def test_the_usage_csv_has_a_row_per_day_model_and_deployment(console, organization, usage):
-    response = console(organization, Role.VIEWER).get("/usage/export.csv?days=7")
+def test_the_csv_exports_are_the_usage_apis_in_the_same_session(console, organization, usage):
+    client = console(organization, Role.VIEWER)
+    exports = client.get("/usage/?days=7").context["exports"]
+    assert set(exports) == {"by day", "by model", "by deployment", "by API key"}
+    response = client.get(exports["by deployment"])
+    assert response.status_code == 200
     assert response["Content-Type"].startswith("text/csv")
-    assert "attachment" in response["Content-Disposition"]
-    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
-    by_deployment = {row["deployment"]: row for row in rows}
-    assert by_deployment["chat"]["input_tokens"] == "3000"
-    assert by_deployment["chat"]["token_cost"] == "0.006"
-    assert by_deployment["big"]["dedicated_seconds"] == "1800"
-    assert Decimal(by_deployment["big"]["dedicated_cost"]) == Decimal("2")
-    assert {row["currency"] for row in rows} == {"USD"}
+    rows = {row["label"]: row for row in csv.DictReader(io.StringIO(response.content.decode()))}
+    assert rows["chat"]["input_tokens"] == "3000"
+    assert rows["big"]["gpu_seconds"] == "1800"
 
 
 def test_an_unknown_range_falls_back_to_30_days(console, organization):
@@ -143,7 +141,8 @@ def test_issued_invoices_have_a_page_and_a_pdf(console, organization, usage):
     page = client.get(f"/invoices/{invoice.number}/")
     assert page.status_code == 200
     assert invoice.number in page.content.decode()
-    pdf = client.get(f"/invoices/{invoice.number}/pdf")
+    assert f'href="/api/v1/invoices/{invoice.pk}.pdf"' in page.content.decode()
+    pdf = client.get(f"/api/v1/invoices/{invoice.pk}.pdf")
     assert pdf["Content-Type"] == "application/pdf"
     assert pdf.content.startswith(b"%PDF")
     assert client.get("/invoices/INV-NOPE/").status_code == 404
@@ -164,7 +163,6 @@ def test_another_organizations_invoice_is_a_404(console, organization, other_org
     theirs = console(organization, Role.OWNER).get("/invoices/").context["invoices"][0]
     client = console(other_organization, Role.OWNER)
     assert client.get(f"/invoices/{theirs.number}/").status_code == 404
-    assert client.get(f"/invoices/{theirs.number}/pdf").status_code == 404
 
 
 def test_usage_and_invoice_pages_run_a_constant_number_of_queries(console, organization, usage):
