@@ -3,9 +3,11 @@ from decimal import Decimal
 
 from django.core.paginator import Paginator
 from django.http import Http404
+from rest_framework.exceptions import ValidationError
 
 from catalog import selectors
 from console import estimates
+from console.filters import ConsoleModelFilter
 from console.views.base import ConsoleView
 
 
@@ -84,20 +86,41 @@ class ModelDetailView(ConsoleView):
 
 
 class ModelListView(ConsoleView):
-    """The catalog, a page of models. Search and filters come with the catalog's filterset
-    (catalog.filters.ModelFilter, the one GET /api/v1/models uses), not yet on main."""
+    """The catalog: the REST API's selector and filterset, a search box and a page of models."""
 
     section = "models"
     page_size = 24
 
     def get(self, request):
         models = selectors.model_list_for_api(organization=request.actor.organization)
-        page = Paginator(list_page_queryset(models), self.page_size).get_page(
-            request.GET.get("page")
-        )
+        licenses = sorted(set(models.order_by().values_list("license", flat=True).distinct()))
+        filterset = ConsoleModelFilter(request.GET, queryset=models, licenses=licenses)
+        status = 200
+        if filterset.is_valid():
+            try:
+                results = list_page_queryset(filterset.qs)
+                page = Paginator(results, self.page_size).get_page(request.GET.get("page"))
+            except ValidationError as error:  # DRF's: a value no visible model has
+                for field, problems in error.detail.items():
+                    for problem in problems:
+                        known = field if field in filterset.form.fields else None
+                        filterset.form.add_error(known, str(problem))
+        if filterset.form.errors:
+            status = 400
+            page = Paginator(models.none(), self.page_size).get_page(1)
+        query = request.GET.copy()
+        query.pop("page", None)
         return self.render(
             "console/catalog/model_list.html",
-            {"page": page, "rows": [(model, list_price(model)) for model in page]},
+            {
+                "filterset": filterset,
+                "form": filterset.form,
+                "page": page,
+                "rows": [(model, list_price(model)) for model in page],
+                "query": query.urlencode(),
+                "filtered": any(v for k, v in request.GET.items() if k != "page"),
+            },
+            status=status,
         )
 
 

@@ -68,7 +68,10 @@ def test_catalog_model_deploy_form_deployment_usage_and_invoices(page, live_serv
     log_in(page, live_server, "dev@acme.example")
 
     page.get_by_role("link", name="Models").click()
-    screenshot(page, "catalog")
+    page.get_by_label("Search").fill("mixtral")
+    page.wait_for_function("document.querySelectorAll('.model-card').length === 1")
+    assert "q=mixtral" in page.url  # htmx pushed the search into the address bar
+    screenshot(page, "catalog-search")
 
     page.get_by_role("link", name="Mixtral tiny").click()
     page.get_by_role("heading", name="Mixtral tiny", level=1).wait_for()

@@ -7,6 +7,7 @@ from django.test.utils import CaptureQueriesContext
 from accounts.roles import Role
 from catalog.models import Model
 from tests.catalog.factories import (
+    BuiltinRuntimeFactory,
     CpuProfileFactory,
     DedicatedPriceFactory,
     HardwareProfileFactory,
@@ -46,6 +47,40 @@ def test_the_catalog_lists_models_with_context_languages_and_price(console, orga
     assert "English, French, German, Spanish, Italian" in body
     assert "$0.70 in · $0.70 out" in body
     assert "dedicated only" in body  # the small model has no per-token price
+
+
+def test_searching_and_filtering_the_catalog(console, organization):
+    mixtral()
+    ModelVersionFactory(
+        model=ModelFactory(
+            display_name="Tiny CPU", total_parameters=10**9, active_parameters=10**9
+        ),
+        serving_runtime=BuiltinRuntimeFactory(),
+    )
+    ModelVersionFactory(model=ModelFactory(display_name="Coder", license="MIT", languages=["fr"]))
+    client = console(organization, Role.VIEWER)
+
+    def names(query):
+        response = client.get("/models/", query)
+        assert response.status_code == 200, response.content
+        return {model.display_name for model, _price in response.context["rows"]}
+
+    assert names({"q": "MIXTRAL"}) == {"Mixtral 8x7B Instruct"}
+    assert names({"language": "fr"}) == {"Mixtral 8x7B Instruct", "Coder"}
+    assert names({"license": "MIT"}) == {"Coder"}
+    assert names({"size": "small"}) == {"Tiny CPU", "Coder"}
+    assert names({"size": "medium"}) == {"Mixtral 8x7B Instruct"}
+    assert names({"runtime": "builtin"}) == {"Tiny CPU"}
+    assert names({"task": "chat", "q": "coder"}) == {"Coder"}
+    assert names({"q": "nothing-like-this"}) == set()
+
+
+def test_a_bad_filter_says_what_to_fix_and_keeps_the_search(console, organization):
+    mixtral()
+    response = console(organization).get("/models/", {"q": "mixtral", "size": "huge"})
+    assert response.status_code == 400
+    assert "size" in response.context["form"].errors
+    assert 'value="mixtral"' in response.content.decode()
 
 
 def test_another_organizations_private_model_is_invisible(
