@@ -8,6 +8,7 @@ api_v1 = [
     path("", include("accounts.urls")),
     path("", include("billing.urls")),
     path("", include("catalog.urls")),
+    path("", include("deployments.urls")),
 ]
 
 urlpatterns = [

@@ -49,10 +49,7 @@ def deployment_list(*, organization: Organization) -> QuerySet[Deployment]:
         .select_related(
             "model_version__model", "hardware_profile", "serving_runtime", "pool__hardware_profile"
         )
-        .prefetch_related(
-            Prefetch("replicas", queryset=Replica.objects.order_by("name")),
-            Prefetch("pool__replicas", queryset=Replica.objects.order_by("name")),
-        )
+        .prefetch_related(Prefetch("replicas", queryset=Replica.objects.order_by("name")))
     )
 
 

@@ -1,0 +1,117 @@
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from controlplane.rest.serializers import StrictSerializer
+from deployments.models import NAME_MAX_LENGTH, Deployment, DeploymentEvent, Replica
+
+
+class ReplicaSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Replica
+        fields = ["name", "endpoint", "ready", "phase", "message", "restart_count", "started_at"]
+        read_only_fields = fields
+
+
+class ProgressSerializer(serializers.Serializer):
+    phase = serializers.CharField(help_text="scheduling, pulling_image, loading_weights, ready")
+    percent = serializers.IntegerField()
+
+
+class DeploymentSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model_version.model.slug", read_only=True)
+    version = serializers.CharField(source="model_version.version", read_only=True)
+    served_model_name = serializers.CharField(
+        source="model_version.served_model_name", read_only=True
+    )
+    hardware_profile = serializers.SerializerMethodField()
+    runtime = serializers.CharField(source="serving_runtime.name", read_only=True, default=None)
+    progress = serializers.SerializerMethodField()
+    replicas = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Deployment
+        fields = [
+            "id",
+            "name",
+            "model",
+            "version",
+            "served_model_name",
+            "type",
+            "hardware_profile",
+            "runtime",
+            "min_replicas",
+            "max_replicas",
+            "desired_replicas",
+            "ready_replicas",
+            "target_in_flight_per_replica",
+            "scale_to_zero_after_seconds",
+            "generation",
+            "observed_generation",
+            "status",
+            "status_reason",
+            "conditions",
+            "progress",
+            "replicas",
+            "created_at",
+            "updated_at",
+            "deleted_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_hardware_profile(self, deployment):
+        profile = deployment.pool.hardware_profile if deployment.pool_id else None
+        profile = profile or deployment.hardware_profile
+        return profile.name if profile else None
+
+    @extend_schema_field(ProgressSerializer)
+    def get_progress(self, deployment):
+        return {"phase": deployment.progress_phase, "percent": deployment.progress_percent}
+
+    @extend_schema_field(ReplicaSerializer(many=True))
+    def get_replicas(self, deployment):
+        # A serverless deployment's replicas are the platform's shared pool: not shown.
+        if deployment.pool_id:
+            return []
+        return ReplicaSerializer(deployment.replicas.all(), many=True).data
+
+
+class DeploymentCreateSerializer(StrictSerializer):
+    name = serializers.CharField(
+        max_length=NAME_MAX_LENGTH,
+        help_text="DNS-safe and unique in your organization: the `model` name you call.",
+    )
+    model = serializers.CharField(max_length=100, help_text="A catalog model slug.")
+    version = serializers.CharField(
+        max_length=50, required=False, help_text="Default: the newest published version."
+    )
+    type = serializers.ChoiceField(choices=Deployment.Type.choices, default="dedicated")
+    hardware_profile = serializers.CharField(
+        max_length=64, required=False, help_text="Required for dedicated deployments."
+    )
+    min_replicas = serializers.IntegerField(min_value=0, default=1)
+    max_replicas = serializers.IntegerField(min_value=1, required=False)
+    target_in_flight_per_replica = serializers.IntegerField(min_value=1, default=8)
+    scale_to_zero_after_seconds = serializers.IntegerField(
+        min_value=60, required=False, allow_null=True
+    )
+
+
+class DeploymentUpdateSerializer(StrictSerializer):
+    version = serializers.CharField(
+        max_length=50, required=False, help_text="A new version rolls out replica by replica."
+    )
+    hardware_profile = serializers.CharField(max_length=64, required=False)
+    min_replicas = serializers.IntegerField(min_value=0, required=False)
+    max_replicas = serializers.IntegerField(min_value=1, required=False)
+    target_in_flight_per_replica = serializers.IntegerField(min_value=1, required=False)
+    scale_to_zero_after_seconds = serializers.IntegerField(
+        min_value=60, required=False, allow_null=True
+    )
+
+
+class DeploymentEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DeploymentEvent
+        fields = ["time", "type", "reason", "message"]
+        read_only_fields = fields
