@@ -1,14 +1,25 @@
-"""Command line: `python -m runtime serve ...` and `python -m runtime make-tiny-moe --out DIR`."""
+"""Command line of the runtime image.
+
+python -m runtime serve --model PATH_OR_S3_URI ...     the OpenAI-compatible server
+python -m runtime download --model S3_URI --out DIR    fetch and verify a model folder
+python -m runtime make-tiny-moe --out DIR              write the tiny MoE checkpoint
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a Mixtral-format model over the OpenAI API")
@@ -29,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-threads",
         type=int,
         default=None,
-        help="torch intra-op threads on CPU (default: torch's choice, one per core); small "
-        "models and shared machines run faster with 1",
+        help="torch intra-op threads on CPU (default: the CPUs this container may use, by its "
+        "cgroup CPU limit); small models and shared machines run faster with 1",
     )
     serve.add_argument(
         "--download-dir",
@@ -44,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
+    download = commands.add_parser(
+        "download", help="copy a model folder from s3:// and verify it against its manifest"
+    )
+    download.add_argument("--model", required=True, help="s3://bucket/prefix")
+    download.add_argument("--out", type=Path, required=True, help="folder to write")
+
     tiny = commands.add_parser("make-tiny-moe", help="write the tiny Mixtral-format MoE checkpoint")
     tiny.add_argument("--out", type=Path, required=True, help="folder to write (created if needed)")
     tiny.add_argument("--seed", type=int, default=0)
@@ -53,6 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.tiny_moe import build_tiny_moe
 
         print(build_tiny_moe(args.out, seed=args.seed))
+        return 0
+
+    if args.command == "download":
+        import logging
+
+        from runtime.loader import ModelLoadError, download_from_s3, verify_manifest
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        if not args.model.startswith("s3://"):
+            parser.error("--model must be an s3:// URI")
+        try:
+            verify_manifest(download_from_s3(args.model, args.out, nested=False))
+        except ModelLoadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         return 0
 
     from runtime.loader import DEFAULT_CACHE_DIR
@@ -66,14 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.max_num_seqs < 1:
         parser.error("--max-num-seqs must be at least 1")
-    if args.cpu_threads is not None:
-        if args.cpu_threads < 1:
-            parser.error("--cpu-threads must be at least 1")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error("--cpu-threads must be at least 1")
+    if args.device == "cpu":
         import torch
 
-        torch.set_num_threads(args.cpu_threads)
+        torch.set_num_threads(args.cpu_threads or _available_cpus())
     args.download_dir = args.download_dir or DEFAULT_CACHE_DIR
     return run_server(args)
+
+
+def _available_cpus() -> int:
+    """CPUs this process may use: the cgroup v2 CPU limit if any, else its CPU affinity.
+
+    torch would start one thread per core of the node, and in a pod limited to 2 CPUs on a
+    64-core node those threads would mostly wait on the CFS throttle.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 if __name__ == "__main__":

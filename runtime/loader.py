@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path, PurePosixPath
 
-from runtime.tiny_moe import MANIFEST_NAME, sha256_of
+from runtime.manifest import MANIFEST_NAME, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ def resolve_model(uri: str, *, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return folder
 
 
-def download_from_s3(uri: str, cache_dir: Path) -> Path:
+def download_from_s3(uri: str, cache_dir: Path, *, nested: bool = True) -> Path:
+    """Copy the objects under `uri` into `cache_dir/bucket/prefix` (or `cache_dir` itself when
+    not `nested`); files already there with the right size are kept."""
     import boto3
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -54,7 +56,7 @@ def download_from_s3(uri: str, cache_dir: Path) -> Path:
     if not objects:
         raise ModelLoadError(f"no objects under {uri}")
 
-    target = cache_dir / bucket / prefix
+    target = cache_dir / bucket / prefix if nested else cache_dir
     total = sum(o["Size"] for o in objects)
     progress = _Progress(uri, total)
     logger.info(

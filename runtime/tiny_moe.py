@@ -8,7 +8,6 @@ below, so any UTF-8 text round-trips. The same seed gives byte-identical files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "sirocco.manifest/v1"
+from runtime.manifest import MANIFEST_FORMAT, MANIFEST_NAME, sha256_of, write_manifest
+
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "build_tiny_moe", "sha256_of", "write_manifest"]
 
 CONTEXT_LENGTH = 2048
 HIDDEN_SIZE = 128
@@ -104,28 +104,6 @@ def build_tiny_moe(out_dir: Path, *, seed: int = 0) -> Path:
     weights_path.chmod(0o644)  # safetensors creates it owner-only; the other files are 0644
     write_manifest(out_dir)
     return out_dir
-
-
-def write_manifest(folder: Path) -> dict:
-    """List every file of `folder` except the manifest itself, with size and sha256."""
-    folder = Path(folder)
-    files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if relative == MANIFEST_NAME:
-            continue
-        files.append({"path": relative, "size": path.stat().st_size, "sha256": sha256_of(path)})
-    manifest = {"format": MANIFEST_FORMAT, "files": files}
-    _write_json(folder / MANIFEST_NAME, manifest)
-    return manifest
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _train_tokenizer() -> Tokenizer:

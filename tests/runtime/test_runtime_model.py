@@ -65,3 +65,20 @@ def test_decode_logits_are_bitwise_independent_of_the_batch(loaded):
     for row in range(len(prompts)):
         for step in range(steps + 1):
             assert torch.equal(batched[row][step], solo[row][step]), (row, step)
+
+
+def test_batched_decode_of_the_gpu_path_matches_each_sequence_alone(loaded):
+    # The CUDA path (batch_invariant=False): one masked GQA attention over rows of different
+    # lengths, experts as unpadded grouped GEMMs. Not bitwise, but the same numbers.
+    spec, weights, _ = loaded
+    runner = MixtralRunner(spec, weights, max_num_seqs=4, max_model_len=128, batch_invariant=False)
+    prompts = [_prompt(length, spec.vocab_size, seed=length) for length in (3, 40, 17, 70)]
+    alone = []
+    for prompt in prompts:
+        runner.prefill(0, prompt)
+        alone.append(runner.decode([9], [len(prompt)])[0])
+    for row, prompt in enumerate(prompts):
+        runner.prefill(row, prompt)
+    together = runner.decode([9] * 4, [len(p) for p in prompts])
+    for row in range(4):
+        torch.testing.assert_close(together[row], alone[row], rtol=0, atol=1e-4)
