@@ -1,0 +1,187 @@
+"""API keys for /v1: `Authorization: Bearer sk-…` → organization, key, scopes, limits.
+
+Checked on every request, so they are cached in process (by the secret's SHA-256, never the
+secret itself). A cached key is re-read in the background once it is half as old as
+GATEWAY_AUTH_CACHE_SECONDS and dropped when it is that old, so expiry, suspension and limit
+changes propagate. Revocation must be faster than that: `accounts.signals.api_key_revoked`
+drops the key in this process and publishes it on Redis for the other gateway processes
+(see `gateway.revocation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from accounts.models import APIKey
+from accounts.selectors import api_key_by_secret
+from gateway.errors import GatewayError, unauthorized
+
+logger = logging.getLogger(__name__)
+
+# Unknown secrets are remembered briefly, so a client retrying a bad key does not cost a
+# query per request. Safe: nobody can present a secret before it was created.
+NEGATIVE_CACHE_SECONDS = 10
+MAX_CACHED = 50_000
+# How long a revocation is remembered, to refuse a key whose row was read just before it.
+REVOCATION_MEMORY_SECONDS = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    key_id: int
+    organization_id: int
+    display_prefix: str
+    scopes: frozenset[str]
+    rpm_limit: int | None
+    tpm_limit: int | None
+    expires_at: float | None  # unix time
+    revoked: bool
+    organization_active: bool
+
+
+@dataclass(slots=True)
+class _Entry:
+    caller: Caller | None
+    fetched: float
+    refreshing: bool = False
+
+
+def _caller_from_key(key: APIKey) -> Caller:
+    return Caller(
+        key_id=key.pk,
+        organization_id=key.organization_id,
+        display_prefix=key.display_prefix,
+        scopes=frozenset(key.scopes),
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
+        expires_at=key.expires_at.timestamp() if key.expires_at else None,
+        revoked=key.revoked_at is not None,
+        organization_active=key.organization.is_active,
+    )
+
+
+def _load(secret: str) -> Caller | None:
+    key = api_key_by_secret(secret)
+    return _caller_from_key(key) if key is not None else None
+
+
+class KeyCache:
+    def __init__(self, db, *, ttl: float):
+        self._db = db
+        self._ttl = ttl
+        self._entries: dict[bytes, _Entry] = {}
+        self._digest_by_key_id: dict[int, bytes] = {}
+        self._revoked_at: dict[int, float] = {}
+        self._loading: dict[bytes, asyncio.Future] = {}
+
+    async def authenticate(self, authorization: bytes | None) -> Caller:
+        """The caller a request's Authorization header names; GatewayError 401/403 if none."""
+        secret = _bearer_secret(authorization)
+        digest = hashlib.sha256(secret.encode()).digest()
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry is not None:
+            age = now - entry.fetched
+            limit = self._ttl if entry.caller is not None else NEGATIVE_CACHE_SECONDS
+            if age >= limit:
+                entry = None
+            elif entry.caller is not None and age >= self._ttl / 2 and not entry.refreshing:
+                entry.refreshing = True
+                asyncio.get_running_loop().create_task(self._refresh(digest, secret))
+        caller = entry.caller if entry is not None else await self._fetch(digest, secret)
+        return _check(caller)
+
+    def forget(self, key_id: int) -> None:
+        """Drop a key now (it was revoked). Thread-safe enough: single dict operations."""
+        self._revoked_at[key_id] = time.monotonic()
+        digest = self._digest_by_key_id.pop(key_id, None)
+        if digest is not None:
+            self._entries.pop(digest, None)
+
+    async def _refresh(self, digest: bytes, secret: str) -> None:
+        try:
+            await self._fetch(digest, secret)
+        except Exception:
+            # The cached entry keeps serving until it expires; the next request retries.
+            logger.warning("re-reading an API key failed", exc_info=True)
+
+    async def _fetch(self, digest: bytes, secret: str) -> Caller | None:
+        pending = self._loading.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._loading[digest] = future
+        started = time.monotonic()
+        try:
+            caller = await self._db.call(_load, secret=secret)
+            if caller is not None and self._revoked_at.get(caller.key_id, -1.0) >= started:
+                # Revoked while we were reading the row: what we read may predate it.
+                caller = dataclasses.replace(caller, revoked=True)
+            self._store(digest, caller, started)
+            future.set_result(caller)
+            return caller
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            entry = self._entries.get(digest)
+            if entry is not None:
+                entry.refreshing = False
+            raise
+        finally:
+            del self._loading[digest]
+
+    def _store(self, digest: bytes, caller: Caller | None, fetched: float) -> None:
+        if len(self._entries) >= MAX_CACHED:
+            self._evict()
+        self._entries[digest] = _Entry(caller, fetched)
+        if caller is not None:
+            self._digest_by_key_id[caller.key_id] = digest
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        for digest, entry in list(self._entries.items()):
+            if now - entry.fetched >= self._ttl or len(self._entries) >= MAX_CACHED:
+                del self._entries[digest]
+                if entry.caller is not None:
+                    self._digest_by_key_id.pop(entry.caller.key_id, None)
+        cutoff = now - REVOCATION_MEMORY_SECONDS
+        self._revoked_at = {k: t for k, t in self._revoked_at.items() if t >= cutoff}
+
+
+def _bearer_secret(authorization: bytes | None) -> str:
+    if not authorization:
+        raise unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer sk-…' "
+            "(create one in the console or with `manage.py create_api_key`)."
+        )
+    scheme, _, secret = authorization.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise unauthorized("Malformed Authorization header. Send 'Authorization: Bearer sk-…'.")
+    return secret.strip()
+
+
+def _check(caller: Caller | None) -> Caller:
+    if caller is None:
+        raise unauthorized(
+            "Incorrect API key provided. Check it was copied whole, or create a new one."
+        )
+    if caller.revoked:
+        raise unauthorized(f"The API key {caller.display_prefix}… was revoked. Use another key.")
+    if caller.expires_at is not None and caller.expires_at <= time.time():
+        raise unauthorized(f"The API key {caller.display_prefix}… has expired. Create a new one.")
+    if not caller.organization_active:
+        raise unauthorized("This organization is suspended. Contact the platform operators.")
+    if APIKey.Scope.INFERENCE not in caller.scopes:
+        raise GatewayError(
+            403,
+            f"The API key {caller.display_prefix}… lacks the 'inference' scope that /v1 needs; "
+            "use a key created with that scope.",
+            type="permission_error",
+            code="insufficient_scope",
+        )
+    return caller

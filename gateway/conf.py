@@ -1,0 +1,54 @@
+"""The gateway's settings, read once from Django settings into a frozen object.
+
+Every value has a default in controlplane/settings/base.py (section "Gateway") and an
+environment variable of the same name; README's configuration table lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    max_body_bytes: int
+    connect_timeout: float
+    first_byte_timeout: float
+    idle_timeout: float
+    scale_from_zero_wait: float
+    scale_progress_interval: float
+    org_rpm_limit: int
+    org_tpm_limit: int
+    auth_cache_seconds: float
+    route_cache_seconds: float
+    spend_cache_seconds: float
+    usage_commit_timeout: float
+    load_report_seconds: float
+    redis_url: str
+    redis_prefix: str
+    db_threads: int
+
+    @classmethod
+    def from_django(cls, **overrides) -> GatewaySettings:
+        values = {
+            "max_body_bytes": settings.GATEWAY_MAX_BODY_BYTES,
+            "connect_timeout": settings.GATEWAY_CONNECT_TIMEOUT,
+            "first_byte_timeout": settings.GATEWAY_FIRST_BYTE_TIMEOUT,
+            "idle_timeout": settings.GATEWAY_IDLE_TIMEOUT,
+            "scale_from_zero_wait": settings.GATEWAY_SCALE_FROM_ZERO_WAIT,
+            "scale_progress_interval": settings.GATEWAY_SCALE_PROGRESS_INTERVAL,
+            "org_rpm_limit": settings.GATEWAY_ORG_RPM_LIMIT,
+            "org_tpm_limit": settings.GATEWAY_ORG_TPM_LIMIT,
+            "auth_cache_seconds": settings.GATEWAY_AUTH_CACHE_SECONDS,
+            "route_cache_seconds": settings.GATEWAY_ROUTE_CACHE_SECONDS,
+            "spend_cache_seconds": settings.GATEWAY_SPEND_CACHE_SECONDS,
+            "usage_commit_timeout": settings.GATEWAY_USAGE_COMMIT_TIMEOUT,
+            "load_report_seconds": settings.GATEWAY_LOAD_REPORT_SECONDS,
+            "redis_url": settings.REDIS_URL,
+            "redis_prefix": settings.GATEWAY_REDIS_PREFIX,
+            "db_threads": settings.GATEWAY_DB_THREADS,
+        }
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,66 @@
+"""Django ORM calls from the event loop: a few threads that own their database connections.
+
+The ORM is synchronous; running it on the event loop would stall every request. These
+threads run selectors for the caches (keys, routes, spend limits) and close their connections
+when the gateway stops (a test database can only be dropped once nobody holds it open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from django.db import close_old_connections, connections
+
+_STOP = object()
+
+
+class DbThreads:
+    def __init__(self, count: int, *, name: str = "gateway-db"):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
+            for index in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    async def call(self, function: Callable[..., Any], /, **kwargs) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((function, kwargs, future, loop))
+        return await future
+
+    def stop(self, timeout: float = 5) -> None:
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _work(self) -> None:
+        try:
+            while (item := self._queue.get()) is not _STOP:
+                function, kwargs, future, loop = item
+                # Drops a connection the server closed or that outlived CONN_MAX_AGE.
+                close_old_connections()
+                try:
+                    result, error = function(**kwargs), None
+                except BaseException as exc:
+                    result, error = None, exc
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, future, result, error)
+        finally:
+            connections.close_all()
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

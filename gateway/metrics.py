@@ -1,0 +1,61 @@
+"""Prometheus metrics per deployment. In-flight also feeds the autoscaler (see gateway.load)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+IN_FLIGHT = Gauge(
+    "sirocco_gateway_in_flight_requests",
+    "Requests being served by a replica of the deployment, in this gateway process",
+    ["deployment"],
+)
+REQUESTS = Counter(
+    "sirocco_gateway_requests_total",
+    "Requests that reached a replica, by final status",
+    ["deployment", "status"],
+)
+TOKENS = Counter("sirocco_gateway_tokens_total", "Tokens served, as billed", ["deployment", "kind"])
+LATENCY = Histogram(
+    "sirocco_gateway_request_duration_seconds",
+    "From the request's arrival to its last byte",
+    ["deployment"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+TTFT = Histogram(
+    "sirocco_gateway_time_to_first_token_seconds",
+    "From the request's arrival to its first generated text (streaming requests)",
+    ["deployment"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+REFUSED = Counter(
+    "sirocco_gateway_refused_total",
+    "Requests answered by the gateway itself, without reaching a replica, by status",
+    ["status"],
+)
+
+
+class DeploymentMetrics:
+    """The labelled children of one deployment, looked up once (labels() is not free)."""
+
+    __slots__ = ("_label", "completion_tokens", "in_flight", "latency", "prompt_tokens", "ttft")
+
+    def __init__(self, deployment_id: str):
+        self._label = deployment_id
+        self.in_flight = IN_FLIGHT.labels(deployment_id)
+        self.prompt_tokens = TOKENS.labels(deployment_id, "prompt")
+        self.completion_tokens = TOKENS.labels(deployment_id, "completion")
+        self.latency = LATENCY.labels(deployment_id)
+        self.ttft = TTFT.labels(deployment_id)
+
+    def finished(self, status: int) -> None:
+        REQUESTS.labels(self._label, str(status)).inc()
+
+
+_by_deployment: dict[str, DeploymentMetrics] = {}
+
+
+def for_deployment(deployment_id: str) -> DeploymentMetrics:
+    metrics = _by_deployment.get(deployment_id)
+    if metrics is None:
+        metrics = _by_deployment[deployment_id] = DeploymentMetrics(deployment_id)
+    return metrics

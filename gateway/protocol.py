@@ -1,0 +1,194 @@
+"""What the gateway checks in an OpenAI request before it spends anything on it.
+
+Only what the gateway itself needs is checked here (the model, the prompt it counts, stream,
+max_tokens); the replica validates the rest and answers in the same error format, which the
+gateway passes through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.errors import bad_request
+from gateway.tokens import ModelTokenizer, estimate_chat, estimate_prompt, message_text
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    chat: bool
+    payload: dict
+    model: str
+    stream: bool
+    wants_usage: bool  # the client's own stream_options.include_usage
+    max_tokens: int | None
+    max_tokens_param: str
+
+    def count_prompt(self, tokenizer: ModelTokenizer | None) -> int:
+        if self.chat:
+            messages = self.payload["messages"]
+            return tokenizer.count_chat(messages) if tokenizer else estimate_chat(messages)
+        prompt = self.payload["prompt"]
+        return tokenizer.count_prompt(prompt) if tokenizer else estimate_prompt(prompt)
+
+    def upstream_body(self, served_model_name: str) -> bytes:
+        body = dict(self.payload)
+        body["model"] = served_model_name
+        if self.stream:
+            # Always ask for usage: it is what gets billed. Dropped again if the client did
+            # not ask for it.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return orjson.dumps(body)
+
+
+def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
+    if not raw:
+        raise bad_request(
+            "The request body is empty. Send a JSON object with `model` and "
+            + ("`messages`." if chat else "`prompt`.")
+        )
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise bad_request(
+            f"We could not parse the JSON body of your request ({error}). Send valid JSON "
+            "with Content-Type: application/json."
+        ) from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    model = payload.get("model")
+    if model is None:
+        raise bad_request("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request(
+            "`model` must be a non-empty string: the name of one of your deployments "
+            "(GET /v1/models lists them).",
+            param="model",
+        )
+    if chat:
+        _check_messages(payload.get("messages"))
+    else:
+        _check_prompt(payload.get("prompt"))
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("`stream` must be true or false.", param="stream")
+    wants_usage = False
+    options = payload.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise bad_request(
+                "`stream_options` is only allowed when `stream` is true.", param="stream_options"
+            )
+        if not isinstance(options, dict):
+            raise bad_request("`stream_options` must be an object.", param="stream_options")
+        include = options.get("include_usage", False)
+        if not isinstance(include, bool):
+            raise bad_request(
+                "`stream_options.include_usage` must be true or false.",
+                param="stream_options.include_usage",
+            )
+        wants_usage = include
+    max_tokens, param = None, "max_tokens"
+    for name in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_request(f"`{name}` must be a positive integer.", param=name)
+        max_tokens, param = value, name
+        break
+    if not chat and "max_tokens" not in payload:
+        max_tokens = 16  # OpenAI's default for legacy completions (the runtime's too)
+    return CompletionRequest(chat, payload, model, stream, wants_usage, max_tokens, param)
+
+
+def _check_messages(messages) -> None:
+    if messages is None:
+        raise bad_request("You must provide `messages`.", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request(
+            "`messages` must be a non-empty array of {role, content} objects.", param="messages"
+        )
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise bad_request(
+                f"`{where}` must be an object with `role` and `content`.", param=where
+            )
+        if not isinstance(message.get("role"), str):
+            raise bad_request(f"`{where}.role` must be a string.", param=f"{where}.role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(
+                f"`{where}.content` must be a string or an array of content parts.",
+                param=f"{where}.content",
+            )
+        message_text(content)
+
+
+def _check_prompt(prompt) -> None:
+    if prompt is None:
+        raise bad_request("You must provide `prompt`.", param="prompt")
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(item, str) for item in prompt):
+            return
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
+            return
+        if all(
+            isinstance(item, list)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+            for item in prompt
+        ):
+            return
+    raise bad_request(
+        "`prompt` must be a string, an array of strings, or an array of token ids.",
+        param="prompt",
+    )
+
+
+def check_context(
+    request: CompletionRequest, prompt_tokens: int, max_model_len: int, *, exact: bool
+) -> int:
+    """The tokens to reserve (prompt + max_tokens); 400 when they cannot fit the context.
+
+    With an estimated prompt count (`exact` false) only max_tokens itself is checked: the
+    estimate may be high, and the replica checks the real count anyway.
+    """
+    where = "messages" if request.chat else "prompt"
+    if not exact:
+        if request.max_tokens is not None and request.max_tokens >= max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens, and "
+                f"`{request.max_tokens_param}` is {request.max_tokens}. Please reduce "
+                f"`{request.max_tokens_param}`.",
+                param=request.max_tokens_param,
+                code="context_length_exceeded",
+            )
+        if request.max_tokens is None:
+            return max_model_len
+        return min(prompt_tokens + request.max_tokens, max_model_len)
+    if request.max_tokens is None:
+        if prompt_tokens >= max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"your {where} resulted in {prompt_tokens} tokens. Please reduce the length "
+                f"of the {where}.",
+                param=where,
+                code="context_length_exceeded",
+            )
+        return max_model_len
+    if request.max_tokens > max_model_len or prompt_tokens + request.max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the "
+            f"{where}, {request.max_tokens} in the completion). Please reduce the length of "
+            f"the {where} or `{request.max_tokens_param}`.",
+            param=request.max_tokens_param,
+            code="context_length_exceeded",
+        )
+    return prompt_tokens + request.max_tokens
