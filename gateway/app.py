@@ -185,11 +185,12 @@ class Gateway:
                 )
             )
         ]
+        self._stopping = asyncio.Event()
         if config.redis_url:
             self._tasks.append(
                 asyncio.get_running_loop().create_task(
                     revocation.listen_for_revocations(
-                        config.redis_url, config.redis_prefix, self.keys
+                        config.redis_url, config.redis_prefix, self.keys, self._stopping
                     )
                 )
             )
@@ -197,9 +198,9 @@ class Gateway:
 
     async def close(self) -> None:
         revocation.unregister(self.keys)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping.set()
+        self._tasks[0].cancel()  # the load reporter sleeps between reports
+        await asyncio.wait(self._tasks, timeout=5)
         await self.session.close()
         if isinstance(self.limiter, RedisRateLimiter):
             await self.limiter.close()

@@ -54,16 +54,21 @@ def _redis_publisher() -> redis.Redis:
     return _publisher
 
 
-async def listen_for_revocations(redis_url: str, prefix: str, cache) -> None:
-    """Drop keys that other processes revoke, until cancelled; reconnects after errors."""
+async def listen_for_revocations(redis_url: str, prefix: str, cache, stop: asyncio.Event):
+    """Drop keys that other processes revoke, until `stop` is set; reconnects after errors.
+
+    Polls with a short timeout rather than `listen()`: redis-py's pub/sub can swallow a task's
+    cancellation while it waits, so a stop flag is what reliably ends this loop.
+    """
     channel = channel_name(prefix)
-    while True:
+    while not stop.is_set():
         client = redis.asyncio.Redis.from_url(redis_url)
         try:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(channel)
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
+                while not stop.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None and message["type"] == "message":
                         cache.forget(int(message["data"]))
         except (redis.RedisError, OSError, ValueError):
             logger.warning("revocation channel %s lost; reconnecting", channel, exc_info=True)

@@ -123,6 +123,30 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+# --- Gateway (/v1) ---------------------------------------------------------------------------
+# Limits for each organization, on top of each key's own rpm_limit/tpm_limit (0: no limit).
+GATEWAY_ORG_RPM_LIMIT = env.int("GATEWAY_ORG_RPM_LIMIT", default=10_000)
+GATEWAY_ORG_TPM_LIMIT = env.int("GATEWAY_ORG_TPM_LIMIT", default=2_000_000)
+GATEWAY_MAX_BODY_BYTES = env.int("GATEWAY_MAX_BODY_BYTES", default=4 * 1024 * 1024)
+# Upstream timeouts, seconds: TCP connect; until the replica's response headers (for a
+# non-streaming request: the whole generation); and between two reads of its body.
+GATEWAY_CONNECT_TIMEOUT = env.float("GATEWAY_CONNECT_TIMEOUT", default=3.0)
+GATEWAY_FIRST_BYTE_TIMEOUT = env.float("GATEWAY_FIRST_BYTE_TIMEOUT", default=600.0)
+GATEWAY_IDLE_TIMEOUT = env.float("GATEWAY_IDLE_TIMEOUT", default=120.0)
+# How long a request waits for a deployment at zero replicas to get one; streaming requests
+# get an SSE comment with progress every GATEWAY_SCALE_PROGRESS_INTERVAL seconds meanwhile.
+GATEWAY_SCALE_FROM_ZERO_WAIT = env.float("GATEWAY_SCALE_FROM_ZERO_WAIT", default=300.0)
+GATEWAY_SCALE_PROGRESS_INTERVAL = env.float("GATEWAY_SCALE_PROGRESS_INTERVAL", default=5.0)
+GATEWAY_AUTH_CACHE_SECONDS = env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0)
+GATEWAY_ROUTE_CACHE_SECONDS = env.float("GATEWAY_ROUTE_CACHE_SECONDS", default=2.0)
+GATEWAY_SPEND_CACHE_SECONDS = env.float("GATEWAY_SPEND_CACHE_SECONDS", default=15.0)
+# A response waits at most this long for its usage event to be committed.
+GATEWAY_USAGE_COMMIT_TIMEOUT = env.float("GATEWAY_USAGE_COMMIT_TIMEOUT", default=10.0)
+GATEWAY_LOAD_REPORT_SECONDS = env.float("GATEWAY_LOAD_REPORT_SECONDS", default=5.0)
+# Redis keys and channels of the gateway (rate-limit buckets, key revocations) start with this.
+GATEWAY_REDIS_PREFIX = env.str("GATEWAY_REDIS_PREFIX", default="sirocco:gateway:")
+GATEWAY_DB_THREADS = env.int("GATEWAY_DB_THREADS", default=4)
+
 # --- Celery ---------------------------------------------------------------------------------
 # Embedded default: kombu's SQLAlchemy transport on a SQLite file, so a real worker process
 # runs with no broker server. Production: redis://... (or amqp://...).

@@ -5,7 +5,7 @@ served_model_name upstream):
 - "stub": 8 tokens at once (usage chunk when asked, with empty choices).
 - "stub-usage-in-choices": the usage rides on the last content chunk (non-empty choices).
 - "stub-break": the stream stops after 3 tokens, without usage or [DONE].
-- "stub-slow": 200 tokens, 20 ms apart (for disconnects).
+- "stub-slow": 100 tokens, 20 ms apart (for disconnects).
 - "stub-html-500": a 500 with an HTML body.
 """
 
@@ -39,7 +39,7 @@ class Upstream:
         if model == "stub-html-500":
             await _respond(send, 500, b"<html>boom</html>", b"text/html")
             return
-        tokens = [f" t{i}" for i in range(200)] if model == "stub-slow" else TOKENS
+        tokens = [f" t{i}" for i in range(100)] if model == "stub-slow" else TOKENS
         usage = {
             "prompt_tokens": 12,
             "completion_tokens": len(tokens),

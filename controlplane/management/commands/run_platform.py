@@ -48,8 +48,9 @@ class Command(BaseCommand):
                     "--port",
                     str(port),
                     "--no-access-log",
+                    # The gateway starts its usage writer and flushes it on shutdown.
                     "--lifespan",
-                    "off",
+                    "on",
                 ]
             ),
             "worker": self._spawn(

@@ -1,0 +1,207 @@
+"""SSE relay edge cases and the exactly-once usage record: the usage chunk with or without
+choices, a stream that breaks before its usage (counted with the model's tokenizer), a client
+that disconnects mid-stream (one row, upstream cancelled), scale from zero, load reports."""
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from deployments.models import Deployment, LoadReport
+from gateway.models import UsageEvent
+from gateway.tokens import ModelTokenizer
+from tests.deployments.factories import ReplicaFactory
+from tests.gateway.conftest import RUNTIME_SERVED_NAME
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "Tell me a story about a fox."}]
+
+
+@pytest.fixture
+def tenant(gateway, organization, inference_key):
+    _key, secret = inference_key(organization)
+    return {"authorization": f"Bearer {secret}"}
+
+
+def sse_data(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_usage_on_a_chunk_with_choices_is_kept_when_asked_and_stripped_when_not(
+    gateway, tenant, organization, make_deployment, upstream_server
+):
+    make_deployment(
+        organization,
+        name="chat",
+        endpoints=[upstream_server.url],
+        served_model_name="stub-usage-in-choices",
+    )
+    body = {"model": "chat", "messages": CHAT, "stream": True}
+    plain = httpx.post(gateway.v1 + "/chat/completions", json=body, headers=tenant)
+    asked = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={**body, "stream_options": {"include_usage": True}},
+        headers=tenant,
+    )
+    plain_events, asked_events = sse_data(plain.text), sse_data(asked.text)
+    assert plain_events[-1] == asked_events[-1] == "[DONE]"
+    assert len(plain_events) == len(asked_events) == 9  # 8 tokens + [DONE]: nothing dropped
+    assert '"usage"' not in plain_events[-2] and '"completion_tokens": 8' in asked_events[-2]
+    rows = UsageEvent.objects.all()
+    assert [(r.prompt_tokens, r.completion_tokens, r.usage_source) for r in rows] == [
+        (12, 8, "upstream")
+    ] * 2
+
+
+def test_a_stream_that_breaks_before_usage_is_counted_with_the_models_tokenizer(
+    gateway, tenant, organization, make_deployment, upstream_server, tiny_moe_dir
+):
+    deployment = make_deployment(
+        organization, name="chat", endpoints=[upstream_server.url], served_model_name="stub-break"
+    )
+    version = deployment.model_version
+    version.artifact_uri = str(tiny_moe_dir)
+    version.save(update_fields=["artifact_uri"])
+    response = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={"model": "chat", "messages": CHAT, "stream": True},
+        headers=tenant,
+    )
+    events = sse_data(response.text)
+    assert '"server_error"' in events[-1] and "stream" in events[-1]
+    row = UsageEvent.objects.get()
+    tokenizer = ModelTokenizer(tiny_moe_dir)
+    assert row.usage_source == UsageEvent.Source.COUNTED
+    assert row.status_code == 502
+    assert row.completion_tokens == tokenizer.count_text("Hello, world")  # 3 chunks streamed
+    assert row.prompt_tokens == tokenizer.count_chat(CHAT)
+
+
+def test_client_disconnect_mid_stream_cancels_upstream_and_leaves_one_row(
+    gateway, tenant, organization, make_deployment, runtime_process
+):
+    make_deployment(
+        organization,
+        name="chat",
+        endpoints=[runtime_process],
+        served_model_name=RUNTIME_SERVED_NAME,
+        model_version__runtime_args={"max_model_len": 2048},
+    )
+    received = 0
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            gateway.v1 + "/chat/completions",
+            json={"model": "chat", "messages": CHAT, "stream": True, "max_tokens": 1500},
+            headers=tenant,
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                received += 1
+            if received >= 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 10
+    while not UsageEvent.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    row = UsageEvent.objects.get()
+    assert row.status_code == 499
+    assert row.usage_source == UsageEvent.Source.COUNTED
+    assert 1 <= row.completion_tokens < 1500
+    assert row.prompt_tokens > 0
+    # The runtime stopped generating for it: nothing is left running there.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = httpx.get(runtime_process + "/metrics").text
+        running = [
+            line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")
+        ]
+        if running and all(line.endswith(" 0.0") for line in running):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the runtime still generates: {running}")
+    time.sleep(0.5)
+    assert UsageEvent.objects.count() == 1
+
+
+def test_scale_from_zero_holds_the_request_and_streams_progress(
+    gateway, tenant, organization, make_deployment, upstream_server
+):
+    gateway.reset(scale_from_zero_wait=20, scale_progress_interval=0.3)
+    deployment = make_deployment(
+        organization, name="chat", min_replicas=0, max_replicas=1, desired_replicas=0
+    )
+
+    def replica_comes_up():
+        time.sleep(1.2)
+        ReplicaFactory(deployment=deployment, endpoint=upstream_server.url)
+
+    threading.Thread(target=replica_comes_up).start()
+    response = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={"model": "chat", "messages": CHAT, "stream": True},
+        headers=tenant,
+        timeout=30,
+    )
+    assert response.status_code == 200
+    comments = [line for line in response.text.splitlines() if line.startswith(":")]
+    assert len(comments) >= 2 and "waiting for a replica of chat" in comments[0]
+    assert sse_data(response.text)[-1] == "[DONE]"
+    deployment.refresh_from_db()
+    assert deployment.desired_replicas == 1  # the gateway asked the control plane for one
+    assert UsageEvent.objects.get().status_code == 200
+
+
+def test_scale_from_zero_wait_runs_out_with_503_and_retry_after(
+    gateway, tenant, organization, make_deployment
+):
+    gateway.reset(scale_from_zero_wait=0.5)
+    make_deployment(organization, name="chat", min_replicas=0, max_replicas=1, desired_replicas=0)
+    response = httpx.post(
+        gateway.v1 + "/chat/completions", json={"model": "chat", "messages": CHAT}, headers=tenant
+    )
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert "became ready within" in response.json()["error"]["message"]
+    assert Deployment.objects.get(name="chat").desired_replicas == 1
+    assert not UsageEvent.objects.exists()
+
+
+def test_in_flight_is_reported_for_the_autoscaler_and_metrics(
+    gateway, tenant, organization, make_deployment, upstream_server
+):
+    deployment = make_deployment(
+        organization, name="chat", endpoints=[upstream_server.url], served_model_name="stub-slow"
+    )
+
+    async def streams():
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"model": "chat", "messages": CHAT, "stream": True}
+            await asyncio.gather(
+                *(
+                    client.post(gateway.v1 + "/chat/completions", json=body, headers=tenant)
+                    for _ in range(3)
+                )
+            )
+
+    asyncio.run(streams())  # three streams of ~2 s each, side by side
+    deadline = time.monotonic() + 5
+    while not LoadReport.objects.filter(deployment=deployment).exists():
+        assert time.monotonic() < deadline, "no load report"
+        time.sleep(0.1)
+    report = LoadReport.objects.get(deployment=deployment)
+    assert report.source.startswith("gateway:")
+    assert report.last_request_at is not None
+    assert report.in_flight_average > 0.5  # three streams were in flight for seconds
+    metrics = httpx.get(gateway.url + "/metrics").text
+    label = f'deployment="{deployment.id}"'
+    assert f"sirocco_gateway_in_flight_requests{{{label}}} 0.0" in metrics
+    assert f'sirocco_gateway_requests_total{{{label},status="200"}} 3.0' in metrics
+    assert f"sirocco_gateway_time_to_first_token_seconds_count{{{label}}} 3.0" in metrics
+    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(gateway.url + "/readyz").json()["checks"]["database"] == "ok"
