@@ -116,3 +116,18 @@ def test_the_static_assets_are_served_by_the_app(client):
     ]:
         response = client.get(path)
         assert response.status_code == 200, path
+
+
+def test_the_overview_shows_spend_deployments_and_what_to_do_next(console, organization):
+    from tests.deployments.factories import DeploymentFactory
+
+    client = console(organization, Role.DEVELOPER)
+    body = client.get("/").content.decode()
+    assert "Get started" in body and 'href="/models/?q=mixtral"' in body
+    DeploymentFactory(organization=organization, name="my-mixtral")
+    response = client.get("/")
+    assert response.context["deployment_count"] == 1
+    assert "my-mixtral" in response.content.decode()
+    assert "Get started" not in response.content.decode()
+    viewer = console(organization, Role.VIEWER).get("/").content.decode()
+    assert "Get started" not in viewer and "my-mixtral" in viewer
