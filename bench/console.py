@@ -345,7 +345,9 @@ def main() -> None:
     )
     print(f"{'page':<24} {'p50 ms':>8} {'p95 ms':>8} {'queries':>8}  path")
     for name, row in results.items():
-        print(f"{name:<24} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['queries']:>8}  {row['path']}")
+        print(
+            f"{name:<24} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['queries']:>8}  {row['path']}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "console.json").write_text(json.dumps(report, indent=2))
 
