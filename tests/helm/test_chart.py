@@ -432,6 +432,13 @@ def test_the_provisioner_and_billing_settings_come_from_values(render):
     assert config["SIROCCO_K8S_FETCHER_IMAGE"] == "sirocco/runtime:0.1.0"
     assert "SIROCCO_K8S_AWS_ENDPOINT_URL" not in config
     assert (config["BILLING_PERIOD"], config["BILLING_TAX_RATE"]) == ("monthly", "0")
+    assert (config["GATEWAY_ORG_RPM_LIMIT"], config["GATEWAY_ORG_TPM_LIMIT"]) == (
+        "10000",
+        "2000000",
+    )
+    # Large counts stay integers (Helm's numbers are floats: 5e+07 would not parse).
+    limits = render({"gateway": {"organizationTokensPerMinute": 50_000_000}}).config()
+    assert limits["GATEWAY_ORG_TPM_LIMIT"] == "50000000"
     # Inference pods reach the same S3 endpoint as the control plane unless told otherwise.
     stores = render(VARIANTS["chart-managed-secret"]).config()
     assert stores["SIROCCO_K8S_AWS_ENDPOINT_URL"] == "https://minio.storage:9000"

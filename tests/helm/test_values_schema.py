@@ -60,6 +60,10 @@ SCHEMA_ERRORS = [
         {"securityContext": {"allowPrivilegeEscalation": True}},
         "at '/securityContext/allowPrivilegeEscalation'",
     ),
+    (
+        {"gateway": {"organizationRequestsPerMinute": -1}},
+        "at '/gateway/organizationRequestsPerMinute': minimum: got -1, want 0",
+    ),
     ({"billing": {"period": "yearly"}}, "at '/billing/period': value must be one of"),
     ({"billing": {"taxRate": "20%"}}, "at '/billing/taxRate'"),
     ({"billing": {"taxRate": 0.2}}, "at '/billing/taxRate': got number, want string"),

@@ -170,6 +170,13 @@ SIROCCO_K8S_GATEWAY_NAMESPACE: {{ .Release.Namespace | quote }}
 {{- $labels = append $labels (printf "%s=%s" $key $value) }}
 {{- end }}
 SIROCCO_K8S_GATEWAY_POD_LABELS: {{ $labels | join "," | quote }}
+{{- with .Values.gateway }}
+GATEWAY_ORG_RPM_LIMIT: {{ .organizationRequestsPerMinute | int64 | quote }}
+GATEWAY_ORG_TPM_LIMIT: {{ .organizationTokensPerMinute | int64 | quote }}
+GATEWAY_MAX_BODY_BYTES: {{ .maxBodyBytes | int64 | quote }}
+GATEWAY_SCALE_FROM_ZERO_WAIT: {{ .scaleFromZeroWaitSeconds | quote }}
+GATEWAY_FIRST_BYTE_TIMEOUT: {{ .firstByteTimeoutSeconds | quote }}
+{{- end }}
 BILLING_PERIOD: {{ .Values.billing.period | quote }}
 BILLING_TAX_RATE: {{ .Values.billing.taxRate | quote }}
 BILLING_INVOICE_PREFIX: {{ .Values.billing.invoicePrefix | quote }}
