@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 
-from accounts.models import Organization
+from billing.selectors import organization_spend_blocked
 from catalog.models import ModelVersion
 from deployments.selectors import callable_models, route_for
 from deployments.services import deployment_request_scale_up as request_scale_up
@@ -24,16 +24,6 @@ __all__ = [
 ]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def organization_spend_blocked(*, organization_id: int) -> bool:
-    """Until billing's selector lands: an organization whose hard limit is 0 may not spend."""
-    limit = (
-        Organization.objects.filter(pk=organization_id)
-        .values_list("monthly_spend_limit", flat=True)
-        .first()
-    )
-    return limit is not None and limit <= 0
 
 
 def tokenizer_folder(*, version_id: int) -> Path | None:
