@@ -10,7 +10,6 @@ import re
 
 import django_filters
 from django import forms
-from django.db.models import Exists, OuterRef
 from rest_framework.exceptions import ValidationError
 
 from catalog.models import HardwareProfile, Model, ModelVersion, ServingRuntime, facet_token
@@ -103,17 +102,13 @@ class ModelFilter(django_filters.FilterSet):
 
     def filter_runtime(self, queryset, name, value):
         return queryset.filter(
-            Exists(
-                ModelVersion.objects.filter(
-                    model=OuterRef("pk"),
-                    status=ModelVersion.Status.PUBLISHED,
-                    serving_runtime__name=value,
-                )
-            )
+            pk__in=ModelVersion.objects.filter(
+                status=ModelVersion.Status.PUBLISHED, serving_runtime__name=value
+            ).values("model_id")
         )
 
     def filter_deployable_on(self, queryset, name, profile):
-        return queryset.filter(Exists(versions_deployable_on(profile).filter(model=OuterRef("pk"))))
+        return queryset.filter(pk__in=versions_deployable_on(profile).values("model_id"))
 
 
 class HardwareProfileFilter(django_filters.FilterSet):

@@ -311,8 +311,11 @@ class ModelVersion(models.Model):
             models.UniqueConstraint(fields=["model", "version"], name="unique_model_version")
         ]
         indexes = [
-            models.Index(fields=["model", "status"]),
-            models.Index(fields=["status", "min_gpu_memory_gb"]),
+            # Serves "has a published version" and "has one that fits N GB" per model alike;
+            # an index led by status instead makes SQLite scan every version per model.
+            models.Index(
+                fields=["model", "status", "min_gpu_memory_gb"], name="catalog_version_fit_idx"
+            ),
         ]
 
     def __str__(self):

@@ -17,6 +17,7 @@ from catalog.artifacts import ArtifactStore, get_store
 from catalog.checkpoints import inspect_checkpoint
 from catalog.models import HardwareProfile, Model, ModelVersion, ServingRuntime
 from catalog.permissions import operator_system_actor
+from controlplane.errors import ValidationFailed
 
 TINY_SLUG = "mixtral-tiny"
 TINY_TOKEN_PRICE = ("0.100000", "0.100000")
@@ -50,7 +51,13 @@ def ensure_tiny_moe(*, seed: int = 0, store: ArtifactStore | None = None, progre
         version = existing
     else:
         with tempfile.TemporaryDirectory(prefix="sirocco-tiny-moe-") as folder:
-            from runtime.tiny_moe import build_tiny_moe  # torch: imported only when building
+            try:  # torch: imported only when building, and absent from the web image
+                from runtime.tiny_moe import build_tiny_moe
+            except ImportError as error:
+                raise ValidationFailed(
+                    f"Building the tiny MoE needs the runtime extra ({error.name} is missing): "
+                    "pip install '.[runtime]', or import a built folder with catalog_import."
+                ) from error
 
             build_tiny_moe(Path(folder), seed=seed)
             version = _import(Path(folder), seed=seed, store=store, progress=progress)

@@ -378,3 +378,13 @@ def test_operators_see_drafts_and_private_models_and_artifact_urls(
     downloaded = httpx.get(config["download_url"])
     assert downloaded.content == (tiny_checkpoint / "config.json").read_bytes()
     assert hashlib.sha256(downloaded.content).hexdigest() == config["sha256"]
+
+
+def test_the_lean_list_item_equals_drfs_own_rendering_of_its_fields(api, seeded):
+    from catalog.selectors import model_list_for_api
+    from catalog.serializers import ModelListSerializer
+
+    serializer = ModelListSerializer()
+    for model in model_list_for_api(organization=None):
+        generic = super(ModelListSerializer, serializer).to_representation(model)
+        assert serializer.to_representation(model) == dict(generic)
