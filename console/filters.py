@@ -5,7 +5,6 @@ import django_filters
 from django.db.models import Q
 
 from catalog.filters import ModelFilter
-from catalog.models import Model
 from console.templatetags.console import LANGUAGES
 
 BILLION = 1_000_000_000
@@ -34,19 +33,31 @@ class ConsoleModelFilter(ModelFilter):
         empty_label="Any size",
     )
 
-    class Meta(ModelFilter.Meta):
-        fields = ["q", "task", "language", "license", "size", "runtime"]
+    # What the console's form offers, in order; the API's other filters are not on the page.
+    SHOWN = {
+        "q": "Search",
+        "task": "Task",
+        "language": "Language",
+        "license": "License",
+        "size": "Size",
+        "runtime": "Runtime",
+        "deployable_on": "Fits hardware",
+    }
 
     def __init__(self, *args, licenses=(), **kwargs):
         super().__init__(*args, **kwargs)
+        self.filters = {name: self.filters[name] for name in self.SHOWN}
+        for name, label in self.SHOWN.items():
+            self.filters[name].label = label
+        for name, empty in (("task", "Any task"), ("runtime", "Any runtime")):
+            self.filters[name].extra["empty_label"] = empty
         form_fields = self.form.fields
-        form_fields["license"].choices = [("", "Any license"), *[(v, v) for v in licenses]]
-        form_fields["q"].label = "Search"
+        form_fields["license"].choices = [(v, v) for v in licenses]
         form_fields["q"].widget.input_type = "search"
         form_fields["q"].widget.attrs["placeholder"] = "Name, publisher or tag"
-        form_fields["task"].empty_label = "Any task"
-        form_fields["task"].choices = [("", "Any task"), *Model.Task.choices]
-        form_fields["runtime"].choices = [("", "Any runtime"), *form_fields["runtime"].choices[1:]]
+        form_fields["q"].help_text = ""
+        form_fields["deployable_on"].empty_label = "Any hardware"
+        form_fields["deployable_on"].help_text = ""
 
     def filter_size(self, queryset, name, value):
         return queryset.filter(SIZES[value][1])

@@ -150,3 +150,21 @@ def test_catalog_pages_run_a_constant_number_of_queries(console, organization):
             DedicatedPriceFactory(model_version=extra, hardware_profile=profile)
         HardwareProfileFactory()
     assert (count("/models/"), count(f"/models/{model.slug}/")) == few
+
+
+def test_the_filter_form_offers_the_console_s_filters_with_labels(console, organization):
+    mixtral()
+    response = console(organization).get("/models/")
+    form = response.context["form"]
+    assert list(form.fields) == [
+        "q",
+        "task",
+        "language",
+        "license",
+        "size",
+        "runtime",
+        "deployable_on",
+    ]
+    body = response.content.decode()
+    assert "[invalid name]" not in body
+    assert ">Fits hardware<" in body and ">Search<" in body
