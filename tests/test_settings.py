@@ -64,3 +64,32 @@ def test_embedded_broker_needs_no_server(settings):
     if os.environ.get("CELERY_BROKER_URL"):
         pytest.skip("a broker URL is configured for this run")
     assert live.CELERY_BROKER_URL.startswith("sqla+sqlite:///")
+
+
+def test_email_url_configures_smtp(tmp_path):
+    code = (
+        "import controlplane.settings.base as s; "
+        "print(s.EMAIL_BACKEND, s.EMAIL_HOST, s.EMAIL_PORT, s.EMAIL_HOST_USER, s.EMAIL_USE_TLS)"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "DEBUG", "DATABASE_URL"}}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={
+            **base,
+            "SECRET_KEY": "x" * 50,
+            "SIROCCO_VAR_DIR": str(tmp_path),
+            "EMAIL_URL": "smtp+tls://alerts:pw@smtp.example.com:587",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "django.core.mail.backends.smtp.EmailBackend",
+        "smtp.example.com",
+        "587",
+        "alerts",
+        "True",
+    ]

@@ -301,6 +301,11 @@ X_FRAME_OPTIONS = "DENY"
 
 # --- Mail (budget alerts) -------------------------------------------------------------------
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+# An SMTP server as one URL (smtp+tls://user:password@host:587): it sets EMAIL_BACKEND, EMAIL_HOST,
+# EMAIL_PORT, EMAIL_HOST_USER, EMAIL_HOST_PASSWORD and EMAIL_USE_TLS/SSL together.
+# https://django-environ.readthedocs.io/en/latest/types.html#environ-env-email-url
+if env.str("EMAIL_URL", default=""):
+    vars().update(env.email_url("EMAIL_URL"))
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="Sirocco <billing@sirocco.local>")
 
 # --- Billing --------------------------------------------------------------------------------

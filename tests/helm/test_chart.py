@@ -319,6 +319,7 @@ def test_every_container_reads_the_settings_and_the_credentials(variant):
             "AWS_SECRET_ACCESS_KEY",
             "STRIPE_API_KEY",
             "STRIPE_WEBHOOK_SECRET",
+            "EMAIL_URL",
         }
 
 
@@ -350,6 +351,7 @@ def test_the_chart_made_secret_holds_every_credential(render):
     assert data["CELERY_BROKER_URL"] == data["REDIS_URL"] == "redis://redis.db:6379/0"
     assert data["STRIPE_API_KEY"] == "sk_test_example"
     assert data["STRIPE_WEBHOOK_SECRET"] == "whsec_example"
+    assert data["EMAIL_URL"] == "smtp+tls://alerts:pw@smtp.example.com:587"
     assert data["AWS_ACCESS_KEY_ID"] == "AKIAEXAMPLE"
     # Generated when not given (and kept across upgrades by looking up the live Secret).
     assert len(data["SECRET_KEY"]) == 64 and data["SECRET_KEY"].isalnum()

@@ -12,6 +12,7 @@ VARIANTS: dict[str, dict] = {
             "awsSecretAccessKey": "example-secret",
             "stripeApiKey": "sk_test_example",
             "stripeWebhookSecret": "whsec_example",
+            "emailUrl": "smtp+tls://alerts:pw@smtp.example.com:587",
         },
         "config": {
             "artifactStoreUrl": "s3://sirocco-weights/models",

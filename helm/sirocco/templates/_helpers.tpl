@@ -187,7 +187,7 @@ BILLING_INVOICE_PREFIX: {{ .Values.billing.invoicePrefix | quote }}
 SECRET_KEY DATABASE_URL REDIS_URL CELERY_BROKER_URL
 {{- end }}
 {{- define "sirocco.optionalSecretKeys" -}}
-AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY STRIPE_API_KEY STRIPE_WEBHOOK_SECRET
+AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY STRIPE_API_KEY STRIPE_WEBHOOK_SECRET EMAIL_URL
 {{- end }}
 
 {{/* Environment of every container: the ConfigMap, then each credential from the Secret. */}}
@@ -332,7 +332,7 @@ the values to change.
 {{- fail "secrets.create=true makes the chart's own Secret, so secrets.existingSecret would be ignored: set one or the other" }}
 {{- end }}
 {{- if not $s.create }}
-{{- range $key := list "secretKey" "databaseUrl" "redisUrl" "celeryBrokerUrl" "awsAccessKeyId" "awsSecretAccessKey" "stripeApiKey" "stripeWebhookSecret" }}
+{{- range $key := list "secretKey" "databaseUrl" "redisUrl" "celeryBrokerUrl" "awsAccessKeyId" "awsSecretAccessKey" "stripeApiKey" "stripeWebhookSecret" "emailUrl" }}
 {{- if index $s $key }}
 {{- fail (printf "secrets.%s is set but secrets.create is false, so it would be ignored: set secrets.create=true, or put the value in the Secret %q instead" $key (include "sirocco.secretName" $)) }}
 {{- end }}
