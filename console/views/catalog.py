@@ -136,14 +136,14 @@ class ModelListView(ConsoleView):
 
 def list_page_queryset(queryset):
     # By slug, the unique index: the page is read off the index instead of sorting every
-    # visible model; the card and search text stay behind (a list shows neither).
-    return queryset.order_by("slug").defer("description", "search_text", "facets")
+    # visible model.
+    return queryset.order_by("slug")
 
 
 def list_price(model):
-    """The token price in force of the newest published version (prefetched), or None."""
+    """The token price in force of the newest published version, or None. Both come
+    prefetched by `model_list_for_api`, newest first."""
     for version in model.published_versions:
-        price = token_price(version)
-        if price is not None:
-            return price
+        if version.prices_in_force:
+            return version.prices_in_force[0]
     return None
