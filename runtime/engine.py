@@ -88,6 +88,7 @@ class _Sequence:
     emitted: int = 0  # characters of `text` already handed to the sink
     prefix_offset: int = 0  # incremental detokenization window over output_ids
     read_offset: int = 0
+    prefix_text: str = ""  # decode(output_ids[prefix_offset:read_offset])
     first_token_at: float | None = None
     finish_reason: str | None = None
 
@@ -316,22 +317,22 @@ class Engine:
         # Decode a small window and hand out only the part past the last complete character, so
         # multi-byte characters split over tokens never surface as U+FFFD halves.
         ids = sequence.output_ids
-        before = self.decode_tokens(ids[sequence.prefix_offset : sequence.read_offset])
-        after = self.decode_tokens(ids[sequence.prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        text = self.decode_tokens(ids[sequence.prefix_offset :])
+        if len(text) > len(sequence.prefix_text) and not text.endswith("\ufffd"):
+            new_text = text[len(sequence.prefix_text) :]
             sequence.prefix_offset = sequence.read_offset
             sequence.read_offset = len(ids)
-            return after[len(before) :]
+            sequence.prefix_text = self.decode_tokens(ids[sequence.prefix_offset :])
+            return new_text
         return ""
 
     def _flush_detokenizer(self, sequence: _Sequence) -> str:
         ids = sequence.output_ids
         if sequence.read_offset == len(ids):
             return ""
-        before = self.decode_tokens(ids[sequence.prefix_offset : sequence.read_offset])
-        after = self.decode_tokens(ids[sequence.prefix_offset :])
+        text = self.decode_tokens(ids[sequence.prefix_offset :])
         sequence.prefix_offset = sequence.read_offset = len(ids)
-        return after[len(before) :]
+        return text[len(sequence.prefix_text) :]
 
     def _truncate_at_stop(self, sequence: _Sequence) -> bool:
         longest = max(len(s) for s in sequence.params.stop)
