@@ -3,6 +3,9 @@
     python3 bench/gpu_runtime.py [--out DIR]          # on the GPU machine (one H200)
     python bench/gpu_runtime.py --dry-run             # a small Mixtral shape on CPU, to test it
 
+The GPU image has torch and transformers but no starlette or uvicorn; carry their wheels (see
+docs/benchmarks.md for the exact commands) or the HTTP part is skipped.
+
 Random bf16 weights are made directly on the GPU (nothing is downloaded). Measures decode steps/s
 of our engine (`Engine.step`, sampling and detokenization included) at batch 1 and 32, eager and
 with CUDA graphs, against the memory-bandwidth bound: the bytes of weights and KV cache one step
