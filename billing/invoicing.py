@@ -138,7 +138,7 @@ def token_groups(*, period_start: datetime, organization_id: int | None = None) 
             "output_price_per_million",
         )
         .annotate(
-            requests=Count("id"),
+            requests=Count("pk"),
             input_tokens=Sum("input_tokens"),
             output_tokens=Sum("output_tokens"),
         )

@@ -95,6 +95,28 @@ def token_price_book(version_ids: Iterable[int]) -> PriceBook:
     return book
 
 
+_RECORD_COLUMNS = (
+    ("request_id", "text"),
+    ("organization_id", "bigint"),
+    ("period_start", "timestamptz"),
+    ("occurred_at", "timestamptz"),
+    ("api_key_id", "bigint"),
+    ("deployment_id", "uuid"),
+    ("model_version_id", "bigint"),
+    ("deployment_type", "text"),
+    ("model", "text"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("cached_tokens", "bigint"),
+    ("currency", "text"),
+    ("token_price_id", "bigint"),
+    ("input_price_per_million", "numeric"),
+    ("output_price_per_million", "numeric"),
+    ("amount", "numeric"),
+    ("ingested_at", "timestamptz"),
+)
+
+
 @transaction.atomic
 def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None = None) -> int:
     """Ingest one batch of the gateway's un-ingested usage events. Returns how many events it
@@ -109,24 +131,19 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
     )
     if not events:
         return 0
-    already = set(
-        UsageRecord.objects.filter(request_id__in=[e[1] for e in events]).values_list(
-            "request_id", flat=True
-        )
-    )
     currencies = dict(
         Organization.objects.filter(id__in={e[2] for e in events}).values_list("id", "currency")
     )
     book = token_price_book(e[5] for e in events if e[5] is not None)
-    period_of = {}
+    # Periods and days per UTC date, not per event: a batch spans a few days at most.
+    periods_by_date = {}
     for event in events:
-        period = period_containing(event[11])
-        period_of[period.start] = period
-    destination = lock_periods(period_of.values(), now=now)
+        day = event[11].astimezone(UTC).date()
+        if day not in periods_by_date:
+            periods_by_date[day] = period_containing(event[11])
+    destination = lock_periods(periods_by_date.values(), now=now)
 
-    records = []
-    rollups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    rows, derived = [], []
     for (
         _id,
         request_id,
@@ -141,8 +158,6 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
         cached_tokens,
         finished_at,
     ) in events:
-        if request_id in already:
-            continue
         currency = currencies.get(organization_id)
         if currency is None:
             logger.warning("usage event %s: organization %s is gone", request_id, organization_id)
@@ -165,32 +180,33 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
             input_per_million=input_price,
             output_per_million=output_price,
         )
-        period_start = destination[period_containing(finished_at).start]
-        records.append(
-            UsageRecord(
-                request_id=request_id,
-                organization_id=organization_id,
-                period_start=period_start,
-                occurred_at=finished_at,
-                api_key_id=api_key_id,
-                deployment_id=deployment_id,
-                model_version_id=version_id,
-                deployment_type=deployment_type,
-                model=model,
-                input_tokens=prompt_tokens,
-                output_tokens=completion_tokens,
-                cached_tokens=cached_tokens,
-                currency=currency,
-                token_price_id=price.pk if price else None,
-                input_price_per_million=input_price,
-                output_price_per_million=output_price,
-                amount=stored_amount(amount),
-                ingested_at=now,
+        day = finished_at.astimezone(UTC).date()
+        period_start = destination[periods_by_date[day].start]
+        rows.append(
+            (
+                request_id,
+                organization_id,
+                period_start,
+                finished_at,
+                api_key_id,
+                deployment_id,
+                version_id,
+                deployment_type,
+                model,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+                currency,
+                price.pk if price else None,
+                input_price,
+                output_price,
+                stored_amount(amount),
+                now,
             )
         )
-        key = (
+        rollup_key = (
             period_start,
-            finished_at.astimezone(UTC).date(),
+            day,
             organization_id,
             version_id or 0,
             str(deployment_id) if deployment_id else "",
@@ -199,21 +215,76 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
             input_price,
             output_price,
         )
+        derived.append((rollup_key, prompt_tokens, completion_tokens, cached_tokens, amount))
+
+    inserted = _insert_usage_records(rows)
+    rollups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    for row, (key, prompt_tokens, completion_tokens, cached_tokens, amount) in zip(
+        rows, derived, strict=True
+    ):
+        if row[0] not in inserted:
+            continue  # in the ledger already: counted when it went in
         sums = rollups[key]
         sums[0] += 1
         sums[1] += prompt_tokens
         sums[2] += completion_tokens
         sums[3] += cached_tokens
-        spend[(organization_id, period_start)] += amount
-
-    UsageRecord.objects.bulk_create(records, ignore_conflicts=True, batch_size=2000)
+        spend[(row[1], row[2])] += amount
     rollups_add(rollups)
     touched = spend_add(spend, currencies=currencies)
     from billing.budgets import budget_alerts_raise
 
     budget_alerts_raise(spend_rows=touched)
-    UsageEvent.objects.filter(id__in=[e[0] for e in events]).update(ingested_at=now)
+    event_ids = [e[0] for e in events]
+    if connection.vendor == "postgresql":
+        with _pg_cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {UsageEvent._meta.db_table} SET ingested_at = %s "  # noqa: S608
+                "WHERE id = ANY(%s)",
+                [now, event_ids],
+            )
+    else:
+        UsageEvent.objects.filter(id__in=event_ids).update(ingested_at=now)
     return len(events)
+
+
+def _pg_cursor():
+    """A psycopg cursor on Django's connection (same transaction) that binds parameters on the
+    server: sending ten-thousand-element arrays as parameters, not as quoted SQL text."""
+    connection.ensure_connection()
+    return connection.connection.cursor()
+
+
+def _insert_usage_records(rows: list[tuple]) -> set[str]:
+    """Insert ledger rows, skipping request ids already in; returns the ids inserted now."""
+    if not rows:
+        return set()
+    names = [name for name, _ in _RECORD_COLUMNS]
+    if connection.vendor == "postgresql":
+        # One statement of column arrays: a fraction of the cost of a VALUES list this long.
+        arrays = ", ".join(f"%s::{pg_type}[]" for _, pg_type in _RECORD_COLUMNS)
+        with _pg_cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {UsageRecord._meta.db_table} ({', '.join(names)}) "  # noqa: S608
+                f"SELECT * FROM unnest({arrays}) "
+                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+            return {row[0] for row in cursor.fetchall()}
+    # SQLite runs one writer at a time, so what is not there now is not there at the insert.
+    present = set(
+        UsageRecord.objects.filter(request_id__in=[row[0] for row in rows]).values_list(
+            "request_id", flat=True
+        )
+    )
+    fresh = [row for row in rows if row[0] not in present]
+    UsageRecord.objects.bulk_create(
+        [UsageRecord(**dict(zip(names, row, strict=True))) for row in fresh],
+        ignore_conflicts=True,
+        batch_size=2000,
+    )
+    return {row[0] for row in fresh}
 
 
 _ROLLUP_KEY = (
@@ -261,9 +332,33 @@ def rollups_add(rollups: dict[tuple, list[int]]) -> None:
         ]
 
     # A fixed order makes concurrent batches lock shared rows in the same order: no deadlock.
-    rows = [adapt(key, rollups[key]) for key in sorted(rollups, key=_sortable)]
+    keys = sorted(rollups, key=_sortable)
+    if connection.vendor == "postgresql":
+        types = (
+            "timestamptz",
+            "date",
+            "bigint",
+            "bigint",
+            "text",
+            "bigint",
+            "text",
+            "numeric",
+            "numeric",
+            "bigint",
+            "bigint",
+            "bigint",
+            "bigint",
+        )
+        columns = [list(c) for c in zip(*((*key, *rollups[key]) for key in keys), strict=True)]
+        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        with _pg_cursor() as cursor:
+            cursor.execute(
+                sql.replace(f"VALUES ({placeholders})", f"SELECT * FROM unnest({arrays})"),  # noqa: S608
+                columns,
+            )
+        return
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        cursor.executemany(sql, [adapt(key, rollups[key]) for key in keys])
 
 
 def _sortable(key):
@@ -277,6 +372,32 @@ def spend_add(
     if not spend:
         return []
     keys = sorted(spend)
+    now = timezone.now()
+    if connection.vendor == "postgresql":
+        # One upsert adding in the database (numeric: exact); rows lock in key order.
+        table = PeriodSpend._meta.db_table
+        with _pg_cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} (organization_id, period_start, currency, amount, "  # noqa: S608
+                "updated_at) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[], "
+                "%s::numeric[], %s::timestamptz[]) ON CONFLICT (organization_id, period_start) "
+                f"DO UPDATE SET amount = {table}.amount + excluded.amount, "
+                "updated_at = excluded.updated_at "
+                "RETURNING id, organization_id, period_start, currency, amount",
+                [
+                    [org for org, _ in keys],
+                    [start for _, start in keys],
+                    [currencies[org] for org, _ in keys],
+                    [stored_amount(spend[key]) for key in keys],
+                    [now] * len(keys),
+                ],
+            )
+            return [
+                PeriodSpend(
+                    id=pk, organization_id=org, period_start=start, currency=cur, amount=amount
+                )
+                for pk, org, start, cur, amount in cursor.fetchall()
+            ]
     PeriodSpend.objects.bulk_create(
         [
             PeriodSpend(organization_id=org, period_start=start, currency=currencies[org])
@@ -294,7 +415,6 @@ def spend_add(
         .order_by("organization_id", "period_start")
     }
     touched = []
-    now = timezone.now()
     for key in keys:
         row = rows[key]
         row.amount = stored_amount(row.amount + spend[key])

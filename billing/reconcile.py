@@ -150,7 +150,7 @@ def _check_rollups(period: Period, report: PeriodReport) -> None:
         row["organization_id"]: row
         for row in UsageRecord.objects.filter(period_start=period.start)
         .values("organization_id")
-        .annotate(requests=Count("id"), **{s: Sum(s) for s in sums})
+        .annotate(requests=Count("pk"), **{s: Sum(s) for s in sums})
         .order_by()
     }
     rollups = {
