@@ -95,8 +95,15 @@ class UsageRecord(_AppendOnlyModel):
 
     # The primary key: one index less to maintain on the largest table.
     request_id = models.CharField(max_length=128, primary_key=True)
+    # No database constraint: PostgreSQL would check every inserted row at commit (a deferred
+    # trigger per row, a large share of an ingestion batch); ingestion looks the organizations
+    # up anyway, and Django's PROTECT still refuses to delete an organization with usage.
     organization = models.ForeignKey(
-        "accounts.Organization", on_delete=models.PROTECT, related_name="+", db_index=False
+        "accounts.Organization",
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     period_start = models.DateTimeField()
     occurred_at = models.DateTimeField(help_text="When the request finished.")
@@ -194,7 +201,11 @@ class UsageRollup(models.Model):
     period_start = models.DateTimeField()
     day = models.DateField()
     organization = models.ForeignKey(
-        "accounts.Organization", on_delete=models.PROTECT, related_name="+", db_index=False
+        "accounts.Organization",
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,  # as UsageRecord's
     )
     model_version_id = models.BigIntegerField()
     deployment_id = models.CharField(max_length=36)

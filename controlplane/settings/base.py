@@ -314,7 +314,7 @@ BILLING_PERIOD = env.str("BILLING_PERIOD", default="monthly")
 # A fraction: "0.2" adds 20 % tax on each invoice's rounded subtotal.
 BILLING_TAX_RATE = env.str("BILLING_TAX_RATE", default="0")
 BILLING_INVOICE_PREFIX = env.str("BILLING_INVOICE_PREFIX", default="SIR")
-BILLING_INGEST_BATCH_SIZE = env.int("BILLING_INGEST_BATCH_SIZE", default=5000)
+BILLING_INGEST_BATCH_SIZE = env.int("BILLING_INGEST_BATCH_SIZE", default=20000)
 # Stripe is off while STRIPE_API_KEY is empty; invoices are still made and numbered.
 # https://docs.stripe.com/keys
 STRIPE_API_KEY = env.str("STRIPE_API_KEY", default="")

@@ -194,3 +194,57 @@ def test_rollups_always_equal_the_ledger(specs, batch_size, version, price, make
             in_day.aggregate(s=Sum("input_tokens"))["s"],
             in_day.aggregate(s=Sum("output_tokens"))["s"],
         )
+
+
+@pytest.mark.parametrize(
+    ("input_price", "output_price"),
+    [("0.123457", "7.654321"), ("0", "999.999999"), ("0.000001", "0.000001")],
+)
+def test_each_row_is_rated_exactly_as_rate_tokens_says(
+    organization, version, input_price, output_price
+):
+    # PostgreSQL rates in SQL, SQLite in Python: both must agree with billing.rating.
+    from billing.rating import rate_tokens
+
+    TokenPriceFactory(
+        model_version=version,
+        input_per_million=Decimal(input_price),
+        output_per_million=Decimal(output_price),
+        effective_from=at(2026, 1, 1),
+    )
+    for prompt, completion in [(1, 1), (999_999, 3), (123_456_789, 987_654), (0, 0)]:
+        UsageEventFactory(
+            organization=organization,
+            model_version_id=version.pk,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            finished_at=at(2026, 3, 3),
+        )
+    usage_events_ingest(now=NOW)
+    for record in UsageRecord.objects.all():
+        assert record.amount == rate_tokens(
+            input_tokens=record.input_tokens,
+            output_tokens=record.output_tokens,
+            input_per_million=Decimal(input_price),
+            output_per_million=Decimal(output_price),
+        )
+
+
+def test_the_database_refuses_changes_to_the_ledger_in_postgresql(organization, version, price):
+    from django.db import DatabaseError, connection, transaction
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the trigger exists on PostgreSQL only")
+    UsageEventFactory(organization=organization, model_version_id=version.pk)
+    usage_events_ingest(now=NOW)
+    for statement in (
+        "UPDATE billing_usagerecord SET input_tokens = 0",
+        "DELETE FROM billing_usagerecord",
+    ):
+        with (
+            pytest.raises(DatabaseError, match="immutable"),
+            transaction.atomic(),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(statement)
+    assert UsageRecord.objects.count() == 1
