@@ -136,16 +136,44 @@ def test_the_quickstart_from_login_to_the_upcoming_invoice(page, platform):
     assert page.get_by_text(re.compile(r"mixtral-tiny.*input tokens")).count()
     screenshot(page, "journey-6-upcoming-invoice")
 
-    # The README's API example: the printed key and the openai SDK, streaming.
+    # The README's API example, with the printed key: deploy through the REST API, wait for
+    # ready, chat with the openai SDK (streaming), and find the tokens in GET /api/v1/usage.
+    import httpx
     from openai import OpenAI
 
+    api = httpx.Client(
+        base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+    )
+    created = api.post(
+        "/deployments",
+        json={
+            "name": "mixtral-api",
+            "model": "mixtral-tiny",
+            "type": "dedicated",
+            "hardware_profile": "cpu-small",
+        },
+    )
+    assert created.status_code == 201, created.text
+    deadline = time.monotonic() + 240
+    while api.get(f"/deployments/{created.json()['id']}").json()["status"] != "ready":
+        assert time.monotonic() < deadline, "the API's deployment never became ready"
+        time.sleep(2)
+
     client = OpenAI(base_url=f"{url}/v1", api_key=api_key)
-    assert "mixtral-tiny" in [model.id for model in client.models.list()]
+    assert {"mixtral-tiny", "mixtral-api"} <= {model.id for model in client.models.list()}
     stream = client.chat.completions.create(
-        model="mixtral-tiny",
+        model="mixtral-api",
         messages=[{"role": "user", "content": "Hello!"}],
         max_tokens=16,
         stream=True,
     )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(pieces).strip()
+    deadline = time.monotonic() + 90
+    while True:
+        rows = api.get("/usage", params={"group_by": "deployment"}).json()
+        rows = rows["results"] if isinstance(rows, dict) and "results" in rows else rows
+        if any(row.get("label") == "mixtral-api" for row in rows):
+            break
+        assert time.monotonic() < deadline, f"the SDK's tokens never reached usage: {rows}"
+        time.sleep(3)
