@@ -489,4 +489,15 @@ def manifest_digest(objects: list[dict]) -> str:
 def to_yaml(objects: list[dict]) -> str:
     import yaml
 
-    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False, width=100)
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):
+        # Multi-line strings (the init container's script) as readable literal blocks.
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump_all(
+        objects, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=100
+    )

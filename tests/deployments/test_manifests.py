@@ -1,0 +1,163 @@
+"""Rendered manifests: what a GPU operator would write, valid against Kubernetes 1.31 in strict
+mode, and `render_manifests` prints them without a database or a cluster."""
+
+from io import StringIO
+
+import kubernetes_validate
+import pytest
+import yaml
+from django.core.management import CommandError, call_command
+
+from catalog import seeds
+from catalog.fit import fit
+from catalog.models import HardwareProfile, Model, ModelVersion, ServingRuntime
+from deployments.provisioners import PermanentError
+from deployments.provisioners.manifests import ClusterOptions, render_all, render_args
+from tests.deployments.test_kubernetes_provisioner import MIXTRAL, spec
+
+pytestmark = pytest.mark.nodb  # and no `db` fixture: any database access fails the test
+
+
+def render(**options) -> list[dict]:
+    out = StringIO()
+    defaults = {
+        "org": "acme",
+        "model": "mixtral-8x7b-instruct-v0.1",
+        "profile": "h100-80gb-x2",
+        "name": "mixtral",
+    }
+    call_command("render_manifests", stdout=out, **{**defaults, **options})
+    return list(yaml.safe_load_all(out.getvalue()))
+
+
+def test_render_manifests_prints_every_object_without_a_database():
+    objects = render()
+    assert [o["kind"] for o in objects] == [
+        "Namespace",
+        "ResourceQuota",
+        "NetworkPolicy",
+        "Service",
+        "PodDisruptionBudget",
+        "Deployment",
+    ]
+    assert render() == objects  # deterministic
+
+
+def test_the_mixtral_pod_is_what_a_gpu_operator_would_write():
+    deployment = render()[-1]
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert deployment["spec"]["progressDeadlineSeconds"] >= 1800
+    pod = deployment["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert server["image"] == seeds.VLLM_IMAGE and ":latest" not in server["image"]
+    args = server["args"]
+
+    def flag(name):
+        return args[args.index(name) + 1]
+
+    assert flag("--model") == "/models/mixtral-8x7b-instruct-v0.1"
+    assert flag("--served-model-name") == "mixtral-8x7b-instruct-v0.1"
+    assert flag("--tensor-parallel-size") == "2"
+    assert flag("--max-model-len") == "32768"
+    assert flag("--gpu-memory-utilization") == "0.9"
+    assert "--enable-prefix-caching" in args
+    resources = server["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in server["volumeMounts"]
+    # Weights: an init container copies them from S3 into a volume the server reads.
+    fetcher = pod["initContainers"][0]
+    assert "boto3" in fetcher["command"][-1]
+    env = {e["name"]: e["value"] for e in fetcher["env"]}
+    assert env["WEIGHTS_URI"].startswith("s3://")
+    assert int(volumes["weights"]["emptyDir"]["sizeLimit"].removesuffix("Gi")) >= 94
+    # Probes: a startup budget for ~93 GB of weights, readiness on /v1/models, liveness /health.
+    startup = server["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert server["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert server["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_the_namespace_quota_and_network_policy():
+    namespace, quota, policy, service, budget, _ = render(max_gpus=16)
+    assert namespace["metadata"]["labels"]["sirocco.dev/organization"] == "acme"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The quota leaves room for the one surge replica of a rolling update.
+    assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "18"}
+    source = policy["spec"]["ingress"][0]["from"][0]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "sirocco"}
+    assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert service["spec"]["selector"] == budget["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def _fitting_combinations():
+    runtime = ServingRuntime(**next(r for r in seeds.RUNTIMES if r["name"] == "vllm"))
+    for model_seed in seeds.MODELS:
+        fields = {k: v for k, v in model_seed.items() if k not in ("version", "token_price")}
+        version = ModelVersion(
+            model=Model(**fields), serving_runtime=runtime, **model_seed["version"]
+        )
+        for profile in seeds.HARDWARE_PROFILES:
+            if fit(version=version, profile=HardwareProfile(**profile)).fits:
+                yield model_seed["slug"], profile["name"]
+
+
+@pytest.mark.parametrize(("model", "profile"), list(_fitting_combinations()))
+def test_every_rendered_manifest_validates_against_kubernetes_1_31_strict(model, profile):
+    for obj in render(model=model, profile=profile, replicas=2):
+        assert kubernetes_validate.validate(obj, "1.31", strict=True) == "1.31"
+
+
+def test_the_builtin_runtime_on_cpu_validates_too():
+    from deployments.provisioners.base import ProfileSpec, RuntimeSpec
+
+    builtin = next(r for r in seeds.RUNTIMES if r["name"] == "builtin")
+    cpu = spec(
+        runtime=RuntimeSpec(
+            name="builtin",
+            image=builtin["image"],
+            port=builtin["port"],
+            args_template=tuple(builtin["args_template"]),
+            device="cpu",
+        ),
+        profile=ProfileSpec(name="cpu-small", cpu_request="2", memory_request="4Gi"),
+        weights_size_bytes=8_000_000,
+    )
+    objects = render_all(cpu, ClusterOptions())
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.31", strict=True)
+    server = objects[-1]["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in server["resources"]["requests"]
+    assert server["args"][:3] == ["serve", "--model", "/models/mixtral-8x7b-instruct"]
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"model": "gpt-9"}, "Unknown model 'gpt-9'. Seeded models:"),
+        ({"profile": "tpu"}, "Unknown hardware profile 'tpu'"),
+        ({"profile": "cpu-small"}, "does not fit cpu-small"),
+        ({"name": "Not_DNS"}, "Invalid deployment"),
+        ({"weights_uri": "file:///srv/mixtral"}, "cannot read"),
+    ],
+)
+def test_render_manifests_says_what_is_wrong(options, words):
+    with pytest.raises(CommandError, match=words):
+        render(**options)
+
+
+def test_an_unknown_placeholder_in_a_runtime_template_is_a_clear_error():
+    from dataclasses import replace
+
+    broken = replace(MIXTRAL, runtime=replace(MIXTRAL.runtime, args_template=("{flux}",)))
+    with pytest.raises(PermanentError, match="uses 'flux'"):
+        render_args(broken)
