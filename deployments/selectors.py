@@ -115,7 +115,11 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
         served_model_name=version.served_model_name or version.model.slug,
         max_model_len=max_model_len(version),
         deployment_type=deployment.type,
-        status=deployment.status,
+        # A serverless entry is ready as soon as it exists; whether a request can be served
+        # (or must wait) is its pool's status.
+        status=serving.status
+        if deployment.pool_id and deployment.status == Deployment.Status.READY
+        else deployment.status,
         replicas=[tuple(r) for r in replicas],
         can_scale_from_zero=(
             serving.min_replicas == 0

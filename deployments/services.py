@@ -2,6 +2,7 @@
 reports (load, scale-from-zero), and what the reconciler observes (status, events, replicas)."""
 
 import math
+import re
 from datetime import datetime
 
 from django.conf import settings
@@ -10,11 +11,18 @@ from django.db.models import F
 from django.utils import timezone
 
 from accounts.actors import Actor
+from accounts.models import Organization
 from accounts.roles import Permission
 from accounts.services import audit_record, require
 from controlplane.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
-from deployments.models import Deployment, DeploymentEvent, LoadReport, dns_name_validator
-from deployments.selectors import organization_gpu_usage, pool_for
+from deployments.models import (
+    NAME_MAX_LENGTH,
+    Deployment,
+    DeploymentEvent,
+    LoadReport,
+    dns_name_validator,
+)
+from deployments.selectors import PLATFORM_ORGANIZATION_SLUG, organization_gpu_usage, pool_for
 
 
 def _enqueue_reconcile(deployment_id) -> None:
@@ -431,6 +439,78 @@ def deployment_delete(*, actor: Actor, deployment: Deployment) -> Deployment:
     audit_record(actor=actor, action="deployment.delete", target=deployment)
     _enqueue_reconcile(deployment.pk)
     return deployment
+
+
+def pool_name_for(version) -> str:
+    """A DNS-safe deployment name for a model version's pool (dots and long slugs folded)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", version.model.slug.lower()).strip("-")
+    if not name[:1].isalpha():
+        name = f"m-{name}"
+    return name[:NAME_MAX_LENGTH].rstrip("-")
+
+
+@transaction.atomic
+def serverless_pool_ensure(
+    *,
+    model_version,
+    hardware_profile,
+    min_replicas: int = 1,
+    max_replicas: int = 2,
+    target_in_flight_per_replica: int = 8,
+    scale_to_zero_after_seconds: int | None = None,
+) -> Deployment:
+    """The platform's shared serverless pool for a model version (created if missing; an
+    existing one is left as the operator tuned it). Organizations' serverless deployments point
+    at it. Operators call this from bootstrap_demo or the Django shell."""
+    platform, _ = Organization.objects.get_or_create(
+        slug=PLATFORM_ORGANIZATION_SLUG, defaults={"name": "Sirocco platform"}
+    )
+    existing = pool_for(model_version=model_version)
+    if existing is not None:
+        return existing
+    _check_replicas(min_replicas=min_replicas, max_replicas=max_replicas)
+    _check_fit(version=model_version, profile=hardware_profile)
+    pool = Deployment.objects.create(
+        organization=platform,
+        name=_free_name(platform, pool_name_for(model_version)),
+        model_version=model_version,
+        type=Deployment.Type.SERVERLESS,
+        hardware_profile=hardware_profile,
+        serving_runtime=model_version.serving_runtime,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        desired_replicas=max(min_replicas, 0),
+        target_in_flight_per_replica=target_in_flight_per_replica,
+        scale_to_zero_after_seconds=scale_to_zero_after_seconds,
+    )
+    deployment_event_record(
+        deployment=pool,
+        reason="Created",
+        message=f"Shared serverless pool for {model_version}: {_describe(pool)}.",
+    )
+    audit_record(
+        actor=Actor.system(platform),
+        action="deployment.create",
+        target=pool,
+        changes={"pool": True, "model_version": str(model_version)},
+    )
+    _enqueue_reconcile(pool.pk)
+    return pool
+
+
+def _free_name(organization, base: str) -> str:
+    taken = set(
+        Deployment.objects.filter(organization=organization, name__startswith=base)
+        .exclude(status=Deployment.Status.DELETED)
+        .values_list("name", flat=True)
+    )
+    if base not in taken:
+        return base
+    for index in range(2, 1000):
+        candidate = f"{base[: NAME_MAX_LENGTH - 4]}-{index}"
+        if candidate not in taken:
+            return candidate
+    raise Conflict(f"No free deployment name left for {base}.")
 
 
 def deployment_request_scale_up(*, deployment_id) -> None:

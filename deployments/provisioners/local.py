@@ -179,25 +179,20 @@ def _serial(replica: LocalReplica) -> int:
 
 
 def stop_process(pid: int, *, grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM the replica's process group, SIGKILL it after `grace` seconds."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if _process_state(pid) in (None, "Z", "X"):
+    """SIGTERM the replica's process group, SIGKILL it after `grace` seconds; reap it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
             _reap(pid)
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    for _ in range(100):
-        _reap(pid)
-        if _process_state(pid) in (None, "Z", "X"):
-            return
-        time.sleep(0.02)
+            # A zombie that is not our child is another worker's to reap. Ours we wait for:
+            # its main thread shows "Z" while its other threads are still exiting.
+            if _process_state(pid) is None or (
+                pid not in _children and _process_state(pid) in ("Z", "X")
+            ):
+                return
+            time.sleep(0.05)
 
 
 class LocalProvisioner(Provisioner):

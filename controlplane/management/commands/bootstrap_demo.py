@@ -3,6 +3,7 @@ from django.core.management.base import BaseCommand
 from catalog.seeds import ensure_catalog_seeds
 from catalog.tiny import ensure_tiny_moe
 from controlplane.demo import DEMO_EMAIL, ensure_demo_organization
+from deployments.demo import ensure_demo_deployments
 
 
 class Command(BaseCommand):
@@ -23,4 +24,10 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Catalog: {len(seeded) + 1} models; {tiny} served by the builtin runtime from "
             f"{tiny.artifact_uri}"
+        )
+        pool, entry = ensure_demo_deployments(organization=organization, tiny_version=tiny)
+        self.stdout.write(
+            f"Serverless: the platform pool {pool.name} ({pool.min_replicas}-"
+            f"{pool.max_replicas} replicas, {pool.status}); {organization.slug} calls it as "
+            f"model {entry.name!r}"
         )

@@ -130,4 +130,13 @@ class Command(BaseCommand):
                 self.stderr.write(f"{name} did not stop in {STOP_GRACE_SECONDS} s; killing it.")
                 child.kill()
                 child.wait()
+        if settings.SIROCCO_PROVISIONER == "local":
+            # Model replicas run in their own sessions (Ctrl-C does not reach them); the worker
+            # that started them is gone now, so stop them here. The next start's sweep starts
+            # them again.
+            from deployments.provisioners.local import stop_all
+
+            replicas = stop_all(settings.VAR_DIR / "replicas")
+            if replicas:
+                self.stdout.write(f"Stopped {replicas} local model replica(s).")
         self.stdout.write("Stopped.")

@@ -1,0 +1,119 @@
+"""The embedded default for real: `bootstrap_demo` defines the mixtral-tiny pool, `run_platform`
+starts the web server and a Celery worker (SQLite broker, beat embedded); the worker reconciles
+the pool into a local runtime process; the gateway answers a chat completion with it; Ctrl-C
+stops every child, the model replica included."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.nodb]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def chat(port: int, key: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(
+            {
+                "model": "mixtral-tiny",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 3,
+            }
+        ).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, {"body": error.read().decode(errors="replace")[:2000]}
+
+
+def replica_pids(var: Path) -> list[int]:
+    pids = []
+    for state in var.glob("replicas/*/state.json"):
+        pids += [r["pid"] for r in json.loads(state.read_text())["replicas"] if r["pid"]]
+    return pids
+
+
+def test_make_run_serves_mixtral_tiny_from_a_local_replica_and_stops_it(tmp_path):
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "REDIS_URL", "ARTIFACT_STORE_URL"}
+        },
+        "SECRET_KEY": "embedded-platform-test-key-" + "x" * 30,
+        "SIROCCO_VAR_DIR": str(tmp_path),
+        "SIROCCO_DEMO_PASSWORD": "demo-pass-123",
+        "SIROCCO_PROVISIONER": "local",
+        "PYTHONUNBUFFERED": "1",
+        "LOG_FORMAT": "text",
+    }
+    manage = [sys.executable, "manage.py"]
+    for command in (["migrate", "--noinput", "-v0"], ["bootstrap_demo"]):
+        subprocess.run([*manage, *command], cwd=ROOT, env=env, check=True, timeout=300)
+    port = free_port()
+    process = subprocess.Popen(
+        [*manage, "run_platform", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        while True:
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            if "Press Ctrl-C to stop" in line:
+                break
+        key = next(line.split()[-1] for line in lines if "API key:" in line)
+
+        deadline = time.monotonic() + 120
+        status, body = 0, {}
+        while time.monotonic() < deadline:
+            status, body = chat(port, key)
+            if status == 200:
+                break
+            time.sleep(1)
+        assert status == 200, (body, "".join(lines))
+        assert body["usage"]["completion_tokens"] > 0
+        pids = replica_pids(tmp_path)
+        assert len(pids) == 1, "the pool's one replica, started by the Celery worker"
+
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=90)
+        assert process.returncode == 0, rest
+        assert "Stopped 1 local model replica(s)." in rest
+        assert not Path(f"/proc/{pids[0]}").exists()
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid in replica_pids(tmp_path):  # never leave a runtime behind, even on failure
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

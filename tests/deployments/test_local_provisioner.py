@@ -1,0 +1,177 @@
+"""The local provisioner for real: `python -m runtime serve` processes serving mixtral-tiny.
+
+One replica is started for the module and shared; the tests that break it leave it running.
+"""
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from deployments.provisioners.base import DeploymentSpec, ProfileSpec, RuntimeSpec
+from deployments.provisioners.local import LocalProvisioner, LocalState, stop_all
+
+pytestmark = [pytest.mark.slow, pytest.mark.nodb]
+READY_TIMEOUT = 90
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from runtime.tiny_moe import build_tiny_moe
+
+    folder = tmp_path_factory.mktemp("mixtral-tiny")
+    build_tiny_moe(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> LocalProvisioner:
+    return LocalProvisioner(tmp_path_factory.mktemp("replicas"), base_dir=settings.BASE_DIR)
+
+
+def tiny_spec(model: Path, **changes) -> DeploymentSpec:
+    spec = DeploymentSpec(
+        deployment_id="11111111-2222-4333-8444-555555555555",
+        name="tiny",
+        organization_slug="acme",
+        organization_gpu_quota=8,
+        replicas=1,
+        model_slug="mixtral-tiny",
+        model_version="v1",
+        served_model_name="mixtral-tiny",
+        artifact_uri=str(model),
+        weights_size_bytes=8_000_000,
+        max_model_len=2048,
+        runtime=RuntimeSpec(name="builtin", image="sirocco/runtime:0.1.0", port=8000),
+        profile=ProfileSpec(name="cpu-small", cpu_request="2", memory_request="4Gi"),
+    )
+    return replace(spec, **changes)
+
+
+def wait_ready(local, spec, timeout=READY_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        local.apply(spec)
+        observation = local.observe(spec)
+        if observation.rolled_out:
+            return observation
+        assert observation.failure is None, observation.failure
+        time.sleep(0.3)
+    log = "\n".join(p.read_text()[-2000:] for p in local.folder(spec).glob("*.log"))
+    pytest.fail(f"not ready in {timeout} s; logs:\n{log}")
+
+
+def chat(endpoint: str) -> dict:
+    request = urllib.request.Request(
+        f"{endpoint}/v1/chat/completions",
+        data=json.dumps(
+            {
+                "model": "mixtral-tiny",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 4,
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def running(local, tiny_model):
+    spec = tiny_spec(tiny_model)
+    observation = wait_ready(local, spec)
+    yield spec, observation
+    local.delete(spec)
+
+
+def pid_of(local, spec) -> int:
+    return LocalState.load(local.folder(spec) / "state.json").replicas[0].pid
+
+
+def test_a_local_replica_serves_chat_completions(local, running):
+    spec, observation = running
+    [replica] = observation.replicas
+    assert replica.ready and replica.endpoint.startswith("http://127.0.0.1:")
+    answer = chat(replica.endpoint)
+    assert answer["model"] == "mixtral-tiny"
+    assert answer["usage"]["completion_tokens"] > 0
+    log = (local.folder(spec) / f"{replica.name}.log").read_text()
+    assert "starting on port" in log
+
+
+def test_a_restarted_control_plane_adopts_live_replicas(local, running):
+    spec, observation = running
+    pid = pid_of(local, spec)
+    restarted = LocalProvisioner(local.root, base_dir=settings.BASE_DIR)  # a fresh worker
+    restarted.apply(spec)
+    again = restarted.observe(spec)
+    assert again.rolled_out
+    assert pid_of(local, spec) == pid  # adopted, not restarted
+    assert [r.endpoint for r in again.replicas] == [r.endpoint for r in observation.replicas]
+
+
+def test_a_crashed_replica_is_restarted_with_backoff(local, running):
+    spec, _ = running
+    os.kill(pid_of(local, spec), signal.SIGKILL)
+    time.sleep(0.2)
+    local.apply(spec)
+    observation = local.observe(spec)
+    [replica] = observation.replicas
+    assert (replica.phase, replica.reason, replica.restart_count) == (
+        "crashed",
+        "CrashLoopBackOff",
+        1,
+    )
+    assert "exit code -9" in replica.message
+    assert observation.failure is None
+    observation = wait_ready(local, spec)
+    assert observation.replicas[0].restart_count == 1
+
+
+def test_stop_all_stops_replicas_and_the_next_apply_starts_them_without_a_crash(local, running):
+    spec, _ = running
+    pid = pid_of(local, spec)
+    assert stop_all(local.root) == 1
+    assert not Path(f"/proc/{pid}").exists()
+    assert local.drifted({spec.deployment_id: spec}, {}) == {spec.deployment_id}
+    observation = wait_ready(local, spec)
+    assert observation.replicas[0].restart_count == 1  # unchanged by the clean stop
+    assert pid_of(local, spec) != pid
+
+
+def test_a_replica_that_keeps_crashing_fails_the_deployment(local, tiny_model, tmp_path):
+    # A stand-in interpreter that dies at once, like a runtime whose CUDA is broken (a real
+    # runtime takes seconds to import torch before it could fail).
+    crashing = tmp_path / "python"
+    crashing.write_text("#!/bin/sh\necho 'RuntimeError: CUDA error: no kernel image' >&2\nexit 3\n")
+    crashing.chmod(0o755)
+    broken_local = LocalProvisioner(local.root, base_dir=settings.BASE_DIR, python=str(crashing))
+    broken = tiny_spec(
+        tiny_model, deployment_id="99999999-2222-4333-8444-555555555555", name="broken"
+    )
+    from deployments.provisioners import local as local_module
+
+    failure = None
+    deadline = time.monotonic() + 30
+    while failure is None and time.monotonic() < deadline:
+        broken_local.apply(broken)
+        # Skip the backoff waits: a real worker would just come back later.
+        state = LocalState.load(broken_local.folder(broken) / "state.json")
+        assert all(r.next_start_at - time.time() <= 2**r.restart_count for r in state.replicas)
+        for replica in state.replicas:
+            replica.next_start_at = 0
+        state.save(broken_local.folder(broken) / "state.json")
+        failure = broken_local.observe(broken).failure
+        time.sleep(0.2)
+    assert failure is not None
+    assert f"({local_module.RESTARTS_TO_FAIL} restarts)" in failure
+    assert "exit code 3: " in failure and "CUDA error" in failure
+    broken_local.delete(broken)
+    assert not broken_local.folder(broken).exists()
