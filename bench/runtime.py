@@ -8,7 +8,9 @@ request when the previous one ends; every request streams and generates exactly 
 tokens, ignore_eos), against `model.generate` run serially in this process (its TTFT is the
 time to the first new token of each call). The systems take turns, never running at once, in
 --rounds interleaved rounds; tokens/s is the median over rounds. The HTTP clients share the CPU
-with the server. Both use --cpu-threads torch threads (default 1). Prints a table and writes
+with the server. The last rows run the runtime's engine in this process, without HTTP: each
+batch of `concurrency` requests submitted at once. All use --cpu-threads torch threads
+(default 1). Prints a table and writes
 bench/results/runtime.json.
 """
 
@@ -149,6 +151,45 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, tokens: int)
     return _measurement(generated, elapsed, ttfts)
 
 
+def engine_in_process(model_dir: Path, max_num_seqs: int, tokens: int):
+    """A function running the runtime's engine directly (no HTTP): `batch` requests at once."""
+    from prometheus_client import CollectorRegistry
+
+    from runtime.engine import SamplingParams
+    from runtime.metrics import PrometheusListener
+    from runtime.server import load_model
+
+    loaded = load_model(
+        str(model_dir),
+        PrometheusListener(SERVED_NAME, CollectorRegistry()),
+        device="cpu",
+        dtype="auto",
+        max_model_len=None,
+        max_num_seqs=max_num_seqs,
+        download_dir=Path(tempfile.gettempdir()),
+    )
+    engine = loaded.engine
+
+    def measure(texts: list[str]) -> dict:
+        arrived, first = {}, {}
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        started = time.perf_counter()
+        for index, text in enumerate(texts):
+            arrived[index] = time.perf_counter()
+
+            def sink(event, index=index):
+                first.setdefault(index, time.perf_counter())
+
+            engine.submit(str(index), loaded.tokenization.encode(text), params, sink)
+        while engine.step():
+            pass
+        elapsed = time.perf_counter() - started
+        ttfts = [first[i] - arrived[i] for i in range(len(texts))]
+        return _measurement(len(texts) * tokens, elapsed, ttfts)
+
+    return measure
+
+
 def _measurement(generated: int, elapsed: float, ttfts: list[float]) -> dict:
     return {"generated": generated, "seconds": elapsed, "ttfts": ttfts}
 
@@ -222,7 +263,9 @@ def main() -> None:
     )
     # Rounds interleave the systems, so that load from elsewhere on a shared machine falls on
     # all of them alike; each figure is the median over the rounds.
+    engine = engine_in_process(model_dir, max(args.concurrency), args.tokens)
     measured: dict[int, list[dict]] = {0: []} | {c: [] for c in args.concurrency}
+    in_process: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     try:
         for round_number in range(args.rounds):
             print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
@@ -232,13 +275,16 @@ def main() -> None:
                 measured[concurrency].append(
                     asyncio.run(closed_loop(url, texts, concurrency, args.tokens))
                 )
+                in_process[concurrency].append(engine(prompts(concurrency)))
     finally:
         process.terminate()
         process.wait(timeout=30)
 
-    results = [summarize("transformers generate, serial", 1, measured[0])] + [
-        summarize("runtime server", c, measured[c]) for c in args.concurrency
-    ]
+    results = (
+        [summarize("transformers generate, serial", 1, measured[0])]
+        + [summarize("runtime server", c, measured[c]) for c in args.concurrency]
+        + [summarize("runtime engine, no HTTP", c, in_process[c]) for c in args.concurrency]
+    )
     baseline = results[0]["tokens_per_second"]
     print(f"{'system':32} {'conc':>4} {'reqs':>4} {'tok/s':>8} {'x serial':>8} "
           f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")  # fmt: skip
