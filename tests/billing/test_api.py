@@ -210,3 +210,16 @@ def test_invoice_list_runs_a_constant_number_of_queries(organization, key_client
             finalized_at=timezone.now(),
         )
     assert count() == few
+
+
+def test_operators_see_billing_in_the_admin(admin_client, organization, priced_version):
+    invoice = close_last_period(organization, priced_version)
+    assert admin_client.get("/admin/billing/invoice/").status_code == 200
+    assert admin_client.get(f"/admin/billing/invoice/{invoice.pk}/change/").status_code == 200
+    response = admin_client.post(
+        "/admin/billing/creditgrant/add/",
+        {"organization": organization.pk, "amount": "10.00", "description": "launch promo"},
+    )
+    assert response.status_code == 302
+    grant = organization.credit_grants.get()
+    assert (grant.remaining, grant.created_by) == (Decimal("10.00"), "admin@example.com")

@@ -76,3 +76,41 @@ def test_bad_periods(db):
         reconcile("--period", "2026/02")
     with pytest.raises(CommandError, match="has not ended"):
         reconcile("--period", "2999-01")
+
+
+def test_operator_commands_grant_credit_and_issue_credit_notes(organization, version, price):
+    out = StringIO()
+    call_command("billing_grant_credit", "--org", organization.slug, "--amount", "0.40", stdout=out)
+    assert "granted 0.40 USD" in out.getvalue()
+    UsageEventFactory(
+        organization=organization,
+        model_version_id=version.pk,
+        finished_at=at(2026, 2, 3),
+        prompt_tokens=2_000_000,
+        completion_tokens=0,
+    )
+    usage_events_ingest(now=NOW)
+    [invoice] = billing_period_close(period_start=at(2026, 2, 1), now=NOW).created
+    assert (invoice.credits_applied, invoice.total) == (Decimal("0.40"), Decimal("0.60"))
+    out = StringIO()
+    call_command(
+        "billing_credit_note",
+        "--invoice",
+        invoice.number,
+        "--amount",
+        "0.25",
+        "--reason",
+        "slow responses",
+        stdout=out,
+    )
+    assert "SIR-CN-2026-000001: 0.25 USD credited" in out.getvalue()
+    with pytest.raises(CommandError, match="at most"):
+        call_command(
+            "billing_credit_note", "--invoice", invoice.number, "--amount", "5", "--reason", "x"
+        )
+    with pytest.raises(CommandError, match="No invoice"):
+        call_command("billing_credit_note", "--invoice", "nope", "--amount", "1", "--reason", "x")
+    with pytest.raises(CommandError, match="No organization"):
+        call_command("billing_grant_credit", "--org", "nope", "--amount", "1")
+    with pytest.raises(CommandError, match="minor units"):
+        call_command("billing_grant_credit", "--org", organization.slug, "--amount", "0.001")
