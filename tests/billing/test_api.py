@@ -223,3 +223,29 @@ def test_operators_see_billing_in_the_admin(admin_client, organization, priced_v
     assert response.status_code == 302
     grant = organization.credit_grants.get()
     assert (grant.remaining, grant.created_by) == (Decimal("10.00"), "admin@example.com")
+
+
+def test_the_usage_report_runs_a_constant_number_of_queries(organization, api, make_api_key):
+    from tests.catalog.factories import ModelVersionFactory
+
+    api.get("/api/v1/organizations/current")
+
+    def seed(n):
+        for _ in range(n):
+            version = ModelVersionFactory()
+            TokenPriceFactory(
+                model_version=version, effective_from=timezone.now() - timedelta(days=9)
+            )
+            key, _ = make_api_key(organization)
+            UsageEventFactory(organization=organization, model_version_id=version.pk, api_key=key)
+        usage_events_ingest()
+
+    def count(group_by):
+        with CaptureQueriesContext(connection) as queries:
+            assert api.get(f"/api/v1/usage?group_by={group_by}").status_code == 200
+        return len(queries)
+
+    seed(1)
+    few = {g: count(g) for g in ("model", "api_key", "deployment", "day")}
+    seed(15)
+    assert {g: count(g) for g in few} == few

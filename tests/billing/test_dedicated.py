@@ -132,3 +132,27 @@ def test_segments_always_add_up_to_the_interval(deployment, start_offset, length
     edges = [(s.start, s.end) for s in segments]
     assert all(a[1] == b[0] for a, b in itertools.pairwise(edges))
     assert all(s.start.date() == (s.end - timedelta(microseconds=1)).date() for s in segments)
+
+
+def test_dedicated_time_shows_in_the_usage_report(deployment):
+    from billing.usage import usage_report
+
+    ReplicaUsageFactory(
+        deployment=deployment, started_at=at(2026, 2, 10, 10), ended_at=at(2026, 2, 10, 10, 30)
+    )
+    replica_usage_ingest(now=NOW)
+    [row] = usage_report(
+        organization=deployment.organization,
+        start=at(2026, 2, 1).date(),
+        end=at(2026, 2, 28).date(),
+        group_by="deployment",
+    )
+    assert (row.key, row.label, row.gpu_seconds) == (str(deployment.pk), deployment.name, 1800)
+    assert row.amount == Decimal("3.6")  # half an hour at 7.20 per replica-hour
+    [by_day] = usage_report(
+        organization=deployment.organization,
+        start=at(2026, 2, 10).date(),
+        end=at(2026, 2, 10).date(),
+        group_by="day",
+    )
+    assert (by_day.key, by_day.gpu_seconds) == ("2026-02-10", 1800)

@@ -219,3 +219,37 @@ def test_yen_invoices_round_to_whole_yen(version):
     [invoice] = billing_period_close(period_start=FEB, now=NOW).created
     assert [line.amount for line in invoice.lines.all()] == [Decimal(1), Decimal(2)]
     assert invoice.total == Decimal(3)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_closes_number_invoices_once_and_without_gaps(version, price):
+    import threading
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite serializes writers; the race needs PostgreSQL's row locks")
+    orgs = [OrganizationFactory() for _ in range(6)]
+    for org in orgs:
+        use(org, version, prompt=1000, completion=1000)
+    usage_events_ingest(now=NOW)
+    errors = []
+
+    def close():
+        try:
+            billing_period_close(period_start=FEB, now=NOW)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=close) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(Invoice.objects.values_list("number", flat=True)) == [
+        f"SIR-2026-{n:06d}" for n in range(1, 7)
+    ]
+    assert Invoice.objects.values("organization").distinct().count() == 6
