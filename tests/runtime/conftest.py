@@ -8,11 +8,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from runtime.tiny_moe import build_tiny_moe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVED_NAME = "tiny-moe"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """In-process models run on one thread, as the servers under test do (--cpu-threads 1):
+    OpenMP threads spinning on a shared 2-core machine make these tests ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
