@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -50,6 +51,15 @@ UNKNOWN_COMPLETION_RESERVE = 4096
 
 JSON = b"application/json"
 _DONE = object()
+
+
+# Unique request ids without a system call each: a random per-process prefix and a counter.
+_REQUEST_ID_PREFIX = "req_" + uuid.uuid4().hex[:16]
+_request_counter = itertools.count(1)
+
+
+def _new_request_id() -> bytes:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}".encode()
 
 
 class ClientGone(Exception):
@@ -170,7 +180,7 @@ class Gateway:
             if config.redis_url
             else LocalRateLimiter()
         )
-        self.usage = UsageWriter()
+        self.usage = UsageWriter(synchronous_commit=config.usage_synchronous_commit)
         self.load = LoadTracker()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
@@ -204,7 +214,7 @@ class Gateway:
         await self.session.close()
         if isinstance(self.limiter, RedisRateLimiter):
             await self.limiter.close()
-        await asyncio.to_thread(self.usage.stop)
+        await self.usage.close()
         await asyncio.to_thread(self.db.stop)
 
 
@@ -259,9 +269,7 @@ class GatewayApp:
         headers = dict(scope["headers"])
         supplied = headers.get(b"x-request-id", b"")
         request_id = (
-            supplied
-            if supplied and _VALID_REQUEST_ID.match(supplied)
-            else b"req_" + uuid.uuid4().hex.encode()
+            supplied if supplied and _VALID_REQUEST_ID.match(supplied) else _new_request_id()
         )
         exchange = Exchange(request_id, send)
         path, method = scope["path"], scope["method"]
@@ -530,9 +538,9 @@ class GatewayApp:
                 return endpoint, response, None
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 gateway.routes.release(endpoint)
-                gateway.routes.refused(endpoint)
+                if gateway.routes.refused(endpoint):
+                    logger.warning("replica %s refused the connection: %s", endpoint, error)
                 refused = error
-                logger.warning("replica %s refused the connection: %s", endpoint, error)
             except TimeoutError:
                 return (
                     endpoint,
@@ -711,31 +719,31 @@ class GatewayApp:
                 )
         now = datetime.now(UTC)
         latency = time.perf_counter() - exchange.started
-        event = UsageEvent(
-            request_id=exchange.request_id.decode(),
-            organization_id=caller.organization_id,
-            api_key_id=caller.key_id,
-            deployment_id=route.deployment_id,
-            model_version_id=route.model_version_id,
-            deployment_type=route.deployment_type,
-            model=request.model[:200],
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            cached_tokens=outcome.cached_tokens,
-            status_code=outcome.status,
-            latency_ms=round(latency * 1000, 3),
-            ttft_ms=round(outcome.ttft * 1000, 3) if outcome.ttft is not None else None,
-            usage_source=source,
-            started_at=now - timedelta(seconds=latency),
-            finished_at=now,
-        )
+        event = {
+            "request_id": exchange.request_id.decode(),
+            "organization_id": caller.organization_id,
+            "api_key_id": caller.key_id,
+            "deployment_id": route.deployment_id,
+            "model_version_id": route.model_version_id,
+            "deployment_type": route.deployment_type,
+            "model": request.model[:200],
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "cached_tokens": outcome.cached_tokens,
+            "status_code": outcome.status,
+            "latency_ms": round(latency * 1000, 3),
+            "ttft_ms": round(outcome.ttft * 1000, 3) if outcome.ttft is not None else None,
+            "usage_source": source,
+            "started_at": now - timedelta(seconds=latency),
+            "finished_at": now,
+        }
         outcome.submitted = gateway.usage.submit(event)
         try:
             async with asyncio.timeout(gateway.config.usage_commit_timeout):
                 await asyncio.shield(outcome.submitted)
         except TimeoutError:
             # The writer keeps retrying; the response is not held hostage to the database.
-            logger.error("usage event %s not committed in time", event.request_id)
+            logger.error("usage event %s not committed in time", event["request_id"])
 
 
 def _choice_text(choice) -> str:

@@ -124,11 +124,15 @@ class RouteTable:
     def release(self, endpoint: str) -> None:
         self._in_flight[endpoint] -= 1
 
-    def refused(self, endpoint: str) -> None:
-        self._refused_at[endpoint] = time.monotonic()
+    def refused(self, endpoint: str) -> bool:
+        """Set a replica aside after a refused connect; True when it was not already."""
+        now = time.monotonic()
+        fresh = now - self._refused_at.get(endpoint, -1e9) >= REFUSED_PENALTY_SECONDS
+        self._refused_at[endpoint] = now
         if len(self._refused_at) > 1000:
             cutoff = time.monotonic() - REFUSED_PENALTY_SECONDS
             self._refused_at = {e: t for e, t in self._refused_at.items() if t >= cutoff}
+        return fresh
 
     async def ask_for_replicas(self, deployment_id) -> None:
         """Ask the control plane to scale the deployment up from zero (at most every 10 s)."""

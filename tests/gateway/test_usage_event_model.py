@@ -42,3 +42,26 @@ def test_an_event_outlives_the_key_it_was_made_with(organization, make_api_key):
     event = UsageEvent.objects.get(request_id="req_k")
     assert event.api_key_id is not None
     assert event.total_tokens == 12
+
+
+def test_the_writer_group_commits_and_ignores_replays(transactional_db, organization):
+    import asyncio
+
+    from gateway.usage import UsageWriter
+
+    def fields(request_id):
+        event = make_event(organization, request_id)
+        return {f.attname: getattr(event, f.attname) for f in UsageEvent._meta.concrete_fields}
+
+    async def run():
+        writer = UsageWriter()
+        try:
+            events = [fields(f"req_{i}") for i in range(200)] + [fields("req_7")]
+            return await asyncio.gather(*(writer.submit(event) for event in events))
+        finally:
+            await writer.close()
+
+    assert all(asyncio.run(run()))
+    assert UsageEvent.objects.count() == 200
+    stored = UsageEvent.objects.get(request_id="req_7")
+    assert stored.organization_id == organization.id and stored.started_at is not None

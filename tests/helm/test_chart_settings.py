@@ -39,6 +39,7 @@ NOT_SET_BY_THE_CHART = {
     "GATEWAY_USAGE_COMMIT_TIMEOUT": TUNING,
     "GATEWAY_LOAD_REPORT_SECONDS": TUNING,
     "GATEWAY_DB_THREADS": TUNING,
+    "GATEWAY_USAGE_SYNCHRONOUS_COMMIT": "a durability trade-off an operator opts into (config.extraEnv)",
     "GATEWAY_REDIS_PREFIX": "only installations that share one Redis server need different ones",
 }
 ENV_READ = re.compile(

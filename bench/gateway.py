@@ -1,0 +1,476 @@
+"""What the gateway costs: the same instant upstream called (a) directly, (b) through Sirocco's
+gateway with auth, rate limits and usage on (PostgreSQL + Redis), (c) through LiteLLM's proxy.
+
+    python bench/gateway.py [--duration 10] [--rate 200] [--workers 2] [--litellm-venv DIR]
+
+Reports, for non-streaming and streaming requests: saturation requests/s (wrk, closed loop,
+64 connections), latency p50/p99 at a fixed rate (an open-loop asyncio client: one request
+every 1/rate s whatever the answers do) and the latency added against the direct run, and
+time to first token when streaming. Also how fast httpx and aiohttp call the stub from one
+process (why the gateway uses aiohttp). Everything runs on this machine over loopback; the
+upstream is bench/upstream_stub.py, which answers at once.
+
+Needs: PostgreSQL at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 (as for the test suite), `wrk`
+(Debian package), and for (c) LiteLLM in its own virtual environment, never in Sirocco's (its
+pins would fight ours):
+
+    python3.11 -m venv /work/bench-venv
+    /work/bench-venv/bin/pip install 'litellm[proxy]' prisma
+
+LiteLLM tracks spend in PostgreSQL through Prisma, which must generate its client and fetch
+its query engine at start; when that cannot work (no network), LiteLLM runs without a database
+and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES = "postgres://postgres@127.0.0.1:5432"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+SIROCCO_DB = "bench_sirocco_gateway"
+LITELLM_DB = "bench_litellm_gateway"
+MODEL = "bench"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there!"}], "max_tokens": 16}
+HUGE_LIMIT = 2_000_000_000  # limits are checked on every request, never reached
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"{url}: the server exited ({process.returncode})")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout}s")
+
+
+def start(command: list[str], env: dict | None = None, log: Path | None = None):
+    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def recreate_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+
+
+# ---- load ----------------------------------------------------------------------------------
+
+
+def wrk(url: str, body: dict, key: str, duration: float, connections: int = 64) -> dict:
+    """Closed-loop saturation with wrk: requests/s and how many answers were not 2xx."""
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    )
+    result = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration:.0f}s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", result.stdout)
+    socket_errors = re.search(r"Socket errors: (.*)", result.stdout)
+    return {
+        "requests_per_second": round(rps),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+async def fixed_rate(url: str, body: dict, key: str, rate: float, duration: float) -> dict:
+    """Open loop: one request every 1/rate s. Latency to the last byte; TTFT when streaming."""
+    stream = bool(body.get("stream"))
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    failures = 0
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    payload = json.dumps(body).encode()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one():
+            nonlocal failures
+            started = time.perf_counter()
+            first = None
+            async with session.post(url, data=payload, headers=headers) as response:
+                if stream:
+                    async for line in response.content:
+                        if first is None and (b'"content"' in line or b'"text"' in line):
+                            first = time.perf_counter()
+                else:
+                    await response.read()
+                if response.status != 200:
+                    failures += 1
+                    return
+            latencies.append(time.perf_counter() - started)
+            if first is not None:
+                ttfts.append(first - started)
+
+        count = int(rate * duration)
+        begin = time.perf_counter()
+        tasks = []
+        for index in range(count):
+            delay = begin + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    result = {"requests": count, "failures": failures, **percentiles("latency", latencies)}
+    if stream:
+        result.update(percentiles("ttft", ttfts))
+    return result
+
+
+def percentiles(name: str, values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        f"{name}_p50_ms": round(statistics.median(ordered) * 1000, 3),
+        f"{name}_p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+    }
+
+
+def measure(name: str, base: str, key: str, args) -> dict:
+    results = {}
+    for mode, body in (("non_streaming", CHAT), ("streaming", {**CHAT, "stream": True})):
+        url = base + "/chat/completions"
+        wrk(url, body, key, 2)  # warm-up: connections, caches
+        saturation = wrk(url, body, key, args.duration)
+        latency = asyncio.run(fixed_rate(url, body, key, args.rate, args.duration))
+        results[mode] = {"saturation": saturation, f"at_{args.rate:.0f}_rps": latency}
+        print(f"  {name} {mode}: {saturation} | {latency}", flush=True)
+    return results
+
+
+async def client_comparison(stub: str, requests: int = 3000, concurrency: int = 16) -> dict:
+    """Requests/s of one process calling the stub with each HTTP client (same concurrency)."""
+    url = stub + "/v1/chat/completions"
+    payload = json.dumps(CHAT).encode()
+    headers = {"content-type": "application/json"}
+
+    async def run(call):
+        queue = list(range(requests))
+
+        async def worker():
+            while queue:
+                queue.pop()
+                await call()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return round(requests / (time.perf_counter() - started))
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def with_httpx():
+            (await client.post(url, content=payload, headers=headers)).read()
+
+        httpx_rps = await run(with_httpx)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def with_aiohttp():
+            async with session.post(url, data=payload, headers=headers) as response:
+                await response.read()
+
+        aiohttp_rps = await run(with_aiohttp)
+    return {"httpx_rps": httpx_rps, "aiohttp_rps": aiohttp_rps}
+
+
+# ---- the three targets ----------------------------------------------------------------------
+
+
+SEED = """
+from accounts.actors import Actor
+from accounts.models import APIKey, Organization
+from accounts.services import api_key_create
+from tests.deployments.factories import DeploymentFactory, ReplicaFactory
+organization = Organization.objects.create(slug="bench", name="Bench")
+deployment = DeploymentFactory(
+    organization=organization, name={model!r}, model_version__served_model_name="stub",
+    model_version__runtime_args={{"max_model_len": 32768}},
+)
+ReplicaFactory(deployment=deployment, endpoint={stub!r})
+_key, secret = api_key_create(
+    actor=Actor.system(organization), name="bench", scopes=[APIKey.Scope.INFERENCE],
+    rpm_limit={limit}, tpm_limit={limit},
+)
+print(secret)
+"""
+
+
+def sirocco(stub: str, args, workdir: Path, *, embedded: bool = False) -> dict:
+    """Production shape (PostgreSQL, Redis, several workers), or the embedded default
+    (SQLite file, in-process limits, hence one process)."""
+    if embedded:
+        database = {"DATABASE_URL": f"sqlite:///{workdir / 'sirocco.sqlite3'}"}
+        workers = 1
+    else:
+        recreate_database(SIROCCO_DB)
+        database = {
+            "DATABASE_URL": f"{POSTGRES}/{SIROCCO_DB}",
+            "REDIS_URL": REDIS_URL,
+            "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:",
+        }
+        workers = args.workers
+    env = {
+        **database,
+        "GATEWAY_ORG_RPM_LIMIT": str(HUGE_LIMIT),
+        "GATEWAY_ORG_TPM_LIMIT": str(HUGE_LIMIT),
+        "SECRET_KEY": "bench-" + uuid.uuid4().hex,
+        "CELERY_BROKER_URL": REDIS_URL,
+        "LOG_LEVEL": "WARNING",
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+    }
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True)
+    seed = SEED.format(model=MODEL, stub=stub, limit=HUGE_LIMIT)
+    secret = subprocess.run(
+        [*manage, "shell", "-c", seed],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[-1]
+    port = free_port()
+    server = start(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "gateway.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env,
+        workdir / f"sirocco{'-embedded' if embedded else ''}.log",
+    )
+    name = "sirocco_embedded" if embedded else "sirocco"
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", process=server)
+        results = measure(name, f"http://127.0.0.1:{port}/v1", secret, args)
+        results["workers"] = workers
+        results["usage_events"] = (
+            count_sqlite_rows(workdir / "sirocco.sqlite3")
+            if embedded
+            else count_rows(SIROCCO_DB, "gateway_usageevent")
+        )
+        return results
+    finally:
+        stop(server)
+
+
+def count_rows(database: str, table: str) -> int:
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES}/{database}") as connection:
+        return connection.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+
+
+def count_sqlite_rows(path: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT count(*) FROM gateway_usageevent").fetchone()[0]
+
+
+def litellm(stub: str, args, workdir: Path) -> dict:
+    venv = Path(args.litellm_venv)
+    binary = venv / "bin" / "litellm"
+    if not binary.exists():
+        return {"skipped": f"no LiteLLM at {binary} (see this script's docstring)"}
+    master = "sk-bench-master-" + uuid.uuid4().hex[:8]
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        "      model: openai/stub\n"
+        f"      api_base: {stub}/v1\n"
+        "      api_key: sk-stub\n"
+        "general_settings:\n"
+        f"  master_key: {master}\n"
+    )
+    recreate_database(LITELLM_DB)
+    with_db = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{LITELLM_DB}"}
+    port = free_port()
+    command = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--num_workers", "2"]
+    environment = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "LITELLM_LOG": "ERROR"}
+    database = "PostgreSQL (spend tracking on)"
+    server = start(command, {**environment, **with_db}, workdir / "litellm-db.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180, process=server)
+        key = virtual_key(port, master)
+    except SystemExit as failure:
+        stop(server)
+        reason = (workdir / "litellm-db.log").read_text(errors="replace")[-600:]
+        print(f"  LiteLLM with PostgreSQL failed ({failure}); running it without a database:")
+        print("   ", reason.replace("\n", "\n    "))
+        database = "none (Prisma could not start offline: see litellm_db_error)"
+        server = start(command, environment, workdir / "litellm.log")
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180, process=server)
+        key = master
+    try:
+        results = measure("litellm", f"http://127.0.0.1:{port}/v1", key, args)
+        results["database"] = database
+        if database.startswith("none"):
+            results["litellm_db_error"] = reason
+        else:
+            time.sleep(5)  # LiteLLM writes spend logs in batches
+            results["spend_logs"] = count_rows(LITELLM_DB, "LiteLLM_SpendLogs")
+        return results
+    finally:
+        stop(server)
+
+
+def virtual_key(port: int, master: str) -> str:
+    """A LiteLLM virtual key with rpm/tpm limits, like Sirocco's (needs the database)."""
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/key/generate",
+        json={"rpm_limit": HUGE_LIMIT, "tpm_limit": HUGE_LIMIT},
+        headers={"authorization": f"Bearer {master}"},
+        timeout=60,
+    )
+    if response.status_code != 200:
+        raise SystemExit(f"/key/generate answered {response.status_code}: {response.text[:300]}")
+    return response.json()["key"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measurement")
+    parser.add_argument("--rate", type=float, default=200, help="requests/s of the latency runs")
+    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes")
+    parser.add_argument("--litellm-venv", default="/work/bench-venv")
+    parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is missing: apt-get install wrk")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    stub_process = subprocess.Popen(
+        [sys.executable, "bench/upstream_stub.py", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    stub = stub_process.stdout.readline().split()[-1]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPUs, {platform_name()}",
+        "duration_s": args.duration,
+        "rate": args.rate,
+        "gateway_workers": args.workers,
+    }
+    try:
+        report["clients"] = asyncio.run(client_comparison(stub))
+        print("upstream clients:", report["clients"], flush=True)
+        report["direct"] = measure("direct", stub + "/v1", "none", args)
+        report["sirocco"] = sirocco(stub, args, workdir)
+        report["sirocco_embedded"] = sirocco(stub, args, workdir, embedded=True)
+        if not args.skip_litellm:
+            report["litellm"] = litellm(stub, args, workdir)
+    finally:
+        stop(stub_process)
+    summarize(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.output} (logs in {workdir})")
+
+
+def platform_name() -> str:
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
+
+
+def summarize(report: dict) -> None:
+    rate = f"at_{report['rate']:.0f}_rps"
+    print()
+    for mode in ("non_streaming", "streaming"):
+        direct = report["direct"][mode][rate]
+        print(f"{mode}:")
+        for name in ("direct", "sirocco", "sirocco_embedded", "litellm"):
+            data = report.get(name, {}).get(mode)
+            if not data:
+                continue
+            at_rate = data[rate]
+            line = (
+                f"  {name:16} saturation {data['saturation']['requests_per_second']:>6} req/s"
+                f"   p50 {at_rate['latency_p50_ms']:7.2f} ms  p99 {at_rate['latency_p99_ms']:7.2f} ms"
+            )
+            if name != "direct":
+                line += (
+                    f"   added p50 {at_rate['latency_p50_ms'] - direct['latency_p50_ms']:+.2f} ms"
+                    f"  p99 {at_rate['latency_p99_ms'] - direct['latency_p99_ms']:+.2f} ms"
+                )
+                if mode == "streaming":
+                    line += f"   TTFT added p50 {at_rate['ttft_p50_ms'] - direct['ttft_p50_ms']:+.2f} ms"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
