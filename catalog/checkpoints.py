@@ -17,9 +17,9 @@ from pathlib import Path
 
 from catalog.artifacts import sha256_of_file
 
-MANIFEST_NAME = "manifest.json"
-# The format runtime/loader.py verifies downloads against (runtime.tiny_moe.MANIFEST_FORMAT).
-MANIFEST_FORMAT = "sirocco.manifest/v1"
+# The format runtime/loader.py verifies downloads against (a light module: no torch).
+from runtime.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # safetensors dtype names → catalog ModelVersion.Dtype values. Other tensors (integer buffers,
 # say) count as parameters but do not decide the version's dtype.

@@ -13,7 +13,7 @@ from django import forms
 from rest_framework.exceptions import ValidationError
 
 from catalog.models import HardwareProfile, Model, ModelVersion, ServingRuntime, facet_token
-from catalog.selectors import versions_deployable_on
+from catalog.selectors import models_deployable_on
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 
@@ -108,7 +108,7 @@ class ModelFilter(django_filters.FilterSet):
         )
 
     def filter_deployable_on(self, queryset, name, profile):
-        return queryset.filter(pk__in=versions_deployable_on(profile).values("model_id"))
+        return models_deployable_on(queryset, profile)
 
 
 class HardwareProfileFilter(django_filters.FilterSet):

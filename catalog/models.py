@@ -171,6 +171,14 @@ class Model(models.Model):
     # JSON lists (tasks, languages, tags) filter the same way on SQLite and PostgreSQL.
     search_text = models.TextField(blank=True, editable=False)
     facets = models.TextField(blank=True, editable=False)
+    # Derived from the published versions by refresh_listings() whenever a version is saved or
+    # deleted, so the list endpoint filters and counts one table: "has a published version"
+    # and "fits a profile" (the least memory any published version needs, per device).
+    is_listed = models.BooleanField(default=False, editable=False)
+    least_gpu_memory_gb = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    least_cpu_memory_gb = models.DecimalField(
+        max_digits=10, decimal_places=2, null=True, blank=True, editable=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -204,7 +212,18 @@ class Model(models.Model):
         indexes = [
             models.Index(fields=["publisher"]),
             models.Index(fields=["context_length"]),
-            models.Index(fields=["organization", "slug"]),
+            # Covers the list's count: every column its filters read, so counting 10,000 models
+            # scans this index instead of the table (whose rows carry whole model cards).
+            models.Index(
+                fields=[
+                    "is_listed",
+                    "organization",
+                    "least_gpu_memory_gb",
+                    "least_cpu_memory_gb",
+                    "facets",
+                ],
+                name="catalog_model_listing_idx",
+            ),
         ]
 
     def __str__(self):
@@ -337,10 +356,52 @@ class ModelVersion(models.Model):
                 "served_model_name",
             }
         super().save(*args, **kwargs)
+        refresh_listings([self.model_id])
+
+    def delete(self, *args, **kwargs):
+        model_id = self.model_id
+        result = super().delete(*args, **kwargs)
+        refresh_listings([model_id])
+        return result
 
     @property
     def weights_imported(self) -> bool:
         return bool(self.artifact_uri)
+
+
+def refresh_listings(model_ids) -> None:
+    """Recompute Model.is_listed / least_gpu_memory_gb / least_cpu_memory_gb of `model_ids`
+    from their published versions (one aggregate query, one bulk update). Callers that bulk
+    insert versions call it themselves; ModelVersion.save and delete call it for their model."""
+    model_ids = [pk for pk in set(model_ids) if pk is not None]
+    if not model_ids:
+        return
+    published = ModelVersion.objects.filter(
+        model_id__in=model_ids, status=ModelVersion.Status.PUBLISHED
+    )
+    facts = {
+        row["model_id"]: row
+        for row in published.values("model_id").annotate(
+            least_gpu=models.Min(
+                "min_gpu_memory_gb", filter=Q(serving_runtime__device=ServingRuntime.Device.GPU)
+            ),
+            least_cpu=models.Min(
+                "required_memory_gb", filter=Q(serving_runtime__device=ServingRuntime.Device.CPU)
+            ),
+        )
+    }
+    changed = []
+    for model in Model.objects.filter(pk__in=model_ids).only(
+        "pk", "is_listed", "least_gpu_memory_gb", "least_cpu_memory_gb"
+    ):
+        row = facts.get(model.pk, {})
+        new = (model.pk in facts, row.get("least_gpu"), row.get("least_cpu"))
+        if new != (model.is_listed, model.least_gpu_memory_gb, model.least_cpu_memory_gb):
+            model.is_listed, model.least_gpu_memory_gb, model.least_cpu_memory_gb = new
+            changed.append(model)
+    Model.objects.bulk_update(
+        changed, ["is_listed", "least_gpu_memory_gb", "least_cpu_memory_gb"], batch_size=500
+    )
 
 
 class ModelArtifact(models.Model):

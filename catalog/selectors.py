@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import Prefetch, QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from catalog import fit as fit_rules
@@ -59,7 +60,11 @@ def dedicated_price_at(
 
 def visible_models(*, organization) -> QuerySet[Model]:
     """Every model `organization` may see, in any state: public ones and its own private ones."""
-    return Model.objects.filter(Q(organization__isnull=True) | Q(organization=organization))
+    # Written as COALESCE(organization_id, 0) IN (0, org) rather than "IS NULL OR =": an OR
+    # the organization index can serve makes SQLite fetch every public model through that
+    # index and sort them, where a scan of the slug index stops after one page.
+    owners = [0] if organization is None else [0, organization.pk]
+    return Model.objects.alias(owner_id=Coalesce("organization_id", 0)).filter(owner_id__in=owners)
 
 
 def model_list(*, organization, include_unpublished: bool = False) -> QuerySet[Model]:
@@ -67,13 +72,7 @@ def model_list(*, organization, include_unpublished: bool = False) -> QuerySet[M
     published version unless `include_unpublished` (operators see drafts too)."""
     models = visible_models(organization=organization)
     if not include_unpublished:
-        # IN (subquery) rather than a correlated EXISTS: both databases build the set of
-        # published models once (bench/catalog.py: 3× faster on SQLite at 10,000 models).
-        models = models.filter(
-            pk__in=ModelVersion.objects.filter(status=ModelVersion.Status.PUBLISHED).values(
-                "model_id"
-            )
-        )
+        models = models.filter(is_listed=True)
     return models
 
 
@@ -142,6 +141,14 @@ def model_versions_for_detail(*, model: Model, include_unpublished: bool = False
 def hardware_profile_list(*, include_inactive: bool = False) -> QuerySet[HardwareProfile]:
     profiles = HardwareProfile.objects.all()
     return profiles if include_inactive else profiles.filter(is_active=True)
+
+
+def models_deployable_on(models: QuerySet[Model], profile: HardwareProfile) -> QuerySet[Model]:
+    """`models` with a published version that fits `profile`, from the derived Model columns
+    (the same rule as profile_fit: the least memory any published version needs)."""
+    if profile.is_cpu:
+        return models.filter(least_cpu_memory_gb__lte=fit_rules.profile_memory_gb(profile))
+    return models.filter(least_gpu_memory_gb__lte=profile.total_gpu_memory_gb)
 
 
 def versions_deployable_on(profile: HardwareProfile) -> QuerySet[ModelVersion]:

@@ -89,6 +89,9 @@ def _check_lists(fields: dict) -> None:
         values = fields.get(name)
         if values is not None and len(set(values)) != len(values):
             raise ValidationFailed(f"{name} lists a value twice.", field=name)
+    for name, most in (("languages", 100), ("tags", 20)):
+        if fields.get(name) is not None and len(fields[name]) > most:
+            raise ValidationFailed(f"Give at most {most} {name}.", field=name)
     languages = fields.get("languages")
     if languages is not None:
         bad = [x for x in languages if not (x.isascii() and x.isalpha() and len(x) in (2, 3))]

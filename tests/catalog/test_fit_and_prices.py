@@ -133,3 +133,70 @@ def test_served_model_name_defaults_to_the_model_slug():
     version = ModelVersionFactory(model=ModelFactory(slug="mistral-7b"))
     assert version.served_model_name == "mistral-7b"
     assert ModelVersion.objects.get(pk=version.pk).served_model_name == "mistral-7b"
+
+
+def test_model_listing_columns_follow_every_version_change():
+    from catalog.models import Model
+    from catalog.selectors import model_list, models_deployable_on
+
+    model = ModelFactory()
+    h100 = HardwareProfileFactory(gpu_count=1)
+    cpu = CpuProfileFactory(memory_request="4Gi")
+
+    def fits(profile):
+        return list(models_deployable_on(Model.objects.filter(pk=model.pk), profile)) == [model]
+
+    big = ModelVersionFactory(model=model, status="draft", size_bytes=100 * 10**9)
+    model.refresh_from_db()
+    assert not model.is_listed and not fits(h100)
+    big.status = "published"
+    big.save(update_fields=["status"])
+    assert list(model_list(organization=None)) == [model] and not fits(h100)
+    small = ModelVersionFactory(model=model, size_bytes=10 * 10**9)
+    assert fits(h100) and not fits(cpu)
+    tiny = ModelVersionFactory(
+        model=model, serving_runtime=BuiltinRuntimeFactory(), size_bytes=10**6
+    )
+    assert fits(cpu)
+    tiny.delete()
+    small.status = "deprecated"
+    small.save()
+    assert not fits(cpu) and not fits(h100)
+    big.delete()
+    model.refresh_from_db()
+    assert not model.is_listed and list(model_list(organization=None)) == []
+
+
+def test_deployable_on_agrees_with_profile_fit_for_many_shapes():
+    import random
+
+    from catalog.models import Model
+    from catalog.selectors import models_deployable_on
+
+    rng = random.Random(7)
+    profiles = [
+        HardwareProfileFactory(gpu_count=count, gpu_memory_gb=memory)
+        for count, memory in ((1, 24), (1, 80), (2, 80), (4, 80), (1, 141))
+    ] + [CpuProfileFactory(memory_request="4Gi"), CpuProfileFactory(memory_request="64Gi")]
+    builtin = BuiltinRuntimeFactory()
+    for _ in range(30):
+        model = ModelFactory()
+        for _ in range(rng.randint(1, 3)):
+            ModelVersionFactory(
+                model=model,
+                status=rng.choice(["draft", "published", "published", "deprecated"]),
+                size_bytes=rng.choice([0, 10**6, 15 * 10**9, 70 * 10**9, 93 * 10**9, 300 * 10**9]),
+                runtime_args={"gpu_memory_utilization": rng.choice([0.8, 0.9, 0.95])},
+                **({"serving_runtime": builtin} if rng.random() < 0.3 else {}),
+            )
+    for profile in profiles:
+        in_sql = set(models_deployable_on(Model.objects.all(), profile))
+        in_python = {
+            m
+            for m in Model.objects.all()
+            if any(
+                profile_fit(version=v, profile=profile).fits
+                for v in m.versions.filter(status="published")
+            )
+        }
+        assert in_sql == in_python, profile.name

@@ -245,3 +245,37 @@ def test_make_tiny_moe_publishes_mixtral_tiny_once(db):
     price = DedicatedPrice.objects.get(model_version=version)
     assert price.hardware_profile.name == "cpu-small"
     assert ensure_tiny_moe() == version
+
+
+@pytest.mark.parametrize("store_kind", ["local", "s3"])
+def test_the_runtime_loads_what_was_imported_and_refuses_a_damaged_copy(
+    request, store_kind, tiny_model, tiny_checkpoint, tmp_path
+):
+    from runtime.loader import ModelLoadError, resolve_model
+
+    if store_kind == "s3":
+        request.getfixturevalue("s3_store")
+    run(
+        "catalog_import",
+        "--from",
+        str(tiny_checkpoint),
+        "--model",
+        "tiny",
+        "--version",
+        "v1",
+        "--runtime",
+        "builtin",
+        "--publish",
+    )
+    uri = ModelVersion.objects.get(version="v1").artifact_uri
+    folder = resolve_model(uri, cache_dir=tmp_path / "cache")  # downloads s3:// URIs
+    assert (folder / "model.safetensors").read_bytes() == (
+        tiny_checkpoint / "model.safetensors"
+    ).read_bytes()
+
+    store = get_store()
+    damaged = bytearray(store.read_bytes("models/tiny/v1/config.json"))
+    damaged[0:1] = b" "
+    store.put_bytes("models/tiny/v1/config.json", bytes(damaged))
+    with pytest.raises(ModelLoadError, match=r"config\.json: sha256"):
+        resolve_model(uri, cache_dir=tmp_path / "fresh-cache")
