@@ -17,8 +17,8 @@ from uuid import UUID
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import IntegrityError, transaction
-from django.db.models import Count, Sum
+from django.db import transaction
+from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from accounts.models import Organization
@@ -44,7 +44,7 @@ from billing.rating import (
     stored_amount,
 )
 from billing.selectors import credit_grants_available
-from controlplane.errors import Conflict, ValidationFailed
+from controlplane.errors import ValidationFailed
 
 _QUANTITY = Decimal("0.000001")
 
@@ -304,14 +304,12 @@ def _draft(
     tokens: list[dict],
     dedicated: list[dict],
     names: _Names,
-    lock_credits: bool,
+    grants: list[CreditGrant],
 ) -> DraftInvoice:
+    """What the invoice says, given the usage groups and the credit grants it may draw on
+    (in the order it draws)."""
     currency = organization.currency
     lines = usage_lines(currency=currency, tokens=tokens, dedicated=dedicated, names=names)
-    grants = credit_grants_available(organization=organization, currency=currency, at=period.end)
-    if lock_credits:
-        grants = grants.select_for_update()
-    grants = list(grants)
     rate = tax_rate()
     totals = invoice_totals(
         line_amounts=[line.amount for line in lines],
@@ -351,7 +349,11 @@ def invoice_draft(*, organization: Organization, now: datetime | None = None) ->
         tokens=tokens,
         dedicated=dedicated,
         names=_Names.load(tokens, dedicated),
-        lock_credits=False,
+        grants=list(
+            credit_grants_available(
+                organization=organization, currency=organization.currency, at=period.end
+            )
+        ),
     )
 
 
@@ -365,9 +367,12 @@ class CloseResult:
     skipped: int
 
 
-def billing_period_close(*, period_start: datetime, now: datetime | None = None) -> CloseResult:
-    """Close a finished period: finalize an invoice for every organization with usage in it.
-    Idempotent; see the module docstring for why a crash or a rerun is harmless."""
+def billing_period_close(
+    *, period_start: datetime, now: datetime | None = None, chunk_size: int = 100
+) -> CloseResult:
+    """Close a finished period: finalize an invoice for every organization with usage in it,
+    `chunk_size` organizations per transaction. Idempotent; see the module docstring for why
+    a crash or a rerun is harmless."""
     now = now or timezone.now()
     period = period_starting(period_start)
     if period.end > now:
@@ -387,26 +392,25 @@ def billing_period_close(*, period_start: datetime, now: datetime | None = None)
     done = set(
         Invoice.objects.filter(period_start=period.start).values_list("organization_id", flat=True)
     )
-    created, skipped = [], len(done)
-    for organization in Organization.objects.filter(
-        pk__in=(by_org_tokens.keys() | by_org_dedicated.keys()) - done
-    ).order_by("pk"):
-        try:
-            invoice = invoice_finalize(
-                organization=organization,
-                period=period,
-                tokens=by_org_tokens[organization.pk],
-                dedicated=by_org_dedicated[organization.pk],
-                names=names,
-                now=now,
-            )
-        except Conflict:
-            skipped += 1  # another worker finalized it a moment ago
-            continue
-        if invoice is not None:
-            created.append(invoice)
+    pending = list(
+        Organization.objects.filter(
+            pk__in=(by_org_tokens.keys() | by_org_dedicated.keys()) - done
+        ).order_by("pk")
+    )
+    created = []
+    for first in range(0, len(pending), chunk_size):
+        created += invoices_finalize(
+            organizations=pending[first : first + chunk_size],
+            period=period,
+            tokens=by_org_tokens,
+            dedicated=by_org_dedicated,
+            names=names,
+            now=now,
+        )
     BillingPeriod.objects.filter(start=period.start).update(status="closed", closed_at=now)
-    return CloseResult(period=period, created=created, skipped=skipped)
+    return CloseResult(
+        period=period, created=created, skipped=len(done) + len(pending) - len(created)
+    )
 
 
 @transaction.atomic
@@ -442,39 +446,67 @@ def _next_number(kind: str, year: int) -> str:
     sequence = NumberSequence.objects.select_for_update().get(name=name)
     sequence.last_value += 1
     sequence.save(update_fields=["last_value"])
-    prefix = settings.BILLING_INVOICE_PREFIX
+    return _format_number(kind, year, sequence.last_value)
+
+
+def _format_number(kind: str, year: int, value: int) -> str:
     middle = "" if kind == "invoice" else "CN-"
-    return f"{prefix}-{middle}{year}-{sequence.last_value:06d}"
+    return f"{settings.BILLING_INVOICE_PREFIX}-{middle}{year}-{value:06d}"
 
 
 @transaction.atomic
-def invoice_finalize(
+def invoices_finalize(
     *,
-    organization: Organization,
+    organizations: list[Organization],
     period: Period,
-    tokens: list[dict],
-    dedicated: list[dict],
+    tokens: dict[int, list[dict]],
+    dedicated: dict[int, list[dict]],
     names: _Names,
     now: datetime,
-) -> Invoice | None:
-    """Write the finalized invoice of one organization and period, numbered in sequence, and
-    draw its prepaid credits. Raises Conflict when it exists already."""
-    if Invoice.objects.filter(organization=organization, period_start=period.start).exists():
-        raise Conflict(f"{organization.slug} already has an invoice for {period.label}.")
-    draft = _draft(
-        organization=organization,
-        period=period,
-        tokens=tokens,
-        dedicated=dedicated,
-        names=names,
-        lock_credits=True,
+) -> list[Invoice]:
+    """Write the finalized invoices of these organizations for `period`, numbered in
+    sequence, drawing their prepaid credits; organizations that have one already are skipped.
+
+    The number counter is taken FOR UPDATE first, so concurrent closers take turns here, and
+    the check for existing invoices after it sees everything they committed.
+    """
+    year = now.year
+    name = f"invoice-{year}"
+    NumberSequence.objects.bulk_create([NumberSequence(name=name)], ignore_conflicts=True)
+    sequence = NumberSequence.objects.select_for_update().get(name=name)
+    have = set(
+        Invoice.objects.filter(
+            period_start=period.start, organization__in=organizations
+        ).values_list("organization_id", flat=True)
     )
+    organizations = [o for o in organizations if o.pk not in have]
+    if not organizations:
+        return []
+    grants = defaultdict(list)
+    for grant in (
+        CreditGrant.objects.select_for_update()
+        .filter(organization__in=organizations, remaining__gt=0)
+        .exclude(expires_at__lte=period.end)
+        .order_by(F("expires_at").asc(nulls_last=True), "created_at", "id")
+    ):
+        grants[grant.organization_id].append(grant)
     stripe_on = bool(settings.STRIPE_API_KEY)
-    try:
-        with transaction.atomic():
-            invoice = Invoice.objects.create(
+    drafts, invoices = [], []
+    for organization in organizations:
+        draft = _draft(
+            organization=organization,
+            period=period,
+            tokens=tokens.get(organization.pk, []),
+            dedicated=dedicated.get(organization.pk, []),
+            names=names,
+            grants=[g for g in grants[organization.pk] if g.currency == organization.currency],
+        )
+        sequence.last_value += 1
+        drafts.append(draft)
+        invoices.append(
+            Invoice(
                 organization=organization,
-                number=_next_number("invoice", now.year),
+                number=_format_number("invoice", year, sequence.last_value),
                 period_start=period.start,
                 period_end=period.end,
                 currency=draft.currency,
@@ -495,10 +527,20 @@ def invoice_finalize(
                     else Invoice.StripeStatus.DISABLED
                 ),
             )
-    except IntegrityError:
-        raise Conflict(f"{organization.slug} already has an invoice for {period.label}.") from None
-    InvoiceLine.objects.bulk_create(
-        [
+        )
+    invoices = Invoice.objects.bulk_create(invoices)
+    if any(invoice.pk is None for invoice in invoices):  # a database without RETURNING
+        by_number = dict(
+            Invoice.objects.filter(number__in=[i.number for i in invoices]).values_list(
+                "number", "pk"
+            )
+        )
+        for invoice in invoices:
+            invoice.pk = by_number[invoice.number]
+    sequence.save(update_fields=["last_value"])
+    lines, applications, drawn = [], [], []
+    for invoice, draft in zip(invoices, drafts, strict=True):
+        lines += [
             InvoiceLine(
                 invoice=invoice,
                 position=position,
@@ -516,17 +558,19 @@ def invoice_finalize(
             )
             for position, line in enumerate(draft.all_lines, start=1)
         ]
-    )
-    for grant, amount in draft.credit_draws:
-        grant.remaining -= amount
-        grant.save(update_fields=["remaining"])
-        CreditApplication.objects.create(grant=grant, invoice=invoice, amount=amount)
-    if invoice.stripe_status == Invoice.StripeStatus.PENDING:
+        for grant, amount in draft.credit_draws:
+            grant.remaining -= amount
+            drawn.append(grant)
+            applications.append(CreditApplication(grant=grant, invoice=invoice, amount=amount))
+    InvoiceLine.objects.bulk_create(lines, batch_size=2000)
+    CreditGrant.objects.bulk_update(drawn, ["remaining"])
+    CreditApplication.objects.bulk_create(applications)
+    to_sync = [i.pk for i in invoices if i.stripe_status == Invoice.StripeStatus.PENDING]
+    if to_sync:
         from billing.tasks import stripe_sync_invoice
 
-        invoice_id = invoice.pk
-        transaction.on_commit(lambda: stripe_sync_invoice.delay(invoice_id))
-    return invoice
+        transaction.on_commit(lambda: [stripe_sync_invoice.delay(pk) for pk in to_sync])
+    return invoices
 
 
 # --- Corrections and credits -------------------------------------------------------------------

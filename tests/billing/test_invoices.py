@@ -113,22 +113,22 @@ def test_a_close_killed_midway_resumes_with_the_same_invoices(version, price, mo
     for org in orgs:
         use(org, version, prompt=1000, completion=1000)
     usage_events_ingest(now=NOW)
-    real_finalize = invoicing.invoice_finalize
+    real_finalize = invoicing.invoices_finalize
     calls = []
 
-    def dies_on_the_second(**kwargs):
-        calls.append(kwargs["organization"].pk)
+    def dies_in_the_second_chunk(**kwargs):
+        calls.append([o.pk for o in kwargs["organizations"]])
         if len(calls) == 2:
             raise KeyboardInterrupt("worker killed")
         return real_finalize(**kwargs)
 
-    monkeypatch.setattr(invoicing, "invoice_finalize", dies_on_the_second)
+    monkeypatch.setattr(invoicing, "invoices_finalize", dies_in_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        billing_period_close(period_start=FEB, now=NOW)
+        billing_period_close(period_start=FEB, now=NOW, chunk_size=1)
     assert Invoice.objects.count() == 1
     assert BillingPeriod.objects.get(start=FEB).status == "closing"
-    monkeypatch.setattr(invoicing, "invoice_finalize", real_finalize)
-    result = billing_period_close(period_start=FEB, now=NOW)
+    monkeypatch.setattr(invoicing, "invoices_finalize", real_finalize)
+    result = billing_period_close(period_start=FEB, now=NOW, chunk_size=2)
     assert len(result.created) == 2
     invoices = Invoice.objects.order_by("organization_id")
     assert [i.organization_id for i in invoices] == sorted(o.pk for o in orgs)
