@@ -5,8 +5,8 @@
 Uses its own database (`bench_billing` on postgres://postgres@127.0.0.1:5432, dropped and made
 again each run; --postgres to point elsewhere), migrated like production.
 1. Ingest: --events gateway usage events of the current month, in time order as the gateway
-   writes them (round-robin over the organizations and ten priced model versions, half of
-   which change price mid-month), are written straight into the gateway's table; then `usage_events_ingest` runs batch after batch, as the billing
+   writes them (round-robin over the organizations, each of which calls all ten priced model
+   versions, half of which change price mid-month), are written straight into the gateway's table; then `usage_events_ingest` runs batch after batch, as the billing
    worker does, until the backlog is empty. Reports events/s (goal: at least 20,000).
 2. Close: --ledger-rows ledger rows of the previous month for the same organizations are
    written with SQL (rated with the same formula), their rollups built by one GROUP BY, and the
@@ -126,7 +126,7 @@ def write_events(count: int, org_ids, versions, now) -> None:
                 cached_tokens, status_code, latency_ms, ttft_ms, usage_source, started_at,
                 finished_at, ingested_at)
             SELECT 'bench-' || g, (%(orgs)s::bigint[])[1 + g %% %(n_orgs)s], NULL, NULL,
-                (%(versions)s::bigint[])[1 + g %% 10], 'serverless', 'bench-model',
+                (%(versions)s::bigint[])[1 + (g / %(n_orgs)s) %% 10], 'serverless', 'bench-model',
                 1 + (g * 7919) %% 4000, 1 + (g * 104729) %% 1000, 0, 200, 100.0, 20.0,
                 'upstream',
                 %(start)s + (g * %(span)s / %(count)s) * interval '1 second',
@@ -209,7 +209,7 @@ def write_ledger(rows: int, org_ids, versions, period) -> None:
                 CROSS JOIN LATERAL (
                     SELECT 1 + (g * 7919) %% 4000 AS i, 1 + (g * 104729) %% 1000 AS o
                 ) AS t
-                JOIN bench_prices p ON p.idx = g %% 10
+                JOIN bench_prices p ON p.idx = (g / %(n_orgs)s) %% 10
                 """,
                 {
                     "orgs": org_ids,

@@ -1,10 +1,11 @@
 """Writes to the usage ledger: ingestion of the gateway's usage events and of dedicated replica
 time. Every function here is idempotent and safe to run concurrently or to kill at any line.
 
-One ingestion batch is one transaction: it takes un-ingested events (FOR UPDATE SKIP LOCKED, so
-workers split the backlog), rates them with the price in force when each request finished,
-inserts the ledger rows (unique request id; conflicts ignored), adds them to the rollups and
-the organizations' period spend, raises budget alerts, and marks the events ingested.
+One ingestion batch is one transaction: it takes un-ingested events (one batch at a time: an
+advisory lock on PostgreSQL; SQLite has one writer anyway), rates them with the price in force
+when each request finished, inserts the ledger rows (unique request id; conflicts ignored),
+adds them to the rollups and the organizations' period spend, raises budget alerts, and marks
+the events ingested.
 """
 
 import logging
@@ -264,9 +265,16 @@ def _ingest_in_postgresql(*, batch_size: int, now: datetime) -> int:
         # Not waiting for the WAL flush at commit is safe here: a crash can only lose a whole
         # batch (ledger rows and "ingested" marks together), which the next run takes again.
         cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        # Room to group a whole batch for the rollups in memory, not in temporary files.
+        cursor.execute("SET LOCAL work_mem TO '64MB'")
+        # One ingestion at a time (a second worker returns at once; the next beat tick
+        # continues): no row locks to write on the events, which the batch updates anyway.
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [_INGEST_LOCK])
+        if not cursor.fetchone()[0]:
+            return 0
         cursor.execute(
             f"SELECT id, finished_at FROM {UsageEvent._meta.db_table} "  # noqa: S608
-            "WHERE ingested_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            "WHERE ingested_at IS NULL ORDER BY id LIMIT %s",
             [batch_size],
         )
         taken = cursor.fetchall()
@@ -292,19 +300,20 @@ def _ingest_in_postgresql(*, batch_size: int, now: datetime) -> int:
             PeriodSpend(id=pk, organization_id=org, period_start=start, currency=cur, amount=amt)
             for pk, org, start, cur, amt in cursor.fetchall()
         ]
-        cursor.execute(
-            f"UPDATE {UsageEvent._meta.db_table} SET ingested_at = %s "  # noqa: S608
-            "WHERE id = ANY(%s)",
-            [now, ids],
-        )
     from billing.budgets import budget_alerts_raise
 
     budget_alerts_raise(spend_rows=spend_rows)
     return len(ids)
 
 
+# Key of the advisory lock that keeps ingestion batches one at a time (PostgreSQL).
+_INGEST_LOCK = 0x5349_5243_0001
+
 _INGEST_SQL = """
-WITH inserted AS (
+WITH marked AS (
+    UPDATE gateway_usageevent SET ingested_at = %(now)s WHERE id = ANY(%(ids)s)
+),
+inserted AS (
     INSERT INTO billing_usagerecord (request_id, organization_id, period_start, occurred_at,
         api_key_id, deployment_id, model_version_id, deployment_type, model, input_tokens,
         output_tokens, cached_tokens, currency, token_price_id, input_price_per_million,
