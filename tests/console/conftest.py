@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -26,23 +25,28 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "console"
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium driven by Playwright (no browser download: the machines are offline)."""
+    """Debian's Chromium driven by Playwright (no browser download: the machines are offline).
+
+    Module-scoped on purpose: Playwright's sync API keeps an event loop running in this thread
+    until it stops, and later modules (the gateway's) call asyncio.run() in the same thread.
+    """
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does it)")
-    # Playwright's sync API keeps an event loop in this thread; Django's ORM would refuse to
-    # run next to it, though the two never actually interleave here.
-    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield browser
-        browser.close()
+    # Django's ORM refuses to run beside that loop, though the two never interleave here; the
+    # override ends with the module so it cannot hide a real async-safety bug elsewhere.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+            yield browser
+            browser.close()
 
 
 @pytest.fixture
