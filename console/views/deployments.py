@@ -1,3 +1,4 @@
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
@@ -13,6 +14,7 @@ from console.views.base import ConsoleView, apply_domain_error
 from console.views.catalog import hardware_options, token_price
 from controlplane.errors import DomainError
 from deployments import selectors, services
+from deployments.filters import DeploymentFilter
 from deployments.models import Deployment
 
 # While a deployment moves, its page asks for news every 2 s; once it settles, every 15 s.
@@ -41,6 +43,17 @@ def gateway_base_url() -> str:
     return f"{settings.SIROCCO_PUBLIC_URL.rstrip('/')}/v1"
 
 
+class OneStatusSelect(forms.Select):
+    """One status from a select box, for the API's filter that takes several (`?status=a&status=b`
+    still works)."""
+
+    def value_from_datadict(self, data, files, name):
+        return [value for value in data.getlist(name) if value]
+
+    def format_value(self, value):
+        return value or [""]
+
+
 class DeploymentMixin:
     section = "deployments"
     list_url_name = "console:deployments"
@@ -59,18 +72,34 @@ class DeploymentListView(DeploymentMixin, ConsoleView):
     page_size = 50
 
     def get(self, request):
-        deployments = (
-            selectors.deployment_list(organization=request.actor.organization)
-            .exclude(status=Deployment.Status.DELETED)
-            .order_by("-created_at")
+        deployments = selectors.deployment_list(organization=request.actor.organization)
+        if not request.GET.get("status"):  # as the API: deleted ones only when asked for
+            deployments = deployments.exclude(status=Deployment.Status.DELETED)
+        filterset = DeploymentFilter(request.GET, queryset=deployments.order_by("-created_at"))
+        filterset.form.fields["status"].widget = OneStatusSelect(
+            choices=[("", "Any status but deleted"), *Deployment.Status.choices]
         )
-        page = Paginator(deployments, self.page_size).get_page(request.GET.get("page"))
+        filterset.form.fields["type"].empty_label = "Any type"
+        valid = filterset.is_valid()
+        results = filterset.qs if valid else deployments.none()
+        page = Paginator(results, self.page_size).get_page(request.GET.get("page"))
+        query = request.GET.copy()
+        query.pop("page", None)
         template = (
             "console/deployments/_list_table.html"
             if request.htmx
             else "console/deployments/list.html"
         )
-        return self.render(template, {"page": page, "poll": poll_interval(page)})
+        return self.render(
+            template,
+            {
+                "page": page,
+                "poll": poll_interval(page),
+                "form": filterset.form,
+                "query": query.urlencode(),
+            },
+            status=200 if valid else 400,
+        )
 
 
 class DeploymentDetailView(DeploymentMixin, ConsoleView):

@@ -292,3 +292,20 @@ def test_deployment_pages_run_a_constant_number_of_queries(console, organization
         ReplicaFactory(deployment=first)
         DeploymentEventFactory(deployment=first)
     assert (count("/deployments/"), count(f"/deployments/{first.pk}/")) == few
+
+
+def test_the_list_filters_with_the_api_s_filterset(console, organization):
+    DeploymentFactory(organization=organization, name="ok", status="ready")
+    DeploymentFactory(organization=organization, name="broken", status="failed")
+    DeploymentFactory(organization=organization, name="old", status="deleted")
+    client = console(organization, Role.VIEWER)
+
+    def names(query):
+        response = client.get("/deployments/", query)
+        return response.status_code, {d.name for d in response.context["page"]}
+
+    assert names({}) == (200, {"ok", "broken"})
+    assert names({"status": "failed"}) == (200, {"broken"})
+    assert names({"status": "deleted"}) == (200, {"old"})
+    assert names({"type": "serverless"}) == (200, set())
+    assert names({"status": "sideways"})[0] == 400
