@@ -203,7 +203,7 @@ class DeployView(ConsoleView):
             if option.deployable
         ]
         initial = {
-            "name": default_deployment_name(self.model.slug),
+            "name": default_deployment_name(self.request.actor.organization, self.model.slug),
             "version": version.version,
             "type": "dedicated" if choices else "serverless",
             "hardware_profile": choices[0][0] if choices else "",
@@ -290,9 +290,19 @@ class DeployEstimateView(DeployView):
         )
 
 
-def default_deployment_name(slug: str) -> str:
-    """A DNS-safe name to start from: the model slug without dots."""
-    return slug.replace(".", "-")[:63].strip("-")
+def default_deployment_name(organization, slug: str) -> str:
+    """A DNS-safe name to start from that the organization has not taken: the model slug
+    without dots, else with -2, -3… after it."""
+    base = slug.replace(".", "-")[:60].strip("-")
+    taken = set(
+        selectors.deployment_list(organization=organization)
+        .exclude(status=Deployment.Status.DELETED)
+        .filter(name__startswith=base)
+        .values_list("name", flat=True)
+    )
+    if base not in taken:
+        return base
+    return next(f"{base}-{n}" for n in range(2, len(taken) + 3) if f"{base}-{n}" not in taken)
 
 
 def _money(amount, currency):

@@ -62,6 +62,10 @@ def test_the_deploy_form_offers_what_fits_with_its_price_and_an_estimate(
         "h100-80gb-x2",
     ]
     assert form.initial["name"] == "mixtral-tiny"
+    DeploymentFactory(organization=organization, name="mixtral-tiny")
+    DeploymentFactory(organization=organization, name="mixtral-tiny-2")
+    again = console(organization, Role.DEVELOPER).get(f"/models/{model.slug}/deploy")
+    assert again.context["form"].initial["name"] == "mixtral-tiny-3"  # a free name
     body = response.content.decode()
     assert "$2,920.00" in body  # one replica, 730 hours at $4
     assert response.context["estimate"].cheaper == "serverless"
