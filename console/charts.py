@@ -51,7 +51,7 @@ def stacked_bar_chart(
 ) -> SafeString:
     """Vertical bars, one per category, stacked by series (e.g. input and output tokens a day)."""
     chart_id = f"chart-{next(_ids)}"
-    width, left, right, top, bottom = 760, 56, 12, 12, 34
+    width, left, right, top, bottom = 760, 76, 12, 12, 34
     plot_w, plot_h = width - left - right, height - top - bottom
     totals = [sum((s.values[i] for s in series), Decimal(0)) for i in range(len(categories))]
     ceiling = nice_ceiling(max(totals, default=0))

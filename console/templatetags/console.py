@@ -40,16 +40,18 @@ def model_card(text: str) -> str:
 
 @register.filter
 def money(amount, currency: str = "USD") -> str:
-    """Decimal(1234.5), "USD" → "$1,234.50"; small amounts keep the digits that matter."""
+    """Decimal(1234.5), "USD" → "$1,234.50". Under a cent, two significant digits
+    ("$0.000028"): a day of light usage costs that, and "$0.00" would say it was free."""
     if amount is None or amount == "":
         return "—"
     amount = Decimal(amount)
-    places = Decimal("0.01") if abs(amount) >= 1 or amount == 0 else Decimal("0.0001")
-    text = f"{amount.quantize(places, ROUND_HALF_UP):,}"
-    if places == Decimal("0.0001"):
-        text = text.rstrip("0")
+    if amount and abs(amount) < Decimal("0.01"):
+        places = Decimal(1).scaleb(min(amount.adjusted() - 1, -2))
+        text = f"{amount.quantize(places, ROUND_HALF_UP).normalize():f}"
         if len(text.split(".")[1]) < 2:
-            text = f"{amount.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
+            text = f"{amount.quantize(Decimal('0.01'), ROUND_HALF_UP)}"
+    else:
+        text = f"{amount.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
     symbol = CURRENCY_SYMBOLS.get(currency)
     if symbol:
         return f"-{symbol}{text[1:]}" if text.startswith("-") else f"{symbol}{text}"

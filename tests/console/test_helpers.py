@@ -62,6 +62,10 @@ def test_break_even_without_one_of_the_prices():
 def test_money_and_token_formats():
     assert money(Decimal("1234.5"), "USD") == "$1,234.50"
     assert money(Decimal("0.0007"), "USD") == "$0.0007"
+    assert money(Decimal("0.0000276"), "USD") == "$0.000028"
+    assert money(Decimal("0.005"), "USD") == "$0.005"
+    assert money(Decimal("0.5"), "USD") == "$0.50"
+    assert money(Decimal("0"), "USD") == "$0.00"
     assert money(Decimal("0.5"), "EUR") == "€0.50"
     assert money(Decimal("3"), "CHF") == "3.00 CHF"
     assert money(None) == "—"

@@ -89,7 +89,7 @@ def test_the_usage_page_shows_tokens_and_cost_by_day_model_and_deployment(
     assert total.amount == Decimal("2.006")
     assert total.gpu_seconds == 1800
     body = response.content.decode()
-    assert "$2.01" in body
+    assert 'Cost (30 days)</div><div class="stat">$2.01</div>' in body
     assert body.count('<svg class="chart"') == 4
     deployments = {row.label: row.amount for row in response.context["by_deployment"]}
     assert deployments == {"chat": Decimal("0.006"), "big": Decimal("2")}
