@@ -54,9 +54,8 @@ def budget_alerts_current(
 
 
 def invoice_list(*, organization: Organization) -> QuerySet[Invoice]:
-    return Invoice.objects.filter(organization=organization).prefetch_related(
-        "lines", "credit_notes"
-    )
+    """The organization's invoices, newest period first, with their credit notes."""
+    return Invoice.objects.filter(organization=organization).prefetch_related("credit_notes")
 
 
 def credit_grants_available(

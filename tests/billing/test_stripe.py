@@ -101,6 +101,7 @@ def closed_invoice(organization, *, credits=None) -> Invoice:
     return invoice
 
 
+@pytest.mark.slow  # starts the localstripe server
 @override_settings(BILLING_TAX_RATE="0.1")
 def test_a_finalized_invoice_becomes_one_finalized_stripe_invoice(
     organization, stripe_on, django_capture_on_commit_callbacks
@@ -125,6 +126,7 @@ def test_a_finalized_invoice_becomes_one_finalized_stripe_invoice(
     assert len(remote(stripe_on, "/v1/invoices", customer=customer)["data"]) == 1
 
 
+@pytest.mark.slow  # starts the localstripe server
 def test_stripe_down_finalization_completes_and_the_retry_does_not_duplicate(
     organization, stripe_on, django_capture_on_commit_callbacks
 ):
@@ -148,6 +150,7 @@ def test_stripe_down_finalization_completes_and_the_retry_does_not_duplicate(
     assert stripe_invoice["amount_due"] == 300
 
 
+@pytest.mark.slow  # starts the localstripe server
 def test_stripe_slow_the_timed_out_calls_are_not_repeated(
     organization, stripe_on, django_capture_on_commit_callbacks
 ):
@@ -205,6 +208,7 @@ def post(client, payload, signature):
     )
 
 
+@pytest.mark.slow  # starts the localstripe server
 def test_paid_and_failed_events_update_the_invoice_once(organization, stripe_on, client):
     invoice = invoice_stripe_sync(invoice_id=closed_invoice(organization).pk)
     stripe_invoice = remote(stripe_on, f"/v1/invoices/{invoice.stripe_invoice_id}")
@@ -269,6 +273,7 @@ def test_invalid_json_and_unconfigured_secret(client):
     assert client.get("/api/v1/billing/stripe/webhook").status_code == 405
 
 
+@pytest.mark.slow  # starts the localstripe server
 def test_reconcile_compares_with_stripe(organization, stripe_on):
     from io import StringIO
 
