@@ -249,3 +249,9 @@ def test_the_usage_report_runs_a_constant_number_of_queries(organization, api, m
     few = {g: count(g) for g in ("model", "api_key", "deployment", "day")}
     seed(15)
     assert {g: count(g) for g in few} == few
+
+
+def test_an_unknown_usage_format_is_406(api):
+    response = api.get("/api/v1/usage?format=xml")
+    assert response.status_code == 406
+    assert "format=csv" in response.json()["detail"]
