@@ -7,7 +7,8 @@ its domain error is shown on the form instead (`console.views.base.apply_domain_
 from decimal import Decimal
 
 from django import forms
-from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth import get_user_model
+from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 
 from accounts.models import APIKey
 from accounts.roles import Role
@@ -21,6 +22,14 @@ class LoginForm(AuthenticationForm):
         **AuthenticationForm.error_messages,
         "invalid_login": "That email and password do not match an account. Check both and retry.",
     }
+
+
+class SetPasswordLinkForm(PasswordResetForm):
+    """Django's reset form, also for people who have no password yet: a member an owner or
+    admin added (accounts.services.member_add) starts with none, and sets it this way."""
+
+    def get_users(self, email):
+        return get_user_model()._default_manager.filter(email__iexact=email, is_active=True)
 
 
 class APIKeyCreateForm(forms.Form):

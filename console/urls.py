@@ -18,6 +18,18 @@ urlpatterns = [
     path("", overview.OverviewView.as_view(), name="overview"),
     path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth.LogoutView.as_view(), name="logout"),
+    path("password-reset/", auth.PasswordResetView.as_view(), name="password-reset"),
+    path("password-reset/sent", auth.PasswordResetDoneView.as_view(), name="password-reset-done"),
+    path(
+        "password-reset/<uidb64>/<token>/",
+        auth.PasswordResetConfirmView.as_view(),
+        name="password-reset-confirm",
+    ),
+    path(
+        "password-reset/complete",
+        auth.PasswordResetCompleteView.as_view(),
+        name="password-reset-complete",
+    ),
     path("organization/switch", auth.switch_organization, name="switch-organization"),
     path("models/", catalog.ModelListView.as_view(), name="models"),
     path("models/<str:slug>/", catalog.ModelDetailView.as_view(), name="model"),

@@ -1,13 +1,13 @@
 from django.contrib.auth import views as auth_views
 from django.http import HttpResponseBadRequest
 from django.shortcuts import redirect
-from django.urls import Resolver404, resolve
+from django.urls import Resolver404, resolve, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from accounts.permissions import SESSION_ORGANIZATION_KEY
 from accounts.selectors import membership_list_for_user
-from console.forms import LoginForm
+from console.forms import LoginForm, SetPasswordLinkForm
 
 
 class LoginView(auth_views.LoginView):
@@ -50,3 +50,28 @@ def _same_section(request, next_url: str) -> str:
     if match.namespace != "console" or match.kwargs:
         return "console:overview"
     return next_url
+
+
+class PasswordResetView(auth_views.PasswordResetView):
+    """How a member added by an owner or admin (who has no password yet) sets one, and how
+    anyone who forgot theirs gets back in. The link goes to the email; nothing says whether
+    the address has an account."""
+
+    template_name = "console/password/reset_form.html"
+    form_class = SetPasswordLinkForm
+    email_template_name = "console/password/reset_email.txt"
+    subject_template_name = "console/password/reset_subject.txt"
+    success_url = reverse_lazy("console:password-reset-done")
+
+
+class PasswordResetDoneView(auth_views.PasswordResetDoneView):
+    template_name = "console/password/reset_done.html"
+
+
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    template_name = "console/password/reset_confirm.html"
+    success_url = reverse_lazy("console:password-reset-complete")
+
+
+class PasswordResetCompleteView(auth_views.PasswordResetCompleteView):
+    template_name = "console/password/reset_complete.html"

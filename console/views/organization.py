@@ -88,7 +88,8 @@ class MemberAddView(OrganizationSettingsView):
             form,
             "member_form",
             lambda data: services.member_add(actor=request.actor, **data),
-            f"Added {request.POST.get('email', '').strip().lower()} to the organization.",
+            f"Added {request.POST.get('email', '').strip().lower()} to the organization. A new "
+            "user sets a password with “Forgot your password?” on the login page.",
         )
 
 

@@ -87,8 +87,9 @@ def test_every_page_renders_for_the_roles_the_permission_table_allows(
 
 
 def test_the_login_page_and_the_assets_load_nothing_from_elsewhere(client):
-    body = client.get("/login/").content.decode()
-    assert not EXTERNAL.search(body)
+    for path in ("/login/", "/password-reset/"):
+        body = client.get(path).content.decode()
+        assert not EXTERNAL.search(body), path
     for path in STATIC.rglob("*"):
         if path.suffix in {".css", ".html", ".svg"}:
             assert not EXTERNAL.search(path.read_text()), path

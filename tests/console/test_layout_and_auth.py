@@ -1,6 +1,7 @@
 import re
 
 import pytest
+from django.test import Client
 
 from accounts.roles import Role
 from tests.factories import MembershipFactory, UserFactory
@@ -131,3 +132,29 @@ def test_the_overview_shows_spend_deployments_and_what_to_do_next(console, organ
     assert "Get started" not in response.content.decode()
     viewer = console(organization, Role.VIEWER).get("/").content.decode()
     assert "Get started" not in viewer and "my-mixtral" in viewer
+
+
+def test_a_new_member_sets_a_password_through_the_emailed_link(console, organization, mailoutbox):
+    client = console(organization, Role.ADMIN)
+    client.post("/settings/members", {"email": "new@example.com", "role": "developer"})
+    visitor = Client()
+    assert "/password-reset/" in visitor.get("/login/").content.decode()
+    response = visitor.post("/password-reset/", {"email": "new@example.com"})
+    assert response["Location"] == "/password-reset/sent"
+    assert len(mailoutbox) == 1 and mailoutbox[0].to == ["new@example.com"]
+    link = re.search(r"http://testserver(/password-reset/\S+/)", mailoutbox[0].body).group(1)
+    form_page = visitor.get(link, follow=True)
+    assert form_page.context["validlink"]
+    response = visitor.post(
+        form_page.redirect_chain[-1][0],
+        {"new_password1": "a long new passphrase", "new_password2": "a long new passphrase"},
+    )
+    assert response["Location"] == "/password-reset/complete"
+    assert visitor.login(username="new@example.com", password="a long new passphrase")
+    assert visitor.get(link, follow=True).context["validlink"] is False  # used once
+
+
+def test_a_reset_for_an_unknown_address_says_nothing_different(client, mailoutbox):
+    response = client.post("/password-reset/", {"email": "nobody@example.com"})
+    assert response["Location"] == "/password-reset/sent"
+    assert mailoutbox == []
