@@ -116,7 +116,17 @@ def wrk(url: str, body: dict, key: str, duration: float, connections: int = 64) 
         f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     )
     result = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration:.0f}s", "-s", str(script), url],
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration:.0f}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -252,9 +262,12 @@ print(secret)
 """
 
 
-def sirocco(stub: str, args, workdir: Path, *, embedded: bool = False) -> dict:
-    """Production shape (PostgreSQL, Redis, several workers), or the embedded default
-    (SQLite file, in-process limits, hence one process)."""
+def sirocco(
+    stub: str, args, workdir: Path, *, embedded: bool = False, synchronous_commit: bool = True
+) -> dict:
+    """Production shape (PostgreSQL, Redis, several workers; usage flushed to disk before each
+    response ends, or with synchronous_commit off), or the embedded default (SQLite file,
+    in-process limits, hence one process)."""
     if embedded:
         database = {"DATABASE_URL": f"sqlite:///{workdir / 'sirocco.sqlite3'}"}
         workers = 1
@@ -264,6 +277,7 @@ def sirocco(stub: str, args, workdir: Path, *, embedded: bool = False) -> dict:
             "DATABASE_URL": f"{POSTGRES}/{SIROCCO_DB}",
             "REDIS_URL": REDIS_URL,
             "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:",
+            "GATEWAY_USAGE_SYNCHRONOUS_COMMIT": str(synchronous_commit).lower(),
         }
         workers = args.workers
     env = {
@@ -304,9 +318,11 @@ def sirocco(stub: str, args, workdir: Path, *, embedded: bool = False) -> dict:
             "warning",
         ],
         env,
-        workdir / f"sirocco{'-embedded' if embedded else ''}.log",
+        workdir / f"sirocco-{'embedded' if embedded else synchronous_commit}.log",
     )
     name = "sirocco_embedded" if embedded else "sirocco"
+    if not synchronous_commit:
+        name = "sirocco_async_commit"
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", process=server)
         results = measure(name, f"http://127.0.0.1:{port}/v1", secret, args)
@@ -326,6 +342,45 @@ def count_rows(database: str, table: str) -> int:
 
     with psycopg.connect(f"{POSTGRES}/{database}") as connection:
         return connection.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+
+
+def django_overhead(args, workdir: Path) -> dict:
+    """What Django's ASGI handler and middleware stack cost per request: the same trivial JSON
+    answer (`/healthz`) from Django (controlplane.asgi) and from the gateway's own ASGI app,
+    each in one uvicorn process, saturated by wrk."""
+    env = {
+        "DATABASE_URL": f"sqlite:///{workdir / 'overhead.sqlite3'}",
+        "SECRET_KEY": "bench-" + uuid.uuid4().hex,
+        "LOG_LEVEL": "WARNING",
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+    }
+    results = {}
+    for name, app in (
+        ("django", "controlplane.asgi:application"),
+        ("gateway_app", "gateway.asgi:application"),
+    ):
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", app, "--port", str(port)]
+        server = start([*command, "--no-access-log", "--log-level", "warning"], env)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz", process=server)
+            result = subprocess.run(
+                ["wrk", "-t1", "-c8", f"-d{args.duration:.0f}s", "--latency",
+                 f"http://127.0.0.1:{port}/healthz"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", result)
+            scale = {"us": 0.001, "ms": 1, "s": 1000}[p50.group(2)]
+            results[name] = {
+                "requests_per_second": round(
+                    float(re.search(r"Requests/sec:\s+([\d.]+)", result).group(1))
+                ),
+                "latency_p50_ms": round(float(p50.group(1)) * scale, 3),
+            }
+        finally:
+            stop(server)
+    print("django vs the gateway's ASGI app (/healthz):", results, flush=True)
+    return results
 
 
 def count_sqlite_rows(path: Path) -> int:
@@ -356,12 +411,18 @@ def litellm(stub: str, args, workdir: Path) -> dict:
     with_db = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{LITELLM_DB}"}
     port = free_port()
     command = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--num_workers", "2"]
-    environment = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "LITELLM_LOG": "ERROR"}
+    # Its workers import for about a minute on this machine; uvicorn's default health check
+    # would kill them before they answer.
+    command += ["--num_workers", "2", "--timeout_worker_healthcheck", "300"]
+    environment = {
+        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # offline: no fetch of the price map
+    }
     database = "PostgreSQL (spend tracking on)"
     server = start(command, {**environment, **with_db}, workdir / "litellm-db.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180, process=server)
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=300, process=server)
         key = virtual_key(port, master)
     except SystemExit as failure:
         stop(server)
@@ -370,7 +431,11 @@ def litellm(stub: str, args, workdir: Path) -> dict:
         print("   ", reason.replace("\n", "\n    "))
         database = "none (Prisma could not start offline: see litellm_db_error)"
         server = start(command, environment, workdir / "litellm.log")
-        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180, process=server)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=300, process=server)
+        except SystemExit:
+            stop(server)
+            raise
         key = master
     try:
         results = measure("litellm", f"http://127.0.0.1:{port}/v1", key, args)
@@ -426,10 +491,12 @@ def main() -> None:
         "gateway_workers": args.workers,
     }
     try:
+        report["django_overhead"] = django_overhead(args, workdir)
         report["clients"] = asyncio.run(client_comparison(stub))
         print("upstream clients:", report["clients"], flush=True)
         report["direct"] = measure("direct", stub + "/v1", "none", args)
         report["sirocco"] = sirocco(stub, args, workdir)
+        report["sirocco_async_commit"] = sirocco(stub, args, workdir, synchronous_commit=False)
         report["sirocco_embedded"] = sirocco(stub, args, workdir, embedded=True)
         if not args.skip_litellm:
             report["litellm"] = litellm(stub, args, workdir)
@@ -453,13 +520,13 @@ def summarize(report: dict) -> None:
     for mode in ("non_streaming", "streaming"):
         direct = report["direct"][mode][rate]
         print(f"{mode}:")
-        for name in ("direct", "sirocco", "sirocco_embedded", "litellm"):
+        for name in ("direct", "sirocco", "sirocco_async_commit", "sirocco_embedded", "litellm"):
             data = report.get(name, {}).get(mode)
             if not data:
                 continue
             at_rate = data[rate]
             line = (
-                f"  {name:16} saturation {data['saturation']['requests_per_second']:>6} req/s"
+                f"  {name:20} saturation {data['saturation']['requests_per_second']:>6} req/s"
                 f"   p50 {at_rate['latency_p50_ms']:7.2f} ms  p99 {at_rate['latency_p99_ms']:7.2f} ms"
             )
             if name != "direct":

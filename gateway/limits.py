@@ -5,20 +5,27 @@ second (OpenAI's limits replenish the same way, and its `x-ratelimit-reset-*` he
 "until the bucket is full again"). Admission takes 1 request and the reserved tokens (prompt
 tokens + max_tokens) from every bucket at once, or from none; settlement gives back what the
 request did not use, or takes what it used beyond the reservation. Production keeps the buckets
-in Redis and runs each step as one Lua script, so concurrent gateway processes never admit
-more than the limit; the embedded default keeps them in process (the event loop is
-single-threaded, so each step is atomic there too). Both share this module's interface.
+in Redis and runs one Lua script per request, atomically: it applies the settlements of the
+requests that finished since the last admission (at most SETTLE_DELAY_SECONDS old), then
+admits or refuses; concurrent gateway processes never admit more than the limit. The embedded
+default keeps the buckets in process (the event loop is single-threaded, so each step is
+atomic there too). Both share this module's interface.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 
 import redis.asyncio
 
+logger = logging.getLogger(__name__)
+
 WINDOW_MS = 60_000
+REDIS_CONNECTIONS = 32  # per gateway process
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,73 +164,85 @@ def _refusal(limits: list[Limit], levels: list[float]) -> tuple[Limit | None, fl
     return refused, wait
 
 
-# KEYS: bucket keys. ARGV: limit1, cost1, limit2, cost2, ... Returns the admission and the levels
-# as strings (Lua numbers returned to Redis are truncated to integers): {allowed, levels...}.
-_ADMIT = """
+# One script for both steps. ARGV[1] = n. KEYS[1..n] are the buckets to draw from, with
+# (limit, cost) pairs from ARGV[2]; the KEYS after them get settlements first, with
+# (limit, give_back) pairs (give_back < 0 takes more). n = 0 only settles. Returns the
+# admission and the drawn buckets' levels as strings (Lua numbers returned to Redis are
+# truncated to integers): {allowed, levels...}.
+_ADMIT_AND_SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local n = tonumber(ARGV[1])
+local function current(key, limit)
+  local stored = redis.call('HMGET', key, 'level', 'at')
+  if not stored[1] then return limit end
+  return math.min(limit, tonumber(stored[1]) + (now - tonumber(stored[2])) * limit / 60000)
+end
+local function store(key, limit, level)
+  redis.call('HSET', key, 'level', tostring(level), 'at', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((limit - level) * 60000 / limit) + 1000)
+end
+for i = n + 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i])
+  store(KEYS[i], limit, math.min(limit, current(KEYS[i], limit) + tonumber(ARGV[2 * i + 1])))
+end
 local levels = {}
 local allowed = 1
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local cost = tonumber(ARGV[2 * i])
-  local stored = redis.call('HMGET', KEYS[i], 'level', 'at')
-  local level = limit
-  if stored[1] then
-    level = math.min(limit, tonumber(stored[1]) + (now - tonumber(stored[2])) * limit / 60000)
-  end
-  levels[i] = level
-  if level < cost then allowed = 0 end
+for i = 1, n do
+  levels[i] = current(KEYS[i], tonumber(ARGV[2 * i]))
+  if levels[i] < tonumber(ARGV[2 * i + 1]) then allowed = 0 end
 end
 local result = {tostring(allowed)}
-for i = 1, #KEYS do
+for i = 1, n do
   local level = levels[i]
   if allowed == 1 then
-    local limit = tonumber(ARGV[2 * i - 1])
-    level = level - tonumber(ARGV[2 * i])
-    redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
-    redis.call('PEXPIRE', KEYS[i], math.ceil((limit - level) * 60000 / limit) + 1000)
+    level = level - tonumber(ARGV[2 * i + 1])
+    store(KEYS[i], tonumber(ARGV[2 * i]), level)
   end
   result[#result + 1] = tostring(level)
 end
 return result
 """
 
-# KEYS: token bucket keys. ARGV: limit1, give_back1, ... (give_back < 0 takes more).
-_SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local delta = tonumber(ARGV[2 * i])
-  local stored = redis.call('HMGET', KEYS[i], 'level', 'at')
-  local level = limit
-  if stored[1] then
-    level = math.min(limit, tonumber(stored[1]) + (now - tonumber(stored[2])) * limit / 60000)
-  end
-  level = math.min(limit, level + delta)
-  redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
-  redis.call('PEXPIRE', KEYS[i], math.ceil((limit - level) * 60000 / limit) + 1000)
-end
-return 1
-"""
+# Settlements wait this long for the next admission to carry them (no round trip of their
+# own); if none comes, they are sent alone.
+SETTLE_DELAY_SECONDS = 0.02
 
 
 class RedisRateLimiter:
-    """Buckets in Redis, shared by every gateway process; one EVALSHA per step."""
+    """Buckets in Redis, shared by every gateway process: one EVALSHA per request, which
+    admits it and settles the requests that finished since the last one."""
 
     def __init__(self, url: str, *, prefix: str):
-        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # A bounded pool that makes a burst wait for a connection (each command holds one
+        # until its answer), rather than opening one per concurrent request or failing.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=5,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
+        self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._prefix = f"{prefix}rl:"
-        self._admit = self._redis.register_script(_ADMIT)
-        self._settle = self._redis.register_script(_SETTLE)
+        self._script = self._redis.register_script(_ADMIT_AND_SETTLE)
+        self._settlements: dict[str, list] = {}  # key -> [limit, give_back]
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def admit(self, limits: list[Limit]) -> Admission:
         if not limits:
             return Admission(True, limits, [])
         keys = [self._prefix + limit.bucket for limit in limits]
-        args = [value for limit in limits for value in (limit.limit, limit.cost)]
-        result = await self._admit(keys=keys, args=args)
+        args = [len(limits)] + [value for limit in limits for value in (limit.limit, limit.cost)]
+        settlements = self._take_settlements()
+        for key, (limit, give_back) in settlements.items():
+            keys.append(key)
+            args += [limit, give_back]
+        try:
+            result = await self._script(keys=keys, args=args)
+        except BaseException:
+            self._restore(settlements)
+            raise
         levels = [float(value) for value in result[1:]]
         if result[0] == b"1":
             return Admission(True, limits, levels)
@@ -234,13 +253,48 @@ class RedisRateLimiter:
         if admission.settled or not admission.allowed:
             return
         admission.settled = True
-        tokens = [limit for limit in admission.limits if limit.kind == "tokens"]
-        if not tokens or used_tokens == tokens[0].cost:
+        for limit in admission.limits:
+            if limit.kind == "tokens" and used_tokens != limit.cost:
+                entry = self._settlements.setdefault(self._prefix + limit.bucket, [limit.limit, 0])
+                entry[1] += limit.cost - used_tokens
+        if self._settlements and self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(
+                SETTLE_DELAY_SECONDS, lambda: loop.create_task(self._flush_quietly())
+            )
+
+    async def flush(self) -> None:
+        """Send the settlements no admission has carried yet."""
+        settlements = self._take_settlements()
+        if not settlements:
             return
-        await self._settle(
-            keys=[self._prefix + limit.bucket for limit in tokens],
-            args=[value for limit in tokens for value in (limit.limit, limit.cost - used_tokens)],
-        )
+        args = [0]
+        for limit, give_back in settlements.values():
+            args += [limit, give_back]
+        try:
+            await self._script(keys=list(settlements), args=args)
+        except BaseException:
+            self._restore(settlements)
+            raise
 
     async def close(self) -> None:
+        await self.flush()
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
+
+    def _take_settlements(self) -> dict[str, list]:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        settlements, self._settlements = self._settlements, {}
+        return settlements
+
+    def _restore(self, settlements: dict[str, list]) -> None:
+        for key, (limit, give_back) in settlements.items():
+            self._settlements.setdefault(key, [limit, 0])[1] += give_back
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except (redis.RedisError, OSError):
+            logger.warning("settling rate limits failed; the next admission retries", exc_info=True)

@@ -29,7 +29,7 @@ from gateway.models import UsageEvent
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 1000
+MAX_BATCH = 500  # rows per INSERT: 17 parameters each, under PostgreSQL's 65535
 MAX_RETRY_DELAY = 2.0
 
 _COLUMNS = [
@@ -39,13 +39,14 @@ _COLUMNS = [
 ]
 
 
-def insert_statement(placeholder: str) -> str:
+def insert_statement(placeholder: str, rows: int = 1) -> str:
     quote = django_connection.ops.quote_name
     columns = ", ".join(quote(field.column) for field, _ in _COLUMNS)
-    values = ", ".join([placeholder] * len(_COLUMNS))
+    row = "(" + ", ".join([placeholder] * len(_COLUMNS)) + ")"
+    values = ", ".join([row] * rows)
     # Only the model's own table and column names go into the statement; values are bound.
     table = quote(UsageEvent._meta.db_table)
-    return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT (request_id) DO NOTHING"  # noqa: S608
+    return f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (request_id) DO NOTHING"  # noqa: S608
 
 
 def database_row(event: dict) -> list:
@@ -133,16 +134,21 @@ class _Postgres:
         }
         self._synchronous_commit = synchronous_commit
         self._connection: psycopg.AsyncConnection | None = None
-        self._sql = insert_statement("%s")
+        self._statements: dict[int, str] = {}
 
     async def write(self, rows: list[list]) -> None:
         if self._connection is None or self._connection.closed:
-            self._connection = await psycopg.AsyncConnection.connect(**self._params)
+            self._connection = await psycopg.AsyncConnection.connect(
+                **self._params, autocommit=True
+            )
             if not self._synchronous_commit:
                 await self._connection.execute("SET synchronous_commit TO off")
-                await self._connection.commit()
-        async with self._connection.transaction(), self._connection.cursor() as cursor:
-            await cursor.executemany(self._sql, rows)
+        # One multi-row INSERT in autocommit: atomic as one statement, and one round trip to
+        # the server (BEGIN, executemany, COMMIT would be three).
+        statement = self._statements.get(len(rows))
+        if statement is None:
+            statement = self._statements[len(rows)] = insert_statement("%s", len(rows))
+        await self._connection.execute(statement, [value for row in rows for value in row])
 
     async def reset(self) -> None:
         await self.close()
