@@ -248,3 +248,19 @@ def test_the_database_refuses_changes_to_the_ledger_in_postgresql(organization, 
         ):
             cursor.execute(statement)
     assert UsageRecord.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "period_start"),
+    [("daily", at(2026, 3, 5)), ("weekly", at(2026, 3, 2)), ("monthly", at(2026, 3, 1))],
+)
+def test_rows_land_in_the_configured_period(organization, version, price, kind, period_start):
+    from django.test import override_settings
+
+    with override_settings(BILLING_PERIOD=kind):
+        UsageEventFactory(
+            organization=organization, model_version_id=version.pk, finished_at=at(2026, 3, 5, 18)
+        )
+        usage_events_ingest(now=at(2026, 3, 5, 19))
+    assert UsageRecord.objects.get().period_start == period_start
+    assert UsageRollup.objects.get().period_start == period_start
