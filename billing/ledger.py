@@ -257,7 +257,7 @@ _PERIOD_TRUNC = {"monthly": "month", "weekly": "week", "daily": "day"}
 
 def _ingest_in_postgresql(*, batch_size: int, now: datetime) -> int:
     """The same ingestion as the Python path below, as set-based SQL: rating (the price in
-    force via a LATERAL lookup, numeric arithmetic, exact), ledger insert, rollup and spend
+    force by a range join, numeric arithmetic, exact), ledger insert, rollup and spend
     upserts happen in the database in one statement, with no row passing through Python.
     The tests run this path on PostgreSQL and the Python one on SQLite; both must agree with
     billing.rating.rate_tokens."""
@@ -313,6 +313,19 @@ _INGEST_SQL = """
 WITH marked AS (
     UPDATE gateway_usageevent SET ingested_at = %(now)s WHERE id = ANY(%(ids)s)
 ),
+-- Each price with the moment the next one of its version starts: the price in force at t is
+-- the one with effective_from <= t < until (effective_from is unique per version).
+prices AS (
+    SELECT id, model_version_id, currency, input_per_million, output_per_million,
+        effective_from,
+        lead(effective_from, 1, 'infinity') OVER (
+            PARTITION BY model_version_id ORDER BY effective_from
+        ) AS until
+    FROM catalog_tokenprice
+    WHERE model_version_id IN (
+        SELECT DISTINCT model_version_id FROM gateway_usageevent WHERE id = ANY(%(ids)s)
+    )
+),
 inserted AS (
     INSERT INTO billing_usagerecord (request_id, organization_id, period_start, occurred_at,
         api_key_id, deployment_id, model_version_id, deployment_type, model, input_tokens,
@@ -332,15 +345,10 @@ inserted AS (
         %(now)s
     FROM gateway_usageevent e
     JOIN accounts_organization o ON o.id = e.organization_id
-    LEFT JOIN LATERAL (
-        SELECT price.id, price.input_per_million, price.output_per_million
-        FROM catalog_tokenprice price
-        WHERE price.model_version_id = e.model_version_id
-            AND price.effective_from <= e.finished_at
-        ORDER BY price.effective_from DESC, price.id DESC
-        LIMIT 1
-    ) AS in_force ON true
-    LEFT JOIN catalog_tokenprice p ON p.id = in_force.id AND p.currency = o.currency
+    LEFT JOIN prices p
+        ON p.model_version_id = e.model_version_id
+        AND p.effective_from <= e.finished_at AND e.finished_at < p.until
+        AND p.currency = o.currency
     WHERE e.id = ANY(%(ids)s)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING *
