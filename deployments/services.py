@@ -317,7 +317,7 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
     if unknown:
         raise ValidationFailed(f"{unknown[0]} cannot be changed.", field=unknown[0])
     deployment = (
-        Deployment.objects.select_for_update()
+        Deployment.objects.select_for_update(of=("self",))
         .select_related("model_version__model", "hardware_profile", "serving_runtime")
         .get(pk=deployment.pk)
     )

@@ -197,7 +197,8 @@ def stop_process(pid: int, *, grace: float = STOP_GRACE_SECONDS) -> None:
 
 class LocalProvisioner(Provisioner):
     name = "local"
-    poll_interval = 1.0
+    # Probes are loopback HTTP calls: cheap enough to look twice a second while starting.
+    poll_interval = 0.5
 
     def __init__(self, root: Path, *, base_dir: Path, python: str = sys.executable):
         self.root = Path(root)

@@ -86,6 +86,7 @@ class PodLife:
 
     stage: int = 0
     restarts: int = 0
+    settled: bool = False
 
 
 def parse_selector(selector: str | None) -> list[tuple[str, str, str | None]]:
@@ -559,6 +560,8 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 continue
             namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
             life = self._lives.setdefault((namespace, name), PodLife())
+            if life.settled:
+                continue  # ready and healthy: nothing changes until something happens to it
             life.stage += 1
             instance = pod["metadata"]["labels"].get("app.kubernetes.io/instance")
             fault = self.pod_faults.get(instance)
@@ -613,6 +616,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             new["status"]["conditions"] = conditions
             if new != pod:
                 self._put(PODS, namespace, name, new)
+            life.settled = ready and fault is None
 
     def _deployment_status(self, deployment: dict) -> None:
         revision = deployment["spec"]["template"]["metadata"]["labels"].get(REVISION_LABEL)
