@@ -37,6 +37,7 @@ from deployments.provisioners.manifests import (
     MANAGED_BY,
     PROGRESS_DEADLINE_SECONDS,
     ClusterOptions,
+    manifest_digest,
     render_all,
 )
 
@@ -351,6 +352,10 @@ class KubernetesProvisioner(Provisioner):
     def __init__(self, client: KubeClient, options: ClusterOptions | None = None):
         self.client = client
         self.options = options or ClusterOptions()
+        # Namespace and quota digests this process applied: an organization's ten deployments
+        # need not apply the same two shared objects ten times. A namespace found missing (404
+        # on an apply into it) clears its entry.
+        self._organization_applied: dict[str, str] = {}
 
     def namespace(self, spec: DeploymentSpec) -> str:
         return self.options.namespace(spec.organization_slug)
@@ -358,38 +363,61 @@ class KubernetesProvisioner(Provisioner):
     def apply(self, spec: DeploymentSpec, *, force: bool = False) -> None:
         self._apply(spec, force=force)
 
-    def _apply(self, spec: DeploymentSpec, *, force: bool = False) -> dict:
-        """Apply every object unless the Deployment already carries this exact digest."""
+    def _apply(self, spec: DeploymentSpec, *, force: bool = False) -> tuple[dict, bool]:
+        """Apply every object unless the Deployment already carries this exact digest.
+        Returns the Deployment object and whether it was created just now."""
         objects = render_all(spec, self.options)
         desired = objects[-1]
-        current = self.client.get("Deployment", spec.name, self.namespace(spec))
+        namespace = self.namespace(spec)
+        current = self.client.get("Deployment", spec.name, namespace)
         if current is not None:
             owner = (current["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT_ID)
             if owner != spec.deployment_id:
                 raise PermanentError(
-                    f"A Deployment named {spec.name} already exists in {self.namespace(spec)} "
+                    f"A Deployment named {spec.name} already exists in {namespace} "
                     "and is not this deployment's; choose another name."
                 )
             annotations = current["metadata"].get("annotations") or {}
             desired_hash = desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
             if not force and annotations.get(ANNOTATION_SPEC_HASH) == desired_hash:
-                return current
-        for obj in objects:
-            applied = self.client.apply(obj)
-        return applied
+                return current, False
+        shared, own = objects[:2], objects[2:]
+        shared_digest = manifest_digest(shared)
+        if force or self._organization_applied.get(namespace) != shared_digest:
+            for obj in shared:
+                self.client.apply(obj)
+            self._organization_applied[namespace] = shared_digest
+        try:
+            for obj in own:
+                applied = self.client.apply(obj)
+        except _NotFound:
+            # The namespace went away behind our back: put it back, then the rest.
+            self._organization_applied.pop(namespace, None)
+            for obj in objects:
+                applied = self.client.apply(obj)
+            self._organization_applied[namespace] = shared_digest
+        return applied, current is None
 
     def observe(self, spec: DeploymentSpec) -> Observation:
         current = self.client.get("Deployment", spec.name, self.namespace(spec))
         return self._observe(spec, current)
 
     def sync(self, spec: DeploymentSpec, *, force: bool = False) -> Observation:
-        return self._observe(spec, self._apply(spec, force=force))
+        deployment, created = self._apply(spec, force=force)
+        return self._observe(spec, deployment, created=created)
 
-    def _observe(self, spec: DeploymentSpec, deployment: dict | None) -> Observation:
-        pods = self.client.list(
-            "Pod",
-            namespace=self.namespace(spec),
-            label_selector=f"{LABEL_DEPLOYMENT_ID}={spec.deployment_id}",
+    def _observe(
+        self, spec: DeploymentSpec, deployment: dict | None, *, created: bool = False
+    ) -> Observation:
+        # A Deployment created just now has no pods yet: no need to ask.
+        pods = (
+            []
+            if created
+            else self.client.list(
+                "Pod",
+                namespace=self.namespace(spec),
+                label_selector=f"{LABEL_DEPLOYMENT_ID}={spec.deployment_id}",
+            )
         )
         replicas = sorted(
             (replica_from_pod(pod, spec) for pod in pods), key=lambda replica: replica.name
@@ -466,6 +494,7 @@ class KubernetesProvisioner(Provisioner):
         """The organization's namespace goes with its last deployment; True once it is gone."""
         if self.client.list("Deployment", namespace=namespace, label_selector=MANAGED_SELECTOR):
             return True  # other deployments of the organization still live there
+        self._organization_applied.pop(namespace, None)
         if self.client.get("Namespace", namespace) is None:
             return True
         self.client.delete("Namespace", namespace)
@@ -521,6 +550,7 @@ class KubernetesProvisioner(Provisioner):
 
     def remove_orphan(self, orphan: str) -> None:
         if "/" not in orphan:
+            self._organization_applied.pop(orphan, None)
             self.client.delete("Namespace", orphan)
             return
         namespace, owner = orphan.split("/", 1)

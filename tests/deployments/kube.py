@@ -86,7 +86,8 @@ class PodLife:
 
     stage: int = 0
     restarts: int = 0
-    settled: bool = False
+    node: str = ""
+    gpus: int = 0
 
 
 def parse_selector(selector: str | None) -> list[tuple[str, str, str | None]]:
@@ -140,6 +141,14 @@ class SimulatedCluster(kmock.KubernetesEmulator):
     past_deadline: set = attrs.field(factory=set)
     _index: dict = attrs.field(factory=dict, init=False)
     _lives: dict = attrs.field(factory=dict, init=False)
+    # What the control loop must look at, as a real cluster's controllers follow events:
+    # deployments and pods changed since the last step, pods not settled, terminations.
+    _active: set = attrs.field(factory=set, init=False)
+    _unsettled: set = attrs.field(factory=set, init=False)
+    _terminating: set = attrs.field(factory=set, init=False)
+    _owners: dict = attrs.field(factory=dict, init=False)
+    _node_used: dict = attrs.field(factory=dict, init=False)
+    _deployments_removed: bool = attrs.field(default=False, init=False)
     _create_failures: dict = attrs.field(factory=dict, init=False)
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _ips: itertools.count = attrs.field(factory=lambda: itertools.count(10), init=False)
@@ -155,8 +164,8 @@ class SimulatedCluster(kmock.KubernetesEmulator):
         return obj.raw
 
     def _put(self, resource, namespace, name, body: dict) -> dict:
+        """Store a new version. `body` must be the caller's own copy (it is kept as is)."""
         key = (resource, namespace, name)
-        body = copy.deepcopy(body)
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         existing = self.objects._objects.get(key)
         if existing is None:
@@ -164,15 +173,38 @@ class SimulatedCluster(kmock.KubernetesEmulator):
         else:
             existing.create(body)
         self._index.setdefault((resource, namespace), set()).add(name)
+        if resource == DEPLOYMENTS:
+            owner = body["spec"]["selector"]["matchLabels"].get(DEPLOYMENT_LABEL)
+            self._owners[owner] = (namespace, name)
+            self._active.add((namespace, name))
+        elif resource == PODS:
+            self._touch_owner(body)
+            if body["metadata"].get("deletionTimestamp"):
+                self._terminating.add((PODS, namespace, name))
+        elif resource == NAMESPACES and body["metadata"].get("deletionTimestamp"):
+            self._terminating.add((NAMESPACES, None, name))
         return body
+
+    def _touch_owner(self, pod: dict) -> None:
+        owner = self._owners.get(pod["metadata"].get("labels", {}).get(DEPLOYMENT_LABEL))
+        if owner is not None:
+            self._active.add(owner)
 
     def _remove(self, resource, namespace, name) -> None:
         obj = self.objects._objects.get((resource, namespace, name))
         if obj is not None and not obj.deleted:
+            if resource == PODS:
+                self._touch_owner(obj.raw)
             obj.delete()
         self._index.get((resource, namespace), set()).discard(name)
+        self._terminating.discard((resource, namespace, name))
         if resource == PODS:
-            self._lives.pop((namespace, name), None)
+            self._unsettled.discard((namespace, name))
+            life = self._lives.pop((namespace, name), None)
+            if life is not None and life.node:
+                self._node_used[life.node] -= life.gpus
+        elif resource == DEPLOYMENTS:
+            self._deployments_removed = True
 
     def _all(self, resource, namespace=None):
         for (res, ns), names in list(self._index.items()):
@@ -307,7 +339,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 )
         current = self._get(resource, namespace, name)
         if current is None:
-            body = copy.deepcopy(applied)
+            body = applied  # parsed from this request: ours to keep
             body["metadata"].update(
                 uid=f"uid-{next(self._names)}", creationTimestamp=now_iso(), generation=1
             )
@@ -315,7 +347,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 body["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
                 body["status"] = {"phase": "Active"}
             return self._put(resource, namespace, name, body)
-        body = copy.deepcopy(applied)
+        body = applied
         body["metadata"] = {
             **{
                 key: value
@@ -366,6 +398,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             # Pods honour their grace period and namespaces empty themselves first: both
             # linger, marked, until the next tick.
             if not body["metadata"].get("deletionTimestamp"):
+                body = copy.deepcopy(body)
                 body["metadata"]["deletionTimestamp"] = now_iso()
                 if resource == NAMESPACES:
                     body["status"] = {"phase": "Terminating"}
@@ -378,26 +411,37 @@ class SimulatedCluster(kmock.KubernetesEmulator):
 
     def _step(self) -> None:
         self._finish_terminations()
-        for deployment in list(self._all(DEPLOYMENTS)):
-            self._deployment_controller(deployment)
-        self._collect_orphan_pods()
+        self._active |= {
+            key
+            for key in list(self._owners.values())
+            if key[1] in self.past_deadline or key[1] in self.pod_faults
+        }
+        for key in sorted(self._active):
+            deployment = self._get(DEPLOYMENTS, *key)
+            if deployment is not None:
+                self._deployment_controller(deployment)
+        if self._deployments_removed:
+            self._collect_orphan_pods()
+            self._deployments_removed = False
         self._schedule()
         self._kubelet()
-        for deployment in list(self._all(DEPLOYMENTS)):
-            self._deployment_status(deployment)
+        active, self._active = self._active, set()
+        for key in sorted(active | self._active):
+            deployment = self._get(DEPLOYMENTS, *key)
+            if deployment is not None:
+                self._deployment_status(deployment)
 
     def _finish_terminations(self) -> None:
-        for pod in list(self._all(PODS)):
-            if pod["metadata"].get("deletionTimestamp"):
-                self._remove(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
-        for namespace in list(self._all(NAMESPACES)):
-            if not namespace["metadata"].get("deletionTimestamp"):
+        for resource, namespace, name in sorted(self._terminating, key=str):
+            if resource == PODS:
+                self._remove(PODS, namespace, name)
+        for resource, _namespace, name in sorted(self._terminating, key=str):
+            if resource != NAMESPACES:
                 continue
-            name = namespace["metadata"]["name"]
-            for (resource, ns), names in list(self._index.items()):
+            for (kind, ns), names in list(self._index.items()):
                 if ns == name:
                     for item in list(names):
-                        self._remove(resource, ns, item)
+                        self._remove(kind, ns, item)
             self._remove(NAMESPACES, None, name)
 
     def _pods_of(self, deployment: dict) -> list[dict]:
@@ -488,7 +532,8 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             "status": {"phase": "Pending", "conditions": []},
         }
         self._put(PODS, namespace, name, pod)
-        self._lives[(namespace, name)] = PodLife()
+        self._lives[(namespace, name)] = PodLife(gpus=needed)
+        self._unsettled.add((namespace, name))
         return None
 
     def _collect_orphan_pods(self) -> None:
@@ -517,27 +562,23 @@ class SimulatedCluster(kmock.KubernetesEmulator):
         return used.get(node.name, 0) + gpu_request(pod) <= node.gpus
 
     def _schedule(self) -> None:
-        used: dict[str, int] = {}
-        pods = list(self._all(PODS))
-        for pod in pods:
-            if pod["spec"].get("nodeName"):
-                used[pod["spec"]["nodeName"]] = used.get(pod["spec"]["nodeName"], 0) + (
-                    gpu_request(pod)
-                )
-        for pod in pods:
-            if pod["spec"].get("nodeName") or pod["metadata"].get("deletionTimestamp"):
+        used = self._node_used
+        for namespace, name in sorted(self._unsettled):
+            life = self._lives.get((namespace, name))
+            pod = self._get(PODS, namespace, name)
+            if pod is None or life is None or life.node or pod["metadata"].get("deletionTimestamp"):
                 continue
             pod = copy.deepcopy(pod)
             node = next((n for n in self.nodes if self._node_fits(n, pod, used)), None)
             if node is None:
                 reasons = []
-                if any(gpu_request(pod) > n.gpus - used.get(n.name, 0) for n in self.nodes):
+                if any(life.gpus > n.gpus - used.get(n.name, 0) for n in self.nodes):
                     reasons.append(f"Insufficient {GPU}")
                 message = (
                     f"0/{len(self.nodes)} nodes are available: {len(self.nodes)} "
                     f"{reasons[0] if reasons else 'node(s) did not match Pod node affinity'}."
                 )
-                pod["status"]["conditions"] = [
+                conditions = [
                     {
                         "type": "PodScheduled",
                         "status": "False",
@@ -545,23 +586,27 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                         "message": message,
                     }
                 ]
+                if pod["status"]["conditions"] == conditions:
+                    continue
+                pod["status"]["conditions"] = conditions
             else:
-                used[node.name] = used.get(node.name, 0) + gpu_request(pod)
+                used[node.name] = used.get(node.name, 0) + life.gpus
+                life.node = node.name
                 pod["spec"]["nodeName"] = node.name
-                pod["status"]["podIP"] = f"10.244.0.{next(self._ips) % 250 + 2}"
+                pod["status"]["podIP"] = f"10.244.{next(self._ips) % 250}.{len(used) % 250 + 2}"
                 pod["status"]["conditions"] = [
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}
                 ]
-            self._put(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], pod)
+            self._put(PODS, namespace, name, pod)
 
     def _kubelet(self) -> None:
-        for pod in list(self._all(PODS)):
-            if not pod["spec"].get("nodeName") or pod["metadata"].get("deletionTimestamp"):
+        for namespace, name in sorted(self._unsettled):
+            pod = self._get(PODS, namespace, name)
+            if pod is None or not pod["spec"].get("nodeName"):
                 continue
-            namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
             life = self._lives.setdefault((namespace, name), PodLife())
-            if life.settled:
-                continue  # ready and healthy: nothing changes until something happens to it
             life.stage += 1
             instance = pod["metadata"]["labels"].get("app.kubernetes.io/instance")
             fault = self.pod_faults.get(instance)
@@ -616,7 +661,8 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             new["status"]["conditions"] = conditions
             if new != pod:
                 self._put(PODS, namespace, name, new)
-            life.settled = ready and fault is None
+            if ready and fault is None:
+                self._unsettled.discard((namespace, name))  # nothing changes from here on
 
     def _deployment_status(self, deployment: dict) -> None:
         revision = deployment["spec"]["template"]["metadata"]["labels"].get(REVISION_LABEL)

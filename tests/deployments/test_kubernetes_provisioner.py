@@ -89,6 +89,16 @@ def test_a_second_apply_of_the_same_spec_writes_nothing(kube, cluster):
     assert deployment["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
 
 
+def test_a_namespace_deleted_behind_our_back_is_put_back(kube, cluster):
+    kube.sync(MIXTRAL)
+    cluster.call(cluster.cluster._remove, Resource("", "v1", "namespaces"), None, "sirocco-acme")
+    other = spec(name="other", deployment_id="0e0e0e0e-0000-4000-8000-000000000001")
+    kube.sync(other)  # the namespace and quota were applied by this process before
+    assert cluster.cluster.get_object("namespaces", None, "sirocco-acme")
+    assert cluster.cluster.get_object("resourcequotas", "sirocco-acme", "gpu-quota")
+    assert cluster.cluster.get_object("deployments", "sirocco-acme", "other")
+
+
 def test_scaling_changes_replicas_without_a_rolling_restart(kube, cluster):
     kube.sync(MIXTRAL)
     cluster.tick(6)
