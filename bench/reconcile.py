@@ -6,13 +6,14 @@ then a local deploy of mixtral-tiny to ready.
 
 Part 1 (kubernetes): starts kmock's Kubernetes emulation with the simulated scheduler and
 kubelet of the test suite (tests/deployments/kube.py) on loopback, in this process, with enough
-GPU nodes; starts one real Celery worker (`--concurrency` = --workers prefork processes) on a
-Redis broker (redis://127.0.0.1:6379, database 14) with the kubernetes provisioner pointed at the
-emulated API; then creates --deployments dedicated deployments (100 organizations) through the
-service, as the REST API would, and waits until every one is `ready`. Reports the time to
-converge, Kubernetes API calls per deployment (by verb), and a steady-state sweep: its duration,
-its API calls, and the writes it made (database statements other than SELECT, and Kubernetes
-writes) — zero is the goal.
+GPU nodes; creates --deployments dedicated deployments (100 organizations) through the service,
+as the REST API would (each enqueues its reconcile on a Redis broker, redis://127.0.0.1:6379
+database 14); then starts one real Celery worker (`--concurrency` = --workers prefork
+processes) with the kubernetes provisioner pointed at the emulated API, and waits until every
+deployment is `ready`. Reports the time to converge from the worker's start (creating them is
+reported apart), Kubernetes API calls per deployment (by verb), and a steady-state sweep: its
+duration, its API calls, and the writes it made (database statements other than SELECT, and
+Kubernetes writes) — zero is the goal.
 
 Part 2 (local): the embedded default's path, in this process: create a dedicated deployment of
 mixtral-tiny on cpu-small and run reconcile passes at the local provisioner's poll interval (what
@@ -189,9 +190,9 @@ def bench_kubernetes(args, tmp: Path) -> dict:
         cluster = cluster_thread.cluster
         # The simulated control loop runs by itself, as a cluster's controllers would.
         cluster_thread.start_auto(interval=args.tick)
-        worker = start_worker(env, args.workers, tmp / "worker.log")
-        time.sleep(3)  # let the worker connect before the first task
 
+        # Every deployment is asked for first (the API's cost, reported apart; each create
+        # enqueues its reconcile), then the worker starts and converges them all.
         started = time.monotonic()
         for index in range(args.deployments):
             deployment_create(
@@ -201,6 +202,8 @@ def bench_kubernetes(args, tmp: Path) -> dict:
                 hardware_profile=profile.name,
             )
         created = time.monotonic() - started
+        worker = start_worker(env, args.workers, tmp / "worker.log")
+        started = time.monotonic()
         ready = 0
         progress = []
         while time.monotonic() - started < args.timeout:
@@ -237,7 +240,7 @@ def bench_kubernetes(args, tmp: Path) -> dict:
             "worker_processes": args.workers,
             "database": "postgresql" if db_url.startswith("postgres") else "sqlite",
             "create_seconds": round(created, 1),
-            "converge_seconds": round(converged, 1),
+            "converge_seconds_from_worker_start": round(converged, 1),
             "all_ready": ready == args.deployments,
             "statuses": dict(statuses),
             "api_calls": sum(calls.values()),
