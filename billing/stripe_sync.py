@@ -146,8 +146,11 @@ def _push(client: stripe.StripeClient, invoice: Invoice) -> None:
                 [StripeInvoiceItem(line=line, stripe_invoice_item_id=item.id)],
                 ignore_conflicts=True,
             )
+        # auto_advance from here on: Stripe collects the payment (and tells us by webhook).
+        # It is off until now so that Stripe never finalizes a half-built draft by itself.
         remote = client.v1.invoices.finalize_invoice(
             invoice.stripe_invoice_id,
+            params={"auto_advance": True},
             options={"idempotency_key": f"{key}-finalize"},
         )
     Invoice.objects.filter(pk=invoice.pk).update(
