@@ -164,7 +164,8 @@ def bench_kubernetes(args, tmp: Path) -> dict:
     nodes = gpu_nodes(count=(args.deployments + 7) // 8 + 2, gpus=8)
     for node in nodes:
         node.labels = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    cluster_thread = ClusterThread(SimulatedCluster(nodes=nodes))
+    # Schema validation of every apply (on in the tests) would be the emulator's own cost.
+    cluster_thread = ClusterThread(SimulatedCluster(nodes=nodes, validate_schemas=False))
     cluster_thread.__enter__()
     db_url = database_url(tmp)
     worker = None

@@ -162,6 +162,8 @@ class KubeClient:
             obj,
             field_manager=FIELD_MANAGER,
             force=True,
+            # A field the API server does not know is an error, not silently dropped.
+            field_validation="Strict",
             _content_type=APPLY_PATCH,
         )
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import itertools
 import json
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +36,13 @@ from pathlib import Path
 
 import aiohttp.web
 import attrs
+import jsonschema
 import kmock
 import yaml
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
+from kubernetes_validate.utils import schema_contents
+from referencing import Registry
+from referencing import Resource as SchemaResource
 
 Resource = kmock.resource
 
@@ -90,6 +96,20 @@ class PodLife:
     gpus: int = 0
 
 
+@functools.cache
+def schema_validator(kind: str, api_version: str):
+    """A JSON-schema validator of Kubernetes 1.31 in strict mode (kubernetes-validate's schema
+    files, loaded once per kind: its own `validate` reloads them on every call)."""
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    folder = "kubernetes-json-schema/v1.31.0-local-strict"
+    schema = schema_contents(f"{folder}/{kind.lower()}-{api}.json", "1.31")
+    definitions = schema_contents(f"{folder}/_definitions.json", "1.31")
+    registry = SchemaResource.from_contents(definitions) @ (
+        SchemaResource.from_contents(schema) @ Registry()
+    )
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
 def parse_selector(selector: str | None) -> list[tuple[str, str, str | None]]:
     terms = []
     for term in (selector or "").split(","):
@@ -139,6 +159,9 @@ class SimulatedCluster(kmock.KubernetesEmulator):
     pod_faults: dict = attrs.field(factory=dict)
     # Deployments whose rollout Kubernetes reports as past its progress deadline.
     past_deadline: set = attrs.field(factory=set)
+    # Validate every applied object against the Kubernetes 1.31 schemas, strictly (unknown
+    # fields rejected), as an API server does: 422 Invalid.
+    validate_schemas: bool = True
     _index: dict = attrs.field(factory=dict, init=False)
     _lives: dict = attrs.field(factory=dict, init=False)
     # What the control loop must look at, as a real cluster's controllers follow events:
@@ -324,6 +347,17 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             raise KubernetesError(
                 status=400, reason="BadRequest", message="the body does not match the URL"
             )
+        if self.validate_schemas:
+            error = jsonschema.exceptions.best_match(
+                schema_validator(kind, applied.get("apiVersion", "")).iter_errors(applied)
+            )
+            if error is not None:
+                path = ".".join(str(part) for part in error.absolute_path)
+                raise KubernetesError(
+                    status=422,
+                    reason="Invalid",
+                    message=f'{kind} "{name}" is invalid: {path}: {error.message}',
+                )
         if namespaced:
             ns = self._get(NAMESPACES, None, namespace)
             if ns is None:

@@ -1,5 +1,7 @@
 """The kubernetes provisioner against kmock's emulated API, the official client speaking HTTP."""
 
+from dataclasses import replace
+
 import pytest
 
 from deployments.provisioners import PermanentError, TransientError
@@ -208,6 +210,22 @@ def test_forbidden_is_permanent_and_says_who_must_act(kube, cluster):
     )
     with pytest.raises(PermanentError, match="platform team must fix"):
         kube.sync(MIXTRAL)
+
+
+def test_the_api_server_rejects_an_invalid_manifest_and_it_is_permanent(kube, cluster):
+    # A toleration with a misspelt field, as an operator might type it into a profile.
+    bad_profile = replace(MIXTRAL.profile, tolerations=({"key": "gpu", "operatr": "Exists"},))
+    with pytest.raises(
+        PermanentError, match="The cluster rejected apply Deployment mixtral"
+    ) as error:
+        kube.sync(spec(profile=bad_profile))
+    assert "operatr" in error.value.message
+    [request] = [r for r in cluster.cluster if "deployments/mixtral" in str(r.url)][-1:]
+    assert request.params == {
+        "fieldManager": "sirocco",
+        "force": "true",
+        "fieldValidation": "Strict",
+    }
 
 
 def test_weights_outside_s3_cannot_run_in_a_cluster(kube, cluster):
