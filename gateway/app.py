@@ -27,7 +27,7 @@ import orjson
 import redis
 
 from gateway import metrics, revocation, sources
-from gateway.auth import KeyCache
+from gateway.auth import KeyCache, touch_keys, touch_keys_forever
 from gateway.budget import SpendLimits
 from gateway.conf import GatewaySettings
 from gateway.dbthreads import DbThreads
@@ -188,13 +188,17 @@ class Gateway:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             auto_decompress=False,
         )
-        self._tasks = [
-            asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        # Background loops that only sleep between rounds: cancelled on close.
+        self._sleepers = [
+            loop.create_task(
                 report_load_forever(
                     self.load, self.db, source.load_report, config.load_report_seconds
                 )
-            )
+            ),
+            loop.create_task(touch_keys_forever(self.keys, self.db)),
         ]
+        self._tasks = list(self._sleepers)
         self._stopping = asyncio.Event()
         if config.redis_url:
             self._tasks.append(
@@ -208,9 +212,14 @@ class Gateway:
 
     async def close(self) -> None:
         revocation.unregister(self.keys)
-        self._stopping.set()
-        self._tasks[0].cancel()  # the load reporter sleeps between reports
+        self._stopping.set()  # the revocation listener polls this flag
+        for task in self._sleepers:
+            task.cancel()
         await asyncio.wait(self._tasks, timeout=5)
+        try:
+            await touch_keys(self.keys, self.db)
+        except Exception:
+            logger.warning("recording API key use failed", exc_info=True)
         await self.session.close()
         if isinstance(self.limiter, RedisRateLimiter):
             await self.limiter.close()

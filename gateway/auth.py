@@ -17,6 +17,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from django.utils import timezone
+
 from accounts.models import APIKey
 from accounts.selectors import api_key_by_secret
 from gateway.errors import GatewayError, unauthorized
@@ -29,6 +31,8 @@ NEGATIVE_CACHE_SECONDS = 10
 MAX_CACHED = 50_000
 # How long a revocation is remembered, to refuse a key whose row was read just before it.
 REVOCATION_MEMORY_SECONDS = 120
+# How often the keys' last_used_at is written (the REST API's own touch is per minute too).
+TOUCH_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ class KeyCache:
         self._digest_by_key_id: dict[int, bytes] = {}
         self._revoked_at: dict[int, float] = {}
         self._loading: dict[bytes, asyncio.Future] = {}
+        self.used: set[int] = set()  # keys used since the last touch_keys()
 
     async def authenticate(self, authorization: bytes | None) -> Caller:
         """The caller a request's Authorization header names; GatewayError 401/403 if none."""
@@ -93,8 +98,9 @@ class KeyCache:
             elif entry.caller is not None and age >= self._ttl / 2 and not entry.refreshing:
                 entry.refreshing = True
                 asyncio.get_running_loop().create_task(self._refresh(digest, secret))
-        caller = entry.caller if entry is not None else await self._fetch(digest, secret)
-        return _check(caller)
+        caller = _check(entry.caller if entry is not None else await self._fetch(digest, secret))
+        self.used.add(caller.key_id)
+        return caller
 
     def forget(self, key_id: int) -> None:
         """Drop a key now (it was revoked). Thread-safe enough: single dict operations."""
@@ -151,6 +157,26 @@ class KeyCache:
                     self._digest_by_key_id.pop(entry.caller.key_id, None)
         cutoff = now - REVOCATION_MEMORY_SECONDS
         self._revoked_at = {k: t for k, t in self._revoked_at.items() if t >= cutoff}
+
+
+def _touch(*, key_ids: list[int]) -> None:
+    APIKey.objects.filter(pk__in=key_ids).update(last_used_at=timezone.now())
+
+
+async def touch_keys(cache: KeyCache, db) -> None:
+    """Record when keys were last used (shown in the console), in one UPDATE."""
+    used, cache.used = cache.used, set()
+    if used:
+        await db.call(_touch, key_ids=sorted(used))
+
+
+async def touch_keys_forever(cache: KeyCache, db, interval: float = TOUCH_SECONDS) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await touch_keys(cache, db)
+        except Exception:
+            logger.warning("recording API key use failed", exc_info=True)
 
 
 def _bearer_secret(authorization: bytes | None) -> str:

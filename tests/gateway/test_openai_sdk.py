@@ -81,6 +81,9 @@ def test_sync_client_non_streaming_and_streaming(gateway, tenant):
         assert row.latency_ms > 0
     assert first.ttft_ms is None
     assert second.ttft_ms is not None and 0 < second.ttft_ms <= second.latency_ms
+    gateway.reset()  # a gateway that stops records when its keys were last used
+    key.refresh_from_db()
+    assert key.last_used_at is not None
 
 
 def test_async_client_concurrent_requests(gateway, tenant):
