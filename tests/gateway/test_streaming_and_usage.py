@@ -205,3 +205,31 @@ def test_in_flight_is_reported_for_the_autoscaler_and_metrics(
     assert f"sirocco_gateway_time_to_first_token_seconds_count{{{label}}} 3.0" in metrics
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(gateway.url + "/readyz").json()["checks"]["database"] == "ok"
+
+
+def test_first_byte_and_idle_timeouts_are_504_and_still_leave_one_row(
+    gateway, tenant, organization, make_deployment, upstream_server
+):
+    gateway.reset(first_byte_timeout=0.3, idle_timeout=0.005)
+    make_deployment(
+        organization, name="hang", endpoints=[upstream_server.url], served_model_name="stub-hang"
+    )
+    make_deployment(
+        organization, name="slow", endpoints=[upstream_server.url], served_model_name="stub-slow"
+    )
+    hung = httpx.post(
+        gateway.v1 + "/chat/completions", json={"model": "hang", "messages": CHAT}, headers=tenant
+    )
+    assert hung.status_code == 504
+    assert "did not answer within" in hung.json()["error"]["message"]
+    stalled = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={"model": "slow", "messages": CHAT, "stream": True},
+        headers=tenant,
+    )
+    assert "sent nothing for" in sse_data(stalled.text)[-1]  # the stream says why it ended
+    rows = {row.model: row for row in UsageEvent.objects.all()}
+    assert (rows["hang"].status_code, rows["hang"].completion_tokens) == (504, 0)
+    assert rows["slow"].status_code == 504
+    assert rows["slow"].usage_source == UsageEvent.Source.COUNTED
+    assert rows["slow"].completion_tokens >= 1  # what the client received is billed

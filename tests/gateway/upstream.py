@@ -7,6 +7,7 @@ served_model_name upstream):
 - "stub-break": the stream stops after 3 tokens, without usage or [DONE].
 - "stub-slow": 100 tokens, 20 ms apart (for disconnects).
 - "stub-html-500": a 500 with an HTML body.
+- "stub-hang": answers only after 3 s (for the first-byte timeout).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Upstream:
         self.requests.append(request)
         model = request.get("model", "stub")
         chat = scope["path"].endswith("/chat/completions")
+        if model == "stub-hang":
+            await asyncio.sleep(3)
         if model == "stub-html-500":
             await _respond(send, 500, b"<html>boom</html>", b"text/html")
             return
