@@ -11,7 +11,7 @@ from billing import budgets, invoicing, ledger, stripe_sync
 _INGEST_TIME_BUDGET_SECONDS = 50
 
 
-@shared_task(queue="billing")
+@shared_task
 def ingest_usage_events() -> int:
     """Ingest the gateway's usage backlog batch by batch (beat runs this every few seconds)."""
     taken, deadline = 0, time.monotonic() + _INGEST_TIME_BUDGET_SECONDS
@@ -23,25 +23,25 @@ def ingest_usage_events() -> int:
     return taken
 
 
-@shared_task(queue="billing")
+@shared_task
 def ingest_replica_usage() -> int:
     """Cut the deployments' replica intervals into dedicated ledger rows."""
     return ledger.replica_usage_ingest()
 
 
-@shared_task(queue="billing")
+@shared_task
 def close_billing_periods() -> int:
     """Finalize the invoices of every period that has ended (idempotent; beat runs it hourly)."""
     return sum(len(result.created) for result in invoicing.billing_periods_close_due())
 
 
-@shared_task(queue="billing")
+@shared_task
 def stripe_sync_invoice(invoice_id: int) -> str | None:
     invoice = stripe_sync.invoice_stripe_sync(invoice_id=invoice_id)
     return invoice.stripe_status if invoice else None
 
 
-@shared_task(queue="billing")
+@shared_task
 def stripe_sync_due() -> int:
     """Retry the Stripe sync of invoices whose back-off has passed (and any never tried)."""
     if not stripe_sync.stripe_enabled():
@@ -52,6 +52,6 @@ def stripe_sync_due() -> int:
     return len(ids)
 
 
-@shared_task(queue="billing")
+@shared_task
 def send_budget_alert(alert_id: int) -> bool:
     return budgets.budget_alert_email(alert_id=alert_id)

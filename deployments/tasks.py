@@ -11,8 +11,6 @@ logger = logging.getLogger(__name__)
 
 @shared_task(
     bind=True,
-    queue="provisioning",
-    ignore_result=True,
     autoretry_for=(OperationalError,),
     retry_backoff=True,
     max_retries=5,
@@ -28,7 +26,7 @@ def reconcile_deployment(self, deployment_id: str, force: bool = False) -> None:
         reconcile_deployment.apply_async((deployment_id,), countdown=requeue_after)
 
 
-@shared_task(queue="provisioning", ignore_result=True)
+@shared_task
 def reconcile_sweep() -> list[str]:
     """Periodic: re-reconcile what drifted or stalled, and clean up what nothing owns."""
     from deployments.reconciler import find_orphans, sweep
@@ -45,7 +43,7 @@ def reconcile_sweep() -> list[str]:
     return stalled + drifted
 
 
-@shared_task(queue="provisioning", ignore_result=True)
+@shared_task
 def remove_orphan(orphan: str) -> None:
     """Remove what runs for no deployment (e.g. objects left by a deployment deleted while the
     cluster was unreachable). Checks again first: it may have been adopted meanwhile."""
@@ -56,7 +54,7 @@ def remove_orphan(orphan: str) -> None:
         get_provisioner().remove_orphan(orphan)
 
 
-@shared_task(queue="provisioning", ignore_result=True)
+@shared_task
 def autoscale_tick() -> int:
     """Periodic: set replica counts from the gateway's load reports."""
     from deployments.autoscaler import autoscale

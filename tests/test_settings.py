@@ -93,3 +93,18 @@ def test_email_url_configures_smtp(tmp_path):
         "alerts",
         "True",
     ]
+
+
+def test_every_task_is_routed_to_its_apps_queue():
+    from controlplane.celery import app
+
+    app.loader.import_default_modules()
+    queues = {}
+    for name in app.tasks:
+        if name.startswith(("deployments.", "billing.")):
+            route = app.amqp.router.route({}, name)
+            queues[name] = route["queue"].name
+    assert queues, "the apps' tasks are registered"
+    for name, queue in queues.items():
+        expected = "provisioning" if name.startswith("deployments.") else "billing"
+        assert queue == expected, name

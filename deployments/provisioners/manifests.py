@@ -39,34 +39,6 @@ PROGRESS_DEADLINE_SECONDS = 3600
 TERMINATION_GRACE_SECONDS = 120
 PRE_STOP_SLEEP_SECONDS = 15
 
-# The init container's program: copy the weights folder from S3 (or any S3-compatible store)
-# into the pod's volume. Resumable: files already there with the right size are kept.
-# boto3 reads AWS_ENDPOINT_URL and the credentials from the environment.
-FETCH_WEIGHTS_SCRIPT = """\
-import os, sys, boto3
-from urllib.parse import urlparse
-uri = urlparse(os.environ["WEIGHTS_URI"])
-bucket, prefix = uri.netloc, uri.path.strip("/") + "/"
-dest = os.environ["WEIGHTS_DIR"]
-s3 = boto3.client("s3")
-fetched = 0
-for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-    for item in page.get("Contents", []):
-        relative = item["Key"][len(prefix):]
-        if not relative or relative.endswith("/"):
-            continue
-        path = os.path.join(dest, relative)
-        if os.path.exists(path) and os.path.getsize(path) == item["Size"]:
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        s3.download_file(bucket, item["Key"], path + ".part")
-        os.replace(path + ".part", path)
-        fetched += 1
-if not os.listdir(dest):
-    sys.exit("no weights found under " + os.environ["WEIGHTS_URI"])
-print(f"fetched {fetched} files into {dest}")
-"""
-
 DEFAULT_ARGS = {
     "vllm": (
         "--model",
@@ -279,17 +251,27 @@ def render_deployment(spec: DeploymentSpec, options: ClusterOptions) -> dict:
         "securityContext": _restricted_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    fetch_env = [
-        {"name": "WEIGHTS_URI", "value": weights_uri(spec)},
-        {"name": "WEIGHTS_DIR", "value": model_path(spec)},
-    ]
+    fetch_env = []
     if options.aws_endpoint_url:
         fetch_env.append({"name": "AWS_ENDPOINT_URL", "value": options.aws_endpoint_url})
     fetcher = {
         "name": FETCH_CONTAINER_NAME,
         "image": options.fetcher_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-c", FETCH_WEIGHTS_SCRIPT],
+        # The runtime image's own fetcher: copies the folder from S3 (boto3 reads
+        # AWS_ENDPOINT_URL and the credentials from the environment), keeps files already there
+        # with the right size (a restarted pod resumes), and verifies every file against the
+        # version's manifest.json before the server may start.
+        "command": [
+            "python",
+            "-m",
+            "runtime",
+            "download",
+            "--model",
+            weights_uri(spec),
+            "--out",
+            model_path(spec),
+        ],
         "env": fetch_env,
         "envFrom": [{"secretRef": {"name": options.artifact_secret, "optional": True}}],
         "resources": {

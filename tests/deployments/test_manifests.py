@@ -69,10 +69,13 @@ def test_the_mixtral_pod_is_what_a_gpu_operator_would_write():
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in server["volumeMounts"]
     # Weights: an init container copies them from S3 into a volume the server reads.
+    # The runtime image's fetcher, which verifies every file against the version's manifest.
     fetcher = pod["initContainers"][0]
-    assert "boto3" in fetcher["command"][-1]
-    env = {e["name"]: e["value"] for e in fetcher["env"]}
-    assert env["WEIGHTS_URI"].startswith("s3://")
+    command = fetcher["command"]
+    assert command[:4] == ["python", "-m", "runtime", "download"]
+    assert command[command.index("--model") + 1].startswith("s3://")
+    weights_mount = next(m["mountPath"] for m in fetcher["volumeMounts"] if m["name"] == "weights")
+    assert command[command.index("--out") + 1].startswith(weights_mount)
     assert int(volumes["weights"]["emptyDir"]["sizeLimit"].removesuffix("Gi")) >= 94
     # Probes: a startup budget for ~93 GB of weights, readiness on /v1/models, liveness /health.
     startup = server["startupProbe"]

@@ -250,7 +250,8 @@ def test_a_new_version_rolls_out_and_status_says_updating(organization, mixtral,
     assert (deployment.status, deployment.model_version) == ("ready", newer)
     pods = cluster.cluster.list_objects("pods")
     assert len(pods) == 1
-    assert pods[0]["spec"]["initContainers"][0]["env"][0]["value"].endswith("/0.2")
+    fetch = pods[0]["spec"]["initContainers"][0]["command"]
+    assert fetch[fetch.index("--model") + 1].endswith("/0.2")
 
 
 def test_delete_tears_down_waits_and_frees_the_name(organization, mixtral, kube, cluster):
