@@ -30,7 +30,7 @@ from gateway import metrics, revocation, sources
 from gateway.auth import KeyCache, touch_keys, touch_keys_forever
 from gateway.budget import SpendLimits
 from gateway.conf import GatewaySettings
-from gateway.dbthreads import DbThreads
+from gateway.dbthreads import DatabaseUnavailable, DbThreads
 from gateway.errors import GatewayError, error_body, model_not_found, upstream_error
 from gateway.limits import LocalRateLimiter, RedisRateLimiter, limits_for
 from gateway.load import LoadTracker, report_load_forever
@@ -305,6 +305,16 @@ class GatewayApp:
             await self._send_error(exchange, error)
         except ClientGone:
             pass
+        except DatabaseUnavailable:
+            logger.exception("the database did not answer (request %s)", request_id.decode())
+            await self._send_error(
+                exchange,
+                upstream_error(
+                    503,
+                    "The platform's database did not answer in time. Retry shortly.",
+                    retry_after=RETRY_AFTER_NO_REPLICA,
+                ),
+            )
         except Exception:
             logger.exception("unexpected error in the gateway (request %s)", request_id.decode())
             await self._send_error(

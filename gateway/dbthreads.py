@@ -17,6 +17,11 @@ from typing import Any
 from django.db import close_old_connections, connections
 
 _STOP = object()
+CALL_TIMEOUT = 10.0
+
+
+class DatabaseUnavailable(Exception):
+    """The control plane's database did not answer in time."""
 
 
 class DbThreads:
@@ -30,10 +35,16 @@ class DbThreads:
             thread.start()
 
     async def call(self, function: Callable[..., Any], /, **kwargs) -> Any:
+        """The function's result; DatabaseUnavailable if it takes over CALL_TIMEOUT seconds
+        (the thread finishes it anyway; the request does not wait for a hung database)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((function, kwargs, future, loop))
-        return await future
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise DatabaseUnavailable(f"{function.__name__} took over {CALL_TIMEOUT}s") from None
 
     def stop(self, timeout: float = 5) -> None:
         for _ in self._threads:

@@ -70,6 +70,7 @@ class UsageWriter:
             raise RuntimeError(f"usage events cannot be written to {django_connection.vendor}")
         self._pending: list[tuple[dict, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._writing: list[tuple[dict, asyncio.Future]] = []
 
     def submit(self, event: dict) -> asyncio.Future:
         """Queue one event (UsageEvent field values by attname); the future resolves once it
@@ -81,22 +82,30 @@ class UsageWriter:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         return future
 
-    async def close(self) -> None:
-        """Write what is queued, then close the connection."""
+    async def close(self, timeout: float = 10) -> None:
+        """Write what is queued (for at most `timeout` seconds), then close the connection."""
         if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._flusher)
+            except TimeoutError:
+                lost = [event["request_id"] for event, _ in self._writing + self._pending]
+                logger.error("%d usage events not written before shutdown: %s", len(lost), lost)
+                self._flusher.cancel()
         await self._database.close()
 
     async def _flush(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                self._writing = batch
                 await self._write([database_row(event) for event, _ in batch])
                 for _, future in batch:
                     if not future.done():
                         future.set_result(True)
         finally:
             self._flusher = None
+            self._writing = []
 
     async def _write(self, rows: list[list]) -> None:
         delay = 0.005
