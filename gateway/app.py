@@ -161,20 +161,21 @@ class Gateway:
 
     def __init__(self, config: GatewaySettings):
         self.config = config
-        source = sources
         self.db = DbThreads(config.db_threads)
         self.keys = KeyCache(self.db, ttl=config.auth_cache_seconds)
         self.routes = RouteTable(
             self.db,
             ttl=config.route_cache_seconds,
-            route_for=source.route_for,
-            callable_models=source.callable_models,
-            request_scale_up=source.request_scale_up,
+            route_for=sources.route_for,
+            callable_models=sources.callable_models,
+            request_scale_up=sources.request_scale_up,
         )
         self.spend = SpendLimits(
-            self.db, ttl=config.spend_cache_seconds, spend_blocked=source.organization_spend_blocked
+            self.db,
+            ttl=config.spend_cache_seconds,
+            spend_blocked=sources.organization_spend_blocked,
         )
-        self.tokenizers = Tokenizers(self.db, source.tokenizer_folder)
+        self.tokenizers = Tokenizers(self.db, sources.tokenizer_folder)
         self.limiter = (
             RedisRateLimiter(config.redis_url, prefix=config.redis_prefix)
             if config.redis_url
@@ -193,7 +194,7 @@ class Gateway:
         self._sleepers = [
             loop.create_task(
                 report_load_forever(
-                    self.load, self.db, source.load_report, config.load_report_seconds
+                    self.load, self.db, sources.load_report, config.load_report_seconds
                 )
             ),
             loop.create_task(touch_keys_forever(self.keys, self.db)),

@@ -66,10 +66,6 @@ class Admission:
             ]
         return headers
 
-    @property
-    def reserved_tokens(self) -> int:
-        return max((limit.cost for limit in self.limits if limit.kind == "tokens"), default=0)
-
 
 def format_duration(seconds: float) -> str:
     """Like OpenAI's reset headers: "20ms", "1.5s", "6m0s"."""
