@@ -21,15 +21,18 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from functools import partial
 
 import psycopg
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.db import connection as django_connection
 
 from gateway.models import UsageEvent
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 500  # rows per INSERT: 17 parameters each, under PostgreSQL's 65535
+# Rows per INSERT, 17 parameters each: under PostgreSQL's 65535 and SQLite's 32766.
+MAX_BATCH = 500
 MAX_RETRY_DELAY = 2.0
 
 _COLUMNS = [
@@ -49,17 +52,37 @@ def insert_statement(placeholder: str, rows: int = 1) -> str:
     return f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (request_id) DO NOTHING"  # noqa: S608
 
 
-def database_row(event: dict) -> list:
-    """Column values as the database stores them (Django's own conversions, no query)."""
-    return [
-        field.get_db_prep_save(event.get(field.attname, default), django_connection)
-        for field, default in _COLUMNS
-    ]
+def row_converter(connection):
+    """A function from an event to its column values as the database stores them.
+
+    Django's own conversions (`get_db_prep_save`), applied only to the fields that need one
+    (datetimes, UUIDs); ints, floats and strings are bound as they are. Conversions need the
+    connection's operations, never a query; looking the connection up per field would cost
+    more than the insert.
+    """
+    converters = []
+    for field, default in _COLUMNS:
+        if field.get_internal_type() in ("DateTimeField", "UUIDField"):
+            converters.append(
+                (field.attname, default, partial(field.get_db_prep_save, connection=connection))
+            )
+        else:
+            converters.append((field.attname, default, None))
+
+    def convert(event: dict) -> list:
+        values = []
+        for name, default, prepare in converters:
+            value = event.get(name, default)
+            values.append(prepare(value) if prepare is not None and value is not None else value)
+        return values
+
+    return convert
 
 
 class UsageWriter:
     def __init__(self, *, synchronous_commit: bool = True):
         settings = django_connection.settings_dict
+        self._row = row_converter(connections[DEFAULT_DB_ALIAS])
         if django_connection.vendor == "postgresql":
             self._database = _Postgres(settings, synchronous_commit=synchronous_commit)
         elif django_connection.vendor == "sqlite":
@@ -99,7 +122,7 @@ class UsageWriter:
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 self._writing = batch
-                await self._write([database_row(event) for event, _ in batch])
+                await self._write([self._row(event) for event, _ in batch])
                 for _, future in batch:
                     if not future.done():
                         future.set_result(True)
@@ -174,7 +197,7 @@ class _Sqlite:
         self._path = path
         self._init_command = init_command  # the settings' pragmas (WAL, synchronous)
         self._connection: sqlite3.Connection | None = None
-        self._sql = insert_statement("?")
+        self._statements: dict[int, str] = {}
 
     async def write(self, rows: list[list]) -> None:
         if self._connection is None:
@@ -187,14 +210,11 @@ class _Sqlite:
             )
             if self._init_command:
                 self._connection.executescript(self._init_command)
-        connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            connection.executemany(self._sql, rows)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        # One multi-row INSERT in autocommit: one statement, its own transaction.
+        statement = self._statements.get(len(rows))
+        if statement is None:
+            statement = self._statements[len(rows)] = insert_statement("?", len(rows))
+        self._connection.execute(statement, [value for row in rows for value in row])
 
     async def reset(self) -> None:
         await self.close()
