@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from gateway.models import UsageEvent
+from gateway.tokens import ModelTokenizer
 from tests.gateway.conftest import RUNTIME_SERVED_NAME
 
 pytestmark = pytest.mark.slow
@@ -34,13 +35,15 @@ def events():
     return list(UsageEvent.objects.order_by("started_at"))
 
 
-def test_sync_client_non_streaming_and_streaming(gateway, tenant):
+def test_sync_client_non_streaming_and_streaming(gateway, tenant, tiny_moe_dir):
     deployment, key, secret = tenant
     client = openai.OpenAI(base_url=gateway.v1, api_key=secret, max_retries=0)
 
     reply = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=12)
     assert reply.choices[0].message.content
     assert reply.usage.completion_tokens <= 12
+    # The gateway's own count (admission, broken streams) agrees with the runtime's.
+    assert ModelTokenizer(tiny_moe_dir).count_chat(MESSAGES) == reply.usage.prompt_tokens
 
     chunks = list(
         client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=10, stream=True)
