@@ -37,6 +37,7 @@ from gateway.load import LoadTracker, report_load_forever
 from gateway.models import UsageEvent
 from gateway.protocol import check_context, parse_request
 from gateway.routing import RouteTable
+from gateway.tokenizer_files import tokenizer_folder
 from gateway.tokens import Tokenizers, estimate_text, message_text
 from gateway.usage import UsageWriter
 
@@ -175,7 +176,12 @@ class Gateway:
             ttl=config.spend_cache_seconds,
             spend_blocked=sources.organization_spend_blocked,
         )
-        self.tokenizers = Tokenizers(self.db, sources.tokenizer_folder)
+        self.tokenizers = Tokenizers(
+            self.db,
+            sources.tokenizer_source,
+            tokenizer_folder,
+            wait_seconds=config.tokenizer_wait_seconds,
+        )
         self.limiter = (
             RedisRateLimiter(config.redis_url, prefix=config.redis_prefix)
             if config.redis_url
@@ -213,6 +219,7 @@ class Gateway:
 
     async def close(self) -> None:
         revocation.unregister(self.keys)
+        self.tokenizers.close()
         self._stopping.set()  # the revocation listener polls this flag
         for task in self._sleepers:
             task.cancel()

@@ -25,6 +25,7 @@ class GatewaySettings:
     route_cache_seconds: float
     spend_cache_seconds: float
     usage_commit_timeout: float
+    tokenizer_wait_seconds: float
     usage_synchronous_commit: bool
     load_report_seconds: float
     redis_url: str
@@ -46,6 +47,7 @@ class GatewaySettings:
             "route_cache_seconds": settings.GATEWAY_ROUTE_CACHE_SECONDS,
             "spend_cache_seconds": settings.GATEWAY_SPEND_CACHE_SECONDS,
             "usage_commit_timeout": settings.GATEWAY_USAGE_COMMIT_TIMEOUT,
+            "tokenizer_wait_seconds": settings.GATEWAY_TOKENIZER_WAIT_SECONDS,
             "usage_synchronous_commit": settings.GATEWAY_USAGE_SYNCHRONOUS_COMMIT,
             "load_report_seconds": settings.GATEWAY_LOAD_REPORT_SECONDS,
             "redis_url": settings.REDIS_URL,

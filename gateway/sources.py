@@ -1,18 +1,14 @@
 """What the gateway reads from the other apps, in one place: routes, models, spend limits,
-tokenizer files, and where it reports load. Each runs in a gateway DB thread."""
+where the tokenizer files are, and where it reports load. Each runs in a gateway DB thread."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from urllib.parse import urlparse
-
-from django.conf import settings
-
 from billing.selectors import organization_spend_blocked
-from catalog.models import ModelVersion
+from catalog.models import ModelArtifact, ModelVersion
 from deployments.selectors import callable_models, route_for
 from deployments.services import deployment_request_scale_up as request_scale_up
 from deployments.services import load_report
+from gateway.tokenizer_files import TOKENIZER_FILES, TokenizerSource
 
 __all__ = [
     "callable_models",
@@ -20,40 +16,24 @@ __all__ = [
     "organization_spend_blocked",
     "request_scale_up",
     "route_for",
-    "tokenizer_folder",
+    "tokenizer_source",
 ]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
-
-def tokenizer_folder(*, version_id: int) -> Path | None:
-    """A local folder with the version's tokenizer files, or None when it has no artifacts.
-
-    A local (or file://) artifact folder is read in place; from S3 only the tokenizer files
-    are fetched (never the weights), into var/gateway-tokenizers/<version id>/.
-    """
+def tokenizer_source(*, version_id: int) -> TokenizerSource | None:
+    """Where the version's tokenizer files are and what the catalog recorded of them; None
+    when it has no artifacts. Fetching them (gateway/tokenizer_files.py) is not a database
+    call: it runs in a worker thread, not in a DB thread."""
     uri = ModelVersion.objects.filter(pk=version_id).values_list("artifact_uri", flat=True).first()
     if not uri:
         return None
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        folder = Path(parsed.path if parsed.scheme else uri)
-        return folder if (folder / "tokenizer.json").exists() else None
-    if parsed.scheme != "s3":
-        return None
-    import boto3
-
-    folder = Path(settings.VAR_DIR) / "gateway-tokenizers" / str(version_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    client = boto3.client("s3")
-    prefix = parsed.path.strip("/")
-    for name in TOKENIZER_FILES:
-        target = folder / name
-        if target.exists():
-            continue
-        try:
-            client.download_file(parsed.netloc, f"{prefix}/{name}" if prefix else name, str(target))
-        except client.exceptions.ClientError:
-            if name == "tokenizer.json":
-                return None  # without it there is nothing to count with
-    return folder
+    artifacts = ModelArtifact.objects.filter(version_id=version_id)
+    if not artifacts.exists():
+        return TokenizerSource(artifact_uri=uri, recorded=None)
+    recorded = {
+        path: (size, sha256)
+        for path, size, sha256 in artifacts.filter(path__in=TOKENIZER_FILES).values_list(
+            "path", "size_bytes", "sha256"
+        )
+    }
+    return TokenizerSource(artifact_uri=uri, recorded=recorded)

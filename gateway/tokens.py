@@ -3,31 +3,40 @@
 The gateway counts tokens twice: at admission, the prompt (to reserve prompt + max_tokens
 against the tokens-per-minute limits; settlement corrects any difference), and when a stream
 breaks before the replica's usage chunk, the prompt and the text already streamed (that count
-is billed). The tokenizer comes from the model version's artifacts (tokenizer.json, and the
-chat template in tokenizer_config.json, rendered the way transformers does), loaded once per
-version in a background thread and kept. Until it is loaded, or for a model without
-artifacts, admission uses the estimate: one token per 4 bytes of UTF-8 text plus 4 per chat
-message (OpenAI's rule of thumb for English; only ever used for reservations, or for billing
-when no tokenizer exists at all).
+is billed). The tokenizer comes from the model version's artifacts (tokenizer.json, the special
+tokens and the chat template, read and rendered the way transformers does), fetched
+(gateway/tokenizer_files.py) and loaded once per version in a worker thread, and kept. Until it
+is loaded, or for a model without artifacts, admission uses the estimate: one token per 4
+bytes of UTF-8 text plus 4 per chat message (OpenAI's rule of thumb for English). A count that
+will be billed waits for the load, at most GATEWAY_TOKENIZER_WAIT_SECONDS; it is billed with
+the estimate when the version has no tokenizer, when its files cannot be fetched (logged, and
+retried a minute later), or when the wait runs out (logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+if TYPE_CHECKING:
+    from gateway.tokenizer_files import TokenizerSource
+
 logger = logging.getLogger(__name__)
 
 RETRY_FAILED_LOAD_SECONDS = 60
 TOKENS_PER_MESSAGE_ESTIMATE = 4
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def estimate_text(text: str) -> int:
@@ -49,17 +58,24 @@ class ModelTokenizer:
 
     def __init__(self, folder: Path):
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        self._special = {
-            name: _token_text(config.get(name))
-            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-        }
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}
+        if "added_tokens_decoder" not in config:
+            # transformers' legacy rule: without added_tokens_decoder in the config,
+            # special_tokens_map.json's tokens win.
+            legacy = _read_json(folder / "special_tokens_map.json")
+            special.update((name, legacy[name]) for name in SPECIAL_TOKEN_NAMES if name in legacy)
+        self._special = {name: _token_text(value) for name, value in special.items()}
+        # A chat_template.jinja file takes priority over the config's template (transformers).
+        template_path = folder / "chat_template.jinja"
+        if template_path.exists():
+            template = template_path.read_text(encoding="utf-8")
+        else:
+            template = config.get("chat_template")
+            if isinstance(template, list):  # named templates: the default one
+                template = next(
+                    (t["template"] for t in template if t.get("name") == "default"), None
+                )
         self._template = _compile_template(template) if template else None
 
     def count_text(self, text: str) -> int:
@@ -115,6 +131,13 @@ def _count_prompt_list(prompt: list, count_text: Callable[[str], int]) -> int:
     return total
 
 
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    value = json.loads(path.read_text(encoding="utf-8"))
+    return value if isinstance(value, dict) else {}
+
+
 def _token_text(value) -> str:
     if isinstance(value, dict):
         return value.get("content", "")
@@ -135,11 +158,24 @@ def _compile_template(source: str):
 
 
 class Tokenizers:
-    """Per model version: the tokenizer once loaded, else None (and a load is started)."""
+    """Per model version: the tokenizer once loaded, else None (and a load is started).
 
-    def __init__(self, db, folder_for_version: Callable[..., Path | None]):
+    A load reads where the files are in a DB thread (`source_for_version`), then fetches and
+    parses them in a worker thread (`folder_for_source`: a download must not hold one of the
+    few DB threads, nor the event loop)."""
+
+    def __init__(
+        self,
+        db,
+        source_for_version: Callable[..., TokenizerSource | None],
+        folder_for_source: Callable[[TokenizerSource], Path | None],
+        *,
+        wait_seconds: float,
+    ):
         self._db = db
-        self._folder_for_version = folder_for_version
+        self._source_for_version = source_for_version
+        self._folder_for_source = folder_for_source
+        self._wait_seconds = wait_seconds
         self._loaded: dict[int, ModelTokenizer | None] = {}
         self._failed_at: dict[int, float] = {}
         self._loading: dict[int, asyncio.Task] = {}
@@ -153,13 +189,29 @@ class Tokenizers:
         return None
 
     async def get(self, version_id: int | None) -> ModelTokenizer | None:
-        """Wait for the tokenizer (used when a count will be billed)."""
+        """Wait for the tokenizer (used when a count will be billed), at most wait_seconds."""
         if version_id is None:
             return None
         if version_id in self._loaded:
             return self._loaded[version_id]
         task = self._start_loading(version_id)
-        return await asyncio.shield(task) if task is not None else None
+        if task is None:
+            return None
+        try:
+            async with asyncio.timeout(self._wait_seconds):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            logger.warning(
+                "the tokenizer of model version %s is still loading after %.3gs: counted with "
+                "the estimate",
+                version_id,
+                self._wait_seconds,
+            )
+            return None
+
+    def close(self) -> None:
+        for task in self._loading.values():
+            task.cancel()
 
     def _start_loading(self, version_id: int) -> asyncio.Task | None:
         if time.monotonic() - self._failed_at.get(version_id, -1e9) < RETRY_FAILED_LOAD_SECONDS:
@@ -172,16 +224,50 @@ class Tokenizers:
 
     async def _load(self, version_id: int) -> ModelTokenizer | None:
         try:
-            tokenizer = await self._db.call(self._load_sync, version_id=version_id)
+            source = await self._db.call(self._source_for_version, version_id=version_id)
+            tokenizer = None
+            if source is not None:
+                tokenizer = await _in_daemon_thread(self._open, source)
             self._loaded[version_id] = tokenizer
             return tokenizer
         except Exception:
-            logger.warning("no tokenizer for model version %s", version_id, exc_info=True)
+            logger.warning(
+                "no tokenizer for model version %s: counting with the estimate, retrying in %ss",
+                version_id,
+                RETRY_FAILED_LOAD_SECONDS,
+                exc_info=True,
+            )
             self._failed_at[version_id] = time.monotonic()
             return None
         finally:
             self._loading.pop(version_id, None)
 
-    def _load_sync(self, version_id: int) -> ModelTokenizer | None:
-        folder = self._folder_for_version(version_id=version_id)
+    def _open(self, source: TokenizerSource) -> ModelTokenizer | None:
+        folder = self._folder_for_source(source)
         return ModelTokenizer(folder) if folder is not None else None
+
+
+async def _in_daemon_thread(function: Callable, /, *args):
+    """function(*args) on a thread of its own. Not asyncio.to_thread: its executor is joined
+    when the loop closes, so a download hung on an unreachable store would hold the shutdown."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():  # the waiting load was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="gateway-tokenizer", daemon=True).start()
+    return await future

@@ -1,4 +1,8 @@
-"""Fixtures shared by the whole suite: tenants, members, keys, and API clients acting as them."""
+"""Fixtures shared by the whole suite: tenants, members, keys, API clients acting as them, and
+S3 on moto's server over loopback."""
+
+import logging
+import uuid
 
 import pytest
 from rest_framework.test import APIClient
@@ -78,3 +82,37 @@ def session_client(db):
         return client, membership.user
 
     return make
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server on a free loopback port, for the whole session."""
+    from moto.server import ThreadedMotoServer  # imported only by the tests that need S3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, moto_endpoint):
+    """What an operator sets for an S3-compatible store; boto3 reads it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3_bucket(aws_env):
+    """A fresh, empty bucket on moto's server."""
+    import boto3
+
+    bucket = f"sirocco-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket

@@ -142,6 +142,9 @@ GATEWAY_ROUTE_CACHE_SECONDS = env.float("GATEWAY_ROUTE_CACHE_SECONDS", default=2
 GATEWAY_SPEND_CACHE_SECONDS = env.float("GATEWAY_SPEND_CACHE_SECONDS", default=15.0)
 # A response waits at most this long for its usage event to be committed.
 GATEWAY_USAGE_COMMIT_TIMEOUT = env.float("GATEWAY_USAGE_COMMIT_TIMEOUT", default=10.0)
+# A billed count (a stream broken before its usage) waits at most this long for the model's
+# tokenizer files to be fetched; after that it is billed with the estimate (logged).
+GATEWAY_TOKENIZER_WAIT_SECONDS = env.float("GATEWAY_TOKENIZER_WAIT_SECONDS", default=10.0)
 # PostgreSQL only. On (the default), a usage event is on disk before its response ends. Off,
 # the commit returns before the WAL is flushed: the gateway still waits for it (a crashed
 # gateway loses nothing), but a crash of the database server itself may lose the last

@@ -1,14 +1,10 @@
-"""Catalog fixtures: artifact stores (a local folder, and S3 on moto's server over loopback)
-and the tiny MoE checkpoint, built once per session."""
+"""Catalog fixtures: artifact stores (a local folder, and S3 on moto's server over loopback,
+from tests/conftest.py) and the tiny MoE checkpoint, built once per session."""
 
-import logging
 import shutil
-import uuid
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from catalog.artifacts import LocalArtifactStore, MultipartConfig, S3ArtifactStore, get_store
 
@@ -20,35 +16,6 @@ TEST_MULTIPART = MultipartConfig(threshold=5 * 1024 * 1024, part_size=5 * 1024 *
 def private_var_dir(settings, tmp_path):
     settings.VAR_DIR = tmp_path / "var"
     settings.ARTIFACT_STORE_URL = ""  # the embedded default: a folder under VAR_DIR
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    """moto's S3 server on a free loopback port, for the whole session."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch, moto_endpoint):
-    """What an operator sets for an S3-compatible store; boto3 reads it."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def s3_bucket(aws_env):
-    bucket = f"sirocco-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return bucket
 
 
 @pytest.fixture
