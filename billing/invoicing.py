@@ -147,7 +147,8 @@ def token_groups(*, period_start: datetime, organization_id: int | None = None) 
 
 
 def dedicated_groups(*, period_start: datetime, organization_id: int | None = None) -> list[dict]:
-    """Replica-second sums per organization x deployment x profile x price for a period."""
+    """Replica-second sums per organization x deployment x model version x profile x price
+    for a period: a deployment updated to another version has a line per version it ran."""
     records = DedicatedUsageRecord.objects.filter(period_start=period_start)
     if organization_id is not None:
         records = records.filter(organization_id=organization_id)
@@ -264,6 +265,8 @@ def usage_lines(
         key=lambda g: (
             names.deployments.get(g["deployment_id"], ""),
             str(g["deployment_id"]),
+            names.versions.get(g["model_version_id"], ""),
+            g["model_version_id"] or 0,
             g["hardware_profile_id"],
             g["price_per_hour"],
         ),
@@ -272,7 +275,9 @@ def usage_lines(
         exact = rate_gpu_seconds(seconds=seconds, per_hour=per_hour)
         deployment = names.deployments.get(group["deployment_id"]) or str(group["deployment_id"])
         profile = names.profiles.get(group["hardware_profile_id"], "")
-        version = names.versions.get(group["model_version_id"], "")
+        version = names.versions.get(group["model_version_id"]) or (
+            f"model version {group['model_version_id']}"
+        )
         if gpus:
             quantity = Decimal(seconds * gpus) / SECONDS_PER_HOUR
             unit, unit_price = "GPU hour", per_hour / gpus

@@ -574,6 +574,10 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
     Ended intervals are taken whole; running ones up to the last whole hour, so a replica
     adds a row an hour while it runs. Boundaries are whole seconds (start rounded down, end
     up: a started second is billed) and segments break at UTC midnights and price changes.
+    Each segment is priced for the model version its replica ran (recorded on the interval;
+    during a rolling update old and new replicas run different ones), on its hardware
+    profile, by catalog.selectors.dedicated_price_at's rule (from a PriceBook: no query per
+    segment).
     Each interval's cursor row is locked while it is cut, so concurrent runs never overlap.
     Returns the number of segments written.
     """
@@ -607,7 +611,7 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
     )
     book = PriceBook()
     for price in DedicatedPrice.objects.filter(
-        model_version_id__in={u.deployment.model_version_id for u in usages},
+        model_version_id__in={u.model_version_id for u in usages},
         hardware_profile_id__in={u.hardware_profile_id for u in usages},
     ).order_by("effective_from", "id"):
         book.add((price.model_version_id, price.hardware_profile_id), price.effective_from, price)
@@ -619,7 +623,7 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
         ended = usage.ended_at is not None
         end = _ceil_second(usage.ended_at) if ended else last_whole_hour
         start = cursor.billed_until
-        key = (usage.deployment.model_version_id, usage.hardware_profile_id)
+        key = (usage.model_version_id, usage.hardware_profile_id)
         if end > start:
             for a, b in split_interval(start, end, book.changes_between(key, start, end)):
                 pieces.append((usage, a, b))
@@ -636,7 +640,7 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
         deployment, profile = usage.deployment, usage.hardware_profile
         organization = deployment.organization
         currencies[organization.pk] = organization.currency
-        price = book.at((deployment.model_version_id, profile.pk), a)
+        price = book.at((usage.model_version_id, profile.pk), a)
         if price is not None:
             per_hour, price_currency, price_id = price.per_hour, price.currency, price.pk
         else:  # no price for this version on this profile: the profile's list price
@@ -659,7 +663,7 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
                 organization_id=organization.pk,
                 period_start=period_start,
                 deployment_id=deployment.pk,
-                model_version_id=deployment.model_version_id,
+                model_version_id=usage.model_version_id,
                 hardware_profile_id=profile.pk,
                 gpu_count=profile.gpu_count,
                 replica_name=usage.replica_name,

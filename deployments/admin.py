@@ -44,5 +44,12 @@ class DeploymentEventAdmin(admin.ModelAdmin):
 
 @admin.register(ReplicaUsage)
 class ReplicaUsageAdmin(admin.ModelAdmin):
-    list_display = ["deployment", "hardware_profile", "replica_name", "started_at", "ended_at"]
-    readonly_fields = ["deployment", "hardware_profile", "replica_name", "started_at", "ended_at"]
+    list_display = [
+        "deployment",
+        "model_version",
+        "hardware_profile",
+        "replica_name",
+        "started_at",
+        "ended_at",
+    ]
+    readonly_fields = list_display

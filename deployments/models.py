@@ -217,10 +217,15 @@ class ReplicaUsage(models.Model):
     """GPU time of one dedicated replica: billing reads replica-seconds from these rows.
 
     A row opens when the replica first holds its hardware (the pod is bound to a node, or the
-    local process started) and closes when it lets go (pod gone, process stopped).
+    local process started) and closes when it lets go (pod gone, process stopped). It records
+    the model version the replica runs, which is not always the deployment's: during a rolling
+    update the old replicas keep running (and are billed as) the previous version.
     """
 
     deployment = models.ForeignKey(Deployment, on_delete=models.PROTECT, related_name="usage")
+    model_version = models.ForeignKey(
+        "catalog.ModelVersion", on_delete=models.PROTECT, related_name="replica_usage"
+    )
     hardware_profile = models.ForeignKey(
         "catalog.HardwareProfile", on_delete=models.PROTECT, related_name="replica_usage"
     )

@@ -19,10 +19,12 @@ from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from catalog.models import ModelVersion
 from deployments.models import Deployment, DeploymentEvent, Replica, ReplicaUsage
 from deployments.provisioners import (
     DeploymentSpec,
     Observation,
+    ObservedReplica,
     PermanentError,
     ProfileSpec,
     Provisioner,
@@ -315,7 +317,9 @@ def _record_observation(
         now = timezone.now()
         _sync_replicas(row, observation, now)
         if spec.billed_per_second:
-            _sync_usage(row, observation, now)
+            _sync_usage(
+                row, observation, now, spec=spec, spec_version_id=deployment.model_version_id
+            )
         same_spec = row.generation == deployment.generation
         before = (row.status, row.status_reason)
         fields = {
@@ -455,23 +459,86 @@ def _sync_replicas(row: Deployment, observation: Observation, now: datetime) -> 
         Replica.objects.filter(pk__in=[replica.pk for replica in existing.values()]).delete()
 
 
-def _sync_usage(row: Deployment, observation: Observation, now: datetime) -> None:
+def _sync_usage(
+    row: Deployment,
+    observation: Observation,
+    now: datetime,
+    *,
+    spec: DeploymentSpec,
+    spec_version_id: int,
+) -> None:
     """Open a GPU-time row when a replica takes its hardware, close it when it lets go."""
     open_rows = {
         usage.replica_name: usage
         for usage in ReplicaUsage.objects.filter(deployment=row, ended_at__isnull=True)
     }
-    holding = {replica.name for replica in observation.replicas if replica.holds_hardware}
-    for name in sorted(holding - set(open_rows)):
-        ReplicaUsage.objects.create(
-            deployment=row,
-            hardware_profile_id=row.hardware_profile_id,
-            replica_name=name,
-            started_at=now,
+    holding = {replica.name: replica for replica in observation.replicas if replica.holds_hardware}
+    opening = [holding[name] for name in sorted(holding.keys() - open_rows.keys())]
+    if opening:
+        versions = _running_versions(row, opening, spec=spec, spec_version_id=spec_version_id)
+        ReplicaUsage.objects.bulk_create(
+            [
+                ReplicaUsage(
+                    deployment=row,
+                    model_version_id=versions[replica.name],
+                    hardware_profile_id=row.hardware_profile_id,
+                    replica_name=replica.name,
+                    started_at=now,
+                )
+                for replica in opening
+            ]
         )
     gone = [usage.pk for name, usage in open_rows.items() if name not in holding]
     if gone:
         ReplicaUsage.objects.filter(pk__in=gone).update(ended_at=now)
+
+
+def _running_versions(
+    row: Deployment,
+    replicas: list[ObservedReplica],
+    *,
+    spec: DeploymentSpec,
+    spec_version_id: int,
+) -> dict[str, int]:
+    """The id of the ModelVersion each replica runs, by replica name: what the replica says
+    (its pod's annotation, its process's state), not the deployment's version, which a
+    rolling update changes while old replicas still run."""
+    known = {(spec.model_slug, spec.model_version): spec_version_id}
+    revision = spec.revision()
+    wanted = {}
+    for replica in replicas:
+        if replica.model_version:
+            wanted[replica.name] = (replica.model_slug, replica.model_version)
+        elif replica.revision == revision:
+            # It does not say, but it runs this very spec (the revision digests the model).
+            wanted[replica.name] = (spec.model_slug, spec.model_version)
+    missing = set(wanted.values()) - known.keys()
+    if missing:
+        condition = Q()
+        for slug, version in missing:
+            condition |= Q(model__slug=slug, version=version)
+        known.update(
+            ((slug, version), pk)
+            for pk, slug, version in ModelVersion.objects.filter(condition).values_list(
+                "pk", "model__slug", "version"
+            )
+        )
+    versions = {}
+    for replica in replicas:
+        version_id = known.get(wanted.get(replica.name))
+        if version_id is None:
+            logger.warning(
+                "replica %s of deployment %s: cannot tell which model version it runs (%s); "
+                "its GPU time is recorded as the deployment's current version",
+                replica.name,
+                row.pk,
+                f"{replica.model_slug}:{replica.model_version} is not in the catalog"
+                if replica.model_version
+                else "it does not say",
+            )
+            version_id = row.model_version_id
+        versions[replica.name] = version_id
+    return versions
 
 
 @transaction.atomic

@@ -100,6 +100,10 @@ class ObservedReplica:
     reason: str = ""
     restart_count: int = 0
     revision: str = ""
+    # The model version the replica itself runs, as DeploymentSpec names it: during a rolling
+    # update old replicas still run the previous one. Empty when the replica does not say.
+    model_slug: str = ""
+    model_version: str = ""
     # Whether it holds its hardware now (bound to a node / process running): opens GPU time.
     holds_hardware: bool = False
     pid: int | None = None

@@ -27,6 +27,7 @@ from deployments.provisioners.base import (
     TransientError,
 )
 from deployments.provisioners.manifests import (
+    ANNOTATION_MODEL,
     ANNOTATION_SPEC_HASH,
     CONTAINER_NAME,
     FETCH_CONTAINER_NAME,
@@ -252,12 +253,19 @@ def replica_from_pod(pod: dict, spec: DeploymentSpec) -> ObservedReplica:
     scheduled = bool((pod.get("spec") or {}).get("nodeName")) or (
         (conditions.get("PodScheduled") or {}).get("status") == "True"
     )
+    # What the pod runs is what its own template said: during a rolling update the old
+    # ReplicaSet's pods still run (and are billed as) the previous version.
+    model_slug, _, model_version = (
+        (metadata.get("annotations") or {}).get(ANNOTATION_MODEL, "").partition(":")
+    )
     replica = ObservedReplica(
         name=metadata.get("name", ""),
         phase="scheduling",
         ready=ready and not metadata.get("deletionTimestamp"),
         endpoint=f"http://{ip}:{spec.runtime.port}" if ip else "",
         revision=(metadata.get("labels") or {}).get(LABEL_REVISION, ""),
+        model_slug=model_slug if model_version else "",
+        model_version=model_version,
         holds_hardware=scheduled,
     )
     if metadata.get("deletionTimestamp"):

@@ -51,6 +51,10 @@ STATE_FILE = "state.json"
 class LocalReplica:
     name: str
     revision: str
+    # The model version it was started with (state files written before these were kept
+    # lack them: "").
+    model_slug: str = ""
+    model_version: str = ""
     port: int | None = None
     pid: int | None = None
     restart_count: int = 0
@@ -318,7 +322,12 @@ class LocalProvisioner(Provisioner):
             current.remove(victim)
             state.replicas.remove(victim)
         while len(current) < spec.replicas:
-            replica = LocalReplica(name=f"{spec.name}-{state.next_serial:03d}", revision=revision)
+            replica = LocalReplica(
+                name=f"{spec.name}-{state.next_serial:03d}",
+                revision=revision,
+                model_slug=spec.model_slug,
+                model_version=spec.model_version,
+            )
             state.next_serial += 1
             current.append(replica)
             state.replicas.append(replica)
@@ -346,6 +355,8 @@ class LocalProvisioner(Provisioner):
                 name=replica.name,
                 phase="scheduling",
                 revision=replica.revision,
+                model_slug=replica.model_slug,
+                model_version=replica.model_version,
                 restart_count=replica.restart_count,
                 pid=replica.pid,
                 port=replica.port,

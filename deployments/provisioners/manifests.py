@@ -27,6 +27,9 @@ LABEL_DEPLOYMENT_ID = "sirocco.dev/deployment-id"
 LABEL_ORGANIZATION = "sirocco.dev/organization"
 LABEL_REVISION = "sirocco.dev/revision"
 ANNOTATION_SPEC_HASH = "sirocco.dev/spec-hash"
+# "model-slug:version" on the Deployment and its pod template, so every pod says which model
+# version it runs (GPU time is billed per version; during a rolling update two versions run).
+ANNOTATION_MODEL = "sirocco.dev/model"
 CONTAINER_NAME = "server"
 FETCH_CONTAINER_NAME = "fetch-weights"
 WEIGHTS_MOUNT = "/models"
@@ -116,6 +119,10 @@ def common_labels(spec: DeploymentSpec) -> dict:
         LABEL_ORGANIZATION: spec.organization_slug,
         LABEL_DEPLOYMENT_ID: spec.deployment_id,
     }
+
+
+def model_annotation(spec: DeploymentSpec) -> str:
+    return f"{spec.model_slug}:{spec.model_version}"
 
 
 def selector_labels(spec: DeploymentSpec) -> dict:
@@ -321,7 +328,7 @@ def render_deployment(spec: DeploymentSpec, options: ClusterOptions) -> dict:
             "name": spec.name,
             "namespace": namespace,
             "labels": common_labels(spec),
-            "annotations": {"sirocco.dev/model": f"{spec.model_slug}:{spec.model_version}"},
+            "annotations": {ANNOTATION_MODEL: model_annotation(spec)},
         },
         "spec": {
             "replicas": spec.replicas,
@@ -335,7 +342,7 @@ def render_deployment(spec: DeploymentSpec, options: ClusterOptions) -> dict:
             "template": {
                 "metadata": {
                     "labels": template_labels,
-                    "annotations": {"sirocco.dev/model": f"{spec.model_slug}:{spec.model_version}"},
+                    "annotations": {ANNOTATION_MODEL: model_annotation(spec)},
                 },
                 "spec": pod_spec,
             },

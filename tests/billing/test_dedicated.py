@@ -12,8 +12,13 @@ from hypothesis import strategies as st
 from billing.invoicing import billing_period_close
 from billing.ledger import replica_usage_ingest
 from billing.models import DedicatedUsageRecord, PeriodSpend
+from catalog.selectors import dedicated_price_at
 from tests.billing.conftest import NOW, at
-from tests.catalog.factories import DedicatedPriceFactory, HardwareProfileFactory
+from tests.catalog.factories import (
+    DedicatedPriceFactory,
+    HardwareProfileFactory,
+    ModelVersionFactory,
+)
 from tests.deployments.factories import DeploymentFactory, ReplicaUsageFactory
 
 pytestmark = pytest.mark.django_db
@@ -156,3 +161,92 @@ def test_dedicated_time_shows_in_the_usage_report(deployment):
         group_by="day",
     )
     assert (by_day.key, by_day.gpu_seconds) == ("2026-02-10", 1800)
+
+
+def test_a_running_replica_keeps_its_version_after_the_deployment_moves_on(deployment):
+    """Hours cut after the deployment was updated are still the version the replica ran."""
+    old = deployment.model_version
+    newer = ModelVersionFactory(model=old.model)
+    DedicatedPriceFactory(
+        model_version=newer,
+        hardware_profile=deployment.hardware_profile,
+        per_hour=Decimal("9.0000"),
+        effective_from=at(2026, 1, 1),
+    )
+    usage = ReplicaUsageFactory(deployment=deployment, started_at=at(2026, 2, 10, 8), ended_at=None)
+    replica_usage_ingest(now=at(2026, 2, 10, 10, 30))
+    deployment.model_version = newer
+    deployment.save()
+    usage.ended_at = at(2026, 2, 10, 12, 0, 0, 1)
+    usage.save()
+    replica_usage_ingest(now=NOW)
+    assert [
+        (s.model_version_id, s.seconds, s.price_per_hour)
+        for s in DedicatedUsageRecord.objects.order_by("start")
+    ] == [(old.pk, 2 * 3600, Decimal("7.2")), (old.pk, 2 * 3600 + 1, Decimal("7.2"))]
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    intervals=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 20 * 86_400), st.integers(0, 3 * 86_400)),
+        min_size=1,
+        max_size=4,
+    ),
+    price_changes=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 24 * 86_400), st.integers(1, 20_000)),
+        max_size=4,
+        unique_by=lambda change: change[:2],
+    ),
+)
+def test_every_segment_is_priced_for_its_own_version(organization, intervals, price_changes):
+    """Replicas of two versions of one deployment, prices of both changing at random: each
+    segment has the price dedicated_price_at gives for its replica's version at its start,
+    never across a price change, and each version's seconds add up to its replicas'."""
+    # Examples share the database: a fresh profile keeps each example's prices its own.
+    profile = HardwareProfileFactory()
+    deployment = DeploymentFactory(
+        organization=organization, hardware_profile=profile, priced=False
+    )
+    versions = [deployment.model_version, ModelVersionFactory(model=deployment.model_version.model)]
+    for version, per_hour in zip(versions, ("7.2000", "9.0000"), strict=True):
+        DedicatedPriceFactory(
+            model_version=version,
+            hardware_profile=profile,
+            per_hour=Decimal(per_hour),
+            effective_from=at(2026, 1, 1),
+        )
+    for index, offset, cents in price_changes:
+        DedicatedPriceFactory(
+            model_version=versions[index],
+            hardware_profile=profile,
+            per_hour=Decimal(cents) / 100,
+            effective_from=at(2026, 2, 1) + timedelta(seconds=offset),
+        )
+    usages = [
+        ReplicaUsageFactory(
+            deployment=deployment,
+            model_version=versions[index],
+            started_at=at(2026, 2, 1) + timedelta(seconds=start),
+            ended_at=at(2026, 2, 1) + timedelta(seconds=start + length),
+        )
+        for index, start, length in intervals
+    ]
+    replica_usage_ingest(now=NOW)
+    segments = DedicatedUsageRecord.objects.filter(deployment_id=deployment.pk)
+    by_usage = {usage.pk: usage for usage in usages}
+    for segment in segments:
+        version = by_usage[segment.replica_usage_id].model_version
+        assert segment.model_version_id == version.pk
+        price = dedicated_price_at(version=version, profile=profile, at=segment.start)
+        assert (segment.dedicated_price_id, segment.price_per_hour) == (price.pk, price.per_hour)
+        last_second = segment.end - timedelta(seconds=1)
+        assert dedicated_price_at(version=version, profile=profile, at=last_second) == price
+    for version in versions:
+        billed = sum(s.seconds for s in segments if s.model_version_id == version.pk)
+        ran = sum(int(u.seconds()) for u in usages if u.model_version == version)
+        assert billed == ran

@@ -125,6 +125,7 @@ class ReplicaUsageFactory(factory.django.DjangoModelFactory):
         model = ReplicaUsage
 
     deployment = factory.SubFactory(DeploymentFactory)
+    model_version = factory.LazyAttribute(lambda u: u.deployment.model_version)
     hardware_profile = factory.LazyAttribute(lambda u: u.deployment.hardware_profile)
     replica_name = factory.Sequence(lambda n: f"replica-{n}")
     started_at = factory.LazyFunction(lambda: timezone.now() - timedelta(hours=2))

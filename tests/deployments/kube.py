@@ -557,6 +557,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 "namespace": namespace,
                 "uid": f"uid-{serial}",
                 "labels": dict(template["metadata"].get("labels", {})),
+                "annotations": dict(template["metadata"].get("annotations", {})),
                 "creationTimestamp": now_iso(),
                 "ownerReferences": [
                     {"kind": "ReplicaSet", "name": deployment["metadata"]["name"], "uid": "rs"}

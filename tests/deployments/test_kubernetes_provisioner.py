@@ -117,14 +117,21 @@ def test_a_new_version_rolls_out_without_dropping_below_the_desired_count(kube, 
     cluster.tick(6)
     newer = spec(model_version="0.2", artifact_uri="s3://sirocco-models/mixtral/0.2")
     kube.sync(newer)
+    running = set()
     for _ in range(30):
         cluster.tick()
         observation = kube.observe(newer)
         assert observation.ready_count >= 2, "maxUnavailable 0: never fewer ready than desired"
+        running |= {(r.revision, r.model_slug, r.model_version) for r in observation.replicas}
         if observation.rolled_out:
             break
     assert observation.rolled_out
     assert {r.revision for r in observation.replicas} == {newer.revision()}
+    # Each pod says the version it runs (GPU time is billed by it), old ones the old version.
+    assert running == {
+        (MIXTRAL.revision(), "mixtral-8x7b-instruct", "0.1"),
+        (newer.revision(), "mixtral-8x7b-instruct", "0.2"),
+    }
 
 
 def test_unschedulable_replicas_say_no_node_has_the_gpus(kube, cluster):

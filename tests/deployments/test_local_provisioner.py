@@ -175,3 +175,50 @@ def test_a_replica_that_keeps_crashing_fails_the_deployment(local, tiny_model, t
     assert "exit code 3: " in failure and "CUDA error" in failure
     broken_local.delete(broken)
     assert not broken_local.folder(broken).exists()
+
+
+def test_during_a_rolling_update_each_replica_says_the_version_it_was_started_with(
+    local, tiny_model
+):
+    v1 = tiny_spec(tiny_model, deployment_id="aaaaaaaa-2222-4333-8444-555555555555", name="roll")
+    v2 = replace(v1, model_version="v2")
+    try:
+        local.apply(v1)
+        local.apply(v2)  # starts a v2 replica; the v1 one runs until the v2 one answers
+        observation = local.observe(v2)
+        assert {(r.revision, r.model_slug, r.model_version) for r in observation.replicas} == {
+            (v1.revision(), "mixtral-tiny", "v1"),
+            (v2.revision(), "mixtral-tiny", "v2"),
+        }
+        assert all(r.holds_hardware for r in observation.replicas)
+        observation = wait_ready(local, v2)
+        assert [(r.model_slug, r.model_version) for r in observation.replicas] == [
+            ("mixtral-tiny", "v2")
+        ]
+    finally:
+        local.delete(v2)
+
+
+def test_a_state_file_from_before_versions_were_kept_still_loads(local, tiny_model):
+    """Replicas recorded without their version say nothing; the reconciler then goes by the
+    revision."""
+    spec = tiny_spec(tiny_model, deployment_id="bbbbbbbb-2222-4333-8444-555555555555")
+    folder = local.folder(spec)
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(
+        json.dumps(
+            {
+                "deployment_id": spec.deployment_id,
+                "name": spec.name,
+                "organization": spec.organization_slug,
+                "next_serial": 1,
+                "replicas": [{"name": "tiny-000", "revision": spec.revision(), "stopped": True}],
+            }
+        )
+    )
+    try:
+        [replica] = local.observe(spec).replicas
+        assert (replica.name, replica.revision) == ("tiny-000", spec.revision())
+        assert (replica.model_slug, replica.model_version) == ("", "")
+    finally:
+        local.delete(spec)
