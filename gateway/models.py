@@ -10,17 +10,27 @@ class UsageEvent(models.Model):
     constraints, and the deployment and model version are plain ids: a usage record must
     outlive whatever it refers to (a deleted key still owes its tokens), and a batch insert
     must never fail because one row's key was deleted a moment before.
+
+    Every row is written once and updated once (billing marks it ingested; the update cannot
+    be HOT, since the partial index's predicate column changes), so each index costs on both
+    writes. The table has only the indexes something reads: the primary key (billing takes
+    its batches by id), the unique `request_id` (the gateway's ON CONFLICT), and the partial
+    index of what billing has not ingested yet. Per-organization or per-deployment usage is
+    read from billing's ledger, never from here.
     """
 
     class Source(models.TextChoices):
         UPSTREAM = "upstream", "Reported by the replica"
         COUNTED = "counted", "Counted by the gateway"
 
-    request_id = models.CharField(max_length=128, unique=True)
+    # Unique by the constraint below: `unique=True` would add a varchar_pattern_ops index on
+    # PostgreSQL, for LIKE queries nobody makes.
+    request_id = models.CharField(max_length=128)
     organization = models.ForeignKey(
         "accounts.Organization",
         on_delete=models.DO_NOTHING,
         db_constraint=False,
+        db_index=False,
         related_name="usage_events",
     )
     api_key = models.ForeignKey(
@@ -29,9 +39,10 @@ class UsageEvent(models.Model):
         blank=True,
         on_delete=models.DO_NOTHING,
         db_constraint=False,
+        db_index=False,
         related_name="usage_events",
     )
-    deployment_id = models.UUIDField(null=True, blank=True, db_index=True)
+    deployment_id = models.UUIDField(null=True, blank=True)
     model_version_id = models.BigIntegerField(null=True, blank=True)
     deployment_type = models.CharField(max_length=16, blank=True)
     model = models.CharField(max_length=200, help_text="The model name as the caller sent it.")
@@ -48,8 +59,10 @@ class UsageEvent(models.Model):
 
     class Meta:
         ordering = ["-started_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["request_id"], name="usage_request_id_unique"),
+        ]
         indexes = [
-            models.Index(fields=["organization", "-started_at"], name="usage_org_started_idx"),
             # Billing's ingestion scans only what it has not taken yet.
             models.Index(
                 fields=["id"],

@@ -65,3 +65,26 @@ def test_the_writer_group_commits_and_ignores_replays(transactional_db, organiza
     assert UsageEvent.objects.count() == 200
     stored = UsageEvent.objects.get(request_id="req_7")
     assert stored.organization_id == organization.id and stored.started_at is not None
+
+
+def test_the_table_has_only_the_indexes_something_reads(db):
+    """Each index costs on the gateway's insert and on billing's update of every row: the
+    primary key (billing's batches), the unique request_id (the gateway's ON CONFLICT) and the
+    partial index of what billing has not ingested. No varchar_pattern_ops index beside it."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, UsageEvent._meta.db_table)
+    kinds = sorted(
+        (
+            tuple(c["columns"]),
+            "primary key" if c["primary_key"] else "unique" if c["unique"] else name,
+        )
+        for name, c in constraints.items()
+        if c["index"] or c["unique"] or c["primary_key"]
+    )
+    assert kinds == [
+        (("id",), "primary key"),
+        (("id",), "usage_not_ingested_idx"),
+        (("request_id",), "unique"),
+    ]
