@@ -96,25 +96,26 @@ def token_price_book(version_ids: Iterable[int]) -> PriceBook:
     return book
 
 
+# The ledger row's columns, in the order the ingestion builds its tuples.
 _RECORD_COLUMNS = (
-    ("request_id", "text"),
-    ("organization_id", "bigint"),
-    ("period_start", "timestamptz"),
-    ("occurred_at", "timestamptz"),
-    ("api_key_id", "bigint"),
-    ("deployment_id", "uuid"),
-    ("model_version_id", "bigint"),
-    ("deployment_type", "text"),
-    ("model", "text"),
-    ("input_tokens", "bigint"),
-    ("output_tokens", "bigint"),
-    ("cached_tokens", "bigint"),
-    ("currency", "text"),
-    ("token_price_id", "bigint"),
-    ("input_price_per_million", "numeric"),
-    ("output_price_per_million", "numeric"),
-    ("amount", "numeric"),
-    ("ingested_at", "timestamptz"),
+    "request_id",
+    "organization_id",
+    "period_start",
+    "occurred_at",
+    "api_key_id",
+    "deployment_id",
+    "model_version_id",
+    "deployment_type",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "currency",
+    "token_price_id",
+    "input_price_per_million",
+    "output_price_per_million",
+    "amount",
+    "ingested_at",
 )
 
 
@@ -126,6 +127,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
     now = now or timezone.now()
     if connection.vendor == "postgresql":
         return _ingest_in_postgresql(batch_size=batch_size, now=now)
+    # SQLite (the embedded default): the same ingestion row by row in Python.
     events = list(
         UsageEvent.objects.filter(ingested_at__isnull=True)
         .order_by("id")
@@ -239,16 +241,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
     from billing.budgets import budget_alerts_raise
 
     budget_alerts_raise(spend_rows=touched)
-    event_ids = [e[0] for e in events]
-    if connection.vendor == "postgresql":
-        with _pg_cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {UsageEvent._meta.db_table} SET ingested_at = %s "  # noqa: S608
-                "WHERE id = ANY(%s)",
-                [now, event_ids],
-            )
-    else:
-        UsageEvent.objects.filter(id__in=event_ids).update(ingested_at=now)
+    UsageEvent.objects.filter(id__in=[e[0] for e in events]).update(ingested_at=now)
     return len(events)
 
 
@@ -256,7 +249,7 @@ _PERIOD_TRUNC = {"monthly": "month", "weekly": "week", "daily": "day"}
 
 
 def _ingest_in_postgresql(*, batch_size: int, now: datetime) -> int:
-    """The same ingestion as the Python path below, as set-based SQL: rating (the price in
+    """The same ingestion as SQLite's Python path (usage_events_ingest), as set-based SQL: rating (the price in
     force by a range join, numeric arithmetic, exact), ledger insert, rollup and spend
     upserts happen in the database in one statement, with no row passing through Python.
     The tests run this path on PostgreSQL and the Python one on SQLite; both must agree with
@@ -394,18 +387,6 @@ def _insert_usage_records(rows: list[tuple]) -> set[str]:
     """Insert ledger rows, skipping request ids already in; returns the ids inserted now."""
     if not rows:
         return set()
-    names = [name for name, _ in _RECORD_COLUMNS]
-    if connection.vendor == "postgresql":
-        # One statement of column arrays: a fraction of the cost of a VALUES list this long.
-        arrays = ", ".join(f"%s::{pg_type}[]" for _, pg_type in _RECORD_COLUMNS)
-        with _pg_cursor() as cursor:
-            cursor.execute(
-                f"INSERT INTO {UsageRecord._meta.db_table} ({', '.join(names)}) "  # noqa: S608
-                f"SELECT * FROM unnest({arrays}) "
-                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                [list(column) for column in zip(*rows, strict=True)],
-            )
-            return {row[0] for row in cursor.fetchall()}
     # SQLite runs one writer at a time, so what is not there now is not there at the insert.
     present = set(
         UsageRecord.objects.filter(request_id__in=[row[0] for row in rows]).values_list(
@@ -414,7 +395,7 @@ def _insert_usage_records(rows: list[tuple]) -> set[str]:
     )
     fresh = [row for row in rows if row[0] not in present]
     UsageRecord.objects.bulk_create(
-        [UsageRecord(**dict(zip(names, row, strict=True))) for row in fresh],
+        [UsageRecord(**dict(zip(_RECORD_COLUMNS, row, strict=True))) for row in fresh],
         ignore_conflicts=True,
         batch_size=2000,
     )
@@ -436,7 +417,8 @@ _ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "cached_tokens")
 
 
 def rollups_add(rollups: dict[tuple, list[int]]) -> None:
-    """Add integer sums to the rollup rows (upsert: insert, or add to the existing row)."""
+    """Add integer sums to the rollup rows (upsert: insert, or add to the existing row).
+    SQLite's ingestion only: PostgreSQL's upserts the rollups inside its one statement."""
     if not rollups:
         return
     table = UsageRollup._meta.db_table
@@ -465,32 +447,7 @@ def rollups_add(rollups: dict[tuple, list[int]]) -> None:
             *sums,
         ]
 
-    # A fixed order makes concurrent batches lock shared rows in the same order: no deadlock.
     keys = sorted(rollups, key=_sortable)
-    if connection.vendor == "postgresql":
-        types = (
-            "timestamptz",
-            "date",
-            "bigint",
-            "bigint",
-            "text",
-            "bigint",
-            "text",
-            "numeric",
-            "numeric",
-            "bigint",
-            "bigint",
-            "bigint",
-            "bigint",
-        )
-        columns = [list(c) for c in zip(*((*key, *rollups[key]) for key in keys), strict=True)]
-        arrays = ", ".join(f"%s::{t}[]" for t in types)
-        with _pg_cursor() as cursor:
-            cursor.execute(
-                sql.replace(f"VALUES ({placeholders})", f"SELECT * FROM unnest({arrays})"),  # noqa: S608
-                columns,
-            )
-        return
     with connection.cursor() as cursor:
         cursor.executemany(sql, [adapt(key, rollups[key]) for key in keys])
 

@@ -57,10 +57,6 @@ def to_minor_units(amount: Decimal, currency: str) -> int:
     return int(rounded.scaleb(minor_unit_exponent(currency)))
 
 
-def from_minor_units(value: int, currency: str) -> Decimal:
-    return Decimal(value).scaleb(-minor_unit_exponent(currency))
-
-
 def format_money(amount: Decimal, currency: str) -> str:
     """A rounded amount as the currency writes it: "12.30" USD, "1230" JPY."""
     return f"{amount.quantize(Decimal(1).scaleb(-minor_unit_exponent(currency))):f}"

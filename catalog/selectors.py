@@ -15,7 +15,6 @@ from catalog.models import (
     HardwareProfile,
     Model,
     ModelVersion,
-    ServingRuntime,
     TokenPrice,
 )
 from controlplane.errors import NotFound
@@ -149,17 +148,3 @@ def models_deployable_on(models: QuerySet[Model], profile: HardwareProfile) -> Q
     if profile.is_cpu:
         return models.filter(least_cpu_memory_gb__lte=fit_rules.profile_memory_gb(profile))
     return models.filter(least_gpu_memory_gb__lte=profile.total_gpu_memory_gb)
-
-
-def versions_deployable_on(profile: HardwareProfile) -> QuerySet[ModelVersion]:
-    """Published versions that fit one replica of `profile`: the SQL form of profile_fit."""
-    versions = ModelVersion.objects.filter(status=ModelVersion.Status.PUBLISHED)
-    if profile.is_cpu:
-        return versions.filter(
-            serving_runtime__device=ServingRuntime.Device.CPU,
-            required_memory_gb__lte=fit_rules.profile_memory_gb(profile),
-        )
-    return versions.filter(
-        serving_runtime__device=ServingRuntime.Device.GPU,
-        min_gpu_memory_gb__lte=profile.total_gpu_memory_gb,
-    )

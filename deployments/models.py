@@ -148,10 +148,6 @@ class Deployment(models.Model):
         return self.name
 
     @property
-    def is_serverless(self) -> bool:
-        return self.type == self.Type.SERVERLESS
-
-    @property
     def is_converged(self) -> bool:
         return self.observed_generation >= self.generation
 

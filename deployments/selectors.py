@@ -174,8 +174,3 @@ def organization_gpu_usage(*, organization: Organization, exclude_id=None) -> in
     if exclude_id is not None:
         deployments = deployments.exclude(pk=exclude_id)
     return sum(d.max_replicas * (d.hardware_profile.gpu_count or 0) for d in deployments)
-
-
-def deployments_needing_reconcile() -> QuerySet[Deployment]:
-    """Everything a sweep must look at: not deleted yet."""
-    return Deployment.objects.exclude(status=Deployment.Status.DELETED)

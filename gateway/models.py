@@ -73,7 +73,3 @@ class UsageEvent(models.Model):
 
     def __str__(self):
         return f"{self.request_id} {self.model} {self.prompt_tokens}+{self.completion_tokens}"
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens

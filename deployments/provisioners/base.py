@@ -80,10 +80,6 @@ class DeploymentSpec:
             data.pop(volatile)
         return _digest(data)
 
-    def fingerprint(self) -> str:
-        """Fingerprint of the whole spec, replica count included."""
-        return _digest(asdict(self))
-
 
 def _digest(data) -> str:
     encoded = json.dumps(data, sort_keys=True, default=str).encode()

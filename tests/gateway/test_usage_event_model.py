@@ -41,7 +41,7 @@ def test_an_event_outlives_the_key_it_was_made_with(organization, make_api_key):
     key.delete()
     event = UsageEvent.objects.get(request_id="req_k")
     assert event.api_key_id is not None
-    assert event.total_tokens == 12
+    assert event.prompt_tokens + event.completion_tokens == 12
 
 
 def test_the_writer_group_commits_and_ignores_replays(transactional_db, organization):

@@ -1,0 +1,50 @@
+"""Names vulture (`make lint`) cannot see being used: read by a framework through a dotted string
+in settings, by a template, or written to a model field saved by name (`update_fields`).
+
+Hooks that frameworks call by name everywhere (HTTP verbs, `get_*`, `filter_*`, `Meta`…) are in
+pyproject.toml's [tool.vulture] ignore_names instead; add a name here only with its reason.
+"""
+
+from accounts.authentication import APIKeyAuthentication, OrganizationSessionAuthentication
+from console.views.catalog import HardwareOption
+from controlplane.asgi import application
+from controlplane.logging import JsonFormatter, RequestIdFilter
+from controlplane.middleware import PrometheusMiddleware, RequestIdMiddleware
+from controlplane.rest.exceptions import problem_exception_handler
+from controlplane.rest.filters import StrictFilterBackend, StrictOrderingFilter
+
+# Named by dotted path in controlplane/settings/base.py.
+application
+APIKeyAuthentication
+OrganizationSessionAuthentication
+JsonFormatter
+RequestIdFilter
+PrometheusMiddleware
+RequestIdMiddleware
+problem_exception_handler
+StrictFilterBackend
+StrictOrderingFilter
+
+# Read by console/templates/console/catalog/model_detail.html.
+HardwareOption.monthly
+
+# Model fields set before a save(update_fields=[...]) that names them as strings.
+_.closing_started_at
+_.deleted_at
+_.deprecated_at
+_.emailed_at
+_.facets
+_.last_seen_at
+_.paid_at
+_.published_at
+_.ready_replicas
+_.required_memory_gb
+_.search_text
+_.updated_at
+
+# Attributes of other libraries' objects, set for them to read.
+_.accepted_media_type  # rest_framework Response: the renderer's content type
+_.retries  # kubernetes.client.Configuration
+_.pre_tokenizer  # tokenizers.Tokenizer
+_.decoder  # tokenizers.Tokenizer
+_.should_exit  # uvicorn.Server
