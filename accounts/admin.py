@@ -1,7 +1,14 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
+from accounts import services
+from accounts.actors import Actor
 from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
+from accounts.roles import Role
+
+
+def _operator(request, organization: Organization) -> Actor:
+    return Actor(organization=organization, role=Role.OWNER, user=request.user)
 
 
 @admin.register(User)
@@ -14,6 +21,21 @@ class UserAdmin(BaseUserAdmin):
         ("Permissions", {"fields": ["is_active", "is_staff", "is_superuser", "groups"]}),
     ]
     add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
+
+    # A deactivated or deleted person's keys die with their access (accounts.services).
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            services.user_keys_revoke(actor_user=request.user, user=obj, reason="user.deactivate")
+
+    def delete_model(self, request, obj):
+        services.user_keys_revoke(actor_user=request.user, user=obj, reason="user.delete")
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset:
+            services.user_keys_revoke(actor_user=request.user, user=user, reason="user.delete")
+        super().delete_queryset(request, queryset)
 
 
 class MembershipInline(admin.TabularInline):
@@ -36,6 +58,18 @@ class OrganizationAdmin(admin.ModelAdmin):
     list_filter = ["status", "currency"]
     search_fields = ["slug", "name", "billing_email"]
     inlines = [MembershipInline]
+
+    def save_formset(self, request, form, formset, change):
+        """Memberships edited here bind their keys as the member services do."""
+        super().save_formset(request, form, formset, change)
+        if formset.model is not Membership:
+            return
+        actor = _operator(request, form.instance)
+        for membership in formset.deleted_objects:
+            services.member_keys_bind(actor=actor, membership=membership, removed=True)
+        for membership, changed in formset.changed_objects:
+            if "role" in changed:
+                services.member_keys_bind(actor=actor, membership=membership)
 
 
 @admin.register(APIKey)

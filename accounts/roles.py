@@ -70,3 +70,12 @@ def role_has_permission(role: str, permission: str) -> bool:
 def role_can_grant(granter: str, role: str) -> bool:
     """Nobody hands out more than they hold: a role's permissions must be a subset of theirs."""
     return ROLE_PERMISSIONS[role] <= ROLE_PERMISSIONS[granter]
+
+
+def role_cap(role: str, ceiling: str) -> str:
+    """The most a key of `role` may keep once its holder's role is `ceiling`: the largest role
+    whose permissions are in both (never more than either: a developer's key under a billing
+    member becomes a viewer key, not a billing key). Viewer is always such a role."""
+    allowed = ROLE_PERMISSIONS[role] & ROLE_PERMISSIONS[ceiling]
+    fitting = [candidate for candidate in Role.values if ROLE_PERMISSIONS[candidate] <= allowed]
+    return max(fitting, key=lambda candidate: len(ROLE_PERMISSIONS[candidate]))

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from accounts.actors import Actor
 from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
-from accounts.roles import Permission, Role, role_can_grant
+from accounts.roles import Permission, Role, role_can_grant, role_cap
 from accounts.signals import api_key_revoked
 from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 
@@ -118,6 +118,7 @@ def member_update_role(*, actor: Actor, membership: Membership, role: str) -> Me
     audit_record(
         actor=actor, action="member.update", target=membership, changes={"role": [old, role]}
     )
+    member_keys_bind(actor=actor, membership=membership)
     return membership
 
 
@@ -128,7 +129,59 @@ def member_remove(*, actor: Actor, membership: Membership) -> None:
     if membership.role == Role.OWNER:
         _ensure_another_owner(membership)
     audit_record(actor=actor, action="member.remove", target=membership)
+    member_keys_bind(actor=actor, membership=membership, removed=True)
     membership.delete()
+
+
+@transaction.atomic
+def member_keys_bind(*, actor: Actor, membership: Membership, removed: bool = False) -> None:
+    """Keep a person's keys within what they hold in the organization now.
+
+    A key acts on the authority of the person it was made for (`created_by`, which a key made
+    by a key inherits), so it must not outlive that authority. When the person leaves, every
+    key of theirs is revoked (and the gateway told at once). When their role drops, each key
+    whose role grants more than the new one is capped to what both allow: the keys keep
+    working for what the person may still do, so a demotion does not break a production
+    backend, while a management key loses the rights its maker lost. Every change is audited.
+
+    Called by the member services and by the admin, the only other writer of memberships.
+    """
+    keys = APIKey.objects.select_for_update().filter(
+        organization_id=membership.organization_id,
+        created_by_id=membership.user_id,
+        revoked_at__isnull=True,
+    )
+    reason = "member.remove" if removed else "member.update"
+    if removed:
+        _api_keys_revoke(actor=actor, keys=list(keys), reason=reason)
+        return
+    for key in keys:
+        capped = role_cap(key.role, membership.role)
+        if capped != key.role:
+            old, key.role = key.role, capped
+            key.save(update_fields=["role"])
+            audit_record(
+                actor=actor,
+                action="api_key.cap",
+                target=key,
+                organization=key.organization,
+                changes={"role": [old, capped], "reason": reason},
+            )
+
+
+@transaction.atomic
+def user_keys_revoke(*, actor_user: User | None, user: User, reason: str) -> int:
+    """Revoke every live key a person's authority stands behind, in all their organizations
+    (the account is being deactivated or deleted). Returns how many were revoked."""
+    keys = list(
+        APIKey.objects.select_for_update()
+        .select_related("organization")
+        .filter(created_by=user, revoked_at__isnull=True)
+    )
+    for key in keys:
+        actor = Actor(organization=key.organization, role=Role.OWNER, user=actor_user)
+        _api_keys_revoke(actor=actor, keys=[key], reason=reason)
+    return len(keys)
 
 
 def _check_grant(actor: Actor, role: str) -> None:
@@ -192,7 +245,9 @@ def api_key_create(
                     rpm_limit=rpm_limit,
                     tpm_limit=tpm_limit,
                     expires_at=expires_at,
-                    created_by=actor.user,
+                    # A key made with a key stands on the same person's authority, so that
+                    # removing them revokes both (member_keys_bind).
+                    created_by=actor.user or (actor.api_key and actor.api_key.created_by),
                 )
             break
         except IntegrityError:  # a prefix collision: 62**12 makes this astronomically rare
@@ -214,15 +269,49 @@ def api_key_revoke(*, actor: Actor, api_key: APIKey) -> APIKey:
     require(actor, Permission.API_KEYS_WRITE)
     if api_key.organization_id != actor.organization.pk:
         raise NotFound("No such API key in your organization.")
-    if api_key.revoked_at is None:
-        api_key.revoked_at = timezone.now()
-        api_key.save(update_fields=["revoked_at"])
-        audit_record(actor=actor, action="api_key.revoke", target=api_key)
-        key_id, prefix = api_key.pk, api_key.prefix
-        transaction.on_commit(
-            lambda: api_key_revoked.send(sender=APIKey, api_key_id=key_id, prefix=prefix)
-        )
+    _api_keys_revoke(actor=actor, keys=[api_key])
     return api_key
+
+
+@transaction.atomic
+def session_key_revoke(*, user: User, api_key_id: int, reason: str) -> bool:
+    """Revoke a short-lived key a console session made for its person (the playground's),
+    because the session ended. Needs no permission: it only ever takes power away, and only
+    from a key that person made. Returns whether a live key was revoked."""
+    key = (
+        APIKey.objects.select_for_update()
+        .select_related("organization")
+        .filter(pk=api_key_id, created_by=user, revoked_at__isnull=True)
+        .first()
+    )
+    if key is None:
+        return False
+    actor = Actor(organization=key.organization, role=Role.VIEWER, user=user)
+    _api_keys_revoke(actor=actor, keys=[key], reason=reason)
+    return True
+
+
+def _api_keys_revoke(*, actor: Actor, keys: list[APIKey], reason: str = "") -> None:
+    """Revoke, audit and broadcast (after commit, so the gateway never re-reads a live row)."""
+    now = timezone.now()
+    for key in keys:
+        if key.revoked_at is not None:
+            continue
+        key.revoked_at = now
+        key.save(update_fields=["revoked_at"])
+        audit_record(
+            actor=actor,
+            action="api_key.revoke",
+            target=key,
+            organization=key.organization,
+            changes={"reason": reason} if reason else None,
+        )
+        key_id, prefix = key.pk, key.prefix
+        transaction.on_commit(
+            lambda key_id=key_id, prefix=prefix: api_key_revoked.send(
+                sender=APIKey, api_key_id=key_id, prefix=prefix
+            )
+        )
 
 
 def api_key_touch(*, api_key: APIKey) -> None:

@@ -4,7 +4,8 @@ The page calls the platform's own gateway (`/v1/chat/completions`, stream=true) 
 customer's code does, with a short-lived key: inference scope only, expiring an hour after it
 was made, created through the same service as any key (so it is audited, listed and
 revocable, and its usage is metered like any other). One key serves a person's session in an
-organization until it is about to expire. Why not a proxy that holds the session? The gateway
+organization until it is about to expire, and no longer than the session: logging out
+revokes it, and so does leaving the organization (with the person's other keys). Why not a proxy that holds the session? The gateway
 authenticates keys, not sessions, and going through it unchanged means the playground shows
 exactly what the API does: limits, budgets, errors and usage included.
 """
@@ -12,6 +13,9 @@ exactly what the API does: limits, budgets, errors and usage included.
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
+from django.contrib.auth.signals import user_logged_out
+from django.dispatch import receiver
 from django.shortcuts import redirect
 from django.utils import timezone
 
@@ -47,12 +51,18 @@ def playground_key(request) -> str:
         ).exists()
         if still_valid:
             return held["secret"]
+    if held:  # about to expire, or made for another organization: it is done with
+        account_services.session_key_revoke(
+            user=request.user, api_key_id=held["id"], reason="playground.replace"
+        )
+    # Never outlives the session either (a session shorter than the key's hour).
+    lifetime = min(KEY_LIFETIME, timedelta(seconds=settings.SESSION_COOKIE_AGE))
     key, secret = account_services.api_key_create(
         actor=actor,
         name=f"Playground ({actor.label})",
         scopes=[APIKey.Scope.INFERENCE],
         role=Role.VIEWER,
-        expires_at=now + KEY_LIFETIME,
+        expires_at=now + lifetime,
     )
     request.session[PLAYGROUND_KEY_SESSION_KEY] = {
         "id": key.pk,
@@ -60,6 +70,17 @@ def playground_key(request) -> str:
         "organization_id": actor.organization.pk,
     }
     return secret
+
+
+@receiver(user_logged_out, dispatch_uid="console.playground.revoke_on_logout")
+def revoke_playground_key_on_logout(sender, request, user, **kwargs):
+    """The playground key dies with the session that made it. (Removal from the organization
+    revokes it with the member's other keys; expiry is bounded by the session's age above.)"""
+    held = request.session.get(PLAYGROUND_KEY_SESSION_KEY) if request is not None else None
+    if held and user is not None:
+        account_services.session_key_revoke(
+            user=user, api_key_id=held["id"], reason="session.logout"
+        )
 
 
 class PlaygroundIndexView(ConsoleView):
