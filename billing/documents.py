@@ -12,6 +12,7 @@ from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, Tabl
 from billing.models import Invoice
 from billing.money import format_money
 from billing.periods import Period
+from controlplane.spreadsheets import csv_row
 
 CSV_COLUMNS = [
     "invoice",
@@ -33,17 +34,19 @@ def invoice_csv(invoice: Invoice) -> str:
     writer.writerow(CSV_COLUMNS)
     for line in invoice.lines.all():
         writer.writerow(
-            [
-                invoice.number,
-                line.position,
-                line.kind,
-                line.description,
-                f"{line.quantity.normalize():f}",
-                line.unit,
-                f"{line.unit_price.normalize():f}",
-                format_money(line.amount, invoice.currency),
-                invoice.currency,
-            ]
+            csv_row(
+                [
+                    invoice.number,
+                    line.position,
+                    line.kind,
+                    line.description,  # names the customer's deployment
+                    f"{line.quantity.normalize():f}",
+                    line.unit,
+                    f"{line.unit_price.normalize():f}",
+                    format_money(line.amount, invoice.currency),
+                    invoice.currency,
+                ]
+            )
         )
     for kind, amount in _totals(invoice):
         writer.writerow(

@@ -3,9 +3,12 @@ import io
 
 from rest_framework.renderers import BaseRenderer
 
+from controlplane.spreadsheets import csv_cell
+
 
 class CSVRenderer(BaseRenderer):
-    """Renders a list of flat dicts (or {"results": [...]}) as CSV with a header row."""
+    """Renders a list of flat dicts (or {"results": [...]}) as CSV with a header row; text a
+    customer chose (key and deployment names) can never start a spreadsheet formula."""
 
     media_type = "text/csv"
     format = "csv"
@@ -17,5 +20,5 @@ class CSVRenderer(BaseRenderer):
         if rows:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         return out.getvalue().encode(self.charset)
