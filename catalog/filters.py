@@ -16,6 +16,29 @@ from catalog.models import HardwareProfile, Model, ModelVersion, ServingRuntime,
 from catalog.selectors import models_deployable_on
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
+# Each word of a search is one LIKE over every visible model's text (SQLite caps a statement's
+# expression depth; PostgreSQL just works hard), so a search is bounded before it is a query.
+SEARCH_MAX_LENGTH = 200
+SEARCH_MAX_WORDS = 10
+
+
+class _SearchTermsField(forms.CharField):
+    def __init__(self, **kwargs):
+        kwargs.setdefault("max_length", SEARCH_MAX_LENGTH)
+        super().__init__(**kwargs)
+
+    def validate(self, value):
+        super().validate(value)
+        if len(value.split()) > SEARCH_MAX_WORDS:
+            raise forms.ValidationError(
+                f"Search for at most {SEARCH_MAX_WORDS} words (this has {len(value.split())})."
+            )
+
+
+class SearchTermsFilter(django_filters.CharFilter):
+    """Free-text search, at most SEARCH_MAX_LENGTH characters and SEARCH_MAX_WORDS words."""
+
+    field_class = _SearchTermsField
 
 
 class IntegerFilter(django_filters.NumberFilter):
@@ -27,8 +50,10 @@ def _reject(name: str, message: str):
 
 
 class ModelFilter(django_filters.FilterSet):
-    q = django_filters.CharFilter(
-        method="filter_q", help_text="Words to find in the name, description or tags."
+    q = SearchTermsFilter(
+        method="filter_q",
+        help_text=f"Words to find in the name, description or tags (at most {SEARCH_MAX_WORDS} "
+        f"words, {SEARCH_MAX_LENGTH} characters).",
     )
     publisher = django_filters.CharFilter(method="filter_publisher")
     task = django_filters.ChoiceFilter(choices=Model.Task.choices, method="filter_task")

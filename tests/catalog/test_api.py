@@ -388,3 +388,19 @@ def test_the_lean_list_item_equals_drfs_own_rendering_of_its_fields(api, seeded)
     for model in model_list_for_api(organization=None):
         generic = super(ModelListSerializer, serializer).to_representation(model)
         assert serializer.to_representation(model) == dict(generic)
+
+
+@pytest.mark.parametrize(
+    ("q", "limit"),
+    [(" ".join(["mixtral"] * 3000), "10 words"), ("x" * 201, "200 characters")],
+)
+def test_a_search_is_bounded_before_it_is_a_query(api, q, limit):
+    response = api.get("/api/v1/models", {"q": q})
+    assert response.status_code == 400, response.content[:500]
+    assert response["Content-Type"] == "application/problem+json"
+    [error] = response.json()["errors"]
+    assert error["field"] == "q"
+    assert limit.split()[0] in error["message"], error
+    # At the limits, a search runs.
+    assert api.get("/api/v1/models", {"q": " ".join(["a"] * 10)}).status_code == 200
+    assert api.get("/api/v1/models", {"q": "a" * 200}).status_code == 200

@@ -168,3 +168,13 @@ def test_the_filter_form_offers_the_console_s_filters_with_labels(console, organ
     body = response.content.decode()
     assert "[invalid name]" not in body
     assert ">Fits hardware<" in body and ">Search<" in body
+
+
+def test_a_search_too_long_for_the_catalog_says_the_limit(console, organization):
+    mixtral()
+    response = console(organization).get("/models/", {"q": " ".join(["mixtral"] * 3000)})
+    assert response.status_code == 400
+    assert "at most 10 words" in " ".join(response.context["form"].errors["q"])
+    response = console(organization).get("/models/", {"q": "x" * 201})
+    assert response.status_code == 400
+    assert "200 characters" in " ".join(response.context["form"].errors["q"])
