@@ -57,7 +57,7 @@ class DeploymentListApi(generics.ListAPIView):
         deployment = services.deployment_create(actor=request.actor, **serializer.validated_data)
         deployment = _deployment_or_404(request, deployment.pk)
         return Response(
-            DeploymentSerializer(deployment).data,
+            DeploymentSerializer(deployment, context={"request": request}).data,
             status=status.HTTP_201_CREATED,
             headers={"Location": f"/api/v1/deployments/{deployment.pk}"},
         )
@@ -72,7 +72,9 @@ class DeploymentDetailApi(generics.GenericAPIView):
     }
 
     def get(self, request, pk):
-        return Response(DeploymentSerializer(_deployment_or_404(request, pk)).data)
+        return Response(
+            DeploymentSerializer(_deployment_or_404(request, pk), context={"request": request}).data
+        )
 
     @extend_schema(
         request=DeploymentUpdateSerializer,
@@ -87,7 +89,9 @@ class DeploymentDetailApi(generics.GenericAPIView):
         services.deployment_update(
             actor=request.actor, deployment=deployment, **serializer.validated_data
         )
-        return Response(DeploymentSerializer(_deployment_or_404(request, pk)).data)
+        return Response(
+            DeploymentSerializer(_deployment_or_404(request, pk), context={"request": request}).data
+        )
 
     @extend_schema(
         responses={202: DeploymentSerializer},
@@ -98,7 +102,9 @@ class DeploymentDetailApi(generics.GenericAPIView):
         deployment = _deployment_or_404(request, pk)
         services.deployment_delete(actor=request.actor, deployment=deployment)
         return Response(
-            DeploymentSerializer(_deployment_or_404(request, pk)).data,
+            DeploymentSerializer(
+                _deployment_or_404(request, pk), context={"request": request}
+            ).data,
             status=status.HTTP_202_ACCEPTED,
         )
 

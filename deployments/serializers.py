@@ -6,10 +6,26 @@ from deployments.models import NAME_MAX_LENGTH, Deployment, DeploymentEvent, Rep
 
 
 class ReplicaSerializer(serializers.ModelSerializer):
+    """A replica as its tenant sees it: name, state and age. Its endpoint (a pod address in
+    the cluster, a local port) is the platform's business, not the tenant's: it is only for
+    platform operators (`OperatorReplicaSerializer`)."""
+
     class Meta:
         model = Replica
-        fields = ["name", "endpoint", "ready", "phase", "message", "restart_count", "started_at"]
+        fields = ["name", "ready", "phase", "message", "restart_count", "started_at"]
         read_only_fields = fields
+
+
+class OperatorReplicaSerializer(ReplicaSerializer):
+    class Meta(ReplicaSerializer.Meta):
+        fields = [*ReplicaSerializer.Meta.fields, "endpoint"]
+        read_only_fields = fields
+
+
+def is_platform_operator(request) -> bool:
+    """Staff of the platform, signed in to the console (API keys belong to tenants)."""
+    user = getattr(request, "user", None)
+    return bool(user is not None and getattr(user, "is_staff", False) and user.is_authenticated)
 
 
 class ProgressSerializer(serializers.Serializer):
@@ -73,7 +89,12 @@ class DeploymentSerializer(serializers.ModelSerializer):
         # A serverless deployment's replicas are the platform's shared pool: not shown.
         if deployment.pool_id:
             return []
-        return ReplicaSerializer(deployment.replicas.all(), many=True).data
+        serializer = (
+            OperatorReplicaSerializer
+            if is_platform_operator(self.context.get("request"))
+            else ReplicaSerializer
+        )
+        return serializer(deployment.replicas.all(), many=True).data
 
 
 class DeploymentCreateSerializer(StrictSerializer):

@@ -195,6 +195,18 @@ def test_the_detail_page_has_status_events_endpoint_and_snippets(console, organi
     assert 'hx-trigger="every 2s"' in fragment
 
 
+def test_replica_endpoints_are_shown_to_platform_operators_only(console, organization):
+    deployment = DeploymentFactory(organization=organization, status="provisioning")
+    ReplicaFactory(deployment=deployment, name="r-0", endpoint="http://10.0.0.7:8000")
+    for role in Role.values:
+        body = console(organization, role).get(f"/deployments/{deployment.pk}/").content.decode()
+        assert "r-0" in body and "10.0.0.7" not in body
+    operator = console(organization, Role.VIEWER)
+    operator.user.is_staff = True
+    operator.user.save()
+    assert "http://10.0.0.7:8000" in operator.get(f"/deployments/{deployment.pk}/").content.decode()
+
+
 def test_a_failed_deployment_shows_its_reason(console, organization):
     deployment = DeploymentFactory(
         organization=organization,

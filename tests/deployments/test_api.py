@@ -110,7 +110,33 @@ def test_replicas_and_progress_are_shown(api, organization):
     body = api.get(f"{URL}/{deployment.pk}").json()
     assert body["progress"] == {"phase": "ready", "percent": 100}
     assert body["replicas"][0]["name"] == "r-0"
-    assert body["replicas"][0]["endpoint"] == "http://10.0.0.7:8000"
+
+
+@pytest.mark.parametrize("role", Role.values)
+def test_replica_endpoints_are_only_for_platform_operators(
+    organization, key_client, session_client, role
+):
+    """A pod address inside the cluster is none of a tenant's business, whatever their role."""
+    deployment = DeploymentFactory(organization=organization)
+    ReplicaFactory(deployment=deployment, name="r-0", endpoint="http://10.0.0.7:8000")
+    tenant_views = [
+        key_client(organization, role).get(f"{URL}/{deployment.pk}").json(),
+        key_client(organization, role).get(URL).json()["results"][0],
+        session_client(organization, role)[0].get(f"{URL}/{deployment.pk}").json(),
+    ]
+    for body in tenant_views:
+        [replica] = body["replicas"]
+        assert set(replica) == {
+            "name", "ready", "phase", "message", "restart_count", "started_at"
+        }  # fmt: skip
+        assert "10.0.0.7" not in str(body)
+    operator, user = session_client(organization, role)
+    user.is_staff = True
+    user.save()
+    [replica] = operator.get(f"{URL}/{deployment.pk}").json()["replicas"]
+    assert replica["endpoint"] == "http://10.0.0.7:8000"
+    [listed] = operator.get(URL).json()["results"]
+    assert listed["replicas"][0]["endpoint"] == "http://10.0.0.7:8000"
 
 
 def test_another_organizations_deployment_is_not_found(api, other_organization):
