@@ -61,6 +61,10 @@ def model_not_found(model: str) -> GatewayError:
     )
 
 
-def upstream_error(status: int, message: str, *, retry_after: int | None = None) -> GatewayError:
+def upstream_error(
+    status: int, message: str, *, code: str, retry_after: int | None = None
+) -> GatewayError:
+    """A failure of something behind the gateway (a replica, the database, the rate limiter):
+    5xx, `server_error`, with a code a client can branch on."""
     headers = [(b"retry-after", str(retry_after).encode())] if retry_after else []
-    return GatewayError(status, message, type="server_error", code=None, headers=headers)
+    return GatewayError(status, message, type="server_error", code=code, headers=headers)

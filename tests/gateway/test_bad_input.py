@@ -2,6 +2,7 @@
 response carries x-request-id."""
 
 import json
+import re
 from datetime import timedelta
 
 import httpx
@@ -140,12 +141,16 @@ def test_revoked_expired_and_unscoped_keys_are_refused(setup, gateway, organizat
     assert_error(response, 403, type_="permission_error", says="'inference' scope")
 
 
-def test_request_id_is_kept_when_sane_and_made_otherwise(setup):
+def test_the_request_id_is_minted_and_a_client_id_is_echoed_apart(setup):
     client, _key, _secret = setup
     kept = client.get("/models", headers={"x-request-id": "my-trace.42"})
-    assert kept.headers["x-request-id"] == "my-trace.42"
-    replaced = client.get("/models", headers={"x-request-id": "bad id\twith tab"})
-    assert replaced.headers["x-request-id"].startswith("req_")
+    assert re.fullmatch(r"req_[0-9a-f]{32}", kept.headers["x-request-id"])
+    assert kept.headers["x-client-request-id"] == "my-trace.42"
+    openai_name = client.get("/models", headers={"x-client-request-id": "trace-7"})
+    assert openai_name.headers["x-client-request-id"] == "trace-7"
+    dropped = client.get("/models", headers={"x-request-id": "bad id\twith tab"})
+    assert dropped.headers["x-request-id"].startswith("req_")
+    assert "x-client-request-id" not in dropped.headers
 
 
 def test_wrong_method_and_unknown_path(setup):

@@ -1,0 +1,595 @@
+"""One completion request (`/v1/chat/completions`, `/v1/completions`) from its first byte to its
+one usage event.
+
+`Completion.handle()` reads as the request goes, one method per step, so each step can be
+replaced on its own:
+
+    authenticate → read and parse the body → route → spend check → prompt tokens and context
+    check → rate-limit admission → serve (replica, relay) → usage event → limits settled
+    → last bytes
+
+`serve()` owns the exactly-once promise: whatever happens once a replica took the request
+(a complete answer, a replica error, a timeout, a broken stream, the client leaving, the task
+cancelled), its `finally` writes the request's single usage event, and the last bytes of the
+response are sent only after that event is committed. Nothing else writes usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+import redis
+
+from gateway import metrics
+from gateway.errors import GatewayError, error_body, model_not_found, upstream_error
+from gateway.exchange import Exchange, Receive, Scope, Send
+from gateway.limits import Admission, limits_for
+from gateway.models import UsageEvent
+from gateway.protocol import CompletionRequest, check_context, parse_request
+from gateway.tokens import estimate_text, message_text
+
+if TYPE_CHECKING:
+    from gateway.auth import Caller
+    from gateway.process import Gateway
+
+logger = logging.getLogger("sirocco.gateway")
+
+# Deployments in these states get a replica soon: requests wait for it rather than fail.
+WAITING_STATUSES = {"pending", "provisioning", "scaling", "updating"}
+RETRY_AFTER_NO_REPLICA = 10
+# What a request without max_tokens reserves when the model's context length is unknown.
+UNKNOWN_COMPLETION_RESERVE = 4096
+
+_DONE = object()
+
+
+class Outcome:
+    """What a request that reached a replica used: becomes its one UsageEvent."""
+
+    __slots__ = (
+        "cached_tokens",
+        "completion_tokens",
+        "parts",
+        "prompt_tokens",
+        "status",
+        "ttft",
+        "usage_seen",
+    )
+
+    def __init__(self):
+        self.status = 502
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.usage_seen = False
+        self.ttft: float | None = None
+        self.parts: list[str] = []
+
+    def take_usage(self, usage) -> None:
+        if not isinstance(usage, dict):
+            return
+        self.usage_seen = True
+        self.prompt_tokens = _int(usage.get("prompt_tokens"))
+        self.completion_tokens = _int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        self.cached_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class Completion(Exchange):
+    """One completion request: what it carries, where it goes, what it used."""
+
+    __slots__ = (
+        "admission",
+        "caller",
+        "chat",
+        "client_gone",
+        "endpoint",
+        "gateway",
+        "last_messages",
+        "outcome",
+        "request",
+        "reserve",
+        "route",
+    )
+
+    def __init__(self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, *, chat):
+        super().__init__(scope, receive, send)
+        self.gateway = gateway
+        self.chat = chat
+        self.caller: Caller | None = None
+        self.request: CompletionRequest | None = None
+        self.route = None
+        self.reserve = 0  # tokens admission charges (prompt + max_tokens)
+        self.admission: Admission | None = None
+        self.outcome: Outcome | None = None  # set once a replica took the request
+        self.endpoint: str | None = None  # the replica that took the request
+        self.client_gone = False
+        # The answer's last messages, held back until the usage event is committed.
+        self.last_messages: list[dict] = []
+
+    async def handle(self) -> None:
+        self.caller = await self.gateway.keys.authenticate(self.authorization_header())
+        self.request = parse_request(
+            await self.read_body(self.gateway.config.max_body_bytes), chat=self.chat
+        )
+        self.route = await self.gateway.routes.route(
+            self.caller.organization_id, self.request.model
+        )
+        if self.route is None:
+            raise model_not_found(self.request.model)
+        await self.check_spend()
+        await self.count_prompt()
+        await self.admit()
+        try:
+            await self.serve()
+            with contextlib.suppress(OSError):  # the client left after its answer was whole
+                for message in self.last_messages:
+                    await self.send(message)
+        finally:
+            await self.settle()
+
+    # ---- before any replica is asked ---------------------------------------------------------
+
+    async def check_spend(self) -> None:
+        """429 when the organization is over its spending limit."""
+        if await self.gateway.spend.blocked(self.caller.organization_id):
+            raise GatewayError(
+                429,
+                "You exceeded your organization's spending limit. Raise the limit (billing "
+                "settings in the console) or wait for the next billing period.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+            )
+
+    async def count_prompt(self) -> None:
+        """The tokens to reserve: the prompt counted with the model's tokenizer (estimated
+        while it loads) plus max_tokens; 400 when they cannot fit the model's context."""
+        request, route = self.request, self.route
+        tokenizer = self.gateway.tokenizers.get_nowait(route.model_version_id)
+        prompt_tokens = request.count_prompt(tokenizer)
+        if route.max_model_len is None:
+            self.reserve = prompt_tokens + (request.max_tokens or UNKNOWN_COMPLETION_RESERVE)
+        else:
+            self.reserve = check_context(
+                request, prompt_tokens, route.max_model_len, exact=tokenizer is not None
+            )
+
+    async def admit(self) -> None:
+        """Charge the key's and organization's rate limits; 429 when over."""
+        config, caller = self.gateway.config, self.caller
+        limits = limits_for(
+            key_id=caller.key_id,
+            key_rpm=caller.rpm_limit,
+            key_tpm=caller.tpm_limit,
+            organization_id=caller.organization_id,
+            org_rpm=config.org_rpm_limit,
+            org_tpm=config.org_tpm_limit,
+            tokens=self.reserve,
+        )
+        try:
+            admission = await self.gateway.limiter.admit(limits)
+        except (redis.RedisError, OSError):
+            logger.exception("the rate limiter is unreachable")
+            raise upstream_error(
+                503,
+                "Rate limits cannot be checked right now. Retry shortly.",
+                retry_after=1,
+                code="rate_limiter_unavailable",
+            ) from None
+        self.rate_headers = admission.headers()
+        if not admission.allowed:
+            raise _rate_limited(admission, caller)
+        self.admission = admission
+
+    async def settle(self) -> None:
+        """Give back what admission charged beyond the tokens really used."""
+        outcome = self.outcome
+        used = outcome.prompt_tokens + outcome.completion_tokens if outcome else 0
+        try:
+            await self.gateway.limiter.settle(self.admission, used)
+        except (redis.RedisError, OSError):
+            logger.warning("settling rate limits failed", exc_info=True)
+
+    # ---- the replica -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Relay to a replica; once one took the request, write its one usage event."""
+        handler = asyncio.current_task()
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(handler))
+        try:
+            await self.wait_for_replicas()
+            response, failure = await self.connect()
+            await self.relay(response, failure)
+        except asyncio.CancelledError:
+            if not self.client_gone:
+                raise
+            handler.uncancel()
+            if self.outcome is not None:
+                self.outcome.status = 499
+        finally:
+            watcher.cancel()
+            if self.outcome is not None:
+                await self.record_usage()
+
+    async def _watch_disconnect(self, handler: asyncio.Task) -> None:
+        """Cancel the handler as soon as the client goes away (stops the replica)."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                handler.cancel()
+                return
+
+    async def wait_for_replicas(self) -> None:
+        """Until the route has a ready replica, waiting for a scale-up if need be."""
+        route, request = self.route, self.request
+        if route.replicas:
+            return
+        config = self.gateway.config
+        if not route.can_scale_from_zero and route.status not in WAITING_STATUSES:
+            raise upstream_error(
+                503,
+                f"The deployment `{request.model}` has no ready replica (status: {route.status}). "
+                "Check it in the console or with GET /api/v1/deployments.",
+                retry_after=RETRY_AFTER_NO_REPLICA,
+                code="no_ready_replica",
+            )
+        if route.can_scale_from_zero:
+            await self.gateway.routes.ask_for_replicas(route.deployment_id)
+        waited_from = time.monotonic()
+        deadline = waited_from + config.scale_from_zero_wait
+        next_progress = waited_from
+        while True:
+            now = time.monotonic()
+            if request.stream and now >= next_progress:
+                await self.start_stream()
+                note = (
+                    f": waiting for a replica of {request.model} "
+                    f"({route.status}, {now - waited_from:.0f}s)\n\n"
+                )
+                await self.send(
+                    {"type": "http.response.body", "body": note.encode(), "more_body": True}
+                )
+                next_progress = now + config.scale_progress_interval
+            if now >= deadline:
+                raise upstream_error(
+                    503,
+                    f"No replica of `{request.model}` became ready within "
+                    f"{config.scale_from_zero_wait:.0f}s (it is starting from zero). Retry "
+                    "shortly.",
+                    retry_after=RETRY_AFTER_NO_REPLICA,
+                    code="no_ready_replica",
+                )
+            await asyncio.sleep(min(0.5, max(0.0, deadline - now)))
+            route = await self.gateway.routes.route(
+                self.caller.organization_id, request.model, fresh=True
+            )
+            if route is None:
+                raise model_not_found(request.model)
+            self.route = route
+            if route.replicas:
+                return
+
+    async def connect(self):
+        """Send the request to a replica: (response, None) once its headers came, (None, error)
+        when it was sent but failed. Either way the request reached a replica (`outcome` is
+        set, so it is billed). A refused connect is retried on another replica, with the same
+        request id; when none accepts, the GatewayError is raised and nothing is billed."""
+        gateway, route, request = self.gateway, self.route, self.request
+        config = gateway.config
+        path = "/v1/chat/completions" if request.chat else "/v1/completions"
+        body = request.upstream_body(route.served_model_name)
+        headers = {"content-type": "application/json", "x-request-id": self.request_id}
+        tried: set[str] = set()
+        refused = None
+        while (endpoint := gateway.routes.pick(route, tried)) is not None:
+            tried.add(endpoint)
+            gateway.routes.acquire(endpoint)
+            try:
+                async with asyncio.timeout(config.first_byte_timeout):
+                    response = await gateway.session.post(
+                        endpoint + path, data=body, headers=headers
+                    )
+                failure = None
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                gateway.routes.release(endpoint)
+                if gateway.routes.refused(endpoint):
+                    logger.warning("replica %s refused the connection: %s", endpoint, error)
+                refused = error
+                continue
+            except TimeoutError:
+                response, failure = (
+                    None,
+                    upstream_error(
+                        504,
+                        f"The replica did not answer within {config.first_byte_timeout:.0f}s. "
+                        "Retry, or ask for fewer tokens.",
+                        code="replica_timeout",
+                    ),
+                )
+            except aiohttp.ClientError as error:
+                response, failure = (
+                    None,
+                    upstream_error(
+                        502,
+                        f"The connection to the replica failed ({type(error).__name__}). Retry.",
+                        code="replica_connection_failed",
+                    ),
+                )
+            except BaseException:
+                gateway.routes.release(endpoint)
+                raise
+            self.outcome = Outcome()
+            self.endpoint = endpoint
+            self.gateway.load.started(route.deployment_id)
+            metrics.for_deployment(str(route.deployment_id)).in_flight.inc()
+            return response, failure
+        raise upstream_error(
+            502 if refused else 503,
+            f"No replica of `{request.model}` accepted the connection "
+            f"({len(tried)} tried). Retry shortly.",
+            retry_after=RETRY_AFTER_NO_REPLICA,
+            code="replica_unreachable" if refused else "no_ready_replica",
+        )
+
+    async def relay(self, response, failure: GatewayError | None) -> None:
+        """Pass the replica's answer on, all but its last bytes (`last_messages`); the replica
+        stops counting the request as in flight when this ends."""
+        gateway, route, outcome = self.gateway, self.route, self.outcome
+        try:
+            if failure is not None:  # connected and sent, then no (whole) answer
+                outcome.status = failure.status
+                raise failure
+            if self.request.stream and response.status == 200:
+                await self._relay_stream(response)
+            else:
+                await self._relay_json(response)
+        finally:
+            if response is not None:
+                response.close()
+            gateway.routes.release(self.endpoint)
+            gateway.load.finished(route.deployment_id)
+            deployment_metrics = metrics.for_deployment(str(route.deployment_id))
+            deployment_metrics.in_flight.dec()
+            deployment_metrics.finished(outcome.status)
+            deployment_metrics.latency.observe(time.perf_counter() - self.started)
+            if outcome.ttft is not None:
+                deployment_metrics.ttft.observe(outcome.ttft)
+
+    async def _relay_json(self, response) -> None:
+        outcome = self.outcome
+        status = response.status
+        try:
+            async with asyncio.timeout(self.gateway.config.idle_timeout):
+                raw = await response.read()
+        except TimeoutError:
+            outcome.status = 504
+            raise upstream_error(
+                504, "The replica stopped sending its answer. Retry.", code="replica_timeout"
+            ) from None
+        except aiohttp.ClientError as error:
+            outcome.status = 502
+            raise upstream_error(
+                502,
+                f"The connection to the replica broke ({type(error).__name__}). Retry.",
+                code="replica_connection_failed",
+            ) from None
+        extra = []
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if status == 200 and isinstance(data, dict):
+            outcome.status = 200
+            if isinstance(data.get("usage"), dict):
+                outcome.take_usage(data["usage"])
+            else:
+                outcome.parts = [_choice_text(choice) for choice in data.get("choices") or ()]
+        elif isinstance(data, dict) and "error" in data:
+            outcome.status = status  # the replica's own error, already in OpenAI's format
+            retry_after = response.headers.get("Retry-After")
+            if retry_after:
+                extra.append((b"retry-after", retry_after.encode()))
+        else:
+            outcome.status = 502
+            status, raw = (
+                502,
+                error_body(
+                    f"The replica answered {status} with a body that is not an OpenAI response.",
+                    type="server_error",
+                    code="replica_bad_response",
+                ),
+            )
+        # The whole answer leaves after the usage event is committed.
+        headers = self.headers(b"application/json", extra)
+        headers.append((b"content-length", str(len(raw)).encode()))
+        self.headers_sent = True
+        self.last_messages = [
+            {"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": raw},
+        ]
+
+    async def _relay_stream(self, response) -> None:
+        await self.start_stream()
+        send = self.send
+        outcome = self.outcome
+        content = response.content
+        idle = self.gateway.config.idle_timeout
+        buffer = b""
+        done = False
+        failure = None
+        outcome.status = 200
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    data = await content.readany()
+            except TimeoutError:
+                failure = upstream_error(
+                    504, f"The replica sent nothing for {idle:.0f}s.", code="replica_timeout"
+                )
+                break
+            except aiohttp.ClientError as error:
+                failure = upstream_error(
+                    502,
+                    f"The stream from the replica broke ({type(error).__name__}).",
+                    code="replica_stream_broken",
+                )
+                break
+            if not data:
+                break
+            if done:
+                continue  # read to the end so the connection can be reused
+            buffer += data
+            if b"\r\n" in buffer:
+                buffer = buffer.replace(b"\r\n", b"\n")
+            if b"\n\n" not in buffer:
+                continue
+            *events, buffer = buffer.split(b"\n\n")
+            out = []
+            for event in events:
+                kept = self._stream_event(event)
+                if kept is _DONE:
+                    done = True
+                    break
+                if kept:
+                    out.append(kept)
+            if out:
+                out.append(b"")
+                await send(
+                    {"type": "http.response.body", "body": b"\n\n".join(out), "more_body": True}
+                )
+        if not done and failure is None:
+            failure = upstream_error(
+                502, "The replica ended the stream early.", code="replica_stream_broken"
+            )
+        if failure is not None:
+            outcome.status = failure.status
+        tail = b"data: [DONE]\n\n" if failure is None else b"data: " + failure.body() + b"\n\n"
+        self.last_messages = [{"type": "http.response.body", "body": tail, "more_body": False}]
+
+    def _stream_event(self, event: bytes):
+        """The bytes to pass on for one SSE event (None drops it), or _DONE."""
+        if not event.startswith(b"data:"):
+            return event or None  # comments and other fields pass through
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            return _DONE
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        outcome = self.outcome
+        choices = chunk.get("choices") or ()
+        for choice in choices:
+            text = _choice_text(choice)
+            if text:
+                outcome.parts.append(text)
+                if outcome.ttft is None:
+                    outcome.ttft = time.perf_counter() - self.started
+        usage = chunk.get("usage")
+        if usage:
+            outcome.take_usage(usage)
+            if not self.request.wants_usage:
+                if not choices:
+                    return None  # the usage chunk we asked for; the client did not
+                del chunk["usage"]
+                return b"data: " + orjson.dumps(chunk)
+        return event
+
+    # ---- usage ---------------------------------------------------------------------------
+
+    async def record_usage(self) -> None:
+        """Write the request's one UsageEvent and wait until it is committed. Called once,
+        from `serve()`'s finally."""
+        gateway, request, route, outcome = self.gateway, self.request, self.route, self.outcome
+        source = UsageEvent.Source.UPSTREAM
+        if not outcome.usage_seen:
+            source = UsageEvent.Source.COUNTED
+            if outcome.parts:
+                # The client received text but no usage: bill what it received, counted with
+                # the model's own tokenizer.
+                tokenizer = await gateway.tokenizers.get(route.model_version_id)
+                outcome.prompt_tokens = request.count_prompt(tokenizer)
+                text = "".join(outcome.parts)
+                outcome.completion_tokens = (
+                    tokenizer.count_text(text) if tokenizer else estimate_text(text)
+                )
+        deployment_metrics = metrics.for_deployment(str(route.deployment_id))
+        deployment_metrics.prompt_tokens.inc(outcome.prompt_tokens)
+        deployment_metrics.completion_tokens.inc(outcome.completion_tokens)
+        now = datetime.now(UTC)
+        latency = time.perf_counter() - self.started
+        event = {
+            "request_id": self.request_id,
+            "organization_id": self.caller.organization_id,
+            "api_key_id": self.caller.key_id,
+            "deployment_id": route.deployment_id,
+            "model_version_id": route.model_version_id,
+            "deployment_type": route.deployment_type,
+            "model": request.model[:200],
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "cached_tokens": outcome.cached_tokens,
+            "status_code": outcome.status,
+            "latency_ms": round(latency * 1000, 3),
+            "ttft_ms": round(outcome.ttft * 1000, 3) if outcome.ttft is not None else None,
+            "usage_source": source,
+            "started_at": now - timedelta(seconds=latency),
+            "finished_at": now,
+        }
+        submitted = gateway.usage.submit(event)
+        try:
+            async with asyncio.timeout(gateway.config.usage_commit_timeout):
+                await asyncio.shield(submitted)
+        except TimeoutError:
+            # The writer keeps retrying; the response is not held hostage to the database.
+            logger.error("usage event %s not committed in time", self.request_id)
+
+
+def _choice_text(choice) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    delta = choice.get("delta") or choice.get("message")
+    if isinstance(delta, dict):
+        content = delta.get("content")
+        return message_text(content) if content else ""
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _rate_limited(admission: Admission, caller: Caller) -> GatewayError:
+    refused = admission.refused
+    whose = f"API key {caller.display_prefix}…" if refused.scope == "key" else "your organization"
+    unit = "requests" if refused.kind == "requests" else "tokens"
+    if math.isinf(admission.wait_seconds):
+        return GatewayError(
+            429,
+            f"Request too large: it needs {refused.cost} tokens (prompt + max_tokens), more "
+            f"than the {refused.limit} tokens per minute allowed for {whose}. Lower max_tokens "
+            "or shorten the prompt.",
+            type="tokens",
+            code="rate_limit_exceeded",
+        )
+    wait = max(admission.wait_seconds, 0.001)
+    return GatewayError(
+        429,
+        f"Rate limit reached for {whose} on {unit} per minute: limit {refused.limit}. "
+        f"Please try again in {wait:.3g}s.",
+        type=unit,
+        code="rate_limit_exceeded",
+        headers=[(b"retry-after", str(math.ceil(wait)).encode())],
+    )

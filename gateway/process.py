@@ -1,0 +1,102 @@
+"""What one gateway process holds, shared by all its requests: caches (keys, routes, spend
+limits, tokenizers), the rate limiter, the usage writer, load reports and the upstream
+connection pool. Made at startup (`GatewayApp.startup`), closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from gateway import revocation, sources
+from gateway.auth import KeyCache, touch_keys, touch_keys_forever
+from gateway.budget import SpendLimits
+from gateway.conf import GatewaySettings
+from gateway.dbthreads import DbThreads
+from gateway.limits import LocalRateLimiter, RedisRateLimiter
+from gateway.load import LoadTracker, report_load_forever
+from gateway.routing import RouteTable
+from gateway.tokenizer_files import tokenizer_folder
+from gateway.tokens import Tokenizers
+from gateway.usage import UsageWriter
+
+logger = logging.getLogger("sirocco.gateway")
+
+
+class Gateway:
+    """What one gateway process holds: caches, limiter, usage writer, upstream connections."""
+
+    def __init__(self, config: GatewaySettings):
+        self.config = config
+        self.db = DbThreads(config.db_threads)
+        self.keys = KeyCache(self.db, ttl=config.auth_cache_seconds)
+        self.routes = RouteTable(
+            self.db,
+            ttl=config.route_cache_seconds,
+            route_for=sources.route_for,
+            callable_models=sources.callable_models,
+            request_scale_up=sources.request_scale_up,
+        )
+        self.spend = SpendLimits(
+            self.db,
+            ttl=config.spend_cache_seconds,
+            spend_blocked=sources.organization_spend_blocked,
+        )
+        self.tokenizers = Tokenizers(
+            self.db,
+            sources.tokenizer_source,
+            tokenizer_folder,
+            wait_seconds=config.tokenizer_wait_seconds,
+        )
+        self.limiter = (
+            RedisRateLimiter(config.redis_url, prefix=config.redis_prefix)
+            if config.redis_url
+            else LocalRateLimiter()
+        )
+        self.usage = UsageWriter(synchronous_commit=config.usage_synchronous_commit)
+        self.load = LoadTracker()
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            auto_decompress=False,
+        )
+        loop = asyncio.get_running_loop()
+        # Background loops that only sleep between rounds: cancelled on close.
+        self._sleepers = [
+            loop.create_task(
+                report_load_forever(
+                    self.load, self.db, sources.load_report, config.load_report_seconds
+                )
+            ),
+            loop.create_task(touch_keys_forever(self.keys, self.db)),
+        ]
+        self._tasks = list(self._sleepers)
+        self._stopping = asyncio.Event()
+        if config.redis_url:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(
+                    revocation.listen_for_revocations(
+                        config.redis_url, config.redis_prefix, self.keys, self._stopping
+                    )
+                )
+            )
+        revocation.register(self.keys)
+
+    async def close(self) -> None:
+        revocation.unregister(self.keys)
+        self.tokenizers.close()
+        self._stopping.set()  # the revocation listener polls this flag
+        for task in self._sleepers:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=5)
+        try:
+            await touch_keys(self.keys, self.db)
+        except Exception:
+            logger.warning("recording API key use failed", exc_info=True)
+        await self.session.close()
+        if isinstance(self.limiter, RedisRateLimiter):
+            await self.limiter.close()
+        await self.usage.close()
+        await asyncio.to_thread(self.db.stop)
