@@ -5,3 +5,6 @@ class ControlplaneConfig(AppConfig):
     """Holds the platform-wide management commands (run_platform) and shared REST plumbing."""
 
     name = "controlplane"
+
+    def ready(self):
+        from controlplane import checks  # noqa: F401 - registers our system checks

@@ -108,3 +108,53 @@ def test_every_task_is_routed_to_its_apps_queue():
     for name, queue in queues.items():
         expected = "provisioning" if name.startswith("deployments.") else "billing"
         assert queue == expected, name
+
+
+def test_commands_beside_make_run_read_its_secret_key_file(tmp_path):
+    """`make run` writes var/secret_key and exports it; `manage.py create_api_key` in another
+    terminal (no SECRET_KEY, no DEBUG) reads the same file instead of refusing to start."""
+    (tmp_path / "secret_key").write_text("k" * 60 + "\n")
+    base = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "DEBUG", "DATABASE_URL"}}
+    result = subprocess.run(
+        [sys.executable, "-c", "import controlplane.settings.base as s; print(s.SECRET_KEY)"],
+        cwd=ROOT,
+        env={**base, "SIROCCO_VAR_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "k" * 60
+    result = subprocess.run(
+        [sys.executable, "manage.py", "create_api_key", "--help"],
+        cwd=ROOT,
+        env={**base, "SIROCCO_VAR_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_tls_turns_on_hsts_and_secure_cookies(tmp_path):
+    code = (
+        "import controlplane.settings.base as s; "
+        "print(s.SECURE_HSTS_SECONDS, s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE)"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "DATABASE_URL"}}
+    outputs = []
+    for extra in ({}, {"SECURE_SSL": "true"}, {"SECURE_SSL": "true", "SECURE_HSTS_SECONDS": "60"}):
+        env = {**base, "SECRET_KEY": "x" * 50, "SIROCCO_VAR_DIR": str(tmp_path), **extra}
+        env = {k: v for k, v in env.items() if k not in {"SECURE_SSL", "SESSION_COOKIE_SECURE"}}
+        env.update(extra)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout.split())
+    assert outputs == [
+        ["0", "False", "False"],
+        ["31536000", "True", "True"],
+        ["60", "True", "True"],
+    ]

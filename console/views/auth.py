@@ -1,6 +1,8 @@
+import logging
+
 from django.contrib.auth import views as auth_views
 from django.http import HttpResponseBadRequest
-from django.shortcuts import redirect
+from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
@@ -8,6 +10,9 @@ from django.views.decorators.http import require_POST
 from accounts.permissions import SESSION_ORGANIZATION_KEY
 from accounts.selectors import membership_list_for_user
 from console.forms import LoginForm, SetPasswordLinkForm
+from controlplane.mail import password_reset_by_mail_allowed
+
+logger = logging.getLogger(__name__)
 
 
 class LoginView(auth_views.LoginView):
@@ -62,6 +67,18 @@ class PasswordResetView(auth_views.PasswordResetView):
     email_template_name = "console/password/reset_email.txt"
     subject_template_name = "console/password/reset_subject.txt"
     success_url = reverse_lazy("console:password-reset-done")
+
+    def dispatch(self, request, *args, **kwargs):
+        # Without a mail server the link would be written to the log (the console backend),
+        # where anyone who reads the log could take over any account, staff included.
+        if not password_reset_by_mail_allowed():
+            if request.method == "POST":
+                logger.warning(
+                    "password reset refused: EMAIL_BACKEND does not deliver mail "
+                    "(set EMAIL_URL; `manage.py check --deploy` reports it)"
+                )
+            return render(request, "console/password/reset_unavailable.html", status=503)
+        return super().dispatch(request, *args, **kwargs)
 
 
 class PasswordResetDoneView(auth_views.PasswordResetDoneView):

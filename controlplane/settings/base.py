@@ -19,6 +19,11 @@ VAR_DIR = Path(env.str("SIROCCO_VAR_DIR", default=str(BASE_DIR / "var")))
 DEBUG = env.bool("DEBUG", default=False)
 
 SECRET_KEY = env.str("SECRET_KEY", default="")
+SECRET_KEY_FILE = VAR_DIR / "secret_key"
+if not SECRET_KEY and SECRET_KEY_FILE.is_file():
+    # `make run` generates this file and exports it; a management command run beside it
+    # (`manage.py create_api_key` in another terminal) reads it, so it needs no variable either.
+    SECRET_KEY = SECRET_KEY_FILE.read_text().strip()
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
@@ -218,8 +223,6 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 SESSION_COOKIE_HTTPONLY = True
-SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
-CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
@@ -303,11 +306,27 @@ LOGGING = {
 }
 
 # --- Security headers (production sits behind TLS termination) -------------------------------
+# SECURE_SSL=true says the platform is reached over HTTPS only (TLS at the Ingress or a load
+# balancer that sets X-Forwarded-Proto): cookies are then Secure, and browsers are told to use
+# HTTPS for a year (HSTS). https://docs.djangoproject.com/en/5.2/ref/middleware/#http-strict-transport-security
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL = env.bool("SECURE_SSL", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=SECURE_SSL)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if SECURE_SSL else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# Off by default even behind TLS: the Ingress redirects, and kubelet probes speak plain HTTP.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
-# --- Mail (budget alerts) -------------------------------------------------------------------
+# --- Mail (password reset links, budget alerts) --------------------------------------------
+# The console backend (the default) writes mail to the log: fine on a laptop, a leak anywhere
+# else, since a password-reset link is a login. The console refuses password resets with it
+# unless DEBUG is on, and `manage.py check --deploy` fails on it (controlplane/checks.py).
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 # An SMTP server as one URL (smtp+tls://user:password@host:587): it sets EMAIL_BACKEND, EMAIL_HOST,
 # EMAIL_PORT, EMAIL_HOST_USER, EMAIL_HOST_PASSWORD and EMAIL_USE_TLS/SSL together.

@@ -326,7 +326,7 @@ def test_every_container_reads_the_settings_and_the_credentials(variant):
 def test_the_configmap_holds_the_settings_for_this_cluster(render):
     config = render().config()
     assert config["SIROCCO_PROVISIONER"] == "kubernetes"
-    assert config["SESSION_COOKIE_SECURE"] == "true"
+    assert config["SECURE_SSL"] == "true"  # Secure cookies and HSTS behind TLS
     assert "SIROCCO_PUBLIC_URL" not in config
     stores = render(VARIANTS["chart-managed-secret"]).config()
     assert stores["ARTIFACT_STORE_URL"] == "s3://sirocco-weights/models"

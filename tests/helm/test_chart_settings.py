@@ -42,6 +42,11 @@ NOT_SET_BY_THE_CHART = {
     "GATEWAY_DB_THREADS": TUNING,
     "GATEWAY_USAGE_SYNCHRONOUS_COMMIT": "a durability trade-off an operator opts into (config.extraEnv)",
     "GATEWAY_REDIS_PREFIX": "only installations that share one Redis server need different ones",
+    "SESSION_COOKIE_SECURE": "follows SECURE_SSL (config.secureSsl)",
+    "SECURE_HSTS_SECONDS": "a year when SECURE_SSL is on; config.extraEnv changes it",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "the operator's domain policy (config.extraEnv)",
+    "SECURE_HSTS_PRELOAD": "the operator's domain policy (config.extraEnv)",
+    "SECURE_SSL_REDIRECT": "the Ingress redirects to HTTPS; kubelet probes speak plain HTTP",
 }
 ENV_READ = re.compile(
     r"""(?:\benv(?:\.\w+)?\(|os\.environ\.get\(|os\.getenv\(|os\.environ\[)\s*["']([A-Z][A-Z0-9_]*)["']"""

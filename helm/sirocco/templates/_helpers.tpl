@@ -136,7 +136,7 @@ CSRF_TRUSTED_ORIGINS: {{ . | quote }}
 {{- with include "sirocco.publicUrl" . }}
 SIROCCO_PUBLIC_URL: {{ . | quote }}
 {{- end }}
-SESSION_COOKIE_SECURE: {{ .Values.config.sessionCookieSecure | quote }}
+SECURE_SSL: {{ .Values.config.secureSsl | quote }}
 LOG_LEVEL: {{ .Values.config.logLevel | quote }}
 LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 DATABASE_CONN_MAX_AGE: {{ .Values.config.databaseConnMaxAge | quote }}
