@@ -28,7 +28,18 @@ def audit_record(
     *, actor: Actor, action: str, target, changes: dict | None = None, organization=None
 ) -> AuditLogEntry:
     """Append one entry to the audit log. Every service that writes calls this."""
-    return AuditLogEntry.objects.create(
+    entry = audit_entry(
+        actor=actor, action=action, target=target, changes=changes, organization=organization
+    )
+    entry.save()
+    return entry
+
+
+def audit_entry(
+    *, actor: Actor, action: str, target, changes: dict | None = None, organization=None
+) -> AuditLogEntry:
+    """An unsaved entry, for a service that writes many at once (`bulk_create`)."""
+    return AuditLogEntry(
         organization=organization or actor.organization,
         actor_user=actor.user,
         actor_api_key=actor.api_key,

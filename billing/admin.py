@@ -3,7 +3,8 @@ through credit notes, credits only through grants (both made by services)."""
 
 from django.contrib import admin
 
-from billing.invoicing import credit_grant_create
+from accounts.actors import Actor
+from accounts.roles import Role
 from billing.models import (
     BillingPeriod,
     BudgetAlert,
@@ -13,6 +14,7 @@ from billing.models import (
     InvoiceLine,
     StripeEvent,
 )
+from billing.services import credit_grant_create
 
 
 class _ReadOnly(admin.ModelAdmin):
@@ -75,11 +77,11 @@ class CreditGrantAdmin(admin.ModelAdmin):
         if change:
             return
         grant = credit_grant_create(
+            actor=Actor(organization=obj.organization, role=Role.OWNER, user=request.user),
             organization=obj.organization,
             amount=obj.amount,
             description=obj.description,
             expires_at=obj.expires_at,
-            created_by=request.user.email,
         )
         obj.pk = grant.pk
 

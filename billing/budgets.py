@@ -57,9 +57,9 @@ def budget_alerts_raise(*, spend_rows: list[PeriodSpend]) -> list[BudgetAlert]:
         ).values_list("id", flat=True)
     )
     if pending:
-        from billing.tasks import send_budget_alert
+        from billing import tasks
 
-        transaction.on_commit(lambda: [send_budget_alert.delay(pk) for pk in pending])
+        transaction.on_commit(lambda: [tasks.budget_alert_email.delay(pk) for pk in pending])
     return candidates
 
 

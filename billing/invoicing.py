@@ -21,19 +21,20 @@ from django.db import transaction
 from django.db.models import Count, F, Sum
 from django.utils import timezone
 
-from accounts.models import Organization
+from accounts.actors import Actor
+from accounts.models import AuditLogEntry, Organization
+from accounts.services import audit_entry
 from billing.models import (
     BillingPeriod,
     CreditApplication,
     CreditGrant,
-    CreditNote,
     DedicatedUsageRecord,
     Invoice,
     InvoiceLine,
     NumberSequence,
     UsageRecord,
 )
-from billing.money import round_money
+from billing.money import format_money, round_money
 from billing.periods import Period, period_containing, period_starting
 from billing.rating import (
     MILLION,
@@ -445,7 +446,7 @@ def billing_periods_close_due(*, now: datetime | None = None) -> list[CloseResul
     return results
 
 
-def _next_number(kind: str, year: int) -> str:
+def next_document_number(kind: str, year: int) -> str:
     name = f"{kind}-{year}"
     NumberSequence.objects.bulk_create([NumberSequence(name=name)], ignore_conflicts=True)
     sequence = NumberSequence.objects.select_for_update().get(name=name)
@@ -570,68 +571,26 @@ def invoices_finalize(
     InvoiceLine.objects.bulk_create(lines, batch_size=2000)
     CreditGrant.objects.bulk_update(drawn, ["remaining"])
     CreditApplication.objects.bulk_create(applications)
+    # The platform finalizes invoices on its own; each organization's log still says so.
+    AuditLogEntry.objects.bulk_create(
+        [
+            audit_entry(
+                actor=Actor.system(invoice.organization),
+                action="invoice.finalize",
+                target=invoice,
+                changes={
+                    "total": format_money(invoice.total, invoice.currency),
+                    "currency": invoice.currency,
+                    "credits_applied": format_money(invoice.credits_applied, invoice.currency),
+                },
+            )
+            for invoice in invoices
+        ],
+        batch_size=2000,
+    )
     to_sync = [i.pk for i in invoices if i.stripe_status == Invoice.StripeStatus.PENDING]
     if to_sync:
-        from billing.tasks import stripe_sync_invoice
+        from billing.tasks import invoice_stripe_sync
 
-        transaction.on_commit(lambda: [stripe_sync_invoice.delay(pk) for pk in to_sync])
+        transaction.on_commit(lambda: [invoice_stripe_sync.delay(pk) for pk in to_sync])
     return invoices
-
-
-# --- Corrections and credits -------------------------------------------------------------------
-
-
-@transaction.atomic
-def credit_note_create(
-    *, invoice: Invoice, amount: Decimal, reason: str, created_by: str
-) -> CreditNote:
-    """Correct a finalized invoice by crediting part or all of what it charged."""
-    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
-    if round_money(amount, invoice.currency) != amount or amount <= 0:
-        raise ValidationFailed(
-            f"The amount must be positive and in whole {invoice.currency} minor units.",
-            field="amount",
-        )
-    credited = invoice.credit_notes.aggregate(total=Sum("amount"))["total"] or Decimal(0)
-    charged = invoice.subtotal + invoice.tax
-    if credited + amount > charged:
-        raise ValidationFailed(
-            f"Invoice {invoice.number} charged {charged} {invoice.currency} and has "
-            f"{credited} credited already; at most {charged - credited} can be credited.",
-            field="amount",
-        )
-    if not reason.strip():
-        raise ValidationFailed("Say why the invoice is corrected.", field="reason")
-    return CreditNote.objects.create(
-        invoice=invoice,
-        number=_next_number("credit-note", timezone.now().year),
-        amount=amount,
-        reason=reason.strip(),
-        created_by=created_by,
-    )
-
-
-@transaction.atomic
-def credit_grant_create(
-    *,
-    organization: Organization,
-    amount: Decimal,
-    description: str,
-    created_by: str,
-    expires_at: datetime | None = None,
-) -> CreditGrant:
-    """Give an organization prepaid credit in its currency; the next invoices draw on it."""
-    currency = organization.currency
-    if amount <= 0 or round_money(amount, currency) != amount:
-        raise ValidationFailed(
-            f"The amount must be positive and in whole {currency} minor units.", field="amount"
-        )
-    return CreditGrant.objects.create(
-        organization=organization,
-        currency=currency,
-        amount=amount,
-        remaining=amount,
-        description=description,
-        created_by=created_by,
-        expires_at=expires_at,
-    )

@@ -16,6 +16,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.actors import Actor
+from accounts.services import audit_record
 from billing.models import BillingAccount, Invoice, StripeEvent, StripeInvoiceItem
 from billing.money import to_minor_units
 from billing.periods import Period
@@ -208,6 +210,7 @@ def stripe_event_handle(*, event_id: str, event_type: str, data_object: dict) ->
         return False
     if invoice is None:
         return True
+    old_status = invoice.payment_status
     if event_type == "invoice.paid" and invoice.payment_status != Invoice.PaymentStatus.PAID:
         invoice.payment_status = Invoice.PaymentStatus.PAID
         invoice.paid_at = timezone.now()
@@ -221,5 +224,12 @@ def stripe_event_handle(*, event_id: str, event_type: str, data_object: dict) ->
     elif event_type == "invoice.payment_failed":
         logger.info(
             "ignored invoice.payment_failed for %s: it is %s", invoice, invoice.payment_status
+        )
+    if invoice.payment_status != old_status:
+        audit_record(
+            actor=Actor.system(invoice.organization),
+            action="invoice.payment_status",
+            target=invoice,
+            changes={"payment_status": [old_status, invoice.payment_status], "stripe": event_id},
         )
     return True

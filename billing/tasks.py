@@ -1,4 +1,6 @@
-"""Billing's Celery tasks (queue `billing`). Thin: ids in, a service call, idempotent."""
+"""Billing's Celery tasks (queue `billing`). Thin: ids in, a service call, idempotent. Each is
+named as the service it calls (`usage_events_ingest` calls `ledger.usage_events_ingest`), so a
+task in a log or in Flower leads straight to its code."""
 
 import time
 
@@ -12,7 +14,7 @@ _INGEST_TIME_BUDGET_SECONDS = 50
 
 
 @shared_task
-def ingest_usage_events() -> int:
+def usage_events_ingest() -> int:
     """Ingest the gateway's usage backlog batch by batch (beat runs this every few seconds)."""
     taken, deadline = 0, time.monotonic() + _INGEST_TIME_BUDGET_SECONDS
     while time.monotonic() < deadline:
@@ -24,34 +26,34 @@ def ingest_usage_events() -> int:
 
 
 @shared_task
-def ingest_replica_usage() -> int:
+def replica_usage_ingest() -> int:
     """Cut the deployments' replica intervals into dedicated ledger rows."""
     return ledger.replica_usage_ingest()
 
 
 @shared_task
-def close_billing_periods() -> int:
+def billing_periods_close_due() -> int:
     """Finalize the invoices of every period that has ended (idempotent; beat runs it hourly)."""
     return sum(len(result.created) for result in invoicing.billing_periods_close_due())
 
 
 @shared_task
-def stripe_sync_invoice(invoice_id: int) -> str | None:
+def invoice_stripe_sync(invoice_id: int) -> str | None:
     invoice = stripe_sync.invoice_stripe_sync(invoice_id=invoice_id)
     return invoice.stripe_status if invoice else None
 
 
 @shared_task
-def stripe_sync_due() -> int:
+def invoices_stripe_sync_due() -> int:
     """Retry the Stripe sync of invoices whose back-off has passed (and any never tried)."""
     if not stripe_sync.stripe_enabled():
         return 0
     ids = list(stripe_sync.invoices_stripe_due().values_list("id", flat=True)[:500])
     for invoice_id in ids:
-        stripe_sync_invoice.delay(invoice_id)
+        invoice_stripe_sync.delay(invoice_id)
     return len(ids)
 
 
 @shared_task
-def send_budget_alert(alert_id: int) -> bool:
+def budget_alert_email(alert_id: int) -> bool:
     return budgets.budget_alert_email(alert_id=alert_id)

@@ -351,13 +351,19 @@ STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="https://api.stripe.com")
 STRIPE_TIMEOUT_SECONDS = env.float("STRIPE_TIMEOUT_SECONDS", default=20.0)
 CELERY_BEAT_SCHEDULE.update(
     {
-        "billing-ingest-usage": {"task": "billing.tasks.ingest_usage_events", "schedule": 5.0},
+        "billing-ingest-usage": {"task": "billing.tasks.usage_events_ingest", "schedule": 5.0},
         "billing-ingest-replica-usage": {
-            "task": "billing.tasks.ingest_replica_usage",
+            "task": "billing.tasks.replica_usage_ingest",
             "schedule": 60.0,
         },
-        "billing-close-periods": {"task": "billing.tasks.close_billing_periods", "schedule": 600.0},
-        "billing-stripe-sync": {"task": "billing.tasks.stripe_sync_due", "schedule": 120.0},
+        "billing-close-periods": {
+            "task": "billing.tasks.billing_periods_close_due",
+            "schedule": 600.0,
+        },
+        "billing-stripe-sync": {
+            "task": "billing.tasks.invoices_stripe_sync_due",
+            "schedule": 120.0,
+        },
     }
 )
 

@@ -182,12 +182,15 @@ def test_upcoming_is_the_live_draft(organization, key_client, priced_version):
 
 
 def test_invoice_list_runs_a_constant_number_of_queries(organization, key_client, priced_version):
-    from billing.invoicing import credit_note_create
+    from accounts.actors import Actor
+    from billing.services import credit_note_create
 
     client = key_client(organization, Role.OWNER)
     client.get("/api/v1/organizations/current")
     invoice = close_last_period(organization, priced_version)
-    credit_note_create(invoice=invoice, amount=Decimal("0.10"), reason="goodwill", created_by="ops")
+    credit_note_create(
+        actor=Actor.system(organization), invoice=invoice, amount=Decimal("0.10"), reason="goodwill"
+    )
 
     def count():
         with CaptureQueriesContext(connection) as queries:

@@ -5,11 +5,10 @@ from decimal import Decimal
 import pytest
 from django.test import override_settings
 
+from accounts.actors import Actor
 from billing.invoicing import (
     billing_period_close,
     billing_periods_close_due,
-    credit_grant_create,
-    credit_note_create,
     invoice_draft,
 )
 from billing.ledger import usage_events_ingest
@@ -20,6 +19,7 @@ from billing.models import (
     InvoiceLine,
     NumberSequence,
 )
+from billing.services import credit_grant_create, credit_note_create
 from controlplane.errors import ValidationFailed
 from tests.billing.conftest import NOW, at
 from tests.billing.factories import UsageEventFactory
@@ -75,7 +75,10 @@ def test_tax_on_the_rounded_subtotal_and_credits_after_tax(organization, version
     use(organization, version, prompt=10_000_000, completion=1_000_000)  # 5.00 + 1.50
     usage_events_ingest(now=NOW)
     grant = credit_grant_create(
-        organization=organization, amount=Decimal("5.00"), description="welcome", created_by="ops"
+        actor=Actor.system(organization),
+        organization=organization,
+        amount=Decimal("5.00"),
+        description="welcome",
     )
     [invoice] = billing_period_close(period_start=FEB, now=NOW).created
     assert (invoice.subtotal, invoice.tax, invoice.credits_applied, invoice.total) == (
@@ -187,15 +190,16 @@ def test_finalized_invoices_are_immutable_and_corrected_by_credit_notes(
     invoice.payment_status = Invoice.PaymentStatus.PAID
     invoice.save()  # payment status may change
 
+    actor = Actor.system(organization)
     note = credit_note_create(
-        invoice=invoice, amount=Decimal("0.40"), reason="outage on Feb 3", created_by="ops"
+        actor=actor, invoice=invoice, amount=Decimal("0.40"), reason="outage on Feb 3"
     )
     assert note.number == "SIR-CN-2026-000001"
     assert note.invoice == invoice
     with pytest.raises(ValidationFailed, match=r"at most 0\.60"):
-        credit_note_create(invoice=invoice, amount=Decimal("0.61"), reason="x", created_by="ops")
+        credit_note_create(actor=actor, invoice=invoice, amount=Decimal("0.61"), reason="x")
     with pytest.raises(ValidationFailed):
-        credit_note_create(invoice=invoice, amount=Decimal("0.001"), reason="x", created_by="ops")
+        credit_note_create(actor=actor, invoice=invoice, amount=Decimal("0.001"), reason="x")
 
 
 def test_organizations_without_usage_get_no_invoice(organization, version, price):

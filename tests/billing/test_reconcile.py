@@ -114,3 +114,49 @@ def test_operator_commands_grant_credit_and_issue_credit_notes(organization, ver
         call_command("billing_grant_credit", "--org", "nope", "--amount", "1")
     with pytest.raises(CommandError, match="minor units"):
         call_command("billing_grant_credit", "--org", organization.slug, "--amount", "0.001")
+
+
+def test_credits_are_audited_with_who_made_them(organization, version, price, admin_user):
+    from accounts.models import AuditLogEntry
+
+    call_command(
+        "billing_grant_credit", "--org", organization.slug, "--amount", "0.40",
+        "--by", admin_user.email, stdout=StringIO(),
+    )  # fmt: skip
+    grant_entry = AuditLogEntry.objects.get(action="credit_grant.create")
+    assert grant_entry.organization == organization
+    assert (grant_entry.actor_user, grant_entry.actor_label) == (admin_user, admin_user.email)
+    assert grant_entry.changes["amount"] == "0.40" and grant_entry.changes["currency"] == "USD"
+    assert organization.credit_grants.get().created_by == admin_user.email
+    with pytest.raises(CommandError, match="no user has that email"):
+        call_command(
+            "billing_grant_credit", "--org", organization.slug, "--amount", "1", "--by", "x@y.z"
+        )
+
+    UsageEventFactory(
+        organization=organization,
+        model_version_id=version.pk,
+        finished_at=at(2026, 2, 3),
+        prompt_tokens=2_000_000,
+        completion_tokens=0,
+    )
+    usage_events_ingest(now=NOW)
+    [invoice] = billing_period_close(period_start=at(2026, 2, 1), now=NOW).created
+    finalized = AuditLogEntry.objects.get(action="invoice.finalize")
+    assert (finalized.organization, finalized.target_id) == (organization, str(invoice.pk))
+    assert (finalized.actor_label, finalized.changes["total"]) == ("system", "0.60")
+
+    call_command(
+        "billing_credit_note", "--invoice", invoice.number, "--amount", "0.25",
+        "--reason", "slow responses", stdout=StringIO(),
+    )  # fmt: skip
+    note_entry = AuditLogEntry.objects.get(action="credit_note.create")
+    assert note_entry.organization == organization and note_entry.actor_label == "system"
+    assert note_entry.changes == {
+        "invoice": invoice.number,
+        "amount": "0.25",
+        "currency": "USD",
+        "reason": "slow responses",
+    }
+    # The customer's owners see it in their audit log.
+    assert AuditLogEntry.objects.filter(organization=organization).count() == 3

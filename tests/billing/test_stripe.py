@@ -14,9 +14,11 @@ import httpx
 import pytest
 from django.test import override_settings
 
-from billing.invoicing import billing_period_close, credit_grant_create
+from accounts.actors import Actor
+from billing.invoicing import billing_period_close
 from billing.ledger import usage_events_ingest
 from billing.models import Invoice, StripeEvent
+from billing.services import credit_grant_create
 from billing.stripe_sync import invoice_stripe_sync, invoices_stripe_due
 from tests.billing.conftest import NOW, at
 from tests.billing.factories import UsageEventFactory
@@ -95,7 +97,10 @@ def closed_invoice(organization, *, credits=None) -> Invoice:
     usage_events_ingest(now=NOW)
     if credits:
         credit_grant_create(
-            organization=organization, amount=credits, description="promo", created_by="ops"
+            actor=Actor.system(organization),
+            organization=organization,
+            amount=credits,
+            description="promo",
         )
     [invoice] = billing_period_close(period_start=at(2026, 2, 1), now=NOW).created
     return invoice
@@ -231,6 +236,15 @@ def test_paid_and_failed_events_update_the_invoice_once(organization, stripe_on,
     invoice.refresh_from_db()
     assert (invoice.payment_status, invoice.paid_at) == (Invoice.PaymentStatus.PAID, paid_at)
     assert StripeEvent.objects.count() == 2
+    from accounts.models import AuditLogEntry
+
+    entries = AuditLogEntry.objects.filter(
+        action="invoice.payment_status", organization=organization
+    )
+    assert sorted((e.changes["stripe"], tuple(e.changes["payment_status"])) for e in entries) == [
+        ("evt_failed", ("unpaid", "payment_failed")),
+        ("evt_paid", ("payment_failed", "paid")),
+    ]
 
 
 @pytest.mark.parametrize(

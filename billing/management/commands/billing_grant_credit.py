@@ -4,7 +4,8 @@ from decimal import Decimal, InvalidOperation
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.models import Organization
-from billing.invoicing import credit_grant_create
+from billing.management.operators import operator_actor
+from billing.services import credit_grant_create
 from controlplane.errors import DomainError
 
 
@@ -18,7 +19,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--expires", help="ISO date-time the credit expires, e.g. 2027-01-01T00:00Z"
         )
-        parser.add_argument("--by", default="operator (manage.py)")
+        parser.add_argument(
+            "--by", help="Your login email, for the audit log (default: the system)."
+        )
 
     def handle(self, *args, org, amount, description, expires, by, **options):
         organization = Organization.objects.filter(slug=org).first()
@@ -31,13 +34,14 @@ class Command(BaseCommand):
             raise CommandError(f"Bad --amount or --expires: {exc}") from None
         if expires_at is not None and expires_at.tzinfo is None:
             raise CommandError("Give --expires a time zone, e.g. 2027-01-01T00:00Z.")
+        actor = operator_actor(organization, by)
         try:
             grant = credit_grant_create(
+                actor=actor,
                 organization=organization,
                 amount=value,
                 description=description,
                 expires_at=expires_at,
-                created_by=by,
             )
         except DomainError as exc:
             raise CommandError(exc.message) from None
