@@ -25,6 +25,9 @@ problem_exception_handler
 StrictFilterBackend
 StrictOrderingFilter
 
+# Run by Django's system check framework (`@register` in controlplane/checks.py).
+check_password_reset_mail
+
 # Read by console/templates/console/catalog/model_detail.html.
 HardwareOption.monthly
 
