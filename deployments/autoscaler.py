@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import transaction
-from django.db.models import F
+from django.db.models import Q
 from django.utils import timezone
 
-from deployments.models import Deployment, DeploymentEvent, LoadReport
+from deployments import transitions
+from deployments.models import Deployment, LoadReport
 
 # A gateway process that stopped reporting (scaled in, crashed) no longer counts.
 REPORT_STALE_SECONDS = 60
@@ -107,29 +107,13 @@ def autoscale(*, now: datetime | None = None) -> list[Decision]:
 
 
 def _apply(deployment: Deployment, decision: Decision, now: datetime) -> bool:
-    from deployments.tasks import reconcile_deployment
-
-    with transaction.atomic():
-        updated = Deployment.objects.filter(
-            pk=deployment.pk, desired_replicas=deployment.desired_replicas
-        ).update(
-            desired_replicas=decision.replicas,
-            generation=F("generation") + 1,
-            status=Deployment.Status.SCALING,
-            last_scaled_at=now,
-            updated_at=now,
-        )
-        if not updated:
-            return False  # changed meanwhile (a request woke it, a customer scaled it)
-        up = decision.replicas > deployment.desired_replicas
-        DeploymentEvent.objects.create(
-            deployment_id=deployment.pk,
-            reason="ScaledUp"
-            if up
-            else ("ScaledToZero" if not decision.replicas else "ScaledDown"),
-            message=(
-                f"{deployment.desired_replicas} → {decision.replicas} replicas: {decision.reason}."
-            ),
-        )
-        transaction.on_commit(lambda: reconcile_deployment.delay(decision.deployment_id))
-    return True
+    up = decision.replicas > deployment.desired_replicas
+    return transitions.scaled(
+        deployment.pk,
+        replicas=decision.replicas,
+        reason="ScaledUp" if up else ("ScaledToZero" if not decision.replicas else "ScaledDown"),
+        message=f"{deployment.desired_replicas} → {decision.replicas} replicas: {decision.reason}.",
+        # Unless changed meanwhile (a request woke it, a customer scaled it).
+        where=Q(desired_replicas=deployment.desired_replicas),
+        now=now,
+    )

@@ -117,6 +117,9 @@ class Deployment(models.Model):
     # with a conditional UPDATE; a killed worker's lease simply runs out.
     lease_token = models.CharField(max_length=32, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # When the pass chain's next pass is due (None: converged, nothing queued). A chain that
+    # misses it by a few seconds was broken by a killed worker; the stalled check resumes it.
+    next_reconcile_at = models.DateTimeField(null=True, blank=True)
     last_scaled_at = models.DateTimeField(null=True, blank=True)
     scale_up_requested_at = models.DateTimeField(null=True, blank=True)
 
@@ -212,10 +215,13 @@ class DeploymentEvent(models.Model):
 class ReplicaUsage(models.Model):
     """GPU time of one dedicated replica: billing reads replica-seconds from these rows.
 
-    A row opens when the replica first holds its hardware (the pod is bound to a node, or the
-    local process started) and closes when it lets go (pod gone, process stopped). It records
-    the model version the replica runs, which is not always the deployment's: during a rolling
-    update the old replicas keep running (and are billed as) the previous version.
+    A row is one run of the replica's model server, with the provisioner's own timestamps: it
+    opens when the server started (the local process's start time; the server container's
+    `startedAt`) and closes when it stopped (the process's exit; the container's `finishedAt`;
+    the pod's removal or node loss as observed). A restart is a gap between two rows, and the
+    rows of one replica never overlap (billing_reconcile checks it). It records the model
+    version the replica runs, which is not always the deployment's: during a rolling update the
+    old replicas keep running (and are billed as) the previous version.
     """
 
     deployment = models.ForeignKey(Deployment, on_delete=models.PROTECT, related_name="usage")

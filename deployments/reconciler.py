@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 from datetime import datetime, timedelta
 
-from django.db import transaction
-from django.db.models import Max, Q
+from django.db import connections, transaction
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from catalog.models import ModelVersion
-from deployments.models import Deployment, DeploymentEvent, Replica, ReplicaUsage
+from deployments import transitions
+from deployments.models import Deployment, Replica, ReplicaUsage
 from deployments.provisioners import (
     DeploymentSpec,
     Observation,
@@ -36,19 +38,24 @@ from deployments.selectors import max_model_len
 
 logger = logging.getLogger(__name__)
 
-LEASE_SECONDS = 120
+# A pass holds the deployment's lease this long and renews it while it runs (a delete that
+# waits for processes to stop can take longer), so a killed worker's lease lapses within
+# seconds and the stalled check (deployments.tasks.reconcile_stalled) resumes its deployment.
+LEASE_SECONDS = 8.0
+LEASE_RENEW_SECONDS = 2.5
+# A pass asked for by a change (a replica exited) that finds the lease taken comes back this
+# soon rather than being dropped: the pass in progress may have looked before the change.
+BUSY_RETRY_SECONDS = 0.5
+# A pass chain whose next pass is this late is broken (its worker died): the stalled check
+# enqueues one. Allows for a busy broker.
+CHAIN_LATE_SECONDS = 4.0
+STALLED_PATIENCE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 300.0
 # Transient errors in a row before the deployment fails (~20 minutes of backoff).
 TRANSIENT_FAILURES_TO_FAIL = 10
 PHASE_PERCENT = {"scheduling": 10, "pulling_image": 35, "loading_weights": 70, "ready": 100}
 PHASE_ORDER = ["scheduling", "pulling_image", "loading_weights", "ready"]
-IN_PROGRESS = (
-    Deployment.Status.PENDING,
-    Deployment.Status.PROVISIONING,
-    Deployment.Status.SCALING,
-    Deployment.Status.UPDATING,
-    Deployment.Status.DELETING,
-)
+IN_PROGRESS = transitions.IN_PROGRESS
 
 
 # --- desired spec ------------------------------------------------------------------------------
@@ -144,33 +151,73 @@ def _take_lease(deployment_id) -> str | None:
     return token if taken else None
 
 
-def _release_lease(deployment_id, token: str) -> None:
-    Deployment.objects.filter(pk=deployment_id, lease_token=token).update(
-        lease_token="", lease_expires_at=None
-    )
+class _LeaseKeeper:
+    """Renews the lease of a pass that runs long, from a thread; writes nothing for a pass
+    shorter than LEASE_RENEW_SECONDS (nearly all)."""
+
+    def __init__(self, deployment_id, token: str):
+        self.deployment_id, self.token = deployment_id, token
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        # Not joined: a renewal still in flight matches no row once the lease is released.
+        self._done.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._done.wait(LEASE_RENEW_SECONDS):
+                Deployment.objects.filter(pk=self.deployment_id, lease_token=self.token).update(
+                    lease_expires_at=timezone.now() + timedelta(seconds=LEASE_SECONDS)
+                )
+        except Exception:  # the pass goes on; at worst another pass may start after it
+            logger.exception("renewing the lease of deployment %s failed", self.deployment_id)
+        finally:
+            connections.close_all()
 
 
 # --- one pass --------------------------------------------------------------------------------
 
 
 def reconcile(
-    deployment_id, *, provisioner: Provisioner | None = None, force: bool = False
+    deployment_id,
+    *,
+    provisioner: Provisioner | None = None,
+    force: bool = False,
+    retry_if_busy: bool = False,
 ) -> float | None:
     """One reconcile pass; returns seconds until the next one, or None when converged.
-    `force` re-applies everything (the sweep found the cluster drifted)."""
+    `force` re-applies everything (the sweep found the cluster drifted). `retry_if_busy`: the
+    pass was asked for by a change, so if another pass holds the lease, come back shortly."""
     deployment = _load(deployment_id)
     if deployment is None or deployment.status == Deployment.Status.DELETED:
         return None
     token = _take_lease(deployment.pk)
     if token is None:
-        # Another pass holds it; it will requeue itself (or the sweep will, if it was killed).
-        return None
+        # Another pass holds it; it will requeue itself (or the stalled check will, if it was
+        # killed). A change it may not have seen gets its own pass soon after.
+        return BUSY_RETRY_SECONDS if retry_if_busy else None
+    requeue = None
     try:
-        if deployment.pool_id:
-            return _reconcile_serverless_entry(deployment)
-        return _reconcile(deployment, provisioner or get_provisioner(), force=force)
+        with _LeaseKeeper(deployment.pk, token):
+            if deployment.pool_id:
+                requeue = _reconcile_serverless_entry(deployment)
+            else:
+                requeue = _reconcile(deployment, provisioner or get_provisioner(), force=force)
     finally:
-        _release_lease(deployment.pk, token)
+        # When the next pass is due: a chain that misses it by CHAIN_LATE_SECONDS is broken.
+        Deployment.objects.filter(pk=deployment.pk, lease_token=token).update(
+            lease_token="",
+            lease_expires_at=None,
+            next_reconcile_at=None
+            if requeue is None
+            else timezone.now() + timedelta(seconds=requeue),
+        )
+    return requeue
 
 
 def _reconcile(deployment: Deployment, provisioner: Provisioner, *, force: bool) -> float | None:
@@ -200,26 +247,10 @@ def _record_transient_error(
     deployment: Deployment, error: TransientError, provisioner: Provisioner
 ) -> float | None:
     row = Deployment.objects.select_for_update().get(pk=deployment.pk)
-    row.reconcile_failures += 1
-    row.last_reconciled_at = timezone.now()
-    if row.reconcile_failures >= TRANSIENT_FAILURES_TO_FAIL and row.status != (
-        Deployment.Status.DELETING
+    if not transitions.retrying(
+        row, message=error.message, failures_to_fail=TRANSIENT_FAILURES_TO_FAIL
     ):
-        _fail(
-            row,
-            reason="ClusterUnavailable",
-            message=(
-                f"The cluster kept failing for {row.reconcile_failures} attempts; last error: "
-                f"{error.message}"
-            ),
-        )
         return provisioner.poll_interval
-    if row.reconcile_failures == 1:
-        _event(row, "ClusterError", f"{error.message} Retrying with backoff.", warning=True)
-    row.status_reason = f"Retrying after an error from the cluster: {error.message}"
-    row.save(
-        update_fields=["reconcile_failures", "last_reconciled_at", "status_reason", "updated_at"]
-    )
     return _backoff(row.reconcile_failures)
 
 
@@ -228,66 +259,7 @@ def _record_failure(deployment: Deployment, *, reason: str, message: str) -> Non
     row = Deployment.objects.select_for_update().get(pk=deployment.pk)
     if row.status in (Deployment.Status.DELETING, Deployment.Status.DELETED):
         return
-    _fail(row, reason=reason, message=message)
-
-
-def _fail(row: Deployment, *, reason: str, message: str) -> None:
-    """Mark failed for this generation; the next pass scales it to zero (no GPU held or billed)
-    until the customer changes it (PATCH) or deletes it."""
-    already = row.status == Deployment.Status.FAILED and row.status_reason == message
-    row.status = Deployment.Status.FAILED
-    row.status_reason = message
-    row.observed_generation = row.generation
-    row.reconcile_failures = 0
-    row.progress_phase = Deployment.Phase.NONE
-    row.conditions = _conditions(
-        row.conditions, available=False, progressing=(False, reason, message)
-    )
-    row.save()
-    if not already:
-        _event(row, reason, message, warning=True)
-        _notify_pool_members(row)
-
-
-def _event(deployment: Deployment, reason: str, message: str, *, warning: bool = False) -> None:
-    DeploymentEvent.objects.create(
-        deployment=deployment,
-        reason=reason,
-        message=message[:2000],
-        type=DeploymentEvent.Type.WARNING if warning else DeploymentEvent.Type.NORMAL,
-    )
-
-
-def _conditions(previous, *, available: bool, progressing: tuple[bool, str, str]) -> list:
-    """Kubernetes-style conditions; a condition's lastTransitionTime moves only when its
-    status does."""
-    now = timezone.now().isoformat()
-    before = {c["type"]: c for c in previous or []}
-    wanted = [
-        (
-            "Available",
-            available,
-            "MinimumReplicasAvailable" if available else "NoReplicaReady",
-            "",
-        ),
-        ("Progressing", *progressing),
-    ]
-    result = []
-    for kind, status, reason, message in wanted:
-        text = "True" if status else "False"
-        old = before.get(kind, {})
-        result.append(
-            {
-                "type": kind,
-                "status": text,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": old.get("lastTransitionTime", now)
-                if old.get("status") == text
-                else now,
-            }
-        )
-    return result
+    transitions.fail(row, reason=reason, message=message)
 
 
 def _progress(spec: DeploymentSpec, observation: Observation) -> tuple[str, int]:
@@ -320,106 +292,15 @@ def _record_observation(
             _sync_usage(
                 row, observation, now, spec=spec, spec_version_id=deployment.model_version_id
             )
-        same_spec = row.generation == deployment.generation
-        before = (row.status, row.status_reason)
-        fields = {
-            "ready_replicas": observation.ready_count,
-            "reconcile_failures": 0,
-            "last_reconciled_at": now,
-        }
-        phase, percent = _progress(spec, observation)
-        requeue: float | None = provisioner.poll_interval
-        if row.status == Deployment.Status.FAILED and row.observed_generation >= row.generation:
-            # Failed for this generation: only wait for its replicas to be gone.
-            fields.update(progress_phase=Deployment.Phase.NONE, progress_percent=0)
-            if not observation.replicas:
-                requeue = None
-        elif observation.failure and same_spec:
-            _fail(row, reason=observation.failure_reason or "Failed", message=observation.failure)
-            return provisioner.poll_interval
-        elif observation.rolled_out and same_spec:
-            fields.update(
-                status=Deployment.Status.READY,
-                status_reason="",
-                observed_generation=row.generation,
-                progress_phase=Deployment.Phase.READY if spec.replicas else Deployment.Phase.NONE,
-                progress_percent=100,
-                conditions=_conditions(
-                    row.conditions,
-                    available=observation.ready_count > 0,
-                    progressing=(
-                        True,
-                        "ScaledToZero" if not spec.replicas else "NewReplicasAvailable",
-                        "",
-                    ),
-                ),
-            )
-            requeue = None
-        else:
-            status = row.status
-            if status in (Deployment.Status.PENDING, Deployment.Status.FAILED) or (
-                status == Deployment.Status.READY and observation.ready_count == 0
-            ):
-                status = Deployment.Status.PROVISIONING
-            fields.update(
-                status=status,
-                status_reason=observation.waiting,
-                progress_phase=phase,
-                progress_percent=percent,
-                conditions=_conditions(
-                    row.conditions,
-                    available=observation.ready_count > 0,
-                    progressing=(
-                        True,
-                        observation.waiting_reason or "ReplicasUpdating",
-                        observation.waiting,
-                    ),
-                ),
-            )
-            if not same_spec:
-                requeue = 0.0  # the spec changed during this pass: apply the new one now
-        if requeue is None and row.last_reconciled_at is not None:
-            # Converged and unchanged: no write (a reconcile of a steady deployment is free).
-            del fields["last_reconciled_at"]
-        changed = [name for name, value in fields.items() if getattr(row, name) != value]
-        if changed:
-            for name in changed:
-                setattr(row, name, fields[name])
-            row.save(update_fields=[*changed, "updated_at"])
-        after = (row.status, row.status_reason)
-        if after != before:
-            _status_events(row, before, observation, spec)
-        return requeue
-
-
-def _status_events(
-    row: Deployment, before: tuple[str, str], observation: Observation, spec: DeploymentSpec
-) -> None:
-    status, reason = row.status, row.status_reason
-    if status == Deployment.Status.READY and before[0] != Deployment.Status.READY:
-        if spec.replicas:
-            _event(
-                row,
-                "Ready",
-                f"{observation.ready_count} of {spec.replicas} replicas ready "
-                f"({spec.model_slug} {spec.model_version} on {spec.profile.name}).",
-            )
-        else:
-            _event(row, "ScaledToZero", "No replica runs; the next request starts one.")
-        _notify_pool_members(row)
-    elif status == Deployment.Status.READY and before[0] == Deployment.Status.READY:
-        return
-    elif reason and reason != before[1]:
-        _event(row, observation.waiting_reason or "Waiting", reason, warning=True)
-    elif status == Deployment.Status.PROVISIONING and before[0] == Deployment.Status.PENDING:
-        _event(
+        return transitions.observed(
             row,
-            "Provisioning",
-            f"Starting {spec.replicas} replica{'s' if spec.replicas != 1 else ''} of "
-            f"{spec.model_slug} {spec.model_version} on {spec.profile.name}.",
+            spec=spec,
+            observation=observation,
+            same_spec=row.generation == deployment.generation,
+            progress=_progress(spec, observation),
+            poll_interval=provisioner.poll_interval,
+            now=now,
         )
-    elif status == Deployment.Status.PROVISIONING and before[0] == Deployment.Status.READY:
-        _event(row, "ReplicasUnavailable", "No replica is ready; restarting them.", warning=True)
 
 
 def _sync_replicas(row: Deployment, observation: Observation, now: datetime) -> None:
@@ -438,17 +319,30 @@ def _sync_replicas(row: Deployment, observation: Observation, now: datetime) -> 
         replica = existing.pop(seen.name, None)
         if replica is None:
             Replica.objects.create(
-                deployment=row, name=seen.name, started_at=now, last_seen_at=now, **values
+                deployment=row,
+                name=seen.name,
+                started_at=seen.running_since or now,
+                last_seen_at=now,
+                **values,
             )
             continue
         if seen.restart_count > replica.restart_count:
-            _event(
+            how = seen.last_exit or "it exited"
+            if seen.running:
+                what = "restarted"
+            elif seen.message:
+                what = f"restarting: {seen.message}"
+            else:
+                what = "restarting"
+            transitions.event_record(
                 row,
                 seen.reason or "ReplicaRestarted",
-                f"Replica {seen.name} restarted ({seen.restart_count} restarts): "
-                f"{seen.message or 'it exited'}",
+                f"Replica {seen.name} exited with {how}; {what} "
+                f"({seen.restart_count} restart{'s' if seen.restart_count != 1 else ''}).",
                 warning=True,
             )
+        if seen.running_since and seen.running_since != replica.started_at:
+            values["started_at"] = seen.running_since
         changed = [name for name, value in values.items() if getattr(replica, name) != value]
         if changed:
             for name in changed:
@@ -456,7 +350,23 @@ def _sync_replicas(row: Deployment, observation: Observation, now: datetime) -> 
             replica.last_seen_at = now
             replica.save(update_fields=[*changed, "last_seen_at"])
     if existing:
+        if row.status == Deployment.Status.READY and row.is_converged:
+            # Nothing asked for it to go (no scale-down, no update): its pod was deleted or
+            # its node was lost.
+            for name in sorted(existing):
+                transitions.event_record(
+                    row,
+                    "ReplicaLost",
+                    f"Replica {name} is gone (its pod was deleted or its node was lost); "
+                    "a replacement is starting.",
+                    warning=True,
+                )
         Replica.objects.filter(pk__in=[replica.pk for replica in existing.values()]).delete()
+
+
+# Two start times this close are the same run (a timestamp's precision: whole seconds from
+# the API server, a clock tick from /proc).
+SAME_RUN_SECONDS = 1.5
 
 
 def _sync_usage(
@@ -467,30 +377,106 @@ def _sync_usage(
     spec: DeploymentSpec,
     spec_version_id: int,
 ) -> None:
-    """Open a GPU-time row when a replica takes its hardware, close it when it lets go."""
+    """One GPU-time row per observed run of each replica, with the provisioner's timestamps:
+    opened at the run's start, closed at its end (or, for a replica gone between passes, when
+    the provisioner says it stopped, else now). Rows of one replica never overlap."""
     open_rows = {
         usage.replica_name: usage
         for usage in ReplicaUsage.objects.filter(deployment=row, ended_at__isnull=True)
     }
-    holding = {replica.name: replica for replica in observation.replicas if replica.holds_hardware}
-    opening = [holding[name] for name in sorted(holding.keys() - open_rows.keys())]
-    if opening:
-        versions = _running_versions(row, opening, spec=spec, spec_version_id=spec_version_id)
-        ReplicaUsage.objects.bulk_create(
-            [
-                ReplicaUsage(
-                    deployment=row,
-                    model_version_id=versions[replica.name],
-                    hardware_profile_id=row.hardware_profile_id,
-                    replica_name=replica.name,
-                    started_at=now,
-                )
-                for replica in opening
-            ]
+    seen = {replica.name: replica for replica in observation.replicas}
+    closing: list[tuple[ReplicaUsage, datetime]] = []
+    missed: list[tuple[ObservedReplica, datetime, datetime]] = []
+    for name, usage in open_rows.items():
+        replica = seen.get(name)
+        since = replica.running_since if replica is not None else None
+        if (
+            replica is not None
+            and replica.running
+            and (
+                since is None or abs((since - usage.started_at).total_seconds()) <= SAME_RUN_SECONDS
+            )
+        ):
+            continue  # the same run goes on
+        if replica is None:
+            end = observation.stopped_at.get(name) or now
+        else:
+            end, missed_run = _end_of_run(usage, replica.last_run, next_start=since, now=now)
+            if missed_run is not None:
+                missed.append((replica, *missed_run))
+        closing.append((usage, min(max(end, usage.started_at), now)))
+    for usage, end in closing:
+        usage.ended_at = end
+        usage.save(update_fields=["ended_at"])
+        del open_rows[usage.replica_name]
+    opening = [
+        replica
+        for replica in observation.replicas
+        if replica.running and replica.name not in open_rows
+    ]
+    if not opening and not missed:
+        return
+    versions = _running_versions(
+        row,
+        [*opening, *(replica for replica, _, _ in missed)],
+        spec=spec,
+        spec_version_id=spec_version_id,
+    )
+    # A row never starts before the replica's previous row ended.
+    previous_end = dict(
+        ReplicaUsage.objects.filter(
+            deployment=row,
+            replica_name__in=[r.name for r in opening],
+            ended_at__isnull=False,
         )
-    gone = [usage.pk for name, usage in open_rows.items() if name not in holding]
-    if gone:
-        ReplicaUsage.objects.filter(pk__in=gone).update(ended_at=now)
+        .values("replica_name")
+        .annotate(last=Max("ended_at"))
+        .values_list("replica_name", "last")
+    )
+    rows = [
+        ReplicaUsage(
+            deployment=row,
+            model_version_id=versions[replica.name],
+            hardware_profile_id=row.hardware_profile_id,
+            replica_name=replica.name,
+            started_at=start,
+            ended_at=end,
+        )
+        for replica, start, end in missed
+    ]
+    for replica in opening:
+        start = min(replica.running_since or now, now)
+        if replica.name in previous_end:
+            start = max(start, previous_end[replica.name])
+        rows.append(
+            ReplicaUsage(
+                deployment=row,
+                model_version_id=versions[replica.name],
+                hardware_profile_id=row.hardware_profile_id,
+                replica_name=replica.name,
+                started_at=start,
+            )
+        )
+    ReplicaUsage.objects.bulk_create(rows)
+
+
+def _end_of_run(
+    usage: ReplicaUsage,
+    last_run: tuple[datetime, datetime] | None,
+    *,
+    next_start: datetime | None,
+    now: datetime,
+) -> tuple[datetime, tuple[datetime, datetime] | None]:
+    """When the run an open row stands for ended, and a whole run between it and now that no
+    pass saw (start, end) if the provisioner reports one."""
+    if last_run is None:
+        return next_start or now, None
+    started, ended = last_run
+    if (started - usage.started_at).total_seconds() <= SAME_RUN_SECONDS:
+        return ended, None  # the row's own run
+    # Restarted more than once between two passes: the row's run ended before `started`
+    # (when exactly, no one recorded; the next run's start bounds it).
+    return started, (started, ended)
 
 
 def _running_versions(
@@ -544,23 +530,8 @@ def _running_versions(
 @transaction.atomic
 def _finish_delete(deployment: Deployment) -> None:
     row = Deployment.objects.select_for_update().get(pk=deployment.pk)
-    if row.status == Deployment.Status.DELETED:
-        return
-    now = timezone.now()
-    ReplicaUsage.objects.filter(deployment=row, ended_at__isnull=True).update(ended_at=now)
-    row.replicas.all().delete()
-    row.load_reports.all().delete()
-    row.status = Deployment.Status.DELETED
-    row.status_reason = ""
-    row.deleted_at = now
-    row.ready_replicas = 0
-    row.desired_replicas = 0
-    row.observed_generation = row.generation
-    row.progress_phase = Deployment.Phase.NONE
-    row.progress_percent = 0
-    row.conditions = []
-    row.save()
-    _event(row, "Deleted", "Every replica and cluster object is gone.")
+    if row.status != Deployment.Status.DELETED:
+        transitions.deleted(row)
 
 
 def _reconcile_serverless_entry(deployment: Deployment) -> None:
@@ -583,52 +554,59 @@ def _reconcile_serverless_entry(deployment: Deployment) -> None:
                 f"({pool.status}); the platform team has been told."
             )
             if row.status != Deployment.Status.FAILED or row.status_reason != message:
-                _fail(row, reason="PoolUnavailable", message=message)
+                transitions.fail(row, reason="PoolUnavailable", message=message)
             return None
-        if row.status != Deployment.Status.READY or row.observed_generation < row.generation:
-            row.status = Deployment.Status.READY
-            row.status_reason = ""
-            row.observed_generation = row.generation
-            row.progress_phase = Deployment.Phase.READY
-            row.progress_percent = 100
-            row.conditions = _conditions(
-                row.conditions, available=True, progressing=(True, "SharedPool", "")
-            )
-            row.save()
-            _event(row, "Ready", f"Served by the shared {row.model_version.model.slug} pool.")
+        transitions.entry_ready(row)
     return None
-
-
-def _notify_pool_members(row: Deployment) -> None:
-    if row.type != Deployment.Type.SERVERLESS or row.pool_id:
-        return
-    from deployments.tasks import reconcile_deployment
-
-    member_ids = list(
-        row.members.exclude(status=Deployment.Status.DELETED).values_list("pk", flat=True)
-    )
-    for member_id in member_ids:
-        transaction.on_commit(
-            lambda member_id=member_id: reconcile_deployment.delay(str(member_id))
-        )
 
 
 # --- the sweep ------------------------------------------------------------------------------
 
 
-def sweep(*, provisioner: Provisioner | None = None) -> tuple[list[str], list[str]]:
-    """Find what needs a reconcile pass: (stalled in-progress ids, drifted steady ids; these
-    get a forced re-apply). The task enqueues them.
+def stalled(*, now: datetime | None = None) -> list[str]:
+    """Deployments whose pass chain broke: a pass is due (in progress, or a spec not yet
+    observed), no pass holds the lease, and the chain's next pass is CHAIN_LATE_SECONDS late
+    (its worker died with the pass, or with the countdown task it held). One indexed query, no
+    write: the stalled check runs it every few seconds, and at every worker's start."""
+    now = now or timezone.now()
+    late = now - timedelta(seconds=CHAIN_LATE_SECONDS)
+    # Rows from before next_reconcile_at was kept, or whose last pass raised (Celery retries
+    # those), have none: they wait the old patience.
+    patience = now - timedelta(seconds=STALLED_PATIENCE_SECONDS)
+    rows = (
+        Deployment.objects.filter(
+            Q(status__in=IN_PROGRESS) | Q(observed_generation__lt=F("generation"))
+        )
+        .exclude(status=Deployment.Status.DELETED)
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+        .filter(
+            Q(next_reconcile_at__lt=late)
+            | Q(
+                next_reconcile_at__isnull=True,
+                last_reconciled_at__isnull=True,
+                created_at__lt=late,
+            )
+            | Q(next_reconcile_at__isnull=True, last_reconciled_at__lt=patience)
+        )
+    )
+    return [str(pk) for pk in rows.values_list("pk", flat=True)]
 
-    Reads only: in steady state it makes no write, to the database or the cluster. In-progress
-    deployments whose pass chain broke (a killed worker) come back once their lease expired;
-    steady ones come back when the cluster drifted from what the database recorded.
+
+def sweep(*, provisioner: Provisioner | None = None) -> tuple[list[str], list[str]]:
+    """Find what needs a reconcile pass: (stalled ids, drifted steady ids; these get a forced
+    re-apply). The task enqueues them.
+
+    Reads only: in steady state it makes no write, to the database or the cluster. Stalled
+    deployments are the stalled check's (see `stalled`); steady ones come back when the cluster
+    drifted from what the database recorded (a change the provisioner's watch missed).
     """
     provisioner = provisioner or get_provisioner()
     now = timezone.now()
-    patience = max(30.0, 3 * provisioner.poll_interval)
     candidates = list(
         Deployment.objects.exclude(status=Deployment.Status.DELETED)
+        .filter(pool=None, observed_generation__gte=F("generation"))
+        .exclude(status__in=IN_PROGRESS)
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
         .select_related(
             "organization",
             "model_version__model",
@@ -638,32 +616,11 @@ def sweep(*, provisioner: Provisioner | None = None) -> tuple[list[str], list[st
         )
         .prefetch_related("replicas")
     )
-    due: list[str] = []
     drifted: list[str] = []
     steady: dict[str, DeploymentSpec] = {}
     known: dict[str, dict] = {}
     headroom = _headroom_by_organization()
     for deployment in candidates:
-        lease_free = deployment.lease_expires_at is None or deployment.lease_expires_at < now
-        if deployment.pool_id:
-            if deployment.status in IN_PROGRESS and lease_free:
-                due.append(str(deployment.pk))
-            continue
-        if deployment.status in IN_PROGRESS or not deployment.is_converged:
-            # A pass chain in backoff looks again only after its backoff; allow for it.
-            waited = patience + (
-                1.2 * min(MAX_BACKOFF_SECONDS, 2.0**deployment.reconcile_failures)
-                if deployment.reconcile_failures
-                else 0.0
-            )
-            if lease_free and (
-                deployment.last_reconciled_at is None
-                or deployment.last_reconciled_at < now - timedelta(seconds=waited)
-            ):
-                due.append(str(deployment.pk))
-            continue
-        if not lease_free:
-            continue
         try:
             spec = build_spec(deployment, headroom=headroom.get(deployment.organization_id, 0))
         except PermanentError:
@@ -676,7 +633,7 @@ def sweep(*, provisioner: Provisioner | None = None) -> tuple[list[str], list[st
         }
     if steady:
         drifted = sorted(provisioner.drifted(steady, known))
-    return due, drifted
+    return stalled(now=now), drifted
 
 
 def _headroom_by_organization() -> dict[int, int]:

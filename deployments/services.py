@@ -7,7 +7,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.actors import Actor
@@ -15,20 +15,14 @@ from accounts.models import Organization
 from accounts.roles import Permission
 from accounts.services import audit_record, require
 from controlplane.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from deployments import transitions
 from deployments.models import (
     NAME_MAX_LENGTH,
     Deployment,
-    DeploymentEvent,
     LoadReport,
     dns_name_validator,
 )
 from deployments.selectors import PLATFORM_ORGANIZATION_SLUG, organization_gpu_usage, pool_for
-
-
-def _enqueue_reconcile(deployment_id) -> None:
-    from deployments.tasks import reconcile_deployment
-
-    transaction.on_commit(lambda: reconcile_deployment.delay(str(deployment_id)))
 
 
 def _catalog():
@@ -165,6 +159,34 @@ def _check_price(*, deployment_type: str, version, profile) -> None:
         )
 
 
+def _validate_spec(
+    *,
+    organization,
+    deployment_type: str,
+    version,
+    profile,
+    min_replicas: int,
+    max_replicas: int,
+    target_in_flight_per_replica: int,
+    scale_to_zero_after_seconds: int | None,
+    exclude_id=None,
+    check_quota: bool = True,
+) -> None:
+    """One validation of a deployment's spec for create, update and the platform's serverless
+    pools: replica bounds, autoscaling, hardware fit, a price in force, the GPU quota."""
+    _check_replicas(min_replicas=min_replicas, max_replicas=max_replicas)
+    _check_autoscaling(target_in_flight_per_replica, scale_to_zero_after_seconds)
+    _check_fit(version=version, profile=profile)
+    _check_price(deployment_type=deployment_type, version=version, profile=profile)
+    if check_quota:
+        _check_gpu_quota(
+            organization=organization,
+            profile=profile,
+            max_replicas=max_replicas,
+            exclude_id=exclude_id,
+        )
+
+
 @transaction.atomic
 def deployment_create(
     *,
@@ -225,11 +247,17 @@ def deployment_create(
             )
         max_replicas = max_replicas if max_replicas is not None else max(1, min_replicas)
         _check_replicas(min_replicas=min_replicas, max_replicas=max_replicas)
-        _check_autoscaling(target_in_flight_per_replica, scale_to_zero_after_seconds)
         profile = _resolve_profile(hardware_profile)
-        _check_fit(version=model_version, profile=profile)
-        _check_price(deployment_type=type, version=model_version, profile=profile)
-        _check_gpu_quota(organization=organization, profile=profile, max_replicas=max_replicas)
+        _validate_spec(
+            organization=organization,
+            deployment_type=type,
+            version=model_version,
+            profile=profile,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            target_in_flight_per_replica=target_in_flight_per_replica,
+            scale_to_zero_after_seconds=scale_to_zero_after_seconds,
+        )
         deployment = Deployment(
             organization=organization,
             name=name,
@@ -252,11 +280,7 @@ def deployment_create(
             field="name",
             code="name_taken",
         ) from None
-    deployment_event_record(
-        deployment=deployment,
-        reason="Created",
-        message=f"{actor.label} asked for {_describe(deployment)}.",
-    )
+    transitions.created(deployment, message=f"{actor.label} asked for {_describe(deployment)}.")
     audit_record(
         actor=actor,
         action="deployment.create",
@@ -270,7 +294,6 @@ def deployment_create(
             "max_replicas": deployment.max_replicas,
         },
     )
-    _enqueue_reconcile(deployment.pk)
     return deployment
 
 
@@ -366,48 +389,46 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
     if not changes:
         return deployment
 
-    _check_replicas(min_replicas=deployment.min_replicas, max_replicas=deployment.max_replicas)
-    _check_autoscaling(
-        deployment.target_in_flight_per_replica, deployment.scale_to_zero_after_seconds
-    )
+    # A rollout is checked whole (fit and price on the new version or profile); a scale only
+    # for what it changes (bounds, autoscaling, quota): a price withdrawn later does not stop
+    # a customer from scaling down.
     if rollout:
-        _check_fit(version=deployment.model_version, profile=deployment.hardware_profile)
-        _check_price(
+        _validate_spec(
+            organization=deployment.organization,
             deployment_type=deployment.type,
             version=deployment.model_version,
             profile=deployment.hardware_profile,
+            min_replicas=deployment.min_replicas,
+            max_replicas=deployment.max_replicas,
+            target_in_flight_per_replica=deployment.target_in_flight_per_replica,
+            scale_to_zero_after_seconds=deployment.scale_to_zero_after_seconds,
+            exclude_id=deployment.pk,
         )
-    _check_gpu_quota(
-        organization=deployment.organization,
-        profile=deployment.hardware_profile,
-        max_replicas=deployment.max_replicas,
-        exclude_id=deployment.pk,
-    )
+    else:
+        _check_replicas(min_replicas=deployment.min_replicas, max_replicas=deployment.max_replicas)
+        _check_autoscaling(
+            deployment.target_in_flight_per_replica, deployment.scale_to_zero_after_seconds
+        )
+        _check_gpu_quota(
+            organization=deployment.organization,
+            profile=deployment.hardware_profile,
+            max_replicas=deployment.max_replicas,
+            exclude_id=deployment.pk,
+        )
     desired = min(
         max(deployment.desired_replicas, deployment.min_replicas), deployment.max_replicas
     )
     replicas_changed = desired != deployment.desired_replicas
     deployment.desired_replicas = desired
     retry = deployment.status == Deployment.Status.FAILED
-    if rollout or replicas_changed or retry:
-        # A new generation: the reconciler applies it. Changing a failed deployment retries it.
-        deployment.generation += 1
-        if retry:
-            deployment.status = Deployment.Status.PROVISIONING
-            deployment.desired_replicas = max(desired, 1)
-        elif rollout:
-            deployment.status = Deployment.Status.UPDATING
-        elif deployment.status == Deployment.Status.READY:
-            deployment.status = Deployment.Status.SCALING
-        deployment.status_reason = ""
-        deployment.reconcile_failures = 0
-    deployment.save()
     summary = ", ".join(f"{name} {old} → {new}" for name, (old, new) in changes.items())
-    deployment_event_record(
-        deployment=deployment, reason="Updated", message=f"{actor.label} changed {summary}."
+    transitions.updated(
+        deployment,
+        new_generation=rollout or replicas_changed or retry,
+        rollout=rollout,
+        message=f"{actor.label} changed {summary}.",
     )
     audit_record(actor=actor, action="deployment.update", target=deployment, changes=changes)
-    _enqueue_reconcile(deployment.pk)
     return deployment
 
 
@@ -427,17 +448,8 @@ def deployment_delete(*, actor: Actor, deployment: Deployment) -> Deployment:
             f"{members.count()} serverless deployments still use this pool; they must be "
             "deleted first."
         )
-    deployment.status = Deployment.Status.DELETING
-    deployment.status_reason = "Removing replicas and cluster objects."
-    deployment.desired_replicas = 0
-    deployment.generation += 1
-    deployment.reconcile_failures = 0
-    deployment.save()
-    deployment_event_record(
-        deployment=deployment, reason="Deleting", message=f"{actor.label} deleted it."
-    )
+    transitions.deleting(deployment, message=f"{actor.label} deleted it.")
     audit_record(actor=actor, action="deployment.delete", target=deployment)
-    _enqueue_reconcile(deployment.pk)
     return deployment
 
 
@@ -468,8 +480,18 @@ def serverless_pool_ensure(
     existing = pool_for(model_version=model_version)
     if existing is not None:
         return existing
-    _check_replicas(min_replicas=min_replicas, max_replicas=max_replicas)
-    _check_fit(version=model_version, profile=hardware_profile)
+    _validate_spec(
+        organization=platform,
+        deployment_type=Deployment.Type.SERVERLESS,
+        version=model_version,
+        profile=hardware_profile,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        target_in_flight_per_replica=target_in_flight_per_replica,
+        scale_to_zero_after_seconds=scale_to_zero_after_seconds,
+        # The platform's own pool: its GPUs are the platform team's, not a customer's quota.
+        check_quota=False,
+    )
     pool = Deployment.objects.create(
         organization=platform,
         name=_free_name(platform, pool_name_for(model_version)),
@@ -483,10 +505,8 @@ def serverless_pool_ensure(
         target_in_flight_per_replica=target_in_flight_per_replica,
         scale_to_zero_after_seconds=scale_to_zero_after_seconds,
     )
-    deployment_event_record(
-        deployment=pool,
-        reason="Created",
-        message=f"Shared serverless pool for {model_version}: {_describe(pool)}.",
+    transitions.created(
+        pool, message=f"Shared serverless pool for {model_version}: {_describe(pool)}."
     )
     audit_record(
         actor=Actor.system(platform),
@@ -494,7 +514,6 @@ def serverless_pool_ensure(
         target=pool,
         changes={"pool": True, "model_version": str(model_version)},
     )
-    _enqueue_reconcile(pool.pk)
     return pool
 
 
@@ -519,11 +538,12 @@ def deployment_request_scale_up(*, deployment_id) -> None:
     deployment = Deployment.objects.filter(pk=deployment_id).only("pk", "pool_id", "status").first()
     if deployment is None:
         return
-    serving_id = deployment.pool_id or deployment.pk
-    now = timezone.now()
-    with transaction.atomic():
-        updated = Deployment.objects.filter(
-            pk=serving_id,
+    transitions.scaled(
+        deployment.pool_id or deployment.pk,
+        replicas=1,
+        reason="ScaledUpFromZero",
+        message="A request arrived while no replica ran: starting one.",
+        where=Q(
             desired_replicas=0,
             max_replicas__gt=0,
             status__in=(
@@ -532,21 +552,9 @@ def deployment_request_scale_up(*, deployment_id) -> None:
                 Deployment.Status.PROVISIONING,
                 Deployment.Status.PENDING,
             ),
-        ).update(
-            desired_replicas=1,
-            generation=F("generation") + 1,
-            status=Deployment.Status.SCALING,
-            scale_up_requested_at=now,
-            last_scaled_at=now,
-            updated_at=now,
-        )
-        if updated:
-            DeploymentEvent.objects.create(
-                deployment_id=serving_id,
-                reason="ScaledUpFromZero",
-                message="A request arrived while no replica ran: starting one.",
-            )
-            _enqueue_reconcile(serving_id)
+        ),
+        requested=True,
+    )
 
 
 def load_report(
@@ -600,11 +608,3 @@ def load_report(
             report.last_request_at = last_request_at
         report.reported_at = now
         report.save()
-
-
-def deployment_event_record(
-    *, deployment: Deployment, reason: str, message: str, type: str = DeploymentEvent.Type.NORMAL
-) -> DeploymentEvent:
-    return DeploymentEvent.objects.create(
-        deployment=deployment, reason=reason, message=message, type=type
-    )

@@ -4,6 +4,7 @@ work, and every task may run twice or be killed at any line (see deployments/rec
 import logging
 
 from celery import shared_task
+from celery.signals import worker_ready
 from django.db import OperationalError
 
 logger = logging.getLogger(__name__)
@@ -15,15 +16,46 @@ logger = logging.getLogger(__name__)
     retry_backoff=True,
     max_retries=5,
 )
-def reconcile_deployment(self, deployment_id: str, force: bool = False) -> None:
+def reconcile_deployment(self, deployment_id: str, force: bool = False, why: str = "") -> None:
     """Make one deployment's world match its desired spec, and record what is seen. `force`
-    re-applies everything (the sweep found drift)."""
+    re-applies everything (the sweep found drift); `why` says which change asked for the pass
+    (a replica exited, a pod changed), and such a pass is not dropped when another one holds
+    the deployment's lease: it comes back just after."""
     from deployments.reconciler import reconcile
 
-    requeue_after = reconcile(deployment_id, force=force)
+    if why:
+        logger.info("reconcile %s: %s", deployment_id, why)
+    requeue_after = reconcile(deployment_id, force=force, retry_if_busy=bool(why))
     # Eager runs (tests) do one pass; the tests and the sweep drive the rest.
     if requeue_after is not None and not self.request.is_eager:
         reconcile_deployment.apply_async((deployment_id,), countdown=requeue_after)
+
+
+def replica_changed(deployment_id: str, why: str) -> None:
+    """What provisioners call when they learn of a change by themselves (see
+    Provisioner.on_change): a pass for that deployment, now."""
+    reconcile_deployment.delay(deployment_id, why=why)
+
+
+@shared_task
+def reconcile_stalled() -> list[str]:
+    """Periodic (every few seconds) and at each worker's start: resume the deployments whose
+    pass chain a killed worker broke. One query; no write when there is none."""
+    from deployments.reconciler import stalled
+
+    due = stalled()
+    for deployment_id in due:
+        reconcile_deployment.delay(deployment_id)
+    if due:
+        logger.info("resuming %d stalled deployments", len(due))
+    return due
+
+
+@worker_ready.connect
+def _resume_on_worker_start(sender=None, **kwargs) -> None:
+    # A worker that (re)starts resumes what a dead one left, without waiting for beat.
+    if "provisioning" in {queue.name for queue in sender.app.amqp.queues.consume_from.values()}:
+        reconcile_stalled.delay()
 
 
 @shared_task

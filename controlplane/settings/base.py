@@ -178,6 +178,11 @@ CELERY_BEAT_SCHEDULE: dict = {
         "task": "deployments.tasks.reconcile_sweep",
         "schedule": env.float("DEPLOYMENTS_SWEEP_SECONDS", default=30.0),
     },
+    # Resume deployments whose pass chain a killed worker broke (one query; no write when none).
+    "deployments-reconcile-stalled": {
+        "task": "deployments.tasks.reconcile_stalled",
+        "schedule": env.float("DEPLOYMENTS_STALLED_CHECK_SECONDS", default=3.0),
+    },
     # Replica counts from the gateway's in-flight reports (and scale to zero when idle).
     "deployments-autoscale-tick": {
         "task": "deployments.tasks.autoscale_tick",

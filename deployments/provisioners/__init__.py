@@ -69,5 +69,11 @@ def get_provisioner() -> Provisioner:
             raise ImproperlyConfigured(
                 f"SIROCCO_PROVISIONER is {name!r}; use 'local' or 'kubernetes'."
             )
+        if not settings.CELERY_TASK_ALWAYS_EAGER:
+            # A change the provisioner learns of by itself gets a pass at once. (Eager runs,
+            # the tests', drive their passes themselves.)
+            from deployments.tasks import replica_changed
+
+            provisioner.on_change = replica_changed
         _provisioners[key] = provisioner
     return provisioner

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 
 class ProvisionerError(Exception):
@@ -95,13 +97,22 @@ class ObservedReplica:
     message: str = ""
     reason: str = ""
     restart_count: int = 0
+    # How its last run ended, when it restarted or stopped: "signal 9 (SIGKILL)", "exit code
+    # 1 (Error)", with a line of its log where the provisioner has one.
+    last_exit: str = ""
     revision: str = ""
     # The model version the replica itself runs, as DeploymentSpec names it: during a rolling
     # update old replicas still run the previous one. Empty when the replica does not say.
     model_slug: str = ""
     model_version: str = ""
-    # Whether it holds its hardware now (bound to a node / process running): opens GPU time.
-    holds_hardware: bool = False
+    # Whether its model server runs now (the process is alive; the pod's server container is
+    # running). GPU time is billed from `running_since` while it does, by the provisioner's
+    # own clock (process start; the container's startedAt), not when a pass happened to look.
+    running: bool = False
+    running_since: datetime | None = None
+    # The run before the current one (or the last one, when stopped): (started, ended), so a
+    # restart between two passes still shows as a gap. None when unknown.
+    last_run: tuple[datetime, datetime] | None = None
     pid: int | None = None
     port: int | None = None
 
@@ -119,6 +130,9 @@ class Observation:
     # Why it is still waiting, for the customer (e.g. no node has free GPUs), or "".
     waiting: str = ""
     waiting_reason: str = ""
+    # Replicas that were removed (no longer in `replicas`), by name: when their server stopped,
+    # where the provisioner knows it (GPU time of a replica gone between passes ends then).
+    stopped_at: dict[str, datetime] = field(default_factory=dict)
 
     @property
     def ready_count(self) -> int:
@@ -131,6 +145,14 @@ class Provisioner:
     name = "base"
     # How soon the reconciler looks again while a rollout is in progress, in seconds.
     poll_interval = 5.0
+    # Called as on_change(deployment_id, why) when the provisioner learns of a change it was not
+    # asked about (a replica's process exited; a pod changed): whoever owns the reconciler wires
+    # it to enqueue a pass, so failures are handled as they happen, not at the next sweep.
+    on_change: Callable[[str, str], None] | None = None
+
+    def changed(self, deployment_id: str, why: str) -> None:
+        if self.on_change is not None:
+            self.on_change(deployment_id, why)
 
     def apply(self, spec: DeploymentSpec, *, force: bool = False) -> None:
         raise NotImplementedError

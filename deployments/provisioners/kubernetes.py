@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 import urllib3
 from kubernetes import client as k8s
@@ -266,8 +267,9 @@ def replica_from_pod(pod: dict, spec: DeploymentSpec) -> ObservedReplica:
         revision=(metadata.get("labels") or {}).get(LABEL_REVISION, ""),
         model_slug=model_slug if model_version else "",
         model_version=model_version,
-        holds_hardware=scheduled,
     )
+    replica.running, replica.running_since, replica.last_run = server_runs(pod)
+    replica.last_exit = last_exit(pod)
     if metadata.get("deletionTimestamp"):
         replica.phase = "terminating"
         return replica
@@ -332,6 +334,47 @@ def replica_from_pod(pod: dict, spec: DeploymentSpec) -> ObservedReplica:
     if replica.phase == "ready":
         replica.reason = replica.message = ""
     return replica
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 timestamp as the API server writes it (`2026-12-06T14:05:50Z`)."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def server_runs(pod: dict) -> tuple[bool, datetime | None, tuple[datetime, datetime] | None]:
+    """(running now, since when, the last run that ended) of the pod's model server container,
+    from the kubelet's own timestamps: `state.running.startedAt`, and `startedAt`/`finishedAt`
+    of `state.terminated` or `lastState.terminated`. A restart is a gap between two runs."""
+    status = _container_status(pod, CONTAINER_NAME) or {}
+    state = status.get("state") or {}
+    running_since = parse_time((state.get("running") or {}).get("startedAt"))
+    phase = (pod.get("status") or {}).get("phase")
+    running = running_since is not None and phase not in ("Succeeded", "Failed")
+    ended = state.get("terminated") or (status.get("lastState") or {}).get("terminated") or {}
+    started, finished = parse_time(ended.get("startedAt")), parse_time(ended.get("finishedAt"))
+    last_run = (started, finished) if started and finished else None
+    return running, running_since if running else None, last_run
+
+
+def last_exit(pod: dict) -> str:
+    """How the model server's last run ended, from its container status: `exit code 137
+    (OOMKilled)`, `signal 9`, "" when it has not ended."""
+    status = _container_status(pod, CONTAINER_NAME) or {}
+    terminated = (status.get("state") or {}).get("terminated") or (
+        (status.get("lastState") or {}).get("terminated") or {}
+    )
+    if not terminated:
+        return ""
+    if terminated.get("signal"):
+        how = f"signal {terminated['signal']}"
+    else:
+        how = f"exit code {terminated.get('exitCode', '?')}"
+    return f"{how} ({terminated['reason']})" if terminated.get("reason") else how
 
 
 def _gpu_text(spec: DeploymentSpec) -> str:

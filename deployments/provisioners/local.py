@@ -5,8 +5,20 @@ Each deployment has a folder under `var/replicas/` holding a small state file (r
 pids, ports, revisions, restarts) and one log per replica. The state file is the "cluster": a
 worker that restarts, or another worker process, adopts the live replicas it lists after
 checking that each pid is still that replica (its command line names its port) and answers on
-its health path. A replica whose process died is restarted on a fresh port with exponential
-backoff; one that keeps dying fails the deployment with the last lines of its log.
+its health path.
+
+Failures are noticed as they happen: the worker process that starts (or adopts) a replica waits
+on it from a thread (its own child: `wait()`, which also gives the exit status; another's: a
+pidfd), writes an exit record next to the log (`<replica>.exit`: pid, exit time, status) and
+calls `on_change`, which enqueues a reconcile pass. That pass, in whichever worker process takes
+it, restarts the replica at once on the same port (so the gateway's cached route stays right),
+then with exponential backoff if it keeps dying quickly; a replica that keeps dying fails the
+deployment with the last lines of its log. The state file is saved before a process is spawned
+and again once its pid is known, so a pass killed in between leaves a process the next pass
+finds by its port and adopts, never a duplicate.
+
+Each replica's runs are kept with the machine's own timestamps (process start, exit time from
+the exit record), which is what GPU time is billed from.
 
 Processes run in their own session, so a Ctrl-C meant for `make run` never reaches them;
 `stop_all` (run by `make run` on the way out) stops them cleanly, and the next start's sweep
@@ -19,15 +31,18 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from deployments.provisioners.base import (
@@ -40,8 +55,17 @@ from deployments.provisioners.base import (
 
 logger = logging.getLogger(__name__)
 
+# Quick crashes in a row (each after less than STABLE_SECONDS of running) that fail it.
 RESTARTS_TO_FAIL = 5
+# A replica that ran this long before it died starts a fresh crash streak: it is restarted at
+# once, as the first crash of a streak always is; later ones in a streak wait 1, 2, 4 … s.
+STABLE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 60.0
+# A spawn recorded in the state file whose process cannot be found after this long never ran.
+LAUNCH_GRACE_SECONDS = 10.0
+# Replicas removed (scale-down, rolling update) whose last run the reconciler may not have seen
+# end yet; kept in the state file, the oldest dropped beyond this many.
+ENDED_KEPT = 64
 STOP_GRACE_SECONDS = 10.0
 PROBE_TIMEOUT_SECONDS = 1.0
 STATE_FILE = "state.json"
@@ -57,10 +81,16 @@ class LocalReplica:
     model_version: str = ""
     port: int | None = None
     pid: int | None = None
-    restart_count: int = 0
+    restart_count: int = 0  # restarts after a crash, over the replica's whole life
+    crash_streak: int = 0  # quick crashes in a row: drives the backoff and the failure
     next_start_at: float = 0.0  # wall clock; 0 means at once
-    started_at: float = 0.0
+    started_at: float = 0.0  # the current (or last) run's process start, wall clock
+    # Set, with the port, just before the process is spawned; cleared once its pid is saved.
+    launched_at: float = 0.0
     last_exit: str = ""
+    # The last run that ended: its start and exit time (wall clock; 0 when none yet).
+    last_started_at: float = 0.0
+    exited_at: float = 0.0
     # Stopped on purpose (make run's Ctrl-C): start again without counting a crash.
     stopped: bool = False
 
@@ -72,6 +102,8 @@ class LocalState:
     organization: str
     next_serial: int = 0
     replicas: list[LocalReplica] = field(default_factory=list)
+    # Replicas removed on purpose, by name: [started, stopped] of their last run.
+    ended: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> LocalState | None:
@@ -93,6 +125,48 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on the port now (SO_REUSEADDR, as uvicorn binds: the
+    connections a killed server left in TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def describe_exit(status: int | None) -> str:
+    """`signal 9 (SIGKILL)`, `exit code 3`, or `it exited` when the status is not known (the
+    process was not ours to wait for)."""
+    if status is None:
+        return "it exited"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            return f"signal {-status}"
+        return f"signal {-status} ({name})"
+    return f"exit code {status}"
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the process started, wall clock, from the kernel (/proc/PID/stat's start time in
+    clock ticks after boot, and /proc/uptime): within two ticks (20 ms)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - (uptime - started_after_boot)
+
+
+def _utc(moment: float) -> datetime | None:
+    return datetime.fromtimestamp(moment, UTC) if moment else None
 
 
 def model_path_from_uri(uri: str, base_dir: Path) -> str:
@@ -128,8 +202,79 @@ def _process_state(pid: int) -> str | None:
 
 
 # The replicas this process started, so their exit status can be collected (and no zombie
-# lingers). Replicas adopted from another worker process are watched through /proc instead.
+# lingers). Replicas adopted from another worker process are watched through a pidfd instead.
 _children: dict[int, subprocess.Popen] = {}
+
+
+class ExitWatch:
+    """Waits, from one thread per replica, for the replica processes this worker process knows
+    of; on an exit it writes the exit record and calls `notify(why)` (unless the exit was ours:
+    a stop). A process is watched once however often it is seen."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watched: set[int] = set()
+        self._expected: set[int] = set()
+
+    def watch(self, pid: int, *, record: Path, notify) -> None:
+        with self._lock:
+            if pid in self._watched:
+                return
+            self._watched.add(pid)
+        threading.Thread(
+            target=self._wait, args=(pid, record, notify), name=f"replica-{pid}", daemon=True
+        ).start()
+
+    def expect(self, pid: int) -> None:
+        """We are stopping it: its exit needs no reconcile."""
+        with self._lock:
+            self._expected.add(pid)
+
+    def _wait(self, pid: int, record: Path, notify) -> None:
+        status = None
+        process = _children.get(pid)
+        try:
+            if process is not None:
+                status = process.wait()
+            else:
+                # Not our child (adopted after a worker restart): a pidfd becomes readable when
+                # the process exits (Linux 5.3+); its exit status is its parent's to collect.
+                descriptor = os.pidfd_open(pid)
+                try:
+                    select.select([descriptor], [], [])
+                finally:
+                    os.close(descriptor)
+        except OSError:  # already gone
+            pass
+        exited_at = time.time()
+        with contextlib.suppress(OSError):
+            temporary = record.with_suffix(".tmp-exit")
+            temporary.write_text(json.dumps({"pid": pid, "exited_at": exited_at, "status": status}))
+            os.replace(temporary, record)
+        with self._lock:
+            self._watched.discard(pid)
+            expected = pid in self._expected
+            self._expected.discard(pid)
+        if not expected:
+            logger.warning("replica process %s exited (%s)", pid, describe_exit(status))
+            try:
+                notify(describe_exit(status))
+            except Exception:  # the sweep will still find it
+                logger.exception("could not report the exit of replica process %s", pid)
+
+
+_exits = ExitWatch()
+
+
+def _find_replica_process(port: int | None) -> int | None:
+    """The pid of a runtime process serving on `port`, started by a pass that was killed before
+    it could record the pid."""
+    if port is None or not sys.platform.startswith("linux"):
+        return None
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _is_our_replica(int(entry.name), port):
+            return int(entry.name)
+    return None
 
 
 def _reap(pid: int) -> int | None:
@@ -247,9 +392,25 @@ class LocalProvisioner(Provisioner):
             command += ["--max-model-len", str(spec.max_model_len)]
         return command
 
-    def _start(self, spec: DeploymentSpec, replica: LocalReplica) -> None:
-        port = free_port()
+    def exit_record_path(self, spec: DeploymentSpec, replica: LocalReplica) -> Path:
+        return self.folder(spec) / f"{replica.name}.exit"
+
+    def _watch(self, spec: DeploymentSpec, replica: LocalReplica) -> None:
+        deployment_id, name = spec.deployment_id, replica.name
+        _exits.watch(
+            replica.pid,
+            record=self.exit_record_path(spec, replica),
+            notify=lambda how: self.changed(deployment_id, f"replica {name} exited with {how}"),
+        )
+
+    def _start(self, spec: DeploymentSpec, state: LocalState, replica: LocalReplica) -> None:
+        # The same port again when it is free: the gateway's cached route stays right.
+        port = replica.port if replica.port and port_is_free(replica.port) else free_port()
         command = self._command(spec, port)
+        replica.port, replica.pid, replica.launched_at = port, None, time.time()
+        # Saved before the spawn: a pass killed from here on leaves a process that the next
+        # pass finds by its port (see _check), never one it starts a second time.
+        self._save(spec, state)
         log = self.log_path(spec, replica)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as output:
@@ -265,39 +426,84 @@ class LocalProvisioner(Provisioner):
                 start_new_session=True,
             )
         _children[process.pid] = process
-        replica.pid, replica.port = process.pid, port
+        replica.pid, replica.launched_at = process.pid, 0.0
+        # Our own child: the clock now is within a millisecond of its start (finer than the
+        # kernel's start time, which _check uses for a process a killed pass left).
         replica.started_at = time.time()
         replica.stopped = False
+        self._save(spec, state)
+        self._watch(spec, replica)
         logger.info("started replica %s (pid %s, port %s)", replica.name, process.pid, port)
 
+    def _read_exit_record(self, spec: DeploymentSpec, replica: LocalReplica) -> dict:
+        try:
+            record = json.loads(self.exit_record_path(spec, replica).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if record.get("pid") == replica.pid else {}
+
     def _check(self, spec: DeploymentSpec, replica: LocalReplica) -> None:
-        """Notice a replica whose process died, and schedule its restart with backoff."""
+        """Adopt a replica a killed pass spawned; notice one whose process died, and schedule
+        its restart (at once, then with backoff while it keeps dying quickly)."""
         if replica.pid is None:
+            if replica.launched_at:
+                pid = _find_replica_process(replica.port)
+                if pid is not None:
+                    replica.pid, replica.launched_at = pid, 0.0
+                    replica.started_at = process_started_at(pid) or replica.launched_at
+                    logger.info("adopted replica %s (pid %s) from a killed pass", replica.name, pid)
+                elif time.time() - replica.launched_at > LAUNCH_GRACE_SECONDS:
+                    replica.launched_at = 0.0  # it never ran: start it again
             return
         exit_code = _reap(replica.pid)
         if _is_our_replica(replica.pid, replica.port):
+            self._watch(spec, replica)  # adopted from another worker process: watch it too
             return
+        record = self._read_exit_record(spec, replica)
+        if exit_code is None:
+            exit_code = record.get("status")
         tail = _log_tail(self.log_path(spec, replica))
-        code = f"exit code {exit_code}" if exit_code is not None else "it exited"
-        replica.last_exit = f"{code}: {tail}" if tail else code
+        how = describe_exit(exit_code)
+        replica.last_exit = f"{how}: {tail}" if tail else how
+        replica.last_started_at = replica.started_at
+        # No record: the exit happened while no worker process watched; now is the best bound.
+        replica.exited_at = record.get("exited_at") or time.time()
         replica.pid = None
         if replica.stopped:
             return
+        ran = replica.exited_at - replica.started_at
         replica.restart_count += 1
-        backoff = min(MAX_BACKOFF_SECONDS, 2.0 ** (replica.restart_count - 1))
+        replica.crash_streak = 1 if ran >= STABLE_SECONDS else replica.crash_streak + 1
+        backoff = (
+            0.0
+            if replica.crash_streak == 1
+            else min(MAX_BACKOFF_SECONDS, 2.0 ** (replica.crash_streak - 2))
+        )
         replica.next_start_at = time.time() + backoff
         logger.warning(
-            "replica %s died (%s); restart %s in %.0f s",
+            "replica %s died (%s) after %.1f s; restart %s in %.0f s",
             replica.name,
             replica.last_exit,
+            ran,
             replica.restart_count,
             backoff,
         )
 
-    def _stop(self, replica: LocalReplica) -> None:
+    def _stop(self, state: LocalState, replica: LocalReplica) -> None:
         if replica.pid is not None and _is_our_replica(replica.pid, replica.port):
+            _exits.expect(replica.pid)
             stop_process(replica.pid)
+            replica.last_started_at, replica.exited_at = replica.started_at, time.time()
         replica.pid = None
+
+    def _remove(self, state: LocalState, replica: LocalReplica) -> None:
+        """Stop a replica for good (scale-down, rolling update) and remember its last run."""
+        self._stop(state, replica)
+        state.replicas.remove(replica)
+        if replica.exited_at:
+            state.ended[replica.name] = [replica.last_started_at, replica.exited_at]
+            for name in list(state.ended)[: max(0, len(state.ended) - ENDED_KEPT)]:
+                del state.ended[name]
 
     def _is_ready(self, spec: DeploymentSpec, replica: LocalReplica) -> bool:
         return (
@@ -318,9 +524,8 @@ class LocalProvisioner(Provisioner):
         # Scale down: drop the least advanced replicas first.
         while len(current) > spec.replicas:
             victim = min(current, key=lambda r: (self._is_ready(spec, r), -_serial(r)))
-            self._stop(victim)
             current.remove(victim)
-            state.replicas.remove(victim)
+            self._remove(state, victim)
         while len(current) < spec.replicas:
             replica = LocalReplica(
                 name=f"{spec.name}-{state.next_serial:03d}",
@@ -331,18 +536,22 @@ class LocalProvisioner(Provisioner):
             state.next_serial += 1
             current.append(replica)
             state.replicas.append(replica)
-        too_many_crashes = any(r.restart_count >= RESTARTS_TO_FAIL for r in current)
+        too_many_crashes = any(r.crash_streak >= RESTARTS_TO_FAIL for r in current)
         now = time.time()
         for replica in current:
-            if replica.pid is None and replica.next_start_at <= now and not too_many_crashes:
-                self._start(spec, replica)
+            if (
+                replica.pid is None
+                and not replica.launched_at
+                and replica.next_start_at <= now
+                and not too_many_crashes
+            ):
+                self._start(spec, state, replica)
         # A rolling update never drops below the desired count: old replicas stop only once
         # every new one answers.
         old = [r for r in state.replicas if r.revision != revision]
         if old and all(self._is_ready(spec, r) for r in current):
             for replica in old:
-                self._stop(replica)
-                state.replicas.remove(replica)
+                self._remove(state, replica)
         self._save(spec, state)
 
     def observe(self, spec: DeploymentSpec) -> Observation:
@@ -361,9 +570,13 @@ class LocalProvisioner(Provisioner):
                 pid=replica.pid,
                 port=replica.port,
             )
+            observed.last_exit = replica.last_exit
+            if replica.exited_at:
+                observed.last_run = (_utc(replica.last_started_at), _utc(replica.exited_at))
             alive = replica.pid is not None and _is_our_replica(replica.pid, replica.port)
             if alive:
-                observed.holds_hardware = True
+                observed.running = True
+                observed.running_since = _utc(replica.started_at)
                 observed.endpoint = f"http://127.0.0.1:{replica.port}"
                 readiness = _probe(replica.port, spec.runtime.readiness_path)
                 observed.ready = readiness == 200
@@ -374,10 +587,12 @@ class LocalProvisioner(Provisioner):
                 wait = max(0, round(replica.next_start_at - now))
                 observed.message = (
                     f"The model server exited ({replica.last_exit}); restart "
-                    f"{replica.restart_count} of {RESTARTS_TO_FAIL}"
-                    + (f" in {wait} s." if wait else ".")
+                    f"{replica.restart_count}" + (f" in {wait} s." if wait else ".")
                 )
             observation.replicas.append(observed)
+        observation.stopped_at = {
+            name: _utc(stopped) for name, (_started, stopped) in state.ended.items()
+        }
         current = [r for r in observation.replicas if r.revision == revision]
         observation.rolled_out = (
             len(observation.replicas) == spec.replicas
@@ -385,11 +600,11 @@ class LocalProvisioner(Provisioner):
             and all(r.ready for r in current)
         )
         for replica, observed in zip(state.replicas, observation.replicas, strict=True):
-            if replica.revision == revision and replica.restart_count >= RESTARTS_TO_FAIL:
+            if replica.revision == revision and replica.crash_streak >= RESTARTS_TO_FAIL:
                 observation.failure_reason = "CrashLoopBackOff"
                 observation.failure = (
-                    f"The model server keeps crashing ({replica.restart_count} restarts); "
-                    f"last: {replica.last_exit}"
+                    f"The model server keeps crashing ({replica.crash_streak} restarts in a "
+                    f"row); last: {replica.last_exit}"
                 )
                 break
             if observed.reason and not observation.waiting:
@@ -399,7 +614,7 @@ class LocalProvisioner(Provisioner):
     def delete(self, spec: DeploymentSpec) -> bool:
         state = self._load(spec)
         for replica in state.replicas:
-            self._stop(replica)
+            self._stop(state, replica)
         shutil.rmtree(self.folder(spec), ignore_errors=True)
         return True
 
@@ -437,7 +652,7 @@ class LocalProvisioner(Provisioner):
         folder = self.root / orphan
         state = LocalState.load(folder / STATE_FILE)
         for replica in state.replicas if state else []:
-            self._stop(replica)
+            self._stop(state, replica)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -458,6 +673,7 @@ def stop_all(root: Path) -> int:
                 running.append((state, path, replica))
     for state, path, replica in running:
         stop_process(replica.pid, grace=STOP_GRACE_SECONDS)
+        replica.last_started_at, replica.exited_at = replica.started_at, time.time()
         replica.pid = None
         replica.stopped = True
         state.save(path)

@@ -64,8 +64,9 @@ DEPLOYMENT_LABEL = "sirocco.dev/deployment-id"
 REVISION_LABEL = "sirocco.dev/revision"
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def now_iso(clock: Callable[[], datetime] | None = None) -> str:
+    moment = clock() if clock is not None else datetime.now(UTC)
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -94,6 +95,10 @@ class PodLife:
     restarts: int = 0
     node: str = ""
     gpus: int = 0
+    # When the fetcher and the server container started their current run (RFC 3339), as a
+    # kubelet reports them: fixed for the run, not the time of each status update.
+    fetcher_started: str = ""
+    server_started: str = ""
 
 
 @functools.cache
@@ -162,6 +167,8 @@ class SimulatedCluster(kmock.KubernetesEmulator):
     # Validate every applied object against the Kubernetes 1.31 schemas, strictly (unknown
     # fields rejected), as an API server does: 422 Invalid.
     validate_schemas: bool = True
+    # The cluster's clock (timestamps it writes); a test may move it.
+    clock: Callable[[], datetime] | None = None
     _index: dict = attrs.field(factory=dict, init=False)
     _lives: dict = attrs.field(factory=dict, init=False)
     # What the control loop must look at, as a real cluster's controllers follow events:
@@ -375,7 +382,9 @@ class SimulatedCluster(kmock.KubernetesEmulator):
         if current is None:
             body = applied  # parsed from this request: ours to keep
             body["metadata"].update(
-                uid=f"uid-{next(self._names)}", creationTimestamp=now_iso(), generation=1
+                uid=f"uid-{next(self._names)}",
+                creationTimestamp=now_iso(self.clock),
+                generation=1,
             )
             if kind == "Namespace":
                 body["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
@@ -433,7 +442,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             # linger, marked, until the next tick.
             if not body["metadata"].get("deletionTimestamp"):
                 body = copy.deepcopy(body)
-                body["metadata"]["deletionTimestamp"] = now_iso()
+                body["metadata"]["deletionTimestamp"] = now_iso(self.clock)
                 if resource == NAMESPACES:
                     body["status"] = {"phase": "Terminating"}
                 self._put(resource, namespace, name, body)
@@ -495,7 +504,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
 
     def _terminate(self, pod: dict) -> None:
         pod = copy.deepcopy(pod)
-        pod["metadata"]["deletionTimestamp"] = now_iso()
+        pod["metadata"]["deletionTimestamp"] = now_iso(self.clock)
         self._put(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], pod)
 
     def _deployment_controller(self, deployment: dict) -> None:
@@ -558,7 +567,7 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 "uid": f"uid-{serial}",
                 "labels": dict(template["metadata"].get("labels", {})),
                 "annotations": dict(template["metadata"].get("annotations", {})),
-                "creationTimestamp": now_iso(),
+                "creationTimestamp": now_iso(self.clock),
                 "ownerReferences": [
                     {"kind": "ReplicaSet", "name": deployment["metadata"]["name"], "uid": "rs"}
                 ],
@@ -630,7 +639,11 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 pod["spec"]["nodeName"] = node.name
                 pod["status"]["podIP"] = f"10.244.{next(self._ips) % 250}.{len(used) % 250 + 2}"
                 pod["status"]["conditions"] = [
-                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}
+                    {
+                        "type": "PodScheduled",
+                        "status": "True",
+                        "lastTransitionTime": now_iso(self.clock),
+                    }
                 ]
             self._put(PODS, namespace, name, pod)
 
@@ -654,7 +667,8 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 init["state"] = {"waiting": {"reason": "PodInitializing"}}
                 server["state"] = {"waiting": {"reason": "PodInitializing"}}
             elif stage == 2:
-                init["state"] = {"running": {"startedAt": now_iso()}}
+                life.fetcher_started = life.fetcher_started or now_iso(self.clock)
+                init["state"] = {"running": {"startedAt": life.fetcher_started}}
                 server["state"] = {"waiting": {"reason": "PodInitializing"}}
             else:
                 init["state"] = {"terminated": {"exitCode": 0, "reason": "Completed"}}
@@ -679,13 +693,17 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                             "message": "Traceback ...\nRuntimeError: CUDA error: no kernel image",
                         }
                     )
+                    # Each tick is a run that started and died: seconds, as a crash loop's.
+                    terminated["startedAt"] = terminated["finishedAt"] = now_iso(self.clock)
                     server["restartCount"] = life.restarts
                     server["lastState"] = {"terminated": terminated}
                     server["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
                 elif stage == 4:
-                    server["state"] = {"running": {"startedAt": now_iso()}}
+                    life.server_started = life.server_started or now_iso(self.clock)
+                    server["state"] = {"running": {"startedAt": life.server_started}}
                 else:
-                    server["state"] = {"running": {"startedAt": now_iso()}}
+                    life.server_started = life.server_started or now_iso(self.clock)
+                    server["state"] = {"running": {"startedAt": life.server_started}}
                     server["ready"] = ready = True
             new = copy.deepcopy(pod)
             new["status"]["phase"] = "Running" if stage >= 4 else "Pending"

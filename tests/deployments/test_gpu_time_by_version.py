@@ -36,7 +36,8 @@ V2_PER_HOUR = Decimal("9.0000")
 
 
 class Clock:
-    """The control plane's clock, moved by the test: the reconciler stamps GPU time with it."""
+    """The control plane's and the cluster's clock, moved by the test: GPU time is stamped with
+    the kubelet's container start and finish times, which it writes."""
 
     def __init__(self, moment: datetime):
         self.moment = moment
@@ -46,9 +47,10 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch):
+def clock(monkeypatch, cluster):
     clock = Clock(at(2026, 2, 10, 8))
     monkeypatch.setattr(timezone, "now", clock)
+    cluster.cluster.clock = clock  # the kubelet's container timestamps agree with it
     return clock
 
 
@@ -188,7 +190,7 @@ def test_replicas_first_seen_after_an_update_are_recorded_as_the_version_they_ru
     their GPUs: those replicas still run (and are billed as) 0.1."""
     deployment = deploy(organization, min_replicas=2, max_replicas=2)
     reconcile(deployment.pk)  # applies 0.1
-    cluster.tick(2)  # its pods are created and bound to nodes, unseen by the reconciler
+    cluster.tick(4)  # its pods are created and their servers run, unseen by the reconciler
     deployment = update_version(deployment, "0.2")
     reconcile(deployment.pk)
     assert [version for version, *_ in rows(deployment)] == ["0.1", "0.1"]
@@ -206,7 +208,7 @@ def test_a_replica_that_does_not_say_its_version_is_told_by_its_revision(
     recorded as the deployment's current one, with a warning."""
     deployment = deploy(organization)
     reconcile(deployment.pk)
-    cluster.tick(2)
+    cluster.tick(4)  # the server runs
     namespace = f"sirocco-{organization.slug}"
 
     def strip_annotations():

@@ -77,7 +77,7 @@ def test_apply_creates_every_object_and_pods_become_ready(kube, cluster):
     assert ["loading_weights"] in phases
     assert [r.ready for r in observation.replicas] == [True, True]
     assert all(r.endpoint.startswith("http://10.244.") for r in observation.replicas)
-    assert all(r.holds_hardware for r in observation.replicas)
+    assert all(r.running for r in observation.replicas)
 
 
 def test_a_second_apply_of_the_same_spec_writes_nothing(kube, cluster):

@@ -117,22 +117,38 @@ def test_a_restarted_control_plane_adopts_live_replicas(local, running):
     assert [r.endpoint for r in again.replicas] == [r.endpoint for r in observation.replicas]
 
 
-def test_a_crashed_replica_is_restarted_with_backoff(local, running):
-    spec, _ = running
-    os.kill(pid_of(local, spec), signal.SIGKILL)
-    time.sleep(0.2)
-    local.apply(spec)
-    observation = local.observe(spec)
-    [replica] = observation.replicas
-    assert (replica.phase, replica.reason, replica.restart_count) == (
-        "crashed",
-        "CrashLoopBackOff",
-        1,
-    )
-    assert "exit code -9" in replica.message
-    assert observation.failure is None
-    observation = wait_ready(local, spec)
-    assert observation.replicas[0].restart_count == 1
+def test_a_killed_replica_is_noticed_at_once_and_restarted_on_its_port(local, running):
+    spec, before = running
+    changes = []
+    local.on_change = lambda deployment_id, why: changes.append((deployment_id, why))
+    try:
+        state = LocalState.load(local.folder(spec) / "state.json")
+        killed_pid, port = state.replicas[0].pid, state.replicas[0].port
+        started = state.replicas[0].started_at
+        local.observe(spec)  # this process watches the replica it started
+        os.kill(killed_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not changes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert changes == [(spec.deployment_id, "replica tiny-000 exited with signal 9 (SIGKILL)")]
+        record = json.loads((local.folder(spec) / "tiny-000.exit").read_text())
+        assert record["pid"] == killed_pid and record["status"] == -9
+        local.apply(spec)  # the first crash after a good run: restarted at once
+        observation = local.observe(spec)
+        [replica] = observation.replicas
+        assert replica.restart_count == 1 and replica.running
+        assert replica.last_exit.startswith("signal 9 (SIGKILL)")
+        assert replica.port == port  # the gateway's cached route stays right
+        assert pid_of(local, spec) != killed_pid
+        started_run, ended_run = replica.last_run
+        assert abs(started_run.timestamp() - started) < 0.05
+        assert abs(ended_run.timestamp() - record["exited_at"]) < 0.05
+        assert replica.running_since > ended_run
+        observation = wait_ready(local, spec)
+        assert observation.replicas[0].restart_count == 1
+        assert observation.replicas[0].endpoint == before.replicas[0].endpoint
+    finally:
+        local.on_change = None
 
 
 def test_stop_all_stops_replicas_and_the_next_apply_starts_them_without_a_crash(local, running):
@@ -171,7 +187,7 @@ def test_a_replica_that_keeps_crashing_fails_the_deployment(local, tiny_model, t
         failure = broken_local.observe(broken).failure
         time.sleep(0.2)
     assert failure is not None
-    assert f"({local_module.RESTARTS_TO_FAIL} restarts)" in failure
+    assert f"({local_module.RESTARTS_TO_FAIL} restarts in a row)" in failure
     assert "exit code 3: " in failure and "CUDA error" in failure
     broken_local.delete(broken)
     assert not broken_local.folder(broken).exists()
@@ -190,7 +206,7 @@ def test_during_a_rolling_update_each_replica_says_the_version_it_was_started_wi
             (v1.revision(), "mixtral-tiny", "v1"),
             (v2.revision(), "mixtral-tiny", "v2"),
         }
-        assert all(r.holds_hardware for r in observation.replicas)
+        assert all(r.running for r in observation.replicas)
         observation = wait_ready(local, v2)
         assert [(r.model_slug, r.model_version) for r in observation.replicas] == [
             ("mixtral-tiny", "v2")

@@ -12,7 +12,7 @@ from accounts.actors import Actor
 from deployments import services
 from deployments.autoscaler import autoscale
 from deployments.models import Deployment, DeploymentEvent, LoadReport, ReplicaUsage
-from deployments.reconciler import find_orphans, reconcile, sweep
+from deployments.reconciler import CHAIN_LATE_SECONDS, find_orphans, reconcile, stalled, sweep
 from deployments.selectors import route_for
 from tests.catalog.factories import (
     DedicatedPriceFactory,
@@ -164,7 +164,12 @@ def test_a_lease_keeps_two_passes_apart_and_expires(organization, mixtral, kube,
     Deployment.objects.filter(pk=deployment.pk).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1)
     )
+    assert sweep() == ([], [])  # its chain's next pass is not late yet
+    Deployment.objects.filter(pk=deployment.pk).update(
+        next_reconcile_at=timezone.now() - timedelta(seconds=CHAIN_LATE_SECONDS + 1)
+    )
     assert sweep() == ([str(deployment.pk)], [])  # a killed worker's lease ran out
+    assert stalled() == [str(deployment.pk)]
     assert converge(deployment, cluster).status == "ready"
 
 
