@@ -38,6 +38,7 @@ _.deprecated_at
 _.emailed_at
 _.facets
 _.last_seen_at
+_.next_reconcile_at
 _.paid_at
 _.published_at
 _.ready_replicas
