@@ -2,7 +2,7 @@
 
 Soft alerts at 50, 80 and 100 % of the limit, once per billing period each: a BudgetAlert row
 (the console shows the latest as a banner) and an email to the billing address. The hard limit
-is enforced by the gateway through billing.selectors.organization_spend_blocked.
+is enforced by the gateway (gateway/budget.py) from billing.selectors.organization_spend_position.
 """
 
 from decimal import Decimal

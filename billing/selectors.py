@@ -1,38 +1,94 @@
 """Reads of billing, shared by the REST API, the console, the gateway and the reconciler."""
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
 from accounts.models import Organization
 from billing.models import BudgetAlert, CreditGrant, Invoice, PeriodSpend
 from billing.periods import period_containing
+from billing.rating import rate_tokens
+from catalog.models import TokenPrice
+from gateway.models import UsageEvent
 
 
-def organization_spend_blocked(*, organization_id: int, now: datetime | None = None) -> bool:
-    """Whether the organization's spend in the current period has reached its hard limit.
+@dataclass(frozen=True)
+class SpendPosition:
+    """An organization's spend in the period containing `now`, against its hard limit."""
 
-    One indexed query over the running total that ingestion keeps; the gateway caches the
-    answer for a few seconds. A limit of 0 blocks all paid usage; no limit never blocks.
+    limit: Decimal | None  # None: no limit
+    spend: Decimal
+    currency: str
+    period_start: datetime
+
+    @property
+    def blocked(self) -> bool:
+        return self.limit is not None and self.spend >= self.limit
+
+
+def organization_spend_position(
+    *, organization_id: int, now: datetime | None = None
+) -> SpendPosition | None:
+    """The organization's period spend (the running total ingestion keeps, plus what its
+    not-yet-ingested usage events cost at today's prices) and its limit; None if it is gone.
+
+    The gateway holds worst-case costs against the limit from this figure (gateway/budget.py):
+    the events are read before the total, so an event ingested between the two reads is
+    counted twice (never missed). A limit of 0 blocks all paid usage.
     """
-    period = period_containing(now or timezone.now())
-    row = (
+    now = now or timezone.now()
+    period = period_containing(now)
+    organization = (
         Organization.objects.filter(pk=organization_id)
-        .annotate(
-            spend=Subquery(
-                PeriodSpend.objects.filter(
-                    organization_id=OuterRef("pk"), period_start=period.start
-                ).values("amount")[:1]
-            )
-        )
-        .values("monthly_spend_limit", "spend")
+        .values("monthly_spend_limit", "currency")
         .first()
     )
-    if row is None or row["monthly_spend_limit"] is None:
-        return False
-    return (row["spend"] or Decimal(0)) >= row["monthly_spend_limit"]
+    if organization is None:
+        return None
+    limit, currency = organization["monthly_spend_limit"], organization["currency"]
+    pending = Decimal(0)
+    if limit is not None:
+        pending = _pending_usage_cost(organization_id, currency=currency, now=now)
+    spend = (
+        PeriodSpend.objects.filter(organization_id=organization_id, period_start=period.start)
+        .values_list("amount", flat=True)
+        .first()
+    )
+    return SpendPosition(limit, (spend or Decimal(0)) + pending, currency, period.start)
+
+
+def _pending_usage_cost(organization_id: int, *, currency: str, now: datetime) -> Decimal:
+    # Few rows while ingestion keeps up (it runs every few seconds): the partial index on
+    # un-ingested events. Rated at the price in force now, as the events will be.
+    totals = (
+        UsageEvent.objects.filter(ingested_at__isnull=True, organization_id=organization_id)
+        .values("model_version_id")
+        .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+        .order_by()
+    )
+    cost = Decimal(0)
+    for row in totals:
+        if row["model_version_id"] is None:
+            continue
+        price = (
+            TokenPrice.objects.filter(
+                model_version_id=row["model_version_id"], effective_from__lte=now
+            )
+            .order_by("-effective_from", "-id")
+            .first()
+        )
+        if price is None or price.currency != currency:
+            continue  # rated at zero by ingestion too
+        cost += rate_tokens(
+            input_tokens=row["prompt"] or 0,
+            output_tokens=row["completion"] or 0,
+            input_per_million=price.input_per_million,
+            output_per_million=price.output_per_million,
+        )
+    return cost
 
 
 def period_spend(*, organization: Organization, now: datetime | None = None) -> Decimal:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.db.models import Prefetch, QuerySet
 from django.db.models.functions import Coalesce
@@ -27,6 +28,7 @@ __all__ = [
     "model_list",
     "profile_fit",
     "token_price_at",
+    "token_price_ceiling",
 ]
 
 
@@ -42,6 +44,26 @@ def token_price_at(*, version: ModelVersion, at: datetime) -> TokenPrice | None:
         .order_by("-effective_from", "-id")
         .first()
     )
+
+
+def token_price_ceiling(
+    *, version_id: int, now: datetime, horizon: timedelta
+) -> tuple[Decimal, Decimal, str] | None:
+    """The highest (input, output) price per million tokens, and its currency, of `version`
+    in force at any moment from `now` to `now + horizon`: what a request admitted now may be
+    rated at when it finishes. None when the version has no price then."""
+    prices = list(
+        TokenPrice.objects.filter(model_version_id=version_id, effective_from__lte=now + horizon)
+        .order_by("-effective_from", "-id")
+        .values_list("effective_from", "input_per_million", "output_per_million", "currency")
+    )
+    in_force = [p for p in prices if p[0] > now]
+    in_force += [p for p in prices if p[0] <= now][:1]
+    if not in_force:
+        return None
+    currency = in_force[-1][3]
+    same = [p for p in in_force if p[3] == currency]
+    return max(p[1] for p in same), max(p[2] for p in same), currency
 
 
 def dedicated_price_at(

@@ -4,9 +4,10 @@ one usage event.
 `Completion.handle()` reads as the request goes, one method per step, so each step can be
 replaced on its own:
 
-    authenticate → read and parse the body → route → spend check → prompt tokens and context
-    check → rate-limit admission → serve (replica, relay) → usage event → limits settled
-    → last bytes
+    authenticate → read the body → (a large body: cheap admission by its size) → parse and
+    count the prompt (a large one in a prompt worker, fairly between organizations) → route
+    → context check → admission: rate limits and spend hold, one atomic step → serve
+    (replica, relay) → usage event → limits and spend settled → last bytes
 
 `serve()` owns the exactly-once promise: whatever happens once a replica took the request
 (a complete answer, a replica error, a timeout, a broken stream, the client leaving, the task
@@ -18,23 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 import redis
 
-from gateway import metrics
+from gateway import metrics, prompt_work
+from gateway.budget import NANOS, SpendPosition, TokenPrice
 from gateway.errors import GatewayError, error_body, model_not_found, upstream_error
 from gateway.exchange import Exchange, Receive, Scope, Send
-from gateway.limits import Admission, limits_for
+from gateway.fairpool import PoolFull
+from gateway.limits import Admission, Limit, SpendHold, combined, limits_for
 from gateway.models import UsageEvent
 from gateway.protocol import CompletionRequest, check_context, parse_request
-from gateway.tokens import estimate_text, message_text
+from gateway.tokens import estimate_text, message_text, prompt_token_bound
 
 if TYPE_CHECKING:
     from gateway.auth import Caller
@@ -92,6 +97,7 @@ class Completion(Exchange):
 
     __slots__ = (
         "admission",
+        "body_bytes",
         "caller",
         "chat",
         "client_gone",
@@ -99,8 +105,10 @@ class Completion(Exchange):
         "gateway",
         "last_messages",
         "outcome",
+        "position",
+        "price",
+        "prompt_exact",
         "request",
-        "reserve",
         "route",
     )
 
@@ -111,7 +119,10 @@ class Completion(Exchange):
         self.caller: Caller | None = None
         self.request: CompletionRequest | None = None
         self.route = None
-        self.reserve = 0  # tokens admission charges (prompt + max_tokens)
+        self.position: SpendPosition | None = None  # the organization's spend limit
+        self.price: TokenPrice | None = None  # the price the spend hold is made at
+        self.prompt_exact = False  # counted with the model's own tokenizer
+        self.body_bytes = 0
         self.admission: Admission | None = None
         self.outcome: Outcome | None = None  # set once a replica took the request
         self.endpoint: str | None = None  # the replica that took the request
@@ -120,19 +131,15 @@ class Completion(Exchange):
         self.last_messages: list[dict] = []
 
     async def handle(self) -> None:
+        config = self.gateway.config
         self.caller = await self.gateway.keys.authenticate(self.authorization_header())
-        self.request = parse_request(
-            await self.read_body(self.gateway.config.max_body_bytes), chat=self.chat
-        )
-        self.route = await self.gateway.routes.route(
-            self.caller.organization_id, self.request.model
-        )
-        if self.route is None:
-            raise model_not_found(self.request.model)
-        await self.check_spend()
-        await self.count_prompt()
-        await self.admit()
+        raw = await self.read_body(config.max_body_bytes)
+        self.position = await self.gateway.spend.position(self.caller.organization_id)
+        if len(raw) > config.inline_prompt_bytes:
+            await self.admit_bound(len(raw))
         try:
+            await self.read_prompt(raw)
+            await self.admit()
             await self.serve()
             with contextlib.suppress(OSError):  # the client left after its answer was whole
                 for message in self.last_messages:
@@ -142,44 +149,117 @@ class Completion(Exchange):
 
     # ---- before any replica is asked ---------------------------------------------------------
 
-    async def check_spend(self) -> None:
-        """429 when the organization is over its spending limit."""
-        if await self.gateway.spend.blocked(self.caller.organization_id):
-            raise GatewayError(
-                429,
-                "You exceeded your organization's spending limit. Raise the limit (billing "
-                "settings in the console) or wait for the next billing period.",
-                type="insufficient_quota",
-                code="insufficient_quota",
-            )
+    async def admit_bound(self, body_bytes: int) -> None:
+        """The cheap first step for a large body, before it is parsed or tokenized: the
+        request itself, its prompt's most possible tokens (gateway.tokens.prompt_token_bound)
+        on every token limit that could ever hold them, and some spend headroom. A key at its
+        limits is refused here at the cost of one Redis call; settlement gives back what the
+        count shows was not needed."""
+        limits = [
+            limit
+            for limit in self._limits(prompt_token_bound(body_bytes))
+            if limit.kind == "requests" or limit.cost <= limit.limit
+        ]
+        position = self.position
+        hold = None
+        if position is not None and position.allowance is not None:
+            hold = SpendHold(position.key, position.allowance, 1)
+        self.admission = await self._admit(limits, hold)
 
-    async def count_prompt(self) -> None:
-        """The tokens to reserve: the prompt counted with the model's tokenizer (estimated
-        while it loads) plus max_tokens; 400 when they cannot fit the model's context."""
-        request, route = self.request, self.route
-        tokenizer = self.gateway.tokenizers.get_nowait(route.model_version_id)
-        prompt_tokens = request.count_prompt(tokenizer)
-        if route.max_model_len is None:
-            self.reserve = prompt_tokens + (request.max_tokens or UNKNOWN_COMPLETION_RESERVE)
+    async def read_prompt(self, raw: bytes) -> None:
+        """The request, its route, and its prompt's tokens: a large body is parsed and
+        counted in a prompt worker in its organization's turn (gateway/fairpool.py), a small
+        one here at a bounded cost. Counted with the model's tokenizer, estimated while it
+        loads."""
+        pooled = len(raw) > self.gateway.config.inline_prompt_bytes
+        if pooled:
+            request = await self._in_pool(prompt_work.read_request, raw, self.chat)
+            if isinstance(request, tuple):
+                raise prompt_work.error_from(request)
         else:
-            self.reserve = check_context(
-                request, prompt_tokens, route.max_model_len, exact=tokenizer is not None
+            request = parse_request(raw, chat=self.chat)
+        self.request = request
+        self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
+        if self.route is None:
+            raise model_not_found(request.model)
+        tokenizer = self.gateway.tokenizers.get_nowait(self.route.model_version_id)
+        if not pooled:
+            request.prompt_tokens = request.count_prompt(tokenizer)
+        elif tokenizer is not None:
+            request.prompt_tokens = await self._in_pool(
+                prompt_work.count_prompt, raw, self.chat, str(tokenizer.folder)
             )
+        # else: the worker's estimate
+        self.prompt_exact = tokenizer is not None
+        self.body_bytes = len(raw)
 
     async def admit(self) -> None:
-        """Charge the key's and organization's rate limits; 429 when over."""
+        """Hold the request's worst case against the key's and organization's rate limits and
+        the organization's spend limit, in one atomic step; 429 when any is short (and 400
+        when it cannot fit the model's context)."""
+        request = self.request
+        reserve, prompt_most, completion_most = _worst_case(
+            request,
+            request.prompt_tokens,
+            self.prompt_exact,
+            self.route.max_model_len,
+            self.body_bytes,
+        )
+        self.price = await self.gateway.spend.price(self.route.model_version_id)
+        hold = self.gateway.spend.hold(
+            self.position, self.price, prompt_tokens=prompt_most, completion_tokens=completion_most
+        )
+        limits = self._limits(reserve)
+        bound = self.admission
+        if bound is not None:  # draw only what the bound did not
+            drawn = {limit.bucket: limit.cost for limit in bound.limits}
+            limits = [
+                dataclasses.replace(limit, cost=limit.cost - drawn.get(limit.bucket, 0))
+                for limit in limits
+                if limit.kind == "tokens"
+            ]
+        admission = await self._admit(limits, hold)
+        self.admission = admission if bound is None else combined(bound, admission)
+
+    async def settle(self) -> None:
+        """Give back what admission held beyond the tokens really used, and release the spend
+        hold with the real cost."""
+        if self.admission is None:
+            return
+        outcome = self.outcome
+        prompt_tokens = outcome.prompt_tokens if outcome else 0
+        completion_tokens = outcome.completion_tokens if outcome else 0
+        spent = 0
+        if self.position is not None:
+            spent = self.gateway.spend.spent(
+                self.admission.spend,
+                self.price,
+                currency=self.position.currency,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+        try:
+            await self.gateway.limiter.settle(
+                self.admission, prompt_tokens + completion_tokens, spent
+            )
+        except (redis.RedisError, OSError):
+            logger.warning("settling rate limits failed", exc_info=True)
+
+    def _limits(self, tokens: int) -> list[Limit]:
         config, caller = self.gateway.config, self.caller
-        limits = limits_for(
+        return limits_for(
             key_id=caller.key_id,
             key_rpm=caller.rpm_limit,
             key_tpm=caller.tpm_limit,
             organization_id=caller.organization_id,
             org_rpm=config.org_rpm_limit,
             org_tpm=config.org_tpm_limit,
-            tokens=self.reserve,
+            tokens=tokens,
         )
+
+    async def _admit(self, limits: list[Limit], hold: SpendHold | None) -> Admission:
         try:
-            admission = await self.gateway.limiter.admit(limits)
+            admission = await self.gateway.limiter.admit(limits, hold)
         except (redis.RedisError, OSError):
             logger.exception("the rate limiter is unreachable")
             raise upstream_error(
@@ -190,17 +270,23 @@ class Completion(Exchange):
             ) from None
         self.rate_headers = admission.headers()
         if not admission.allowed:
-            raise _rate_limited(admission, caller)
-        self.admission = admission
+            if admission.cause == "spend":
+                raise _spend_refused(admission)
+            raise _rate_limited(admission, self.caller)
+        return admission
 
-    async def settle(self) -> None:
-        """Give back what admission charged beyond the tokens really used."""
-        outcome = self.outcome
-        used = outcome.prompt_tokens + outcome.completion_tokens if outcome else 0
+    async def _in_pool(self, function, /, *args):
         try:
-            await self.gateway.limiter.settle(self.admission, used)
-        except (redis.RedisError, OSError):
-            logger.warning("settling rate limits failed", exc_info=True)
+            return await self.gateway.prompts.run(self.caller.organization_id, function, *args)
+        except PoolFull as full:
+            raise GatewayError(
+                429,
+                f"Your organization already has {full.queued} large requests being read; this "
+                "gateway reads that many at a time per organization. Retry when one finishes.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers=[(b"retry-after", b"1")],
+            ) from None
 
     # ---- the replica -------------------------------------------------------------------------
 
@@ -569,6 +655,44 @@ def _choice_text(choice) -> str:
         return message_text(content) if content else ""
     text = choice.get("text")
     return text if isinstance(text, str) else ""
+
+
+def _worst_case(request, prompt_tokens: int, exact: bool, max_model_len, body_bytes: int):
+    """(tokens to reserve against the rate limits, most prompt tokens, most completion
+    tokens): the last two price the spend hold, so they bound what the request can be billed
+    (an estimated prompt is replaced by the body-size bound)."""
+    n, max_tokens = request.n, request.max_tokens
+    if max_model_len is None:
+        reserve = prompt_tokens + n * (max_tokens or UNKNOWN_COMPLETION_RESERVE)
+        prompt_most = prompt_tokens if exact else prompt_token_bound(body_bytes)
+        return reserve, prompt_most, n * (max_tokens or UNKNOWN_COMPLETION_RESERVE)
+    reserve = check_context(request, prompt_tokens, max_model_len, exact=exact)
+    if exact:
+        prompt_most = prompt_tokens
+    else:  # the replica refuses a prompt that leaves no room for max_tokens
+        prompt_most = min(prompt_token_bound(body_bytes), max_model_len - (max_tokens or 0))
+    return reserve, prompt_most, n * (max_tokens or max_model_len - prompt_most)
+
+
+def _spend_refused(admission: Admission) -> GatewayError:
+    left = admission.spend_left or 0
+    if left <= 0:
+        message = (
+            "You exceeded your organization's spending limit. Raise the limit (billing "
+            "settings in the console) or wait for the next billing period."
+        )
+    else:
+        message = (
+            f"This request could cost up to {_amount(admission.spend.cost)}, more than the "
+            f"{_amount(left)} left under your organization's spending limit for this period "
+            "(requests in flight included). Lower max_tokens or n, shorten the prompt, or "
+            "raise the limit."
+        )
+    return GatewayError(429, message, type="insufficient_quota", code="insufficient_quota")
+
+
+def _amount(nanos: int) -> str:
+    return f"{Decimal(nanos) / NANOS:.6f}".rstrip("0").rstrip(".")
 
 
 def _rate_limited(admission: Admission, caller: Caller) -> GatewayError:

@@ -31,6 +31,9 @@ class GatewaySettings:
     redis_url: str
     redis_prefix: str
     db_threads: int
+    inline_prompt_bytes: int
+    prompt_workers: int
+    prompt_queue_per_organization: int
 
     @classmethod
     def from_django(cls, **overrides) -> GatewaySettings:
@@ -53,6 +56,9 @@ class GatewaySettings:
             "redis_url": settings.REDIS_URL,
             "redis_prefix": settings.GATEWAY_REDIS_PREFIX,
             "db_threads": settings.GATEWAY_DB_THREADS,
+            "inline_prompt_bytes": settings.GATEWAY_INLINE_PROMPT_BYTES,
+            "prompt_workers": settings.GATEWAY_PROMPT_WORKERS,
+            "prompt_queue_per_organization": settings.GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION,
         }
         values.update(overrides)
         return cls(**values)

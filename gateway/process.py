@@ -1,6 +1,6 @@
 """What one gateway process holds, shared by all its requests: caches (keys, routes, spend
-limits, tokenizers), the rate limiter, the usage writer, load reports and the upstream
-connection pool. Made at startup (`GatewayApp.startup`), closed at shutdown."""
+limits, tokenizers), the rate limiter, the prompt workers, the usage writer, load reports and
+the upstream connection pool. Made at startup (`GatewayApp.startup`), closed at shutdown."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from gateway.auth import KeyCache, touch_keys, touch_keys_forever
 from gateway.budget import SpendLimits
 from gateway.conf import GatewaySettings
 from gateway.dbthreads import DbThreads
+from gateway.fairpool import FairPool, prompt_executor
 from gateway.limits import LocalRateLimiter, RedisRateLimiter
 from gateway.load import LoadTracker, report_load_forever
 from gateway.routing import RouteTable
@@ -38,11 +39,6 @@ class Gateway:
             callable_models=sources.callable_models,
             request_scale_up=sources.request_scale_up,
         )
-        self.spend = SpendLimits(
-            self.db,
-            ttl=config.spend_cache_seconds,
-            spend_blocked=sources.organization_spend_blocked,
-        )
         self.tokenizers = Tokenizers(
             self.db,
             sources.tokenizer_source,
@@ -53,6 +49,20 @@ class Gateway:
             RedisRateLimiter(config.redis_url, prefix=config.redis_prefix)
             if config.redis_url
             else LocalRateLimiter()
+        )
+        self.spend = SpendLimits(
+            self.db,
+            self.limiter,
+            ttl=config.spend_cache_seconds,
+            spend_position=sources.organization_spend_position,
+            token_price=sources.token_price_ceiling,
+            period_start=sources.spend_period_start,
+        )
+        # Large prompts are read in worker processes, fairly between organizations.
+        self.prompts = FairPool(
+            prompt_executor,
+            workers=config.prompt_workers,
+            max_per_organization=config.prompt_queue_per_organization,
         )
         self.usage = UsageWriter(synchronous_commit=config.usage_synchronous_commit)
         self.load = LoadTracker()
@@ -87,6 +97,7 @@ class Gateway:
     async def close(self) -> None:
         revocation.unregister(self.keys)
         self.tokenizers.close()
+        self.prompts.close()
         self._stopping.set()  # the revocation listener polls this flag
         for task in self._sleepers:
             task.cancel()
@@ -96,7 +107,6 @@ class Gateway:
         except Exception:
             logger.warning("recording API key use failed", exc_info=True)
         await self.session.close()
-        if isinstance(self.limiter, RedisRateLimiter):
-            await self.limiter.close()
+        await self.limiter.close()
         await self.usage.close()
         await asyncio.to_thread(self.db.stop)

@@ -14,18 +14,32 @@ import orjson
 from gateway.errors import bad_request
 from gateway.tokens import ModelTokenizer, estimate_chat, estimate_prompt, message_text
 
+# Choices one request may ask for (`n`); each reserves max_tokens against the limits.
+MAX_CHOICES = 128
+
+
+_MODEL_FIRST = b'{"model":""'
+
 
 @dataclass(slots=True)
 class CompletionRequest:
     chat: bool
-    payload: dict
+    payload: dict | None  # None when the request was read in a prompt worker process
     model: str
     stream: bool
     wants_usage: bool  # the client's own stream_options.include_usage
     max_tokens: int | None
     max_tokens_param: str
+    n: int = 1  # choices: each may generate max_tokens
+    # The upstream body after its leading `{"model":""`, made once (in a worker for big ones).
+    upstream_tail: bytes = b""
+    # The prompt's tokens as admission counted them (exact when `prompt_exact`).
+    prompt_tokens: int = 0
+    prompt_exact: bool = False
 
     def count_prompt(self, tokenizer: ModelTokenizer | None) -> int:
+        if self.payload is None:  # read in a worker: counted there at admission
+            return self.prompt_tokens
         if self.chat:
             messages = self.payload["messages"]
             return tokenizer.count_chat(messages) if tokenizer else estimate_chat(messages)
@@ -33,13 +47,23 @@ class CompletionRequest:
         return tokenizer.count_prompt(prompt) if tokenizer else estimate_prompt(prompt)
 
     def upstream_body(self, served_model_name: str) -> bytes:
-        body = dict(self.payload)
-        body["model"] = served_model_name
-        if self.stream:
-            # Always ask for usage: it is what gets billed. Dropped again if the client did
-            # not ask for it.
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return orjson.dumps(body)
+        if not self.upstream_tail:
+            self.upstream_tail = upstream_tail(self.payload, stream=self.stream)
+        return b'{"model":' + orjson.dumps(served_model_name) + self.upstream_tail
+
+
+def upstream_tail(payload: dict, *, stream: bool) -> bytes:
+    """The body sent upstream, with `model` first and left empty, less its first bytes: the
+    served model name is spliced in once the route is known, without serializing again."""
+    body = {"model": ""}
+    body.update(payload)
+    body["model"] = ""
+    if stream:
+        # Always ask for usage: it is what gets billed. Dropped again if the client did
+        # not ask for it.
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    encoded = orjson.dumps(body)
+    return encoded[len(_MODEL_FIRST) :]
 
 
 def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
@@ -102,7 +126,12 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
         break
     if not chat and "max_tokens" not in payload:
         max_tokens = 16  # OpenAI's default for legacy completions (the runtime's too)
-    return CompletionRequest(chat, payload, model, stream, wants_usage, max_tokens, param)
+    n = payload.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"`n` must be an integer from 1 to {MAX_CHOICES}.", param="n")
+    return CompletionRequest(chat, payload, model, stream, wants_usage, max_tokens, param, n)
 
 
 def _check_messages(messages) -> None:
@@ -154,12 +183,14 @@ def _check_prompt(prompt) -> None:
 def check_context(
     request: CompletionRequest, prompt_tokens: int, max_model_len: int, *, exact: bool
 ) -> int:
-    """The tokens to reserve (prompt + max_tokens); 400 when they cannot fit the context.
+    """The tokens to reserve (prompt + n x max_tokens); 400 when they cannot fit the context.
 
     With an estimated prompt count (`exact` false) only max_tokens itself is checked: the
-    estimate may be high, and the replica checks the real count anyway.
+    estimate may be high, and the replica checks the real count anyway. Each of the `n`
+    choices may generate up to max_tokens (or up to the context left after the prompt).
     """
     where = "messages" if request.chat else "prompt"
+    n = request.n
     if not exact:
         if request.max_tokens is not None and request.max_tokens >= max_model_len:
             raise bad_request(
@@ -170,8 +201,9 @@ def check_context(
                 code="context_length_exceeded",
             )
         if request.max_tokens is None:
-            return max_model_len
-        return min(prompt_tokens + request.max_tokens, max_model_len)
+            return n * max_model_len
+        # A prompt the replica accepts has at most max_model_len - max_tokens tokens.
+        return min(prompt_tokens, max_model_len - request.max_tokens) + n * request.max_tokens
     if request.max_tokens is None:
         if prompt_tokens >= max_model_len:
             raise bad_request(
@@ -181,7 +213,7 @@ def check_context(
                 param=where,
                 code="context_length_exceeded",
             )
-        return max_model_len
+        return prompt_tokens + n * (max_model_len - prompt_tokens)
     if request.max_tokens > max_model_len or prompt_tokens + request.max_tokens > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
@@ -191,4 +223,4 @@ def check_context(
             param=request.max_tokens_param,
             code="context_length_exceeded",
         )
-    return prompt_tokens + request.max_tokens
+    return prompt_tokens + n * request.max_tokens

@@ -1,10 +1,15 @@
-"""What the gateway reads from the other apps, in one place: routes, models, spend limits,
-where the tokenizer files are, and where it reports load. Each runs in a gateway DB thread."""
+"""What the gateway reads from the other apps, in one place: routes, models, spend limits and
+prices, where the tokenizer files are, and where it reports load. Each runs in a gateway DB
+thread, except `spend_period_start` (no database: the billing calendar)."""
 
 from __future__ import annotations
 
-from billing.selectors import organization_spend_blocked
+from datetime import datetime
+
+from billing.periods import period_containing
+from billing.selectors import organization_spend_position
 from catalog.models import ModelArtifact, ModelVersion
+from catalog.selectors import token_price_ceiling
 from deployments.selectors import callable_models, route_for
 from deployments.services import deployment_request_scale_up as request_scale_up
 from deployments.services import load_report
@@ -13,11 +18,18 @@ from gateway.tokenizer_files import TOKENIZER_FILES, TokenizerSource
 __all__ = [
     "callable_models",
     "load_report",
-    "organization_spend_blocked",
+    "organization_spend_position",
     "request_scale_up",
     "route_for",
+    "spend_period_start",
+    "token_price_ceiling",
     "tokenizer_source",
 ]
+
+
+def spend_period_start(now: datetime) -> datetime:
+    """Where the billing period containing `now` starts (spend limits are per period)."""
+    return period_containing(now).start
 
 
 def tokenizer_source(*, version_id: int) -> TokenizerSource | None:

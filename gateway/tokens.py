@@ -39,6 +39,16 @@ TOKENS_PER_MESSAGE_ESTIMATE = 4
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
+def prompt_token_bound(body_bytes: int) -> int:
+    """At most how many tokens a request body of this size can make its prompt, known before
+    it is parsed: one per byte. Byte-level BPE and byte-fallback tokenizers make at most one
+    token per UTF-8 byte of text, the text is never longer in UTF-8 than in the JSON body
+    that carries it, and each message's JSON wrapping (`{"role":"user","content":""}` is 28
+    bytes) is longer than the tokens a chat template adds per message (Mixtral's and the
+    tiny model's add at most 8)."""
+    return body_bytes
+
+
 def estimate_text(text: str) -> int:
     return (len(text.encode()) + 3) // 4
 
@@ -57,6 +67,7 @@ class ModelTokenizer:
     """A model version's tokenizer and chat template."""
 
     def __init__(self, folder: Path):
+        self.folder = folder
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         config = _read_json(folder / "tokenizer_config.json")
         special = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}

@@ -159,6 +159,14 @@ GATEWAY_LOAD_REPORT_SECONDS = env.float("GATEWAY_LOAD_REPORT_SECONDS", default=5
 # Redis keys and channels of the gateway (rate-limit buckets, key revocations) start with this.
 GATEWAY_REDIS_PREFIX = env.str("GATEWAY_REDIS_PREFIX", default="sirocco:gateway:")
 GATEWAY_DB_THREADS = env.int("GATEWAY_DB_THREADS", default=4)
+# Request bodies above GATEWAY_INLINE_PROMPT_BYTES are parsed and tokenized in
+# GATEWAY_PROMPT_WORKERS worker processes, shared round-robin between organizations; an
+# organization with GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION of them queued or running gets 429.
+GATEWAY_INLINE_PROMPT_BYTES = env.int("GATEWAY_INLINE_PROMPT_BYTES", default=8192)
+GATEWAY_PROMPT_WORKERS = env.int("GATEWAY_PROMPT_WORKERS", default=2)
+GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int(
+    "GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8
+)
 
 # --- Celery ---------------------------------------------------------------------------------
 # Embedded default: kombu's SQLAlchemy transport on a SQLite file, so a real worker process

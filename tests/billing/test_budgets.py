@@ -7,7 +7,7 @@ from django.core import mail
 
 from billing.ledger import usage_events_ingest
 from billing.models import BudgetAlert
-from billing.selectors import budget_alerts_current, organization_spend_blocked
+from billing.selectors import budget_alerts_current, organization_spend_position
 from tests.billing.conftest import NOW
 from tests.billing.factories import UsageEventFactory
 
@@ -42,7 +42,7 @@ def test_alerts_at_50_80_and_100_percent_once_each(
     assert len(mail.outbox) == 1
     assert "50%" in mail.outbox[0].subject
     assert mail.outbox[0].to == [organization.billing_email]
-    assert not organization_spend_blocked(organization_id=organization.pk, now=NOW)
+    assert not organization_spend_position(organization_id=organization.pk, now=NOW).blocked
 
     with django_capture_on_commit_callbacks(execute=True):
         spend(organization, version, 6)  # 11.00: past 80 and 100 in one batch
@@ -50,7 +50,7 @@ def test_alerts_at_50_80_and_100_percent_once_each(
     assert sorted(BudgetAlert.objects.values_list("threshold_percent", flat=True)) == [50, 80, 100]
     assert len(mail.outbox) == 3
     assert "refused" in mail.outbox[-1].body or "refused" in mail.outbox[-2].body
-    assert organization_spend_blocked(organization_id=organization.pk, now=NOW)
+    assert organization_spend_position(organization_id=organization.pk, now=NOW).blocked
     assert [
         a.threshold_percent for a in budget_alerts_current(organization=organization, now=NOW)
     ] == [
@@ -69,15 +69,32 @@ def test_alerts_at_50_80_and_100_percent_once_each(
 def test_no_limit_never_blocks_and_a_zero_limit_always_does(organization, version, price):
     spend(organization, version, 3)
     usage_events_ingest(now=NOW)
-    assert not organization_spend_blocked(organization_id=organization.pk, now=NOW)
+    assert not organization_spend_position(organization_id=organization.pk, now=NOW).blocked
     organization.monthly_spend_limit = Decimal("0")
     organization.save()
-    assert organization_spend_blocked(organization_id=organization.pk, now=NOW)
-    assert not organization_spend_blocked(organization_id=10**9, now=NOW)
+    assert organization_spend_position(organization_id=organization.pk, now=NOW).blocked
+    assert organization_spend_position(organization_id=10**9, now=NOW) is None
 
 
-def test_the_limit_check_is_one_query(organization, django_assert_num_queries):
-    organization.monthly_spend_limit = Decimal("1")
+def test_the_position_counts_usage_not_ingested_yet(
+    organization, version, price, django_assert_num_queries
+):
+    organization.monthly_spend_limit = Decimal("10.00")
     organization.save()
-    with django_assert_num_queries(1):
-        organization_spend_blocked(organization_id=organization.pk)
+    spend(organization, version, 2)
+    usage_events_ingest(now=NOW)
+    spend(organization, version, 3)  # not ingested: still counted, at the price in force
+    position = organization_spend_position(organization_id=organization.pk, now=NOW)
+    assert (position.spend, position.limit, position.currency) == (
+        Decimal("5.00"),
+        Decimal("10.00"),
+        organization.currency,
+    )
+    assert not position.blocked
+    # Three queries, and one per model version with usage waiting for ingestion.
+    with django_assert_num_queries(4):
+        organization_spend_position(organization_id=organization.pk, now=NOW)
+    usage_events_ingest(now=NOW)
+    with django_assert_num_queries(3):
+        again = organization_spend_position(organization_id=organization.pk, now=NOW)
+    assert again.spend == Decimal("5.00")
