@@ -164,9 +164,7 @@ GATEWAY_DB_THREADS = env.int("GATEWAY_DB_THREADS", default=4)
 # organization with GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION of them queued or running gets 429.
 GATEWAY_INLINE_PROMPT_BYTES = env.int("GATEWAY_INLINE_PROMPT_BYTES", default=8192)
 GATEWAY_PROMPT_WORKERS = env.int("GATEWAY_PROMPT_WORKERS", default=2)
-GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int(
-    "GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8
-)
+GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int("GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8)
 
 # --- Celery ---------------------------------------------------------------------------------
 # Embedded default: kombu's SQLAlchemy transport on a SQLite file, so a real worker process
