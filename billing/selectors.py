@@ -24,10 +24,6 @@ class SpendPosition:
     currency: str
     period_start: datetime
 
-    @property
-    def blocked(self) -> bool:
-        return self.limit is not None and self.spend >= self.limit
-
 
 def organization_spend_position(
     *, organization_id: int, now: datetime | None = None

@@ -33,9 +33,8 @@ class CompletionRequest:
     n: int = 1  # choices: each may generate max_tokens
     # The upstream body after its leading `{"model":""`, made once (in a worker for big ones).
     upstream_tail: bytes = b""
-    # The prompt's tokens as admission counted them (exact when `prompt_exact`).
+    # The prompt's tokens as admission counted them.
     prompt_tokens: int = 0
-    prompt_exact: bool = False
 
     def count_prompt(self, tokenizer: ModelTokenizer | None) -> int:
         if self.payload is None:  # read in a worker: counted there at admission
