@@ -6,6 +6,7 @@ pyproject.toml's [tool.vulture] ignore_names instead; add a name here only with 
 """
 
 from accounts.authentication import APIKeyAuthentication, OrganizationSessionAuthentication
+from accounts.logins import client_ip, login_username
 from console.views.catalog import HardwareOption
 from controlplane.asgi import application
 from controlplane.logging import JsonFormatter, RequestIdFilter
@@ -24,6 +25,8 @@ RequestIdMiddleware
 problem_exception_handler
 StrictFilterBackend
 StrictOrderingFilter
+login_username  # AXES_USERNAME_CALLABLE
+client_ip  # AXES_CLIENT_IP_CALLABLE
 
 # Run by Django's system check framework (`@register` in controlplane/checks.py).
 check_password_reset_mail

@@ -98,3 +98,12 @@ LANGUAGES = {
 def hours(seconds) -> str:
     """GPU seconds as hours: 5400 → "1.5 h"."""
     return f"{Decimal(seconds) / 3600:.2f}".rstrip("0").rstrip(".") + " h"
+
+
+@register.filter
+def duration(value) -> str:
+    """timedelta(minutes=15) → "15 minutes", timedelta(hours=2) → "2 hours"."""
+    minutes = round(value.total_seconds() / 60)
+    if minutes >= 120 and minutes % 60 == 0:
+        return f"{minutes // 60} hours"
+    return f"{minutes} minute{'' if minutes == 1 else 's'}"

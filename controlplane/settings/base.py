@@ -5,6 +5,7 @@ The embedded default (`make run`) needs no variables at all; production sets at 
 SECRET_KEY, DATABASE_URL, CELERY_BROKER_URL and REDIS_URL (see README's configuration table).
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -58,6 +59,8 @@ INSTALLED_APPS = [
     "gateway",
     "billing",
     "console",
+    # Last: its checks want the auth backends and middleware below.
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -72,6 +75,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Turns a locked-out login into the lockout page (django-axes); last, as its docs say.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -234,6 +239,35 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 SESSION_COOKIE_HTTPONLY = True
+# Brute-force lockout for the console and /admin/ logins (django-axes, its database handler:
+# the same on SQLite and PostgreSQL, and every failure is a row operators can read in the admin).
+# After LOGIN_FAILURE_LIMIT failures for one account within LOGIN_LOCKOUT_MINUTES, that account
+# cannot log in for LOGIN_LOCKOUT_MINUTES (429 and a page that says so); operators unlock with
+# `manage.py axes_reset_username EMAIL` or by deleting the attempt in the admin.
+# https://django-axes.readthedocs.io/en/latest/4_configuration.html
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=10)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("LOGIN_LOCKOUT_MINUTES", default=15.0))
+AXES_LOCKOUT_PARAMETERS = ["username"]
+# axes.W006 wants the address in the lockout key, against attackers who rotate cookies or user
+# agents; ours is the account name alone, which they cannot rotate, and locking addresses would
+# lock out every member behind a company's NAT. Spraying many accounts from one address is for
+# the Ingress's rate limits (docs/security.md).
+SILENCED_SYSTEM_CHECKS = ["axes.W006"]
+AXES_USERNAME_CALLABLE = "accounts.logins.login_username"
+AXES_CLIENT_IP_CALLABLE = "accounts.logins.client_ip"
+# A lockout lasts its cool-off, not "until the guessing stops": an attacker who keeps trying
+# must not keep the account's owner out for good.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = True
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+AXES_LOCKOUT_TEMPLATE = "console/locked_out.html"
+AXES_HTTP_RESPONSE_CODE = 429
+# How many proxies in front of the web process append to X-Forwarded-For (the Ingress: 1).
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

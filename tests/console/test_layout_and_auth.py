@@ -150,7 +150,10 @@ def test_a_new_member_sets_a_password_through_the_emailed_link(console, organiza
         {"new_password1": "a long new passphrase", "new_password2": "a long new passphrase"},
     )
     assert response["Location"] == "/password-reset/complete"
-    assert visitor.login(username="new@example.com", password="a long new passphrase")
+    logged_in = visitor.post(
+        "/login/", {"username": "new@example.com", "password": "a long new passphrase"}
+    )
+    assert logged_in.status_code == 302 and logged_in["Location"] == "/"
     assert visitor.get(link, follow=True).context["validlink"] is False  # used once
 
 

@@ -47,6 +47,8 @@ NOT_SET_BY_THE_CHART = {
     "GATEWAY_USAGE_SYNCHRONOUS_COMMIT": "a durability trade-off an operator opts into (config.extraEnv)",
     "GATEWAY_REDIS_PREFIX": "only installations that share one Redis server need different ones",
     "SESSION_COOKIE_SECURE": "follows SECURE_SSL (config.secureSsl)",
+    "LOGIN_FAILURE_LIMIT": TUNING,
+    "LOGIN_LOCKOUT_MINUTES": TUNING,
     "SECURE_HSTS_SECONDS": "a year when SECURE_SSL is on; config.extraEnv changes it",
     "SECURE_HSTS_INCLUDE_SUBDOMAINS": "the operator's domain policy (config.extraEnv)",
     "SECURE_HSTS_PRELOAD": "the operator's domain policy (config.extraEnv)",

@@ -137,6 +137,8 @@ CSRF_TRUSTED_ORIGINS: {{ . | quote }}
 SIROCCO_PUBLIC_URL: {{ . | quote }}
 {{- end }}
 SECURE_SSL: {{ .Values.config.secureSsl | quote }}
+{{- /* The Ingress controller appends the client's address to X-Forwarded-For (login records). */}}
+TRUSTED_PROXY_COUNT: {{ ternary "1" "0" .Values.ingress.enabled | quote }}
 LOG_LEVEL: {{ .Values.config.logLevel | quote }}
 LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 DATABASE_CONN_MAX_AGE: {{ .Values.config.databaseConnMaxAge | quote }}
