@@ -178,6 +178,12 @@ class Provisioner:
         self.apply(spec, force=force)
         return self.observe(spec)
 
+    def watch(self, stop) -> None:
+        """Follow the cluster until `stop` (a threading.Event) is set, calling on_change for
+        every change (`manage.py watch_replicas`). Provisioners that learn of changes where
+        they run replicas (local: the worker owns the processes) need no watch."""
+        raise NotImplementedError
+
     def orphans(self, live_ids: set[str], live_organizations: set[str]) -> list[str]:
         """What this provisioner runs for no live deployment (to clean up)."""
         return []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -601,6 +602,10 @@ class KubernetesProvisioner(Provisioner):
                 found.append(namespace["metadata"]["name"])
         return sorted(set(found))
 
+    def watch(self, stop: threading.Event) -> None:
+        """Follow the pods of every deployment until `stop`; each change calls on_change."""
+        PodWatch(self.client, lambda deployment_id, why: self.changed(deployment_id, why)).run(stop)
+
     def remove_orphan(self, orphan: str) -> None:
         if "/" not in orphan:
             self._organization_applied.pop(orphan, None)
@@ -612,3 +617,198 @@ class KubernetesProvisioner(Provisioner):
                 kind, namespace=namespace, label_selector=f"{LABEL_DEPLOYMENT_ID}={owner}"
             ):
                 self.client.delete(kind, obj["metadata"]["name"], namespace)
+
+
+# --- watching pods ----------------------------------------------------------------------------
+# Kept apart from the provisioner above: it runs in its own long-lived process
+# (`manage.py watch_replicas`, the chart's `watcher` Deployment), not in reconcile passes.
+
+# The API server ends a watch after this long; the loop resumes from the last resourceVersion.
+WATCH_TIMEOUT_SECONDS = 300
+# Changes to one deployment within this window make one reconcile request.
+WATCH_COALESCE_SECONDS = 0.2
+WATCH_MAX_BACKOFF_SECONDS = 30.0
+
+
+class _Gone(Exception):
+    """The resourceVersion a watch resumed from is too old (410 Gone): list again."""
+
+
+def pod_signature(pod: dict) -> tuple:
+    """What of a pod matters to a deployment's status and GPU time; a watch event that leaves
+    it unchanged (a label, an annotation, a condition's probe time) asks for no pass."""
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    containers = []
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for container in status.get(key) or []:
+            state = container.get("state") or {}
+            containers.append(
+                (
+                    container.get("name"),
+                    tuple(sorted(state)),
+                    (state.get("running") or {}).get("startedAt"),
+                    (state.get("waiting") or {}).get("reason"),
+                    container.get("ready"),
+                    container.get("restartCount"),
+                )
+            )
+    return (
+        status.get("phase"),
+        bool(metadata.get("deletionTimestamp")),
+        (pod.get("spec") or {}).get("nodeName"),
+        tuple(sorted((c.get("type"), c.get("status")) for c in status.get("conditions") or [])),
+        tuple(containers),
+    )
+
+
+def _describe_pod_change(kind: str, pod: dict) -> str:
+    name = (pod.get("metadata") or {}).get("name", "?")
+    if kind == "DELETED":
+        return f"pod {name} deleted"
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return f"pod {name} terminating"
+    exit_text = last_exit(pod)
+    waiting = ((_container_status(pod, CONTAINER_NAME) or {}).get("state") or {}).get(
+        "waiting"
+    ) or {}
+    if waiting.get("reason") == "CrashLoopBackOff":
+        return f"pod {name} crash-looping" + (f" ({exit_text})" if exit_text else "")
+    return f"pod {name} changed"
+
+
+class PodWatch:
+    """Follows the pods of every deployment, as a Kubernetes informer does: LIST them (their
+    resourceVersion), then WATCH from that version; a watch the server ends (its timeout) is
+    resumed from the last version seen (BOOKMARK events keep it fresh); a 410 Gone (history
+    compacted) means LIST again and compare. Every change that matters to a deployment (see
+    `pod_signature`) calls `notify(deployment_id, why)`, coalesced per deployment over
+    WATCH_COALESCE_SECONDS. Level-triggered: the reconcile pass it asks for reads the whole
+    state again, so a missed or repeated event costs nothing but a pass."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        notify,
+        *,
+        timeout_seconds: int = WATCH_TIMEOUT_SECONDS,
+        coalesce_seconds: float = WATCH_COALESCE_SECONDS,
+    ):
+        self.client = client
+        self.notify = notify
+        self.timeout_seconds = timeout_seconds
+        self.coalesce_seconds = coalesce_seconds
+        # (namespace, name) → (deployment id, signature) of every pod seen.
+        self._pods: dict[tuple[str, str], tuple[str, tuple]] = {}
+        self._pending: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stream = None
+        self.lists = 0  # LIST calls made (a test reads it: a 410 means one more)
+
+    def run(self, stop: threading.Event) -> None:
+        """Until `stop` is set (checked between watch requests, at most `timeout_seconds`)."""
+        flusher = threading.Thread(target=self._flush_until, args=(stop,), daemon=True)
+        flusher.start()
+        backoff = 1.0
+        version = None
+        while not stop.is_set():
+            try:
+                if version is None:
+                    version = self._list(notify=bool(self.lists))
+                version = self._watch(version, stop)
+                backoff = 1.0
+            except _Gone:
+                logger.info("pod watch: resourceVersion %s expired; listing again", version)
+                version = None
+            except (TransientError, PermanentError, ApiException, urllib3.exceptions.HTTPError,
+                    OSError, ValueError) as error:  # fmt: skip
+                logger.warning("pod watch failed (%s); again in %.0f s", error, backoff)
+                version = None
+                stop.wait(backoff)
+                backoff = min(WATCH_MAX_BACKOFF_SECONDS, backoff * 2)
+        flusher.join(timeout=1)
+
+    def _list(self, *, notify: bool) -> str:
+        answer = self.client._call(
+            "list pods",
+            self.client._method(KINDS["Pod"], "list", all_namespaces=True),
+            label_selector=MANAGED_SELECTOR,
+        )
+        self.lists += 1
+        seen = {}
+        for pod in answer.get("items") or []:
+            metadata = pod.get("metadata") or {}
+            key = (metadata.get("namespace"), metadata.get("name"))
+            owner = (metadata.get("labels") or {}).get(LABEL_DEPLOYMENT_ID)
+            if owner:
+                seen[key] = (owner, pod_signature(pod))
+                if notify and self._pods.get(key) != seen[key]:
+                    self._queue(owner, _describe_pod_change("MODIFIED", pod))
+        if notify:  # what went while no watch ran
+            for key, (owner, _) in self._pods.items():
+                if key not in seen:
+                    self._queue(owner, f"pod {key[1]} deleted")
+        self._pods = seen
+        return (answer.get("metadata") or {}).get("resourceVersion") or ""
+
+    def _watch(self, version: str, stop: threading.Event) -> str:
+        from kubernetes import watch
+
+        core = self.client._method(KINDS["Pod"], "list", all_namespaces=True)
+        stream = self._stream = watch.Watch()
+        try:
+            for event in stream.stream(
+                core,
+                label_selector=MANAGED_SELECTOR,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.timeout_seconds,
+                _request_timeout=(self.client.timeout, self.timeout_seconds + 30),
+            ):
+                kind, pod = event["type"], event["raw_object"]
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._seen(kind, pod)
+                if stop.is_set():
+                    stream.stop()
+        except ApiException as error:
+            if error.status == 410:
+                raise _Gone() from error
+            raise
+        return stream.resource_version or version
+
+    def _seen(self, kind: str, pod: dict) -> None:
+        metadata = pod.get("metadata") or {}
+        key = (metadata.get("namespace"), metadata.get("name"))
+        owner = (metadata.get("labels") or {}).get(LABEL_DEPLOYMENT_ID)
+        if not owner:
+            return
+        if kind == "DELETED":
+            self._pods.pop(key, None)
+        else:
+            signature = (owner, pod_signature(pod))
+            if self._pods.get(key) == signature:
+                return
+            self._pods[key] = signature
+        self._queue(owner, _describe_pod_change(kind, pod))
+
+    def _queue(self, deployment_id: str, why: str) -> None:
+        with self._lock:
+            earlier = self._pending.get(deployment_id)
+            self._pending[deployment_id] = f"{earlier}; {why}" if earlier else why
+
+    def _flush_until(self, stop: threading.Event) -> None:
+        while not stop.wait(self.coalesce_seconds):
+            self.flush()
+        self.flush()
+        stream = self._stream
+        if stream is not None:
+            stream.stop()  # shuts the socket: the watch in progress ends now
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for deployment_id, why in pending.items():
+            try:
+                self.notify(deployment_id, why[:500])
+            except Exception:  # the drift sweep still finds it
+                logger.exception("could not ask for a pass of deployment %s", deployment_id)

@@ -8,6 +8,11 @@ Status errors, object storage in `kmock.objects`):
   object (single field manager), keeps system metadata and status, bumps `generation` when the
   spec changes and `resourceVersion` only when something changed;
 * label selectors on LIST, and cluster-wide LIST;
+* WATCH (`?watch=true`), as an API server streams it: from the `resourceVersion` asked for (the
+  one a LIST returned, or the last event's), ADDED / MODIFIED / DELETED events of the matching
+  objects, one JSON document a line, until `timeoutSeconds`; a `resourceVersion` older than
+  the kept history (`compact()` drops it, as etcd compaction does) gets an ERROR event with a
+  410 Gone Status, after which a client must LIST again;
 * deletion: objects go at once, pods and namespaces terminate over a tick, a namespace takes
   its contents with it, and a terminating namespace refuses new objects (403);
 * injected faults: an HTTP status or a delay (a timeout) for the next N matching requests;
@@ -184,6 +189,11 @@ class SimulatedCluster(kmock.KubernetesEmulator):
     _ips: itertools.count = attrs.field(factory=lambda: itertools.count(10), init=False)
     _names: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     calls: list = attrs.field(factory=list, init=False)
+    # Watch history: (resourceVersion, type, resource, namespace, JSON of the object), and the
+    # oldest resourceVersion a watch may still start from.
+    _history: list = attrs.field(factory=list, init=False)
+    _history_start: int = attrs.field(default=0, init=False)
+    _watchers: list = attrs.field(factory=list, init=False)
 
     # --- storage --------------------------------------------------------------------------
 
@@ -198,10 +208,12 @@ class SimulatedCluster(kmock.KubernetesEmulator):
         key = (resource, namespace, name)
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         existing = self.objects._objects.get(key)
+        added = existing is None or existing.deleted
         if existing is None:
             self.objects[resource, namespace, name] = body
         else:
             existing.create(body)
+        self._record_event("ADDED" if added else "MODIFIED", resource, namespace, body)
         self._index.setdefault((resource, namespace), set()).add(name)
         if resource == DEPLOYMENTS:
             owner = body["spec"]["selector"]["matchLabels"].get(DEPLOYMENT_LABEL)
@@ -225,7 +237,10 @@ class SimulatedCluster(kmock.KubernetesEmulator):
         if obj is not None and not obj.deleted:
             if resource == PODS:
                 self._touch_owner(obj.raw)
+            gone = copy.deepcopy(obj.raw)
+            gone["metadata"]["resourceVersion"] = str(next(self._versions))
             obj.delete()
+            self._record_event("DELETED", resource, namespace, gone)
         self._index.get((resource, namespace), set()).discard(name)
         self._terminating.discard((resource, namespace, name))
         if resource == PODS:
@@ -235,6 +250,84 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 self._node_used[life.node] -= life.gpus
         elif resource == DEPLOYMENTS:
             self._deployments_removed = True
+
+    # --- watch ----------------------------------------------------------------------------
+
+    def _record_event(self, kind: str, resource, namespace, body: dict) -> None:
+        version = int(body["metadata"]["resourceVersion"])
+        event = (version, kind, resource, namespace, json.dumps(body))
+        self._history.append(event)
+        if len(self._history) > 5000:
+            dropped = self._history[: len(self._history) - 5000]
+            del self._history[: len(dropped)]
+            self._history_start = dropped[-1][0]
+        for watcher in self._watchers:
+            watcher.offer(event)
+
+    def crash_loop(self, deployment_name: str) -> None:
+        """From the next tick, the running pods of a Deployment crash and crash again."""
+        self.pod_faults[deployment_name] = "crash"
+        for pod in self._all(PODS):
+            if pod["metadata"]["labels"].get("app.kubernetes.io/instance") == deployment_name:
+                self._unsettled.add((pod["metadata"]["namespace"], pod["metadata"]["name"]))
+
+    def compact(self) -> None:
+        """Forget the watch history, as etcd's compaction does: a watch resuming from an older
+        resourceVersion now gets 410 Gone."""
+        self._history.clear()
+        self._history_start = next(self._versions)
+
+    async def _watch(self, raw_request, resource, namespace) -> aiohttp.web.StreamResponse:
+        query = raw_request.query
+        terms = parse_selector(query.get("labelSelector"))
+        timeout = float(query.get("timeoutSeconds") or 1800)
+        since = query.get("resourceVersion") or ""
+        watcher = _Watcher(resource, namespace, terms)
+        response = aiohttp.web.StreamResponse(
+            status=200, headers={"Content-Type": "application/json"}
+        )
+        await response.prepare(raw_request)
+        async with self._lock:
+            if since and since != "0" and int(since) < self._history_start:
+                gone = {
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": f"too old resource version: {since} ({self._history_start})",
+                        "reason": "Expired",
+                        "code": 410,
+                    },
+                }
+                await response.write(json.dumps(gone).encode() + b"\n")
+                return response
+            if since and since != "0":
+                for event in self._history:
+                    if event[0] > int(since):
+                        watcher.offer(event)
+            else:  # no version: the current state first, as ADDED events
+                for obj in self._all(resource, namespace):
+                    watcher.offer((0, "ADDED", resource, namespace, json.dumps(obj)))
+            self._watchers.append(watcher)
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    kind, text = await asyncio.wait_for(watcher.queue.get(), left)
+                except TimeoutError:
+                    break
+                await response.write(f'{{"type": "{kind}", "object": {text}}}\n'.encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            async with self._lock:
+                self._watchers.remove(watcher)
+        return response
 
     def _all(self, resource, namespace=None):
         for (res, ns), names in list(self._index.items()):
@@ -260,6 +353,13 @@ class SimulatedCluster(kmock.KubernetesEmulator):
     # --- the API --------------------------------------------------------------------------
 
     async def __call__(self, raw_request):
+        if raw_request.method == "GET" and raw_request.query.get("watch") in ("true", "1"):
+            target = self._target_of_path(raw_request.path)
+            if target is not None and target[2] is None:
+                resource, namespace, _name = target
+                await raw_request.read()
+                self.calls.append(("watch", resource.group, resource.plural, namespace))
+                return await self._watch(raw_request, resource, namespace)
         # kmock 0.8's path parser fails on the bare collection /api/v1/namespaces (it reads
         # "namespaces" as a namespace scope with no name): list namespaces here instead.
         if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
@@ -298,6 +398,23 @@ class SimulatedCluster(kmock.KubernetesEmulator):
             if verb == "delete":
                 return self._json(self._delete(resource, namespace, name))
         return await super()._handle(request)
+
+    @staticmethod
+    def _target_of_path(path: str):
+        """(resource, namespace, name) of a path to one of our resources, else None."""
+        parts = path.strip("/").split("/")
+        if parts[:1] == ["api"] and len(parts) >= 2:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            return None
+        namespace = None
+        if len(rest) >= 3 and rest[0] == "namespaces":
+            namespace, rest = rest[1], rest[2:]
+        if not rest or len(rest) > 2 or (group, rest[0]) not in RESOURCES:
+            return None
+        return Resource(group, version, rest[0]), namespace, rest[1] if len(rest) == 2 else None
 
     @staticmethod
     def _target(request):
@@ -770,6 +887,22 @@ class SimulatedCluster(kmock.KubernetesEmulator):
                 deployment["metadata"]["name"],
                 deployment,
             )
+
+
+class _Watcher:
+    """One open WATCH: the events it matches, queued for its response."""
+
+    def __init__(self, resource, namespace, terms):
+        self.resource, self.namespace, self.terms = resource, namespace, terms
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def offer(self, event) -> None:
+        _version, kind, resource, namespace, text = event
+        if resource != self.resource or (self.namespace and namespace != self.namespace):
+            return
+        labels = (json.loads(text).get("metadata") or {}).get("labels") or {}
+        if matches(labels, self.terms):
+            self.queue.put_nowait((kind, text))
 
 
 class ClusterThread:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.nodb
 
 KUBERNETES_VERSION = "1.31"
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - in a pod, the server listens on the pod's address
-COMPONENTS = ("web", "gateway", "worker", "beat")
+COMPONENTS = ("web", "gateway", "worker", "beat", "watcher")
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -51,6 +51,7 @@ def test_the_default_release_has_exactly_these_objects(render):
             ("Deployment", "sirocco-gateway"),
             ("Deployment", "sirocco-worker"),
             ("Deployment", "sirocco-beat"),
+            ("Deployment", "sirocco-watcher"),
             ("Job", "sirocco-migrate"),
             ("Service", "sirocco-web"),
             ("Service", "sirocco-gateway"),
@@ -103,6 +104,7 @@ def test_each_process_runs_its_command(render):
             "2",
         ],
         "beat": ["celery", "-A", "controlplane", "beat"],
+        "watcher": ["python", "manage.py", "watch_replicas"],
         "migrate": ["python", "manage.py", "migrate", "--noinput"],
     }
     minimal = render(VARIANTS["minimal"]).container("worker")["command"]
@@ -130,11 +132,12 @@ def test_the_image_is_the_app_version_or_the_pinned_digest(render):
     ]
 
 
-def test_beat_is_a_single_replica_replaced_not_rolled(variant):
+def test_beat_and_the_watcher_are_single_replicas_replaced_not_rolled(variant):
     _name, rendered = variant
-    beat = rendered.deployment("beat")
-    assert beat["spec"]["replicas"] == 1
-    assert beat["spec"]["strategy"] == {"type": "Recreate"}
+    for component in ("beat", "watcher"):
+        deployment = rendered.deployment(component)
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def test_migrations_run_as_a_hook_after_the_settings_they_read(render):
@@ -207,16 +210,20 @@ def test_every_pod_runs_as_the_images_non_root_user_on_a_read_only_root(variant)
             assert "memory" in container["resources"]["limits"]
 
 
-def test_only_the_worker_gets_a_kubernetes_api_token(variant):
+def test_only_the_worker_and_the_watcher_get_a_kubernetes_api_token(variant):
     _name, rendered = variant
     prefix = rendered.fullname
     tokens = {
         obj["metadata"]["name"]: obj["spec"]["template"]["spec"]["automountServiceAccountToken"]
         for obj in rendered.of_kind("Deployment") + rendered.of_kind("Job")
     }
-    assert {n for n, mounted in tokens.items() if mounted} == {f"{prefix}-worker"}
-    worker = rendered.get("Deployment", f"{prefix}-worker")["spec"]["template"]["spec"]
-    assert worker["serviceAccountName"] == f"{prefix}-provisioner"
+    assert {n for n, mounted in tokens.items() if mounted} == {
+        f"{prefix}-worker",
+        f"{prefix}-watcher",
+    }
+    for component in ("worker", "watcher"):
+        pod = rendered.get("Deployment", f"{prefix}-{component}")["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == f"{prefix}-provisioner"
     for binding in rendered.of_kind("ClusterRoleBinding"):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": f"{prefix}-provisioner", "namespace": NAMESPACE}
