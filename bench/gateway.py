@@ -2,12 +2,20 @@
 gateway with auth, rate limits and usage on (PostgreSQL + Redis), (c) through LiteLLM's proxy.
 
     python bench/gateway.py [--duration 10] [--rate 200] [--workers 2] [--litellm-venv DIR]
+    python bench/gateway.py --noisy-neighbour [--duration 10] [--rate 50]
 
 Reports, for non-streaming and streaming requests: saturation requests/s (wrk, closed loop,
 64 connections), latency p50/p99 at a fixed rate (an open-loop asyncio client: one request
 every 1/rate s whatever the answers do) and the latency added against the direct run, and
 time to first token when streaming. Also how fast httpx and aiohttp call the stub from one
-process (why the gateway uses aiohttp). Everything runs on this machine over loopback; the
+process (why the gateway uses aiohttp).
+
+`--noisy-neighbour` runs only this: one gateway process (PostgreSQL + Redis); tenant B streams
+at a steady `--rate` (open loop) alone, then while tenant A sends 4 concurrent 4 MB chat
+bodies in a loop (two with one huge message, two with 85,000 small ones) to a model whose
+tokenizer and chat template the gateway loads (the tiny MoE's), each tenant with its own stub
+replica. Reports B's latency p50/p99 both ways, the longest pause inside B's streams (the stub
+sends a whole answer at once, so any pause is the gateway's), and what A got done. Everything runs on this machine over loopback; the
 upstream is bench/upstream_stub.py, which answers at once.
 
 Needs: PostgreSQL at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 (as for the test suite), `wrk`
@@ -463,6 +471,175 @@ def virtual_key(port: int, master: str) -> str:
     return response.json()["key"]
 
 
+NOISY_SEED = """
+from accounts.actors import Actor
+from accounts.models import APIKey, Organization
+from accounts.services import api_key_create
+from tests.deployments.factories import DeploymentFactory, ReplicaFactory
+for slug, stub, artifacts in (("tenant-a", {stub_a!r}, {artifacts!r}), ("tenant-b", {stub_b!r}, "")):
+    organization = Organization.objects.create(slug=slug, name=slug)
+    deployment = DeploymentFactory(
+        organization=organization, name={model!r}, model_version__served_model_name="stub",
+        model_version__runtime_args={{"max_model_len": 4_000_000}},
+        model_version__artifact_uri=artifacts,
+    )
+    ReplicaFactory(deployment=deployment, endpoint=stub)
+    _key, secret = api_key_create(
+        actor=Actor.system(organization), name="bench", scopes=[APIKey.Scope.INFERENCE],
+        rpm_limit={limit}, tpm_limit={limit},
+    )
+    print(secret)
+"""
+NOISY_HUGE = json.dumps(
+    {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi " * 1_300_000}]}
+).encode()
+NOISY_MANY = json.dumps(
+    {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}] * 85_000}
+).encode()
+
+
+async def tenant_b_streams(url: str, key: str, rate: float, duration: float) -> dict:
+    """Open loop of streaming requests: latency to the last byte, and the longest pause
+    between two reads of one stream."""
+    latencies: list[float] = []
+    pauses: list[float] = []
+    failures = 0
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    payload = json.dumps({**CHAT, "stream": True}).encode()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one():
+            nonlocal failures
+            started = last = time.perf_counter()
+            longest = 0.0
+            async with session.post(url, data=payload, headers=headers) as response:
+                async for _data in response.content.iter_any():
+                    now = time.perf_counter()
+                    if last is not started:
+                        longest = max(longest, now - last)
+                    last = now
+                if response.status != 200:
+                    failures += 1
+                    return
+            latencies.append(time.perf_counter() - started)
+            pauses.append(longest)
+
+        begin = time.perf_counter()
+        tasks = []
+        for index in range(int(rate * duration)):
+            delay = begin + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return {
+        "requests": len(tasks),
+        "failures": failures,
+        **percentiles("latency", latencies),
+        "longest_stream_pause_ms": round(max(pauses, default=0) * 1000, 3),
+    }
+
+
+async def tenant_a_flood(url: str, key: str, stop: asyncio.Event) -> dict:
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    statuses: dict[int, int] = {}
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+
+        async def loop(body: bytes):
+            while not stop.is_set():
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        await asyncio.gather(*(loop(b) for b in (NOISY_HUGE, NOISY_MANY, NOISY_HUGE, NOISY_MANY)))
+    return statuses
+
+
+def start_stub() -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "bench/upstream_stub.py", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def noisy_neighbour(args, workdir: Path) -> dict:
+    from runtime.tiny_moe import build_tiny_moe
+
+    tiny = build_tiny_moe(workdir / "tiny-moe")
+    stubs = [start_stub() for _ in range(2)]
+    stub_a, stub_b = (stub.stdout.readline().split()[-1] for stub in stubs)
+    recreate_database(SIROCCO_DB)
+    env = {
+        "DATABASE_URL": f"{POSTGRES}/{SIROCCO_DB}",
+        "REDIS_URL": REDIS_URL,
+        "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:",
+        "GATEWAY_ORG_RPM_LIMIT": str(HUGE_LIMIT),
+        "GATEWAY_ORG_TPM_LIMIT": str(HUGE_LIMIT),
+        "SECRET_KEY": "bench-" + uuid.uuid4().hex,
+        "CELERY_BROKER_URL": REDIS_URL,
+        "LOG_LEVEL": "WARNING",
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+    }
+    manage = [sys.executable, "manage.py"]
+    full_env = {**os.environ, **env}
+    subprocess.run([*manage, "migrate", "-v0"], cwd=ROOT, env=full_env, check=True)
+    seed = NOISY_SEED.format(
+        model=MODEL, stub_a=stub_a, stub_b=stub_b, artifacts=f"file://{tiny}", limit=HUGE_LIMIT
+    )
+    output = subprocess.run(
+        [*manage, "shell", "-c", seed], cwd=ROOT, env=full_env, check=True,
+        capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    key_a, key_b = output[-2], output[-1]
+    port = free_port()
+    server = start(
+        [sys.executable, "-m", "uvicorn", "gateway.asgi:application", "--host", "127.0.0.1",
+         "--port", str(port), "--no-access-log", "--log-level", "warning"],
+        env, workdir / "sirocco-noisy.log",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", process=server)
+        # Warm up: B's caches, and A's tokenizer and prompt workers (one request each).
+        asyncio.run(tenant_b_streams(url, key_b, args.rate, 1))
+        httpx.post(url, content=NOISY_MANY, timeout=300,
+                   headers={"authorization": f"Bearer {key_a}",
+                            "content-type": "application/json"})  # fmt: skip
+        load_before = os.getloadavg()
+        alone = asyncio.run(tenant_b_streams(url, key_b, args.rate, args.duration))
+        print("  B alone:", alone, flush=True)
+
+        async def together():
+            stop = asyncio.Event()
+            flood = asyncio.create_task(tenant_a_flood(url, key_a, stop))
+            await asyncio.sleep(1)  # A's first bodies are being read
+            during = await tenant_b_streams(url, key_b, args.rate, args.duration)
+            stop.set()
+            return during, await flood
+
+        during, statuses = asyncio.run(together())
+        print("  B during A's flood:", during, "A's answers:", statuses, flush=True)
+        return {
+            "gateway_workers": 1,
+            "rate": args.rate,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "b_alone": alone,
+            "b_during_flood": during,
+            "a_statuses": {str(k): v for k, v in statuses.items()},
+            "p99_added_ms": round(during["latency_p99_ms"] - alone["latency_p99_ms"], 3),
+        }
+    finally:
+        stop(server)
+        for stub in stubs:
+            stop(stub)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per measurement")
@@ -470,11 +647,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="gateway worker processes")
     parser.add_argument("--litellm-venv", default="/work/bench-venv")
     parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument(
+        "--noisy-neighbour", action="store_true", help="only the noisy-neighbour run"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    if args.noisy_neighbour:
+        report = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{os.cpu_count()} CPUs, {platform_name()}",
+            "duration_s": args.duration,
+            "noisy_neighbour": noisy_neighbour(args, workdir),
+        }
+        output = args.output.with_name("gateway-noisy-neighbour.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {output} (logs in {workdir})")
+        return
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     stub_process = subprocess.Popen(
         [sys.executable, "bench/upstream_stub.py", "--port", "0"],
         cwd=ROOT,

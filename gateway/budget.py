@@ -84,6 +84,7 @@ class SpendLimits:
         self._positions: dict[int, tuple[SpendPosition | None, float]] = {}
         self._prices: dict[int, tuple[TokenPrice | None, float]] = {}
         self._refreshing: set[tuple[str, int]] = set()
+        self._fetching: dict[tuple[str, int], asyncio.Future] = {}
 
     async def position(self, organization_id: int) -> SpendPosition | None:
         """Where the organization stands (cached; re-read in the background); None when it
@@ -157,22 +158,45 @@ class SpendLimits:
             self._refreshing.discard(what)
 
     async def _fetch_position(self, organization_id: int) -> SpendPosition | None:
+        return await self._once(("position", organization_id), self._read_position)
+
+    async def _fetch_price(self, version_id: int) -> TokenPrice | None:
+        return await self._once(("price", version_id), self._read_price)
+
+    async def _once(self, what: tuple[str, int], read):
+        """One read of `what` at a time, however many requests wait for it."""
+        pending = self._fetching.get(what)
+        if pending is None:
+            pending = asyncio.ensure_future(read(what[1]))
+            self._fetching[what] = pending
+            pending.add_done_callback(lambda _: self._fetching.pop(what, None))
+        return await asyncio.shield(pending)
+
+    async def _read_position(self, organization_id: int) -> SpendPosition | None:
         fetched = time.monotonic()
         now = datetime.now(UTC)
         key = self._key(organization_id, now)
-        # The gateway's settled counter first, then the database (see the module docstring).
-        settled = await self._limiter.spend_settled(key)
         row = await self._db.call(self._spend_position, organization_id=organization_id, now=now)
         position = None
-        if row is not None:
-            allowance = None
-            if row.limit is not None:
-                allowance = to_nanos(row.limit) - to_nanos(row.spend) + settled
-            position = SpendPosition(key, allowance, row.currency)
+        if row is not None and row.limit is None:
+            position = SpendPosition(key, None, row.currency)
+        elif row is not None:
+            # The gateway's settled counter first, then the database again (see the module
+            # docstring): a request settled between the two reads is counted twice, never
+            # missed. Organizations without a limit never need the counter.
+            settled = await self._limiter.spend_settled(key)
+            row = await self._db.call(
+                self._spend_position, organization_id=organization_id, now=now
+            )
+            if row is not None:
+                allowance = None
+                if row.limit is not None:
+                    allowance = to_nanos(row.limit) - to_nanos(row.spend) + settled
+                position = SpendPosition(key, allowance, row.currency)
         self._positions[organization_id] = (position, fetched)
         return position
 
-    async def _fetch_price(self, version_id: int) -> TokenPrice | None:
+    async def _read_price(self, version_id: int) -> TokenPrice | None:
         fetched = time.monotonic()
         row = await self._db.call(
             self._token_price,

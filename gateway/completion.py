@@ -134,7 +134,7 @@ class Completion(Exchange):
         config = self.gateway.config
         self.caller = await self.gateway.keys.authenticate(self.authorization_header())
         raw = await self.read_body(config.max_body_bytes)
-        self.position = await self.gateway.spend.position(self.caller.organization_id)
+        self.position = await self._spend_position()
         if len(raw) > config.inline_prompt_bytes:
             await self.admit_bound(len(raw))
         try:
@@ -244,6 +244,18 @@ class Completion(Exchange):
             )
         except (redis.RedisError, OSError):
             logger.warning("settling rate limits failed", exc_info=True)
+
+    async def _spend_position(self) -> SpendPosition | None:
+        try:
+            return await self.gateway.spend.position(self.caller.organization_id)
+        except (redis.RedisError, OSError):
+            logger.exception("the spend counters in Redis are unreachable")
+            raise upstream_error(
+                503,
+                "Spend limits cannot be checked right now. Retry shortly.",
+                retry_after=1,
+                code="rate_limiter_unavailable",
+            ) from None
 
     def _limits(self, tokens: int) -> list[Limit]:
         config, caller = self.gateway.config, self.caller
