@@ -1,18 +1,28 @@
 """Reconciliation of a closed period: the ledger (recomputed now) against the invoices, the
-rollups against the ledger, and the invoices against Stripe. Every difference is reported."""
+rollups against the ledger, the invoices against Stripe, and dedicated GPU time against the
+replicas' observed runs. Every difference is reported."""
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, Sum
 
 from accounts.models import Organization
 from billing.invoicing import _Names, dedicated_groups, token_groups, usage_lines
-from billing.models import Invoice, InvoiceLine, UsageRecord, UsageRollup
+from billing.models import (
+    DedicatedUsageRecord,
+    Invoice,
+    InvoiceLine,
+    ReplicaUsageCursor,
+    UsageRecord,
+    UsageRollup,
+)
 from billing.money import format_money, to_minor_units
 from billing.periods import Period
 from billing.stripe_sync import stripe_amount_due, stripe_enabled
+from deployments.models import ReplicaUsage
 
 
 @dataclass
@@ -136,6 +146,7 @@ def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodRepo
                         f"the invoice {ours}"
                     )
     _check_rollups(period, report)
+    _check_gpu_time(period, report)
     unpriced = UsageRecord.objects.filter(
         period_start=period.start, token_price_id__isnull=True
     ).count()
@@ -165,4 +176,54 @@ def _check_rollups(period: Period, report: PeriodReport) -> None:
         if a != b:
             report.differences.append(
                 f"organization {org_id} {period.label}: rollups {b} differ from the ledger {a}"
+            )
+
+
+def _check_gpu_time(period: Period, report: PeriodReport) -> None:
+    """Dedicated GPU time is the replicas' observed runs, billed once: the runs of one replica
+    (ReplicaUsage rows, one per run of its model server) never overlap, and the ledger's
+    segments of every run that ended add up to that run, start rounded down and end up to whole
+    seconds (billing/ledger.py's rule)."""
+    runs = ReplicaUsage.objects.filter(
+        Q(ended_at__isnull=True) | Q(ended_at__gt=period.start), started_at__lt=period.end
+    ).order_by("deployment_id", "replica_name", "started_at", "id")
+    previous = None
+    for run in runs:
+        if (
+            previous is not None
+            and (previous.deployment_id, previous.replica_name)
+            == (run.deployment_id, run.replica_name)
+            and (previous.ended_at is None or previous.ended_at > run.started_at)
+        ):
+            report.differences.append(
+                f"deployment {run.deployment_id} replica {run.replica_name}: run "
+                f"{run.pk} from {run.started_at:%Y-%m-%d %H:%M:%S.%f} overlaps run {previous.pk} "
+                f"(until {previous.ended_at or 'still running'}): GPU time billed twice"
+            )
+        previous = run
+    ended = {run.pk: run for run in runs if run.ended_at is not None}
+    complete = set(
+        ReplicaUsageCursor.objects.filter(
+            replica_usage_id__in=list(ended), complete=True
+        ).values_list("replica_usage_id", flat=True)
+    )
+    billed = dict(
+        DedicatedUsageRecord.objects.filter(replica_usage_id__in=list(complete))
+        .values("replica_usage_id")
+        .annotate(seconds=Sum("seconds"))
+        .order_by()
+        .values_list("replica_usage_id", "seconds")
+    )
+    for pk in sorted(complete):
+        run = ended[pk]
+        start = run.started_at.replace(microsecond=0)
+        end = run.ended_at.replace(microsecond=0)
+        if end != run.ended_at:
+            end += timedelta(seconds=1)
+        observed = int((end - start).total_seconds())
+        if billed.get(pk, 0) != observed:
+            report.differences.append(
+                f"deployment {run.deployment_id} replica {run.replica_name}: run {pk} ran "
+                f"{observed} s ({run.started_at:%Y-%m-%d %H:%M:%S} to "
+                f"{run.ended_at:%Y-%m-%d %H:%M:%S}), the ledger bills {billed.get(pk, 0)} s"
             )

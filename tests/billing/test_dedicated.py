@@ -13,6 +13,7 @@ from billing.invoicing import billing_period_close
 from billing.ledger import replica_usage_ingest
 from billing.models import DedicatedUsageRecord, PeriodSpend
 from catalog.selectors import dedicated_price_at
+from deployments.models import ReplicaUsage
 from tests.billing.conftest import NOW, at
 from tests.catalog.factories import (
     DedicatedPriceFactory,
@@ -250,3 +251,61 @@ def test_every_segment_is_priced_for_its_own_version(organization, intervals, pr
         billed = sum(s.seconds for s in segments if s.model_version_id == version.pk)
         ran = sum(int(u.seconds()) for u in usages if u.model_version == version)
         assert billed == ran
+
+
+def _reconcile_output(period: str) -> tuple[bool, str]:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    out = StringIO()
+    try:
+        call_command("billing_reconcile", "--period", period, "--no-stripe", stdout=out)
+    except CommandError:
+        return False, out.getvalue()
+    return True, out.getvalue()
+
+
+def test_billing_reconcile_proves_a_restart_is_a_gap_billed_as_it_ran(deployment):
+    """Two runs of one replica (stopped 45 s, then started again): billed as they ran."""
+    first = ReplicaUsageFactory(
+        deployment=deployment,
+        replica_name="chat-000",
+        started_at=at(2026, 2, 10, 9, 0, 0, 400_000),
+        ended_at=at(2026, 2, 10, 9, 10, 0, 200_000),
+    )
+    ReplicaUsageFactory(
+        deployment=deployment,
+        replica_name="chat-000",
+        started_at=first.ended_at + timedelta(seconds=45),
+        ended_at=at(2026, 2, 10, 10),
+    )
+    replica_usage_ingest(now=NOW)
+    billing_period_close(period_start=at(2026, 2, 1), now=NOW)
+    total = DedicatedUsageRecord.objects.aggregate(seconds=Sum("seconds"))["seconds"]
+    assert total == 601 + 2955  # each run's started second and ended second, not the gap
+    agree, out = _reconcile_output("2026-02")
+    assert agree, out
+
+
+def test_billing_reconcile_reports_overlapping_runs_and_a_ledger_that_differs(deployment):
+    first = ReplicaUsageFactory(
+        deployment=deployment,
+        replica_name="chat-000",
+        started_at=at(2026, 2, 10, 9),
+        ended_at=at(2026, 2, 10, 10),
+    )
+    ReplicaUsageFactory(
+        deployment=deployment,
+        replica_name="chat-000",
+        started_at=at(2026, 2, 10, 9, 30),  # while the first run still ran
+        ended_at=at(2026, 2, 10, 11),
+    )
+    replica_usage_ingest(now=NOW)
+    billing_period_close(period_start=at(2026, 2, 1), now=NOW)
+    # The run's end changed after it was billed (the ledger is append-only; the run is not).
+    ReplicaUsage.objects.filter(pk=first.pk).update(ended_at=at(2026, 2, 10, 10, 0, 5))
+    agree, out = _reconcile_output("2026-02")
+    assert not agree
+    assert f"overlaps run {first.pk}" in out and "GPU time billed twice" in out
+    assert f"run {first.pk} ran 3605 s" in out and "the ledger bills 3600 s" in out
