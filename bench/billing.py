@@ -115,7 +115,7 @@ def write_events(count: int, org_ids, versions, now) -> None:
     from django.db import connection
 
     from billing.periods import period_containing
-    from gateway.models import UsageEvent
+    from metering.models import UsageEvent
 
     month = period_containing(now)
     span = max(1, int((now - month.start).total_seconds()) - 1)

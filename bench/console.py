@@ -75,7 +75,7 @@ def seed(*, models: int, deployments: int):
         refresh_listings,
     )
     from deployments.models import Deployment, DeploymentEvent, Replica
-    from gateway.models import UsageEvent
+    from metering.models import UsageEvent
 
     now = timezone.now()
     vllm = ServingRuntime.objects.create(

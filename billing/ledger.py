@@ -31,7 +31,7 @@ from billing.periods import Period, period_containing, period_kind, split_interv
 from billing.rating import PriceBook, rate_gpu_seconds, rate_tokens, stored_amount
 from catalog.models import DedicatedPrice, TokenPrice
 from deployments.models import Deployment, ReplicaUsage
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from gateway.errors import GatewayError, error_body, model_not_found, upstream_e
 from gateway.exchange import Exchange, Receive, Scope, Send
 from gateway.fairpool import PoolFull
 from gateway.limits import Admission, Limit, SpendHold, combined, limits_for
-from gateway.models import UsageEvent
 from gateway.protocol import CompletionRequest, check_context, parse_request
 from gateway.tokens import estimate_text, message_text, prompt_token_bound
+from metering.models import UsageEvent
 
 if TYPE_CHECKING:
     from gateway.auth import Caller
@@ -633,6 +633,9 @@ class Completion(Exchange):
         latency = time.perf_counter() - self.started
         event = {
             "request_id": self.request_id,
+            "client_request_id": (
+                self.client_request_id.decode() if self.client_request_id is not None else None
+            ),
             "organization_id": self.caller.organization_id,
             "api_key_id": self.caller.key_id,
             "deployment_id": route.deployment_id,

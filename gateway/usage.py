@@ -27,11 +27,11 @@ import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db import connection as django_connection
 
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 
 logger = logging.getLogger(__name__)
 
-# Rows per INSERT, 17 parameters each: under PostgreSQL's 65535 and SQLite's 32766.
+# Rows per INSERT, 18 parameters each: under PostgreSQL's 65535 and SQLite's 32766.
 MAX_BATCH = 500
 MAX_RETRY_DELAY = 2.0
 

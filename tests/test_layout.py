@@ -63,3 +63,81 @@ def test_runtime_imports_nothing_from_the_control_plane():
                 f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in control_plane
             ]
     assert offenders == []
+
+
+# The control plane's apps, and which of them each may import: the edges of the app graph.
+# `gateway` writes usage events and `billing` ingests them; both depend on `metering`, which owns
+# them, and `billing` never imports the gateway. `runtime` is the pod image's program, a library
+# here (catalog reads its manifest format).
+MAY_IMPORT = {
+    "accounts": set(),
+    "catalog": {"accounts", "runtime"},
+    "deployments": {"accounts", "catalog"},
+    "metering": {"accounts"},
+    "billing": {"accounts", "catalog", "deployments", "metering"},
+    "gateway": {"accounts", "catalog", "deployments", "metering", "billing"},
+    "console": {"accounts", "catalog", "deployments", "metering", "billing"},
+}
+# What the apps share from the project package: none of these imports an app. The rest of
+# `controlplane` (urls, asgi, celery, settings, demo, commands) composes the apps, and no app
+# imports it.
+CONTROLPLANE_SHARED = {
+    "controlplane.errors",
+    "controlplane.logging",
+    "controlplane.rest",
+    "controlplane.spreadsheets",
+}
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    """Dotted names imported by a file, at any depth (imports inside functions count)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def _is_shared(name: str) -> bool:
+    return any(name == shared or name.startswith(shared + ".") for shared in CONTROLPLANE_SHARED)
+
+
+def test_the_app_dependency_graph_is_acyclic():
+    # Kahn's algorithm over MAY_IMPORT: whatever cannot be ordered sits on a cycle.
+    remaining = {app: set(deps) & set(MAY_IMPORT) for app, deps in MAY_IMPORT.items()}
+    while ready := [app for app, deps in remaining.items() if not deps]:
+        for app in ready:
+            del remaining[app]
+        for deps in remaining.values():
+            deps.difference_update(ready)
+    assert remaining == {}, f"apps on a dependency cycle: {sorted(remaining)}"
+
+
+def test_apps_import_only_what_the_graph_allows():
+    apps = set(MAY_IMPORT)
+    assert apps <= set(top_level_modules())
+    offenders = []
+    for app, allowed in MAY_IMPORT.items():
+        for path in (ROOT / app).rglob("*.py"):
+            for name in imported_top_levels(path):
+                top = name.split(".")[0]
+                if top == "controlplane" and not _is_shared(name):
+                    offenders.append(f"{path.relative_to(ROOT)}: {name} (project composition)")
+                elif top in apps | {"runtime"} and top != app and top not in allowed:
+                    offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []
+
+
+def test_what_the_apps_share_from_controlplane_imports_no_app():
+    apps = set(MAY_IMPORT)
+    offenders = []
+    for path in (ROOT / "controlplane").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if not _is_shared(module.removesuffix(".__init__")):
+            continue
+        offenders += [
+            f"{module}: {name}" for name in imported_top_levels(path) if name.split(".")[0] in apps
+        ]
+    assert offenders == []

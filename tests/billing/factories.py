@@ -5,7 +5,7 @@ from datetime import timedelta
 import factory
 from django.utils import timezone
 
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 from tests.factories import OrganizationFactory
 
 

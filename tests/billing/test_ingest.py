@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from billing.invoicing import billing_period_close
 from billing.ledger import usage_events_ingest
 from billing.models import ImmutableRowError, PeriodSpend, UsageRecord, UsageRollup
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 from tests.billing.conftest import NOW, at
 from tests.billing.factories import UsageEventFactory
 from tests.catalog.factories import TokenPriceFactory

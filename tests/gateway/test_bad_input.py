@@ -12,7 +12,7 @@ from django.utils import timezone
 from accounts.actors import Actor
 from accounts.models import APIKey
 from accounts.services import api_key_revoke
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 
 pytestmark = pytest.mark.slow
 

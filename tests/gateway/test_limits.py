@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from gateway.limits import LocalRateLimiter, RedisRateLimiter, format_duration, limits_for
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
 CHAT = [{"role": "user", "content": "hi"}]

@@ -6,8 +6,8 @@ import asyncio
 import openai
 import pytest
 
-from gateway.models import UsageEvent
 from gateway.tokens import ModelTokenizer
+from metering.models import UsageEvent
 from tests.gateway.conftest import RUNTIME_SERVED_NAME
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from deployments.models import Deployment, LoadReport
-from gateway.models import UsageEvent
 from gateway.tokens import ModelTokenizer
+from metering.models import UsageEvent
 from tests.deployments.factories import ReplicaFactory
 from tests.gateway.conftest import RUNTIME_SERVED_NAME
 

@@ -18,10 +18,10 @@ from catalog.artifacts import get_store
 from catalog.models import ModelVersion
 from catalog.permissions import operator_system_actor
 from catalog.services import model_version_import
-from gateway.models import UsageEvent
 from gateway.sources import tokenizer_source
 from gateway.tokenizer_files import TokenizerFetchError, tokenizer_folder
 from gateway.tokens import ModelTokenizer, estimate_chat, estimate_text
+from metering.models import UsageEvent
 from runtime.tiny_moe import CHAT_TEMPLATE, END_OF_TEXT
 from tests.catalog.factories import ModelVersionFactory
 

@@ -3,7 +3,7 @@
 import uuid
 from datetime import UTC, datetime
 
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 
 
 def make_event(organization, request_id, **fields):
@@ -69,8 +69,9 @@ def test_the_writer_group_commits_and_ignores_replays(transactional_db, organiza
 
 def test_the_table_has_only_the_indexes_something_reads(db):
     """Each index costs on the gateway's insert and on billing's update of every row: the
-    primary key (billing's batches), the unique request_id (the gateway's ON CONFLICT) and the
-    partial index of what billing has not ingested. No varchar_pattern_ops index beside it."""
+    primary key (billing's batches), the unique request_id (the gateway's ON CONFLICT), the
+    partial index of what billing has not ingested and the partial index of client correlation
+    ids (only rows that carry one). No varchar_pattern_ops index beside it."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -86,5 +87,6 @@ def test_the_table_has_only_the_indexes_something_reads(db):
     assert kinds == [
         (("id",), "primary key"),
         (("id",), "usage_not_ingested_idx"),
+        (("organization_id", "client_request_id"), "usage_client_request_id_idx"),
         (("request_id",), "unique"),
     ]

@@ -1,31 +1,55 @@
+"""Usage events, owned here so that the gateway (which writes them) and billing (which ingests
+them) both depend on this app and not on each other."""
+
 from django.db import models
 
 
 class UsageEvent(models.Model):
     """One request that reached a replica, with the tokens it used. Written by the gateway
-    (group-committed before the response ends), read and ingested by billing.
+    (group-committed before the response ends), read and ingested by billing, which marks
+    `ingested_at`: this table is billing's inbox, and nothing else writes to it.
 
-    `request_id` is unique, so writing an event twice (a retried batch) or ingesting it twice
-    never double-counts. The organization and key are foreign keys without database
-    constraints, and the deployment and model version are plain ids: a usage record must
-    outlive whatever it refers to (a deleted key still owes its tokens), and a batch insert
-    must never fail because one row's key was deleted a moment before.
+    `request_id` is minted by the gateway (128 random bits) and unique, so writing an event twice
+    (a retried batch) or ingesting it twice never double-counts, and since no client chooses it,
+    no client can merge its requests into one row or suppress another tenant's. What a client
+    sends as `X-Client-Request-Id` / `X-Request-ID` is kept in `client_request_id`, a correlation
+    field that is never unique: ten requests with one client id are ten rows.
+
+    The organization and key are foreign keys without database constraints, and the deployment
+    and model version are plain ids: a usage record must outlive whatever it refers to (a deleted
+    key still owes its tokens), and a batch insert must never fail because one row's key was
+    deleted a moment before.
 
     Every row is written once and updated once (billing marks it ingested; the update cannot
     be HOT, since the partial index's predicate column changes), so each index costs on both
     writes. The table has only the indexes something reads: the primary key (billing takes
-    its batches by id), the unique `request_id` (the gateway's ON CONFLICT), and the partial
-    index of what billing has not ingested yet. Per-organization or per-deployment usage is
-    read from billing's ledger, never from here.
+    its batches by id), the unique `request_id` (the gateway's ON CONFLICT), the partial index
+    of what billing has not ingested yet, and the partial index of (organization, client id)
+    for a tenant looking up its own correlation id, which only rows that carry one pay for.
+    Per-organization or per-deployment usage is read from billing's ledger, never from here.
+
+    The table keeps the name it had when the gateway owned the model (`gateway_usageevent`):
+    moving the model (metering migration 0001) moved no data.
     """
 
     class Source(models.TextChoices):
         UPSTREAM = "upstream", "Reported by the replica"
+        # The stream was cut (client gone, replica broke, idle timeout) after the replica had
+        # reported usage on its chunks: the last figure it reported is billed.
+        UPSTREAM_PARTIAL = "upstream_partial", "Last figure the replica reported before a cut"
         COUNTED = "counted", "Counted by the gateway"
 
     # Unique by the constraint below: `unique=True` would add a varchar_pattern_ops index on
     # PostgreSQL, for LIKE queries nobody makes.
     request_id = models.CharField(max_length=128)
+    # Null when the client sent none: a nullable column is added without copying the table on
+    # SQLite, and the partial index below skips it.
+    client_request_id = models.CharField(
+        max_length=128,
+        null=True,
+        blank=True,
+        help_text="The client's X-Client-Request-Id or X-Request-ID (correlation only).",
+    )
     organization = models.ForeignKey(
         "accounts.Organization",
         on_delete=models.DO_NOTHING,
@@ -58,6 +82,7 @@ class UsageEvent(models.Model):
     ingested_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        db_table = "gateway_usageevent"
         ordering = ["-started_at", "-id"]
         constraints = [
             models.UniqueConstraint(fields=["request_id"], name="usage_request_id_unique"),
@@ -68,6 +93,12 @@ class UsageEvent(models.Model):
                 fields=["id"],
                 condition=models.Q(ingested_at__isnull=True),
                 name="usage_not_ingested_idx",
+            ),
+            # A tenant finding its requests by its own correlation id.
+            models.Index(
+                fields=["organization", "client_request_id"],
+                condition=models.Q(client_request_id__isnull=False),
+                name="usage_client_request_id_idx",
             ),
         ]
 
