@@ -12,7 +12,7 @@ from billing.models import BudgetAlert, CreditGrant, Invoice, PeriodSpend
 from billing.periods import period_containing
 from billing.rating import rate_tokens
 from catalog.models import TokenPrice
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 
 
 @dataclass(frozen=True)
