@@ -84,6 +84,7 @@ MAY_IMPORT = {
 CONTROLPLANE_SHARED = {
     "controlplane.errors",
     "controlplane.logging",
+    "controlplane.mail",
     "controlplane.rest",
     "controlplane.spreadsheets",
 }
