@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from billing.rating import rate_tokens
-from gateway.models import UsageEvent
+from metering.models import UsageEvent
 from tests.catalog.factories import TokenPriceFactory
 from tests.gateway.test_limits import REDIS_URL, redis_available
 
