@@ -131,6 +131,9 @@ def test_a_killed_replica_is_noticed_at_once_and_restarted_on_its_port(local, ru
         while not changes and time.monotonic() < deadline:
             time.sleep(0.01)
         assert changes == [(spec.deployment_id, "replica tiny-000 exited with signal 9 (SIGKILL)")]
+        # Reaped by the process that started it before any pass looks (a pass often runs in
+        # another of the worker's pool processes, which cannot reap it: zombies, before).
+        assert not Path(f"/proc/{killed_pid}").exists()
         record = json.loads((local.folder(spec) / "tiny-000.exit").read_text())
         assert record["pid"] == killed_pid and record["status"] == -9
         local.apply(spec)  # the first crash after a good run: restarted at once

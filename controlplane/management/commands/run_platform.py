@@ -1,14 +1,30 @@
-"""`make run`: the whole platform on the embedded default, in the foreground.
+"""`make run`: the whole platform on the embedded default, in the foreground, supervised.
 
 Starts the ASGI web server (console, REST API, gateway) and one Celery worker with embedded
-beat, prints where to go and how to log in, and on Ctrl-C stops every child cleanly.
+beat, prints where to go and how to log in, and then supervises them: a child that dies (a crash,
+an OOM kill, `kill -9`) is started again with exponential backoff, and the local model replicas
+keep running through it (they live in sessions of their own; the new worker adopts them from
+their state files). Only Ctrl-C or SIGTERM stops everything, replicas included.
+
+This process is also the reaper of the whole tree. On Linux it makes itself a child subreaper
+(prctl PR_SET_CHILD_SUBREAPER), so a process orphaned below it (a replica whose worker was
+killed, a pool process that outlived its parent) is re-parented here instead of to the
+container's init, which may never reap; the supervision loop reaps every exited child.
 """
 
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import os
 import signal
-import subprocess
 import sys
 import time
+import traceback
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -21,6 +37,120 @@ from controlplane.demo import (
 )
 
 STOP_GRACE_SECONDS = 15
+# The first restart is at once; a child that keeps dying waits 1, 2, 4 … up to 30 s between
+# tries. A child that stayed up this long is healthy again: its next crash restarts at once.
+FIRST_BACKOFF_SECONDS = 0.0
+MAX_BACKOFF_SECONDS = 30.0
+HEALTHY_AFTER_SECONDS = 60.0
+LOOP_SECONDS = 0.2
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux only); False where the kernel has no such thing."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def spawn(argv: list[str]) -> int:
+    """Start a program in a session of its own: Ctrl-C reaches only the supervisor, and a dead
+    child's leftovers (Celery's pool processes, embedded beat) can be killed as a group."""
+    return os.posix_spawn(argv[0], argv, os.environ, setsid=True)
+
+
+def fork_worker(argv: list[str]) -> int:
+    """The Celery worker, forked from this process rather than started from scratch.
+
+    This process has imported Django, the Celery app and the task modules already; a fork has
+    them for free, so a restarted worker consumes again within a few seconds even on a loaded
+    machine, where a fresh interpreter spends most of that importing (docs/benchmarks.md).
+    This is gunicorn's `--preload` and Celery's own prefork pool applied one level up.
+    """
+    from django.db import connections
+
+    connections.close_all()  # a connection must never be shared by two processes
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.argv = ["celery", "-A", "controlplane", *argv]  # what `ps` shows (setproctitle)
+        from controlplane.celery import app
+
+        app.worker_main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def preload_worker() -> None:
+    """Import what a worker imports on start, once, before the first fork."""
+    for module in ("celery.apps.worker", "celery.beat", "celery.concurrency.prefork"):
+        importlib.import_module(module)
+    from controlplane.celery import app
+
+    app.loader.import_default_modules()
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it and how it has been doing."""
+
+    name: str
+    start_process: Callable[[], int]  # starts it, returns its pid
+    pid: int | None = None
+    returncode: int | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    failures_in_a_row: int = 0
+    restart_at: float | None = None  # monotonic; set while it is down and waiting for backoff
+
+    def start(self) -> None:
+        self.pid = self.start_process()
+        self.returncode = None
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self.returncode is None
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill_leftovers(self) -> None:
+        """After the group leader died: SIGKILL what is left of its group (a worker's pool
+        processes and beat must not outlive it, or the next worker runs next to them). Model
+        replicas are in sessions of their own and are not touched."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
 
 
 class Command(BaseCommand):
@@ -34,43 +164,45 @@ class Command(BaseCommand):
         organization, _user, password = ensure_demo_organization()
         api_key = ensure_demo_api_key(organization)
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+        become_subreaper()
 
-        # Each child gets its own session, so Ctrl-C reaches only us and we stop them in order.
-        children = {
-            "web": self._spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "controlplane.asgi:application",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--no-access-log",
-                    # The gateway starts its usage writer and flushes it on shutdown.
-                    "--lifespan",
-                    "on",
-                ]
+        preload_worker()
+        self.children = {
+            "web": Child(
+                "web",
+                lambda: spawn(
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        "controlplane.asgi:application",
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                        "--no-access-log",
+                        # The gateway starts its usage writer and flushes it on shutdown.
+                        "--lifespan",
+                        "on",
+                    ]
+                ),
             ),
-            "worker": self._spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "controlplane",
-                    "worker",
-                    "--beat",
-                    "--queues",
-                    "default,provisioning,billing",
-                    "--concurrency",
-                    "2",
-                    "--loglevel",
-                    "INFO",
-                    "--schedule",
-                    settings.CELERY_BEAT_SCHEDULE_FILENAME,
-                ]
+            "worker": Child(
+                "worker",
+                lambda: fork_worker(
+                    [
+                        "worker",
+                        "--beat",
+                        "--queues",
+                        "default,provisioning,billing",
+                        "--concurrency",
+                        "2",
+                        "--loglevel",
+                        "INFO",
+                        "--schedule",
+                        settings.CELERY_BEAT_SCHEDULE_FILENAME,
+                    ]
+                ),
             ),
         }
         stopping = False
@@ -84,7 +216,9 @@ class Command(BaseCommand):
 
         url = f"http://{host}:{port}"
         try:
-            self._wait_until_up(url, children)
+            for child in self.children.values():
+                child.start()
+            self._wait_until_up(url)
             self.stdout.write(
                 self.style.SUCCESS("\nSirocco is running.\n")
                 + f"  Console:  {url}/\n"
@@ -95,20 +229,65 @@ class Command(BaseCommand):
                 + "Press Ctrl-C to stop.\n"
             )
             while not stopping:
-                for name, child in children.items():
-                    if child.poll() is not None:
-                        raise CommandError(f"The {name} process exited with {child.returncode}.")
-                time.sleep(0.5)
+                self._reap()
+                self._supervise()
+                time.sleep(LOOP_SECONDS)
         finally:
-            self._stop(children)
+            self._stop()
 
-    def _spawn(self, argv):
-        return subprocess.Popen(argv, start_new_session=True)
+    # --- supervision ------------------------------------------------------------------------
 
-    def _wait_until_up(self, url, children, timeout=60):
+    def _reap(self) -> bool:
+        """Collect every exited child: ours (recording its exit code) and any orphan the kernel
+        handed us as subreaper. Returns whether any child, running or not yet reaped, is left."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            for child in self.children.values():
+                if child.pid == pid:
+                    child.returncode = os.waitstatus_to_exitcode(status)
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.running:
+                if child.failures_in_a_row and now - child.started_at >= HEALTHY_AFTER_SECONDS:
+                    child.failures_in_a_row = 0
+                continue
+            if child.restart_at is None:
+                child.kill_leftovers()
+                backoff = (
+                    FIRST_BACKOFF_SECONDS
+                    if child.failures_in_a_row == 0
+                    else min(MAX_BACKOFF_SECONDS, 2.0 ** (child.failures_in_a_row - 1))
+                )
+                child.failures_in_a_row += 1
+                child.restart_at = now + backoff
+                self.stderr.write(
+                    f"The {child.name} process exited with "
+                    f"{describe_exit(child.returncode)}; restarting it"
+                    + (f" in {backoff:.0f} s." if backoff else ".")
+                )
+            if now >= child.restart_at:
+                child.restarts += 1
+                child.start()
+                self.stderr.write(
+                    f"Restarted the {child.name} process (pid {child.pid}, "
+                    f"restart {child.restarts})."
+                )
+
+    def _wait_until_up(self, url, timeout=60):
+        """The first start is not supervised: a web server that cannot start (port taken, bad
+        settings) is a mistake to report, not to retry forever."""
+        web = self.children["web"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if children["web"].poll() is not None:
+            self._reap()
+            if not web.running:
                 raise CommandError("The web server exited while starting; see its output above.")
             try:
                 with urllib.request.urlopen(f"{url}/healthz", timeout=1):  # noqa: S310
@@ -117,19 +296,25 @@ class Command(BaseCommand):
                 time.sleep(0.3)
         raise CommandError(f"The web server did not answer on {url} within {timeout} s.")
 
-    def _stop(self, children):
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def _stop(self) -> None:
         self.stdout.write("Stopping…")
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        running = [child for child in self.children.values() if child.running]
+        for child in running:
+            child.signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for name, child in children.items():
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.stderr.write(f"{name} did not stop in {STOP_GRACE_SECONDS} s; killing it.")
-                child.kill()
-                child.wait()
+        while any(child.running for child in running) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        for child in running:
+            if child.running:
+                self.stderr.write(
+                    f"{child.name} did not stop in {STOP_GRACE_SECONDS} s; killing it."
+                )
+        for child in self.children.values():
+            if child.pid is not None:
+                child.kill_leftovers()
         if settings.SIROCCO_PROVISIONER == "local":
             # Model replicas run in their own sessions (Ctrl-C does not reach them); the worker
             # that started them is gone now, so stop them here. The next start's sweep starts
@@ -139,4 +324,11 @@ class Command(BaseCommand):
             replicas = stop_all(settings.VAR_DIR / "replicas")
             if replicas:
                 self.stdout.write(f"Stopped {replicas} local model replica(s).")
+        self._reap_remaining()
         self.stdout.write("Stopped.")
+
+    def _reap_remaining(self, timeout: float = 5.0) -> None:
+        """Wait briefly for what was killed to exit, reaping it, so nothing is left behind."""
+        deadline = time.monotonic() + timeout
+        while self._reap() and time.monotonic() < deadline:
+            time.sleep(0.05)
