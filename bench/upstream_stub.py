@@ -4,7 +4,8 @@
 /v1/completions answer a fixed 8-token completion (streaming: one SSE chunk per token, plus
 the usage chunk when `stream_options.include_usage` is set); GET /v1/models lists `stub`.
 Plain asyncio + httptools (what uvicorn parses with), keep-alive, no framework: it must never
-be the bottleneck of the benchmark.
+be the bottleneck of the benchmark. A body over 1 MB is not parsed (a real replica reads it on
+its own machine, not on the gateway's cores): it gets the non-streaming chat answer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import httptools
 
 TOKENS = ["Hello", ",", " world", "!", " How", " are", " you", "?"]
 PROMPT_TOKENS = 12
+UNPARSED_BODY_BYTES = 1024 * 1024
 
 
 def _usage() -> dict:
@@ -102,6 +104,9 @@ class StubProtocol(asyncio.Protocol):
             self._respond(b'{"object":"list","data":[{"id":"stub","object":"model"}]}')
             return
         chat = url.endswith(b"/chat/completions")
+        if len(raw) > UNPARSED_BODY_BYTES:
+            self._respond(completion_body(True, "stub"))
+            return
         try:
             request = json.loads(raw or b"{}")
         except ValueError:
