@@ -57,15 +57,23 @@ _DONE = object()
 
 
 class Outcome:
-    """What a request that reached a replica used: becomes its one UsageEvent."""
+    """What a request that reached a replica used: becomes its one UsageEvent.
+
+    Usage comes from the replica: its final figure (`usage_final`), or, for a stream cut
+    before that, the last figure it reported on a chunk (continuous usage); only when it
+    reported none does the gateway count what the client received.
+    """
 
     __slots__ = (
         "cached_tokens",
         "completion_tokens",
+        "continuous",
         "parts",
+        "per_choice",
         "prompt_tokens",
         "status",
         "ttft",
+        "usage_final",
         "usage_seen",
     )
 
@@ -75,17 +83,27 @@ class Outcome:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.usage_seen = False
+        self.usage_final = False
+        self.continuous = False  # the replica reports usage on every chunk
+        # Continuous usage counts each choice's own tokens (vLLM: per choice index with n > 1).
+        self.per_choice: dict[int, int] = {}
         self.ttft: float | None = None
         self.parts: list[str] = []
 
-    def take_usage(self, usage) -> None:
-        if not isinstance(usage, dict):
+    def take_usage(self, usage, *, final: bool = True, index=0) -> None:
+        """Take a figure the replica reported; a running count never replaces a final one."""
+        if not isinstance(usage, dict) or (self.usage_final and not final):
             return
         self.usage_seen = True
+        self.usage_final = final
         self.prompt_tokens = _int(usage.get("prompt_tokens"))
-        self.completion_tokens = _int(usage.get("completion_tokens"))
         details = usage.get("prompt_tokens_details")
         self.cached_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        if final:
+            self.completion_tokens = _int(usage.get("completion_tokens"))
+        else:
+            self.per_choice[_int(index)] = _int(usage.get("completion_tokens"))
+            self.completion_tokens = sum(self.per_choice.values())
 
 
 def _int(value) -> int:
@@ -600,12 +618,29 @@ class Completion(Exchange):
                     outcome.ttft = time.perf_counter() - self.started
         usage = chunk.get("usage")
         if usage:
-            outcome.take_usage(usage)
-            if not self.request.wants_usage:
-                if not choices:
-                    return None  # the usage chunk we asked for; the client did not
-                del chunk["usage"]
-                return b"data: " + orjson.dumps(chunk)
+            # The final figure rides on a chunk without choices (vLLM, the runtime) or, from a
+            # replica that reports usage once, on the last content chunk; any other is the
+            # running count so far (continuous usage, per choice).
+            final = not choices or (
+                not outcome.continuous
+                and all(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+            )
+            if not final:
+                outcome.continuous = True
+            index = 0
+            if len(choices) == 1 and isinstance(choices[0], dict):
+                index = choices[0].get("index", 0)
+            outcome.take_usage(usage, final=final, index=index)
+            request = self.request
+            if request.wants_continuous_usage:
+                return event  # the client asked for exactly this
+            if not choices:
+                # The usage chunk: the client's if it asked for usage, else the gateway's.
+                return event if request.wants_usage else None
+            if request.wants_usage and final and not outcome.continuous:
+                return event  # a replica's one usage, on its last content chunk
+            del chunk["usage"]  # the running count the gateway asked for, not the client
+            return b"data: " + orjson.dumps(chunk)
         return event
 
     # ---- usage ---------------------------------------------------------------------------
@@ -615,6 +650,10 @@ class Completion(Exchange):
         from `serve()`'s finally."""
         gateway, request, route, outcome = self.gateway, self.request, self.route, self.outcome
         source = UsageEvent.Source.UPSTREAM
+        if outcome.usage_seen and not outcome.usage_final:
+            # Cut before the final figure: the last one the replica reported is billed (what
+            # it generated up to then), never a re-count of the text relayed.
+            source = UsageEvent.Source.UPSTREAM_PARTIAL
         if not outcome.usage_seen:
             source = UsageEvent.Source.COUNTED
             if outcome.parts:

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from gateway.errors import GatewayError
-from gateway.protocol import CompletionRequest, parse_request, upstream_tail
+from gateway.protocol import CompletionRequest, parse_request
 from gateway.tokens import ModelTokenizer
 
 # Worker processes run below the gateway's priority: on a busy machine the event loop (which
@@ -28,7 +28,7 @@ _niced = False
 
 
 def read_request(raw: bytes, chat: bool) -> CompletionRequest | tuple:
-    """parse_request in a worker, with the upstream body prepared and the prompt estimated.
+    """parse_request in a worker (which prepares the upstream body), the prompt estimated.
     Returns the request without its payload, or ("error", status, message, type, code,
     param) when it is refused."""
     _lower_priority()
@@ -36,7 +36,6 @@ def read_request(raw: bytes, chat: bool) -> CompletionRequest | tuple:
         request = parse_request(raw, chat=chat)
     except GatewayError as error:
         return ("error", error.status, error.message, error.type, error.code, error.param)
-    request.upstream_tail = upstream_tail(request.payload, stream=request.stream)
     request.prompt_tokens = request.count_prompt(None)
     request.payload = None
     return request

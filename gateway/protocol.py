@@ -16,6 +16,9 @@ from gateway.tokens import ModelTokenizer, estimate_chat, estimate_prompt, messa
 
 # Choices one request may ask for (`n`); each reserves max_tokens against the limits.
 MAX_CHOICES = 128
+# The deepest JSON the gateway passes on: orjson's limit when writing (254 levels, counting the
+# body itself), so the body sent upstream can always be written.
+MAX_NESTING = 254
 
 
 _MODEL_FIRST = b'{"model":""'
@@ -35,6 +38,8 @@ class CompletionRequest:
     upstream_tail: bytes = b""
     # The prompt's tokens as admission counted them.
     prompt_tokens: int = 0
+    # The client's own stream_options.continuous_usage_stats (vLLM's): usage on every chunk.
+    wants_continuous_usage: bool = False
 
     def count_prompt(self, tokenizer: ModelTokenizer | None) -> int:
         if self.payload is None:  # read in a worker: counted there at admission
@@ -46,8 +51,6 @@ class CompletionRequest:
         return tokenizer.count_prompt(prompt) if tokenizer else estimate_prompt(prompt)
 
     def upstream_body(self, served_model_name: str) -> bytes:
-        if not self.upstream_tail:
-            self.upstream_tail = upstream_tail(self.payload, stream=self.stream)
         return b'{"model":' + orjson.dumps(served_model_name) + self.upstream_tail
 
 
@@ -58,10 +61,24 @@ def upstream_tail(payload: dict, *, stream: bool) -> bytes:
     body.update(payload)
     body["model"] = ""
     if stream:
-        # Always ask for usage: it is what gets billed. Dropped again if the client did
-        # not ask for it.
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    encoded = orjson.dumps(body)
+        # Always ask for usage, on every chunk (vLLM's continuous_usage_stats; the builtin
+        # runtime's too): it is what gets billed, and a stream cut midway is billed by the
+        # last figure the replica reported. Dropped again if the client did not ask for it.
+        body["stream_options"] = {
+            **(body.get("stream_options") or {}),
+            "include_usage": True,
+            "continuous_usage_stats": True,
+        }
+    try:
+        encoded = orjson.dumps(body)
+    except orjson.JSONEncodeError as error:
+        # orjson writes at most 254 levels of nesting (it reads 1024): deeper is refused here,
+        # before anything is spent on it, rather than failing on the way to the replica.
+        raise bad_request(
+            f"The request body cannot be passed on ({error}). Nest JSON at most "
+            f"{MAX_NESTING} levels deep.",
+            code="invalid_json",
+        ) from None
     return encoded[len(_MODEL_FIRST) :]
 
 
@@ -76,7 +93,8 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
     except orjson.JSONDecodeError as error:
         raise bad_request(
             f"We could not parse the JSON body of your request ({error}). Send valid JSON "
-            "with Content-Type: application/json."
+            f"with Content-Type: application/json, nested at most {MAX_NESTING} levels deep.",
+            code="invalid_json",
         ) from None
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.")
@@ -98,7 +116,7 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
         stream = False
     if not isinstance(stream, bool):
         raise bad_request("`stream` must be true or false.", param="stream")
-    wants_usage = False
+    wants_usage = wants_continuous_usage = False
     options = payload.get("stream_options")
     if options is not None:
         if not stream:
@@ -114,6 +132,13 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
                 param="stream_options.include_usage",
             )
         wants_usage = include
+        continuous = options.get("continuous_usage_stats", False)
+        if not isinstance(continuous, bool):
+            raise bad_request(
+                "`stream_options.continuous_usage_stats` must be true or false.",
+                param="stream_options.continuous_usage_stats",
+            )
+        wants_continuous_usage = include and continuous  # as vLLM: only with include_usage
     max_tokens, param = None, "max_tokens"
     for name in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
         value = payload.get(name)
@@ -130,7 +155,11 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise bad_request(f"`n` must be an integer from 1 to {MAX_CHOICES}.", param="n")
-    return CompletionRequest(chat, payload, model, stream, wants_usage, max_tokens, param, n)
+    request = CompletionRequest(chat, payload, model, stream, wants_usage, max_tokens, param, n)
+    request.wants_continuous_usage = wants_continuous_usage
+    # Made now, while refusing is cheap: a body the gateway cannot pass on is a 400 here.
+    request.upstream_tail = upstream_tail(payload, stream=stream)
+    return request
 
 
 def _check_messages(messages) -> None:

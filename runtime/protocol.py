@@ -52,6 +52,9 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    # vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk (only with
+    # include_usage, as vLLM does), so a stream cut midway still says what it used.
+    continuous_usage: bool = False
 
 
 class Tokenization:
@@ -145,7 +148,7 @@ def _finish_parsing(
         raise RequestError("top_p must be greater than 0", param="top_p")
     seed = _optional_int(body, "seed", minimum=-(2**63), maximum=2**64 - 1)
     stream = _optional_bool(body, "stream") or False
-    include_usage = False
+    include_usage = continuous_usage = False
     if body.get("stream_options") is not None:
         if not stream:
             raise RequestError(
@@ -155,6 +158,9 @@ def _finish_parsing(
         if not isinstance(options, dict):
             raise RequestError("stream_options must be an object", param="stream_options")
         include_usage = _optional_bool(options, "include_usage", "stream_options.") or False
+        continuous_usage = include_usage and bool(
+            _optional_bool(options, "continuous_usage_stats", "stream_options.")
+        )
     return ParsedRequest(
         chat=chat,
         model=model,
@@ -169,6 +175,7 @@ def _finish_parsing(
         ),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
     )
 
 
@@ -424,8 +431,10 @@ def stream_chunk(
     role: bool = False,
     finish_reason: str | None = None,
     usage_: dict | None = None,
+    usage_so_far: dict | None = None,
 ) -> dict:
-    """One SSE chunk; with `usage_` it is the final usage chunk, which has no choices."""
+    """One SSE chunk; with `usage_` it is the final usage chunk, which has no choices. With
+    continuous usage, a content chunk carries `usage_so_far` (cumulative counts)."""
     if usage_ is not None:
         choices = []
     elif request.chat:
@@ -447,5 +456,7 @@ def stream_chunk(
         "choices": choices,
     }
     if request.include_usage:
-        chunk["usage"] = usage_
+        chunk["usage"] = (
+            usage_ if usage_ is not None or not request.continuous_usage else usage_so_far
+        )
     return chunk

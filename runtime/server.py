@@ -303,7 +303,7 @@ async def _stream(
 
     try:
         if parsed.chat:
-            yield chunk(role=True, text="")
+            yield chunk(role=True, text="", usage_so_far=usage(len(parsed.prompt_ids), 0))
         while True:
             event = await events.get()
             text = event.text
@@ -316,13 +316,14 @@ async def _stream(
                 yield f"data: {json.dumps(error)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            so_far = usage(event.prompt_tokens, event.completion_tokens)
             if parsed.chat:
                 if text:
-                    yield chunk(text=text)
+                    yield chunk(text=text, usage_so_far=so_far)
                 if event.finish_reason is not None:
-                    yield chunk(finish_reason=event.finish_reason)
+                    yield chunk(finish_reason=event.finish_reason, usage_so_far=so_far)
             elif text or event.finish_reason is not None:
-                yield chunk(text=text, finish_reason=event.finish_reason)
+                yield chunk(text=text, finish_reason=event.finish_reason, usage_so_far=so_far)
             if event.finish_reason is not None:
                 finished = True
                 if parsed.include_usage:

@@ -61,12 +61,25 @@ def assert_error(response, status, *, type_=None, code=None, param=None, says=No
         (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens", "positive integer"),
         (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}', "max_tokens", "positive integer"),
         (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}', "stream_options", "only allowed when `stream` is true"),
+        (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": true, "stream_options": {"continuous_usage_stats": 1}}', "stream_options.continuous_usage_stats", "true or false"),
     ],
 )  # fmt: skip
 def test_malformed_chat_requests_are_400_with_what_to_fix(setup, body, param, says):
     client, _key, _secret = setup
     response = client.post("/chat/completions", content=body)
     assert_error(response, 400, type_="invalid_request_error", param=param, says=says)
+    assert UsageEvent.objects.count() == 0
+
+
+@pytest.mark.parametrize("depth", [254, 300, 1022, 5000])
+def test_json_nested_too_deep_to_pass_on_is_a_400(setup, depth):
+    """orjson reads 1024 levels and writes 254: anything deeper than the gateway can write
+    upstream is refused before any work, never a 500."""
+    client, _key, _secret = setup
+    nested = b"[" * depth + b"]" * depth
+    body = b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "extra": ' + nested
+    response = client.post("/chat/completions", content=body + b"}")
+    assert_error(response, 400, code="invalid_json", says="254 levels")
     assert UsageEvent.objects.count() == 0
 
 

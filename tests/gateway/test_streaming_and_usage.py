@@ -1,6 +1,8 @@
 """SSE relay edge cases and the exactly-once usage record: the usage chunk with or without
-choices, a stream that breaks before its usage (counted with the model's tokenizer), a client
-that disconnects mid-stream (one row, upstream cancelled), scale from zero, load reports."""
+choices, continuous usage (asked of every replica, passed on only when the client asked), a
+stream that breaks before its final usage (billed by the replica's last figure, or counted with
+the model's tokenizer from a replica that reports none), a client that disconnects mid-stream
+(one row, upstream cancelled), scale from zero, load reports."""
 
 import asyncio
 import threading
@@ -56,11 +58,68 @@ def test_usage_on_a_chunk_with_choices_is_kept_when_asked_and_stripped_when_not(
     ] * 2
 
 
-def test_a_stream_that_breaks_before_usage_is_counted_with_the_models_tokenizer(
+def test_continuous_usage_is_asked_for_and_reaches_only_a_client_that_asked(
+    gateway, tenant, organization, make_deployment, upstream_server
+):
+    make_deployment(organization, name="chat", endpoints=[upstream_server.url])
+    body = {"model": "chat", "messages": CHAT, "stream": True}
+    upstream_server.app.requests.clear()
+    replies = {
+        "plain": httpx.post(gateway.v1 + "/chat/completions", json=body, headers=tenant),
+        "usage": httpx.post(
+            gateway.v1 + "/chat/completions",
+            json={**body, "stream_options": {"include_usage": True}},
+            headers=tenant,
+        ),
+        "continuous": httpx.post(
+            gateway.v1 + "/chat/completions",
+            json={
+                **body,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            },
+            headers=tenant,
+        ),
+    }
+    for sent in upstream_server.app.requests:
+        assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    events = {name: sse_data(reply.text) for name, reply in replies.items()}
+    assert all('"usage"' not in event for event in events["plain"])
+    assert all('"usage"' not in event for event in events["usage"][:-2])
+    assert '"completion_tokens": 8' in events["usage"][-2]  # the final usage chunk alone
+    assert all('"usage"' in event for event in events["continuous"][:-1])
+    rows = UsageEvent.objects.all()
+    assert [(r.prompt_tokens, r.completion_tokens, r.usage_source) for r in rows] == [
+        (12, 8, "upstream")
+    ] * 3
+
+
+def test_a_stream_that_breaks_is_billed_by_the_replicas_last_reported_figure(
+    gateway, tenant, organization, make_deployment, upstream_server
+):
+    make_deployment(
+        organization, name="chat", endpoints=[upstream_server.url], served_model_name="stub-break"
+    )
+    response = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={"model": "chat", "messages": CHAT, "stream": True},
+        headers=tenant,
+    )
+    events = sse_data(response.text)
+    assert '"server_error"' in events[-1] and "stream" in events[-1]
+    assert all('"usage"' not in event for event in events)  # the client did not ask
+    row = UsageEvent.objects.get()
+    assert row.usage_source == UsageEvent.Source.UPSTREAM_PARTIAL
+    assert (row.status_code, row.prompt_tokens, row.completion_tokens) == (502, 12, 3)
+
+
+def test_a_stream_that_breaks_before_any_usage_is_counted_with_the_models_tokenizer(
     gateway, tenant, organization, make_deployment, upstream_server, tiny_moe_dir
 ):
     deployment = make_deployment(
-        organization, name="chat", endpoints=[upstream_server.url], served_model_name="stub-break"
+        organization,
+        name="chat",
+        endpoints=[upstream_server.url],
+        served_model_name="stub-legacy-break",
     )
     version = deployment.model_version
     version.artifact_uri = str(tiny_moe_dir)
@@ -110,8 +169,9 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_leaves_one_row(
         time.sleep(0.05)
     row = UsageEvent.objects.get()
     assert row.status_code == 499
-    assert row.usage_source == UsageEvent.Source.COUNTED
-    assert 1 <= row.completion_tokens < 1500
+    # The runtime reports usage on every chunk: the last figure is billed, not a re-count.
+    assert row.usage_source == UsageEvent.Source.UPSTREAM_PARTIAL
+    assert 3 <= row.completion_tokens < 1500
     assert row.prompt_tokens > 0
     # The runtime stopped generating for it: nothing is left running there.
     deadline = time.monotonic() + 10
@@ -231,5 +291,5 @@ def test_first_byte_and_idle_timeouts_are_504_and_still_leave_one_row(
     rows = {row.model: row for row in UsageEvent.objects.all()}
     assert (rows["hang"].status_code, rows["hang"].completion_tokens) == (504, 0)
     assert rows["slow"].status_code == 504
-    assert rows["slow"].usage_source == UsageEvent.Source.COUNTED
-    assert rows["slow"].completion_tokens >= 1  # what the client received is billed
+    assert rows["slow"].usage_source == UsageEvent.Source.UPSTREAM_PARTIAL
+    assert rows["slow"].completion_tokens >= 1  # what was generated until the stall

@@ -26,7 +26,7 @@ from runtime.tiny_moe import CHAT_TEMPLATE, END_OF_TEXT
 from tests.catalog.factories import ModelVersionFactory
 
 CHAT = [{"role": "user", "content": "Tell me a story about a fox."}]
-STREAMED = "Hello, world"  # what the "stub-break" replica sends before breaking off
+STREAMED = "Hello, world"  # what the "stub-legacy-break" replica sends before breaking off
 
 
 @pytest.fixture
@@ -161,7 +161,10 @@ def broken_stream(gateway, tenant):
 @pytest.fixture
 def s3_deployment(s3_artifacts, organization, make_deployment, upstream_server, tiny_moe_dir):
     deployment = make_deployment(
-        organization, name="chat", endpoints=[upstream_server.url], served_model_name="stub-break"
+        organization,
+        name="chat",
+        endpoints=[upstream_server.url],
+        served_model_name="stub-legacy-break",
     )
     import_weights(deployment.model_version, tiny_moe_dir)
     return deployment

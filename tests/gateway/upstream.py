@@ -8,6 +8,11 @@ served_model_name upstream):
 - "stub-slow": 100 tokens, 20 ms apart (for disconnects).
 - "stub-html-500": a 500 with an HTML body.
 - "stub-hang": answers only after 3 s (for the first-byte timeout).
+
+Streams report usage as vLLM does: with `stream_options.include_usage` a final usage chunk,
+and with `continuous_usage_stats` as well the counts so far on every content chunk. A name
+with "-legacy" (e.g. "stub-legacy-break") behaves the same but, like a replica that reports
+usage only at the end, ignores continuous_usage_stats; so does "stub-usage-in-choices".
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Upstream:
         request = json.loads(body or b"{}")
         self.requests.append(request)
         model = request.get("model", "stub")
+        legacy = "-legacy" in model or model == "stub-usage-in-choices"
+        model = model.replace("-legacy", "")
         chat = scope["path"].endswith("/chat/completions")
         if model == "stub-hang":
             await asyncio.sleep(3)
@@ -63,7 +70,9 @@ class Upstream:
             payload.update(choices=[choice], usage=usage)
             await _respond(send, 200, json.dumps(payload).encode())
             return
-        include = bool((request.get("stream_options") or {}).get("include_usage"))
+        options = request.get("stream_options") or {}
+        include = bool(options.get("include_usage"))
+        continuous = include and bool(options.get("continuous_usage_stats")) and not legacy
         await send(
             {
                 "type": "http.response.start",
@@ -98,7 +107,13 @@ class Upstream:
                 )
                 chunk = {"id": "x", "object": "chunk", "created": int(time.time()), "model": model}
                 chunk["choices"] = [choice]
-                if include:
+                if continuous:
+                    chunk["usage"] = {
+                        "prompt_tokens": 12,
+                        "completion_tokens": index + 1,
+                        "total_tokens": 13 + index,
+                    }
+                elif include:
                     chunk["usage"] = usage if last and model == "stub-usage-in-choices" else None
                 await _event(send, chunk)
                 if model == "stub-slow":

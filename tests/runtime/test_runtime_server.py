@@ -120,6 +120,35 @@ def test_streaming_matches_the_full_response_and_ends_with_usage(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_continuous_usage_puts_the_counts_so_far_on_every_chunk(client, chat):
+    """vLLM's stream_options.continuous_usage_stats: cumulative usage on each chunk, so whoever
+    relays a stream knows what was used when it is cut; the final usage chunk still comes."""
+    request = {"model": SERVED_NAME, "max_tokens": 9, "temperature": 0, "stream": True}
+    request["extra_body"] = {"ignore_eos": True}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if chat:
+        stream = client.chat.completions.create(
+            **request, messages=[{"role": "user", "content": "Count."}], stream_options=options
+        )
+    else:
+        stream = client.completions.create(**request, prompt="Count:", stream_options=options)
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 9
+    assert all(
+        c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks
+    )
+    assert chunks[-1].choices == [] and chunks[-2].choices
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1
+    # Without include_usage, continuous_usage_stats adds nothing (as in vLLM).
+    plain = client.completions.create(
+        **request, prompt="Count:", stream_options={"continuous_usage_stats": True}
+    )
+    assert all(c.usage is None for c in plain)
+
+
 def test_raw_sse_stream_ends_with_done(runtime_server):
     body = {"model": SERVED_NAME, "prompt": "Hi", "max_tokens": 4, "stream": True}
     with httpx.stream("POST", f"{runtime_server.url}/v1/completions", json=body) as response:
