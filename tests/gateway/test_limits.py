@@ -187,3 +187,22 @@ def test_tokens_are_reserved_then_settled_with_real_usage(
         gateway.v1 + "/chat/completions", json={**body, "max_tokens": 500}, headers=headers
     )
     assert huge.status_code == 429 and "Request too large" in huge.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_n_choices_reserve_n_times_max_tokens(
+    gateway, organization, inference_key, stub_deployment
+):
+    gateway.reset(redis_url="")
+    _key, secret = inference_key(organization, tpm_limit=100)
+    headers = {"authorization": f"Bearer {secret}"}
+    body = {"model": "chat", "messages": CHAT, "max_tokens": 40}
+    with httpx.Client(base_url=gateway.v1, timeout=30) as client:
+        one = client.post("/chat/completions", json=body, headers=headers)
+        three = client.post("/chat/completions", json={**body, "n": 3}, headers=headers)
+        bad = client.post("/chat/completions", json={**body, "n": 0}, headers=headers)
+    assert one.status_code == 200
+    # 3 x 40 completion tokens cannot fit 100 tokens a minute, whatever the prompt.
+    assert three.status_code == 429
+    assert three.json()["error"]["message"].startswith("Request too large")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
