@@ -13,6 +13,7 @@ from controlplane.logging import JsonFormatter, RequestIdFilter
 from controlplane.middleware import PrometheusMiddleware, RequestIdMiddleware
 from controlplane.rest.exceptions import problem_exception_handler
 from controlplane.rest.filters import StrictFilterBackend, StrictOrderingFilter
+from controlplane.rest.renderers import CSPBrowsableAPIRenderer
 
 # Named by dotted path in controlplane/settings/base.py.
 application
@@ -25,6 +26,7 @@ RequestIdMiddleware
 problem_exception_handler
 StrictFilterBackend
 StrictOrderingFilter
+CSPBrowsableAPIRenderer
 login_username  # AXES_USERNAME_CALLABLE
 client_ip  # AXES_CLIENT_IP_CALLABLE
 
@@ -55,3 +57,4 @@ _.retries  # kubernetes.client.Configuration
 _.pre_tokenizer  # tokenizers.Tokenizer
 _.decoder  # tokenizers.Tokenizer
 _.should_exit  # uvicorn.Server
+_._csp_update  # a response's policy change, read by django-csp's middleware

@@ -63,6 +63,7 @@ def test_login_keys_settings_and_switcher(page, live_server):
     screenshot(page, "settings-error")
 
     page.get_by_label("Organization", exact=True).select_option(label="Beta Labs")
-    page.wait_for_function("document.querySelector('h1').textContent.includes('Beta Labs')")
+    # Locator waits, not wait_for_function: the CSP forbids the eval() that would need.
+    page.locator("h1", has_text="Beta Labs").wait_for()
     assert page.get_by_role("button", name="Add member").count() == 0
     screenshot(page, "settings-viewer")

@@ -183,7 +183,7 @@ def test_the_detail_page_has_status_events_endpoint_and_snippets(console, organi
     client = console(organization, Role.DEVELOPER)
     body = client.get(f"/deployments/{deployment.pk}/").content.decode()
     assert "Provisioning" in body and "Loading weights" in body
-    assert 'aria-valuenow="60"' in body
+    assert 'max="100" value="60"' in body
     assert "my-mixtral-0" in body and "Placed it." in body
     assert "curl https://sirocco.example.com/v1/chat/completions" in body
     assert 'OpenAI(base_url="https://sirocco.example.com/v1"' in body

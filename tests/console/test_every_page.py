@@ -29,6 +29,8 @@ EXTERNAL = re.compile(
     r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//""",
     re.I,
 )
+# An inline script, an event handler attribute or a style attribute or element.
+INLINE = re.compile(r"""<script(?![^>]*\bsrc=)[^>]*>|\son[a-z]+\s*=|\sstyle\s*=|<style\b""", re.I)
 STATIC = Path(__file__).resolve().parents[2] / "console" / "static" / "console"
 
 
@@ -84,6 +86,10 @@ def test_every_page_renders_for_the_roles_the_permission_table_allows(
         body = response.content.decode()
         assert not EXTERNAL.search(body), (path, EXTERNAL.search(body).group(0))
         assert 'lang="en"' in body and 'id="main"' in body
+        # The Content-Security-Policy runs no inline script or style (in Chromium:
+        # test_browser_csp.py); catch one here, where it is cheap.
+        assert not INLINE.search(body), (path, INLINE.search(body).group(0))
+        assert "script-src 'self'" in response["Content-Security-Policy"]
 
 
 def test_the_login_page_and_the_assets_load_nothing_from_elsewhere(client):
@@ -104,3 +110,16 @@ def test_the_external_reference_check_catches_what_it_should():
     ]:
         assert EXTERNAL.search(html), html
     assert not EXTERNAL.search('<a href="/models/">Models</a> <code>curl https://x/v1</code>')
+
+
+@pytest.mark.nodb
+def test_the_inline_code_check_catches_what_it_should():
+    for html in [
+        '<div style="color:red">',
+        "<script>alert(1)</script>",
+        '<a onclick="x()">',
+        "<style>",
+    ]:
+        assert INLINE.search(html), html
+    for html in ['<script src="/static/console/console.js" defer>', '<div class="onboard">']:
+        assert not INLINE.search(html), html

@@ -117,10 +117,7 @@ def test_the_quickstart_from_login_to_the_upcoming_invoice(page, platform):
     page.get_by_role("link", name="Open playground").click()
     page.get_by_label("Message").fill("Say hello.")
     page.get_by_role("button", name="Send").click()
-    page.wait_for_function(
-        "document.getElementById('chat-usage').textContent.includes('completion tokens')",
-        timeout=120_000,
-    )
+    page.locator("#chat-usage", has_text="completion tokens").wait_for(timeout=120_000)
     answer = page.locator(".msg.assistant .content").inner_text()
     assert answer.strip(), "the playground streamed an answer"
     assert page.locator(".msg.error").count() == 0
