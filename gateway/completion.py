@@ -305,6 +305,17 @@ class Completion(Exchange):
             raise _rate_limited(admission, self.caller)
         return admission
 
+    async def _count_text_in_pool(self, text: str, tokenizer) -> int:
+        """A long text's tokens in a prompt worker. It is billed, so it is counted whatever
+        happens: here, when the organization's queue is full or a worker fails."""
+        try:
+            return await self.gateway.prompts.run(
+                self.caller.organization_id, prompt_work.count_text, text, str(tokenizer.folder)
+            )
+        except Exception:
+            logger.warning("counting a completion in a prompt worker failed", exc_info=True)
+            return tokenizer.count_text(text)
+
     async def _in_pool(self, function, /, *args):
         try:
             return await self.gateway.prompts.run(self.caller.organization_id, function, *args)
@@ -662,9 +673,12 @@ class Completion(Exchange):
                 tokenizer = await gateway.tokenizers.get(route.model_version_id)
                 outcome.prompt_tokens = request.count_prompt(tokenizer)
                 text = "".join(outcome.parts)
-                outcome.completion_tokens = (
-                    tokenizer.count_text(text) if tokenizer else estimate_text(text)
-                )
+                if tokenizer is None:
+                    outcome.completion_tokens = estimate_text(text)
+                elif len(text) > gateway.config.inline_prompt_bytes:  # off the event loop
+                    outcome.completion_tokens = await self._count_text_in_pool(text, tokenizer)
+                else:
+                    outcome.completion_tokens = tokenizer.count_text(text)
         deployment_metrics = metrics.for_deployment(str(route.deployment_id))
         deployment_metrics.prompt_tokens.inc(outcome.prompt_tokens)
         deployment_metrics.completion_tokens.inc(outcome.completion_tokens)

@@ -44,19 +44,29 @@ def read_request(raw: bytes, chat: bool) -> CompletionRequest | tuple:
 def count_prompt(raw: bytes, chat: bool, tokenizer_folder: str) -> int:
     """The prompt's tokens with the model's own tokenizer and chat template. The body was
     read by read_request already, so it parses."""
-    _lower_priority()
-    tokenizer = _tokenizers.get(tokenizer_folder)
-    if tokenizer is None:
-        tokenizer = ModelTokenizer(Path(tokenizer_folder))
-        _tokenizers[tokenizer_folder] = tokenizer
-        if len(_tokenizers) > _TOKENIZERS_KEPT:
-            _tokenizers.popitem(last=False)
-    else:
-        _tokenizers.move_to_end(tokenizer_folder)
+    tokenizer = _tokenizer(tokenizer_folder)
     payload = orjson.loads(raw)
     if chat:
         return tokenizer.count_chat(payload["messages"])
     return tokenizer.count_prompt(payload["prompt"])
+
+
+def count_text(text: str, tokenizer_folder: str) -> int:
+    """A long completion's tokens (one relayed without the replica's usage, to be billed)."""
+    return _tokenizer(tokenizer_folder).count_text(text)
+
+
+def _tokenizer(folder: str) -> ModelTokenizer:
+    _lower_priority()
+    tokenizer = _tokenizers.get(folder)
+    if tokenizer is None:
+        tokenizer = ModelTokenizer(Path(folder))
+        _tokenizers[folder] = tokenizer
+        if len(_tokenizers) > _TOKENIZERS_KEPT:
+            _tokenizers.popitem(last=False)
+    else:
+        _tokenizers.move_to_end(folder)
+    return tokenizer
 
 
 def error_from(result: tuple) -> GatewayError:

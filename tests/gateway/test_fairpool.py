@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import GatewayError
 from gateway.fairpool import FairPool, PoolFull, prompt_executor
-from gateway.prompt_work import count_prompt, error_from, read_request
+from gateway.prompt_work import count_prompt, count_text, error_from, read_request
 from gateway.tokens import ModelTokenizer
 
 pytestmark = pytest.mark.nodb
@@ -133,12 +133,14 @@ def test_worker_processes_read_and_count_a_request(tiny_moe_dir):
         try:
             request = await pool.run(1, read_request, raw, True)
             counted = await pool.run(1, count_prompt, raw, True, str(tiny_moe_dir))
+            text = await pool.run(1, count_text, "Bonjour " * 50, str(tiny_moe_dir))
             refused = await pool.run(1, read_request, b'{"model": "m"}', True)
         finally:
             pool.close()
-        return request, counted, refused
+        return request, counted, text, refused
 
-    request, counted, refused = asyncio.run(run())
+    request, counted, text, refused = asyncio.run(run())
+    assert text == ModelTokenizer(tiny_moe_dir).count_text("Bonjour " * 50) > 0
     assert (request.model, request.max_tokens, request.n, request.payload) == ("m", 5, 2, None)
     assert orjson.loads(request.upstream_body("served"))["model"] == "served"
     assert orjson.loads(request.upstream_body("served"))["messages"] == messages
