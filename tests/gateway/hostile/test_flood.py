@@ -23,9 +23,14 @@ MANY = orjson.dumps(
 
 @pytest.fixture
 def tenants(
-    gateway, organization, other_organization, inference_key, make_deployment, upstream_server
+    gateway, organization, other_organization, make_deployment, upstream_server, tiny_moe_dir
 ):
-    make_deployment(organization, name="chat", endpoints=[upstream_server.url])
+    # A's model has a tokenizer and chat template the gateway loads (the tiny MoE's): A's
+    # prompts are rendered and tokenized for real, 2-4 s each on this machine.
+    deployment = make_deployment(organization, name="chat", endpoints=[upstream_server.url])
+    version = deployment.model_version
+    version.artifact_uri = str(tiny_moe_dir)
+    version.save(update_fields=["artifact_uri"])
     make_deployment(other_organization, name="chat", endpoints=[upstream_server.url])
     return organization, other_organization
 
@@ -66,7 +71,9 @@ async def tenant_a(http, secret, body, stop):
 
 def test_a_big_prompt_flood_does_not_stall_another_tenant(gateway, tenants, inference_key):
     a, b = tenants
-    # A's prompts need more than its tokens per minute: read (in a worker), counted, refused.
+    # A's prompts are read and counted (in the workers), then refused: over the model's
+    # context (400) or, while the tokenizer loads and the count is an estimate, over A's
+    # tokens per minute (429).
     _key, secret_a = inference_key(a, tpm_limit=5_000)
     _key, secret_b = inference_key(b)
 
@@ -95,7 +102,7 @@ def test_a_big_prompt_flood_does_not_stall_another_tenant(gateway, tenants, infe
         f"A: {sum(len(s) for s in statuses)} requests"
     )
     answered = {status for s in statuses for status in s}
-    assert answered <= {429}, answered
+    assert answered <= {400, 429}, answered
     assert sum(len(s) for s in statuses) >= 4
     # Was 11 s for /v1/models and a 5.8 s pause when A's prompts were read on the event
     # loop. The typical call is unchanged; the worst one has a margin for a loaded machine
