@@ -68,6 +68,15 @@ class OrganizationAdmin(admin.ModelAdmin):
         for membership in formset.deleted_objects:
             services.member_keys_bind(actor=actor, membership=membership, removed=True)
         for membership, changed in formset.changed_objects:
+            if "user" in changed:  # the row now names someone else: the old person left
+                form = next(f for f in formset.forms if f.instance is membership)
+                services.member_keys_bind(
+                    actor=actor,
+                    membership=Membership(
+                        organization=form.instance.organization, user_id=form.initial["user"]
+                    ),
+                    removed=True,
+                )
             if "role" in changed:
                 services.member_keys_bind(actor=actor, membership=membership)
 

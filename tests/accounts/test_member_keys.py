@@ -147,6 +147,15 @@ def test_the_admin_binds_keys_as_the_services_do(organization, admin_client_for)
     response = operator.post(url, form)
     assert response.status_code == 302, response.content.decode()[:2000]
     assert APIKey.objects.get(pk=key_id).role == Role.DEVELOPER
+    # Giving the row to someone else is the old person leaving.
+    stranger = UserFactory()
+    response = operator.post(url, {**form, f"{prefix}-0-user": str(stranger.pk)})
+    assert response.status_code == 302
+    assert APIKey.objects.get(pk=key_id).revoked_at is not None
+
+    member = Membership.objects.get(pk=member.pk)
+    key_id = session(member).post("/api/v1/api-keys", {"name": "k2"}, format="json").json()["id"]
+    form[f"{prefix}-0-user"] = str(stranger.pk)
     response = operator.post(url, {**form, f"{prefix}-0-DELETE": "on"})
     assert response.status_code == 302
     assert APIKey.objects.get(pk=key_id).revoked_at is not None
