@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from django.utils import timezone
@@ -28,7 +29,10 @@ logger = logging.getLogger(__name__)
 # Unknown secrets are remembered briefly, so a client retrying a bad key does not cost a
 # query per request. Safe: nobody can present a secret before it was created.
 NEGATIVE_CACHE_SECONDS = 10
+# Keys, and unknown secrets, kept at most; past that the oldest goes, in O(1). Unknown secrets
+# have a cache of their own, so a flood of made-up secrets never evicts real keys.
 MAX_CACHED = 50_000
+MAX_UNKNOWN = 50_000
 # How long a revocation is remembered, to refuse a key whose row was read just before it.
 REVOCATION_MEMORY_SECONDS = 120
 # How often the keys' last_used_at is written (the REST API's own touch is per minute too).
@@ -50,7 +54,7 @@ class Caller:
 
 @dataclass(slots=True)
 class _Entry:
-    caller: Caller | None
+    caller: Caller
     fetched: float
     refreshing: bool = False
 
@@ -78,7 +82,8 @@ class KeyCache:
     def __init__(self, db, *, ttl: float):
         self._db = db
         self._ttl = ttl
-        self._entries: dict[bytes, _Entry] = {}
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._unknown: OrderedDict[bytes, float] = OrderedDict()  # digest → when read
         self._digest_by_key_id: dict[int, bytes] = {}
         self._revoked_at: dict[int, float] = {}
         self._loading: dict[bytes, asyncio.Future] = {}
@@ -92,19 +97,29 @@ class KeyCache:
         entry = self._entries.get(digest)
         if entry is not None:
             age = now - entry.fetched
-            limit = self._ttl if entry.caller is not None else NEGATIVE_CACHE_SECONDS
-            if age >= limit:
+            if age >= self._ttl:
                 entry = None
-            elif entry.caller is not None and age >= self._ttl / 2 and not entry.refreshing:
+            elif age >= self._ttl / 2 and not entry.refreshing:
                 entry.refreshing = True
                 asyncio.get_running_loop().create_task(self._refresh(digest, secret))
-        caller = _check(entry.caller if entry is not None else await self._fetch(digest, secret))
+        if entry is not None:
+            caller = _check(entry.caller)
+        else:
+            unknown_since = self._unknown.get(digest)
+            if unknown_since is not None and now - unknown_since < NEGATIVE_CACHE_SECONDS:
+                caller = _check(None)
+            else:
+                caller = _check(await self._fetch(digest, secret))
         self.used.add(caller.key_id)
         return caller
 
     def forget(self, key_id: int) -> None:
         """Drop a key now (it was revoked). Thread-safe enough: single dict operations."""
-        self._revoked_at[key_id] = time.monotonic()
+        now = time.monotonic()
+        if len(self._revoked_at) > 1000:
+            cutoff = now - REVOCATION_MEMORY_SECONDS
+            self._revoked_at = {k: t for k, t in self._revoked_at.items() if t >= cutoff}
+        self._revoked_at[key_id] = now
         digest = self._digest_by_key_id.pop(key_id, None)
         if digest is not None:
             self._entries.pop(digest, None)
@@ -142,21 +157,25 @@ class KeyCache:
             del self._loading[digest]
 
     def _store(self, digest: bytes, caller: Caller | None, fetched: float) -> None:
-        if len(self._entries) >= MAX_CACHED:
-            self._evict()
+        """Remember what a secret names; the oldest entry goes when full (O(1): both caches
+        are in the order they were read, which is the order they expire in)."""
+        if caller is None:
+            known = self._entries.pop(digest, None)  # a key deleted since: no longer served
+            if known is not None:
+                self._digest_by_key_id.pop(known.caller.key_id, None)
+            self._unknown[digest] = fetched
+            self._unknown.move_to_end(digest)
+            if len(self._unknown) > MAX_UNKNOWN:
+                self._unknown.popitem(last=False)
+            return
+        self._unknown.pop(digest, None)
         self._entries[digest] = _Entry(caller, fetched)
-        if caller is not None:
-            self._digest_by_key_id[caller.key_id] = digest
-
-    def _evict(self) -> None:
-        now = time.monotonic()
-        for digest, entry in list(self._entries.items()):
-            if now - entry.fetched >= self._ttl or len(self._entries) >= MAX_CACHED:
-                del self._entries[digest]
-                if entry.caller is not None:
-                    self._digest_by_key_id.pop(entry.caller.key_id, None)
-        cutoff = now - REVOCATION_MEMORY_SECONDS
-        self._revoked_at = {k: t for k, t in self._revoked_at.items() if t >= cutoff}
+        self._entries.move_to_end(digest)
+        self._digest_by_key_id[caller.key_id] = digest
+        if len(self._entries) > MAX_CACHED:
+            evicted_digest, evicted = self._entries.popitem(last=False)
+            if self._digest_by_key_id.get(evicted.caller.key_id) == evicted_digest:
+                del self._digest_by_key_id[evicted.caller.key_id]
 
 
 def _touch(*, key_ids: list[int]) -> None:

@@ -14,14 +14,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from django.db import close_old_connections, connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 _STOP = object()
 CALL_TIMEOUT = 10.0
 
 
 class DatabaseUnavailable(Exception):
-    """The control plane's database did not answer in time."""
+    """The control plane's database did not answer in time, or refused the connection: the
+    request gets a 503 with Retry-After (gateway/exchange.py), not a 500."""
 
 
 class DbThreads:
@@ -36,7 +37,9 @@ class DbThreads:
 
     async def call(self, function: Callable[..., Any], /, **kwargs) -> Any:
         """The function's result; DatabaseUnavailable if it takes over CALL_TIMEOUT seconds
-        (the thread finishes it anyway; the request does not wait for a hung database)."""
+        (the thread finishes it anyway; the request does not wait for a hung database) or the
+        database cannot be reached (OperationalError, InterfaceError: down, restarting, a
+        connection it closed)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((function, kwargs, future, loop))
@@ -45,6 +48,8 @@ class DbThreads:
                 return await asyncio.shield(future)
         except TimeoutError:
             raise DatabaseUnavailable(f"{function.__name__} took over {CALL_TIMEOUT}s") from None
+        except (OperationalError, InterfaceError) as error:
+            raise DatabaseUnavailable(f"{function.__name__}: {error}") from error
 
     def stop(self, timeout: float = 5) -> None:
         for _ in self._threads:

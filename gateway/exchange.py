@@ -106,12 +106,12 @@ class Exchange:
             await self.send_error(error)
         except ClientGone:
             pass
-        except DatabaseUnavailable:
-            logger.exception("the database did not answer (request %s)", self.request_id)
+        except DatabaseUnavailable as error:
+            logger.error("the database is unavailable (request %s): %s", self.request_id, error)
             await self.send_error(
                 upstream_error(
                     503,
-                    "The platform's database did not answer in time. Retry shortly.",
+                    "The platform's database is unavailable right now. Retry shortly.",
                     retry_after=RETRY_AFTER_DATABASE,
                     code="database_unavailable",
                 )
