@@ -5,6 +5,7 @@ the model's tokenizer from a replica that reports none), a client that disconnec
 (one row, upstream cancelled), scale from zero, load reports."""
 
 import asyncio
+import json
 import threading
 import time
 
@@ -160,8 +161,10 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_leaves_one_row(
         ) as response,
     ):
         for line in response.iter_lines():
-            if line.startswith("data: ") and '"content"' in line:
-                received += 1
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    received += 1  # a chunk of text: one token or more
             if received >= 3:
                 break  # leaving the block closes the connection mid-stream
     deadline = time.monotonic() + 10
@@ -171,7 +174,7 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_leaves_one_row(
     assert row.status_code == 499
     # The runtime reports usage on every chunk: the last figure is billed, not a re-count.
     assert row.usage_source == UsageEvent.Source.UPSTREAM_PARTIAL
-    assert 3 <= row.completion_tokens < 1500
+    assert received <= row.completion_tokens < 1500
     assert row.prompt_tokens > 0
     # The runtime stopped generating for it: nothing is left running there.
     deadline = time.monotonic() + 10
