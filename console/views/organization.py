@@ -6,6 +6,7 @@ from accounts.roles import Permission, Role
 from console.forms import BudgetForm, MemberAddForm, MemberRoleForm, OrganizationProfileForm
 from console.views.base import ConsoleView, apply_domain_error
 from controlplane.errors import DomainError
+from controlplane.mail import password_reset_by_mail_allowed
 
 
 class OrganizationSettingsView(ConsoleView):
@@ -88,8 +89,13 @@ class MemberAddView(OrganizationSettingsView):
             form,
             "member_form",
             lambda data: services.member_add(actor=request.actor, **data),
-            f"Added {request.POST.get('email', '').strip().lower()} to the organization. A new "
-            "user sets a password with “Forgot your password?” on the login page.",
+            f"Added {request.POST.get('email', '').strip().lower()} to the organization. "
+            + (
+                "A new user sets a password with “Forgot your password?” on the login page."
+                if password_reset_by_mail_allowed()
+                else "This installation sends no mail: a new user needs a platform operator "
+                "to set their password."
+            ),
         )
 
 
@@ -132,5 +138,6 @@ class MemberRemoveView(MemberRoleView):
         membership = self.membership(pk)
         return self.attempt(
             lambda: services.member_remove(actor=request.actor, membership=membership),
-            f"Removed {membership.user.email} from the organization.",
+            f"Removed {membership.user.email} from the organization; the API keys they made "
+            "here are revoked.",
         )

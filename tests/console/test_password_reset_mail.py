@@ -48,3 +48,15 @@ def test_the_deploy_check_fails_without_a_mail_server(settings):
     call_command("check")  # a laptop's plain check still passes
     settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
     call_command("check", "--deploy", "--fail-level", "ERROR")
+
+
+def test_adding_a_member_says_how_they_get_a_password(console, organization, settings):
+    from accounts.roles import Role
+
+    client = console(organization, Role.ADMIN)
+    response = client.post("/settings/members", {"email": "a@example.com", "role": "viewer"})
+    assert "Forgot your password?" in str(list(response.wsgi_request._messages))
+    settings.EMAIL_BACKEND = CONSOLE_MAIL
+    settings.DEBUG = False
+    response = client.post("/settings/members", {"email": "b@example.com", "role": "viewer"})
+    assert "a platform operator" in str(list(response.wsgi_request._messages))
