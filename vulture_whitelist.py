@@ -14,6 +14,14 @@ from controlplane.middleware import PrometheusMiddleware, RequestIdMiddleware
 from controlplane.rest.exceptions import problem_exception_handler
 from controlplane.rest.filters import StrictFilterBackend, StrictOrderingFilter
 from controlplane.rest.renderers import CSPBrowsableAPIRenderer
+from controlplane.rest.schema import (
+    APIKeyScheme,
+    ConsoleSessionScheme,
+    MoneyFieldSchema,
+    StrictFilterParameters,
+    StrictSerializerSchema,
+    add_problem_responses,
+)
 
 # Named by dotted path in controlplane/settings/base.py.
 application
@@ -27,11 +35,19 @@ problem_exception_handler
 StrictFilterBackend
 StrictOrderingFilter
 CSPBrowsableAPIRenderer
+add_problem_responses
 login_username  # AXES_USERNAME_CALLABLE
 client_ip  # AXES_CLIENT_IP_CALLABLE
 
 # Run by Django's system check framework (`@register` in controlplane/checks.py).
 check_password_reset_mail
+
+# drf-spectacular extensions register themselves by being subclassed.
+APIKeyScheme
+ConsoleSessionScheme
+MoneyFieldSchema
+StrictFilterParameters
+StrictSerializerSchema
 
 # Read by console/templates/console/catalog/model_detail.html.
 HardwareOption.monthly

@@ -5,6 +5,7 @@ from rest_framework.response import Response
 
 from accounts import selectors, services
 from accounts.filters import APIKeyFilter, AuditLogFilter, MembershipFilter
+from accounts.models import APIKey, AuditLogEntry, Membership
 from accounts.roles import Permission
 from accounts.serializers import (
     APIKeyCreatedSerializer,
@@ -44,6 +45,7 @@ class CurrentOrganizationApi(generics.GenericAPIView):
 
 
 class MemberListApi(generics.ListAPIView):
+    queryset = Membership.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = MembershipSerializer
     filterset_class = MembershipFilter
     ordering_fields = ["created_at", "role"]
@@ -93,6 +95,7 @@ class MemberDetailApi(generics.GenericAPIView):
 
 
 class APIKeyListApi(generics.ListAPIView):
+    queryset = APIKey.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = APIKeySerializer
     filterset_class = APIKeyFilter
     ordering_fields = ["created_at", "name", "last_used_at"]
@@ -130,6 +133,7 @@ class APIKeyDetailApi(generics.GenericAPIView):
 
 
 class AuditLogListApi(generics.ListAPIView):
+    queryset = AuditLogEntry.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = AuditLogEntrySerializer
     filterset_class = AuditLogFilter
     ordering_fields = ["created_at"]

@@ -2,10 +2,12 @@ from rest_framework import serializers
 
 from accounts.models import APIKey, AuditLogEntry, Membership, Organization
 from accounts.roles import Role
-from controlplane.rest.serializers import StrictSerializer
+from controlplane.rest.serializers import MoneyField, StrictSerializer
 
 
 class OrganizationSerializer(serializers.ModelSerializer):
+    billing_email = serializers.EmailField(read_only=True, allow_blank=True)
+
     class Meta:
         model = Organization
         fields = [
@@ -31,7 +33,7 @@ class OrganizationUpdateSerializer(StrictSerializer):
         required=False,
         error_messages={"invalid": "Use an ISO 4217 code such as USD."},
     )
-    monthly_spend_limit = serializers.DecimalField(
+    monthly_spend_limit = MoneyField(
         max_digits=14, decimal_places=2, min_value=0, required=False, allow_null=True
     )
 
@@ -57,7 +59,9 @@ class MembershipUpdateSerializer(StrictSerializer):
 
 class APIKeySerializer(serializers.ModelSerializer):
     prefix = serializers.CharField(source="display_prefix", read_only=True)
-    created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+    created_by = serializers.EmailField(
+        source="created_by.email", read_only=True, default=None, allow_null=True
+    )
 
     class Meta:
         model = APIKey

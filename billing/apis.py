@@ -18,6 +18,7 @@ from accounts.roles import Permission
 from billing import documents, selectors
 from billing.filters import InvoiceFilter
 from billing.invoicing import invoice_draft
+from billing.models import Invoice
 from billing.periods import period_containing
 from billing.renderers import CSVRenderer
 from billing.serializers import (
@@ -25,9 +26,10 @@ from billing.serializers import (
     InvoiceSerializer,
     UpcomingInvoiceSerializer,
     UsageQuerySerializer,
+    UsageReportSerializer,
 )
 from billing.stripe_sync import stripe_event_handle
-from billing.usage import usage_report
+from billing.usage import UsageRow, usage_report
 
 # The longest span one usage request may cover.
 MAX_USAGE_DAYS = 400
@@ -61,6 +63,11 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
     pagination_class = None
     filter_backends: list = []
 
+    csv_columns: list[str] | None = None
+
+    def get_renderer_context(self):
+        return {**super().get_renderer_context(), "csv_columns": self.csv_columns}
+
     @extend_schema(
         parameters=[
             OpenApiParameter(
@@ -71,7 +78,10 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
             OpenApiParameter("end", OpenApiTypes.DATE, description="Last day (default: today)."),
             OpenApiParameter("group_by", str, enum=["day", "model", "deployment", "api_key"]),
         ],
-        responses={200: OpenApiTypes.OBJECT},
+        responses={
+            (200, "application/json"): UsageReportSerializer,
+            (200, "text/csv"): OpenApiTypes.STR,
+        },
     )
     def get(self, request):
         unknown = sorted(set(request.query_params) - {"start", "end", "group_by", "format"})
@@ -79,6 +89,9 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
             raise ValidationError(
                 {unknown[0]: ["Unknown query parameter. Use start, end, group_by or format."]}
             )
+        empty = [name for name, value in request.query_params.items() if value == ""]
+        if empty:
+            raise ValidationError({empty[0]: ["Leave the parameter out instead of empty."]})
         query = UsageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         today = timezone.now().astimezone(UTC).date()
@@ -94,6 +107,7 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
             )
         ]
         if isinstance(request.accepted_renderer, CSVRenderer):
+            self.csv_columns = list(UsageRow(key=None, label="").as_dict(group_by))
             filename = f"usage-{organization.slug}-{start}-{end}-{group_by}.csv"
             return Response(
                 rows, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
@@ -125,6 +139,7 @@ def _check_range(start: date, end: date, today: date) -> None:
 class InvoiceListApi(generics.ListAPIView):
     """Finalized invoices, newest period first."""
 
+    queryset = Invoice.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = InvoiceSerializer
     filterset_class = InvoiceFilter
     ordering_fields = ["period_start", "finalized_at", "total"]

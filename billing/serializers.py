@@ -31,6 +31,38 @@ class UsageQuerySerializer(serializers.Serializer):
     )
 
 
+class UsageRowSerializer(serializers.Serializer):
+    """One row of the usage report; its key is the field named by `group_by`."""
+
+    day = serializers.DateField(required=False, help_text="With group_by=day.")
+    model = serializers.CharField(
+        required=False, allow_null=True, help_text="With group_by=model: the version id."
+    )
+    deployment = serializers.CharField(
+        required=False, allow_null=True, help_text="With group_by=deployment."
+    )
+    api_key = serializers.CharField(
+        required=False, allow_null=True, help_text="With group_by=api_key."
+    )
+    label = serializers.CharField()
+    requests = serializers.IntegerField()
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    cached_tokens = serializers.IntegerField()
+    gpu_seconds = serializers.IntegerField()
+    amount = serializers.DecimalField(max_digits=18, decimal_places=6)
+
+
+class UsageReportSerializer(serializers.Serializer):
+    """The usage report (documents GET /usage; the view builds it from billing.usage)."""
+
+    start = serializers.DateField()
+    end = serializers.DateField()
+    group_by = serializers.ChoiceField(choices=GROUP_BY)
+    currency = serializers.CharField()
+    results = UsageRowSerializer(many=True)
+
+
 class InvoiceLineSerializer(serializers.ModelSerializer):
     class Meta:
         model = InvoiceLine
@@ -145,10 +177,10 @@ class UpcomingInvoiceSerializer(serializers.Serializer):
     def to_representation(self, instance):
         return _money_in_minor_units(super().to_representation(instance))
 
-    def get_id(self, draft) -> None:
-        return None
+    def get_id(self, draft) -> int | None:
+        return None  # a draft has no id or number until it is finalized
 
-    def get_number(self, draft) -> None:
+    def get_number(self, draft) -> str | None:
         return None
 
     def get_status(self, draft) -> str:

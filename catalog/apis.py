@@ -68,6 +68,7 @@ class ModelListApi(CatalogApi, generics.ListAPIView):
     """The catalog: public models, your organization's private ones, and (for operators)
     drafts. Search with `q`; unknown parameters or values are a 400 naming them."""
 
+    queryset = Model.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = ModelListSerializer
     filterset_class = ModelFilter
     ordering_fields = [
@@ -135,9 +136,11 @@ class ModelDetailApi(CatalogApi):
 
 
 class ModelVersionListApi(CatalogApi):
+    queryset = ModelVersion.objects.none()  # for the OpenAPI schema (path parameter types)
     serializer_class = ModelVersionSerializer
     pagination_class = None
 
+    @extend_schema(operation_id="models_versions_list", responses=ModelVersionSerializer(many=True))
     def get(self, request, slug):
         versions = selectors.model_versions_for_detail(
             model=self.get_model(), include_unpublished=self.operator
@@ -194,9 +197,13 @@ class ModelVersionDeprecateApi(CatalogApi):
 class TokenPriceListApi(CatalogApi):
     """Every serverless price of a version, newest first (past, current and scheduled)."""
 
+    queryset = ModelVersion.objects.none()  # for the OpenAPI schema (path parameter types)
     serializer_class = TokenPriceSerializer
     pagination_class = None
 
+    @extend_schema(
+        operation_id="models_versions_token_prices_list", responses=TokenPriceSerializer(many=True)
+    )
     def get(self, request, slug, version):
         prices = TokenPrice.objects.filter(model_version=self.get_version()).order_by(
             "-effective_from", "-id"
@@ -214,9 +221,14 @@ class TokenPriceListApi(CatalogApi):
 
 
 class DedicatedPriceListApi(CatalogApi):
+    queryset = ModelVersion.objects.none()  # for the OpenAPI schema (path parameter types)
     serializer_class = DedicatedPriceSerializer
     pagination_class = None
 
+    @extend_schema(
+        operation_id="models_versions_dedicated_prices_list",
+        responses=DedicatedPriceSerializer(many=True),
+    )
     def get(self, request, slug, version):
         prices = (
             DedicatedPrice.objects.filter(model_version=self.get_version())
@@ -244,9 +256,13 @@ class DedicatedPriceListApi(CatalogApi):
 class ModelArtifactListApi(CatalogApi):
     """Operators: the files of a version, each with a download URL valid for an hour."""
 
+    queryset = ModelVersion.objects.none()  # for the OpenAPI schema (path parameter types)
     serializer_class = ModelArtifactSerializer
     pagination_class = None
 
+    @extend_schema(
+        operation_id="models_versions_artifacts_list", responses=ModelArtifactSerializer(many=True)
+    )
     def get(self, request, slug, version):
         if not self.operator:
             raise PermissionDenied("Only operators may download model weights.")

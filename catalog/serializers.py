@@ -13,7 +13,7 @@ from catalog.models import (
     TokenPrice,
 )
 from catalog.selectors import profile_fit
-from controlplane.rest.serializers import StrictSerializer
+from controlplane.rest.serializers import MoneyField, StrictSerializer
 
 MODEL_FACT_FIELDS = [
     "slug",
@@ -329,8 +329,8 @@ class ModelVersionUpdateSerializer(ModelVersionWriteSerializer):
 
 class TokenPriceCreateSerializer(StrictSerializer):
     currency = serializers.RegexField(r"^[A-Z]{3}$", default="USD")
-    input_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, min_value=0)
-    output_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, min_value=0)
+    input_per_million = MoneyField(max_digits=12, decimal_places=6, min_value=0)
+    output_per_million = MoneyField(max_digits=12, decimal_places=6, min_value=0)
     effective_from = serializers.DateTimeField(required=False)
 
 
@@ -339,5 +339,5 @@ class DedicatedPriceCreateSerializer(StrictSerializer):
         slug_field="name", queryset=HardwareProfile.objects.all()
     )
     currency = serializers.RegexField(r"^[A-Z]{3}$", default="USD")
-    per_hour = serializers.DecimalField(max_digits=12, decimal_places=4, min_value=0)
+    per_hour = MoneyField(max_digits=12, decimal_places=4, min_value=0)
     effective_from = serializers.DateTimeField(required=False)

@@ -12,6 +12,9 @@ api_v1 = [
     path("", include("deployments.urls")),
 ]
 
+# Unmatched paths under /api/ answer problem JSON like the API itself; the rest, the HTML page.
+handler404 = "controlplane.rest.exceptions.page_not_found"
+
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),

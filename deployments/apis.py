@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from accounts.roles import Permission
 from deployments import selectors, services
 from deployments.filters import DeploymentEventFilter, DeploymentFilter
-from deployments.models import Deployment
+from deployments.models import Deployment, DeploymentEvent
 from deployments.serializers import (
     DeploymentCreateSerializer,
     DeploymentEventSerializer,
@@ -36,6 +36,7 @@ class DeploymentListApi(generics.ListAPIView):
     """Your organization's deployments. Create one with POST: the response is `pending`; poll
     the deployment (or its events) to watch it become `ready`."""
 
+    queryset = Deployment.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = DeploymentSerializer
     filterset_class = DeploymentFilter
     ordering_fields = ["created_at", "name", "status"]
@@ -112,6 +113,7 @@ class DeploymentDetailApi(generics.GenericAPIView):
 class DeploymentEventListApi(generics.ListAPIView):
     """What happened to a deployment, newest first."""
 
+    queryset = DeploymentEvent.objects.none()  # for the OpenAPI schema: get_queryset needs a caller
     serializer_class = DeploymentEventSerializer
     filterset_class = DeploymentEventFilter
     ordering_fields = ["time"]

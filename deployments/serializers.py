@@ -2,7 +2,13 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from controlplane.rest.serializers import StrictSerializer
-from deployments.models import NAME_MAX_LENGTH, Deployment, DeploymentEvent, Replica
+from deployments.models import (
+    NAME_MAX_LENGTH,
+    Deployment,
+    DeploymentEvent,
+    Replica,
+    dns_name_validator,
+)
 
 
 class ReplicaSerializer(serializers.ModelSerializer):
@@ -100,6 +106,7 @@ class DeploymentSerializer(serializers.ModelSerializer):
 class DeploymentCreateSerializer(StrictSerializer):
     name = serializers.CharField(
         max_length=NAME_MAX_LENGTH,
+        validators=[dns_name_validator],
         help_text="DNS-safe and unique in your organization: the `model` name you call.",
     )
     model = serializers.CharField(max_length=100, help_text="A catalog model slug.")

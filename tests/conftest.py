@@ -116,3 +116,16 @@ def s3_bucket(aws_env):
     bucket = f"sirocco-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture
+def emulated_cluster(settings, tmp_path):
+    """The kubernetes provisioner against an emulated API on loopback (tests/deployments/kube.py):
+    deployments a live-server test creates reconcile there, and no runtime process starts."""
+    from tests.deployments.kube import ClusterThread, SimulatedCluster, gpu_nodes
+
+    with ClusterThread(SimulatedCluster(nodes=gpu_nodes(1, 8))) as running:
+        settings.SIROCCO_PROVISIONER = "kubernetes"
+        settings.SIROCCO_KUBECONFIG = str(running.kubeconfig(tmp_path / "kubeconfig"))
+        settings.SIROCCO_K8S_REQUEST_TIMEOUT = 2.0
+        yield running

@@ -8,7 +8,8 @@ import logging
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.http import Http404, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -105,3 +106,20 @@ def problem_exception_handler(exc, context):
         code=codes if isinstance(codes, str) else exc.default_code,
         headers=headers,
     )
+
+
+def page_not_found(request, exception):
+    """Django's handler404: a path nothing matches. Under /api/ a client reads problem JSON,
+    not an HTML page."""
+    if not request.path.startswith("/api/"):
+        return defaults.page_not_found(request, exception)
+    body = {
+        "type": "urn:sirocco:problem:not_found",
+        "title": _TITLES[404],
+        "status": 404,
+        "detail": f"No API operation at {request.path}. The operations are listed in "
+        "/api/schema/ (browsable at /api/docs/).",
+        "code": "not_found",
+        "request_id": request_id_var.get(),
+    }
+    return JsonResponse(body, status=404, content_type=PROBLEM_CONTENT_TYPE)

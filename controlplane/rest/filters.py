@@ -4,6 +4,8 @@ A typo in `?ordering=prise` or `?publsher=mistral` should be a 400 that names th
 not a full unfiltered list the caller mistakes for an answer.
 """
 
+import re
+
 import django_filters
 from django import forms
 from django_filters.rest_framework import DjangoFilterBackend
@@ -35,6 +37,19 @@ class StrictBooleanFilter(django_filters.BooleanFilter):
 
 
 class StrictOrderingFilter(OrderingFilter):
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        fields = [f for f in getattr(view, "ordering_fields", None) or () if f != "__all__"]
+        if fields:
+            # A comma-separated list of the fields, each optionally prefixed with '-'.
+            one = "-?(" + "|".join(re.escape(f) for f in fields) + ")"
+            for parameter in parameters:
+                parameter["schema"]["pattern"] = f"^({one}(,{one})*)?$"
+                parameter["description"] = (
+                    f"Sort by {', '.join(fields)} (comma-separated; prefix '-' for descending)."
+                )
+        return parameters
+
     def get_ordering(self, request, queryset, view):
         params = request.query_params.get(self.ordering_param)
         if not params:

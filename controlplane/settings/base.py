@@ -299,6 +299,10 @@ REST_FRAMEWORK = {
         "controlplane.rest.filters.StrictFilterBackend",
         "controlplane.rest.filters.StrictOrderingFilter",
     ],
+    # The API reads JSON only (the console posts its own forms): one body format to document,
+    # validate and generate clients for. Anything else is a 415.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "controlplane.rest.renderers.CSPBrowsableAPIRenderer",
@@ -321,6 +325,16 @@ SPECTACULAR_SETTINGS = {
     # The schema and its docs are public: they describe the API, they hold no tenant data.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SERVE_AUTHENTICATION": [],
+    # Choice sets that share a field name get names of their own (not "Type4b0Enum").
+    "ENUM_NAME_OVERRIDES": {
+        "DeploymentTypeEnum": "deployments.models.Deployment.Type",
+        "ServingRuntimeNameEnum": "catalog.models.ServingRuntime.Name",
+    },
+    # Error responses (problem JSON) on every operation: controlplane/rest/schema.py.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "controlplane.rest.schema.add_problem_responses",
+    ],
 }
 
 # --- Model artifacts ----------------------------------------------------------------------
