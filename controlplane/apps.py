@@ -8,5 +8,6 @@ class ControlplaneConfig(AppConfig):
 
     def ready(self):
         from controlplane import checks  # noqa: F401 - registers our system checks
+
         # Registers the OpenAPI schemes and schema extensions (drf-spectacular).
         from controlplane.rest import schema  # noqa: F401
