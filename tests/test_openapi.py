@@ -115,3 +115,8 @@ def test_bodies_other_than_json_are_415(api):
     )
     assert response.status_code == 415
     assert response["Content-Type"] == "application/problem+json"
+
+
+def test_the_docs_page_is_not_an_operation_and_refuses_options(client, document):
+    assert not [path for path in document["paths"] if not path.startswith("/api/v1/")]
+    assert client.options("/api/docs/").status_code == 405

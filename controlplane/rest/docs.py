@@ -6,12 +6,17 @@ Swagger UI's own style attributes are allowed here only (the page is public and 
 data; scripts stay 'self').
 """
 
+from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SpectacularSwaggerSplitView
 
 from controlplane.rest.renderers import INLINE_STYLES
 
 
 class ApiDocsView(SpectacularSwaggerSplitView):
+    # An HTML page: OPTIONS (DRF's metadata, which this renderer cannot draw) is a 405.
+    http_method_names = ["get", "head"]
+
+    @extend_schema(exclude=True)  # the page, not an operation of the API
     def get(self, request, *args, **kwargs):
         response = super().get(request, *args, **kwargs)
         response._csp_update = INLINE_STYLES
