@@ -6,6 +6,8 @@ from django.http import HttpResponse, JsonResponse
 from kombu import Connection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controlplane.ops import metrics_refusal
+
 
 def healthz(request):
     """Alive: the process answers. Never touches a dependency (a DB outage must not restart us)."""
@@ -42,4 +44,12 @@ def readyz(request):
 
 
 def metrics(request):
+    """Prometheus text, for the operators' scraper only (controlplane/ops.py says who)."""
+    refusal = metrics_refusal(request.headers.get("Authorization"), request.META.get("REMOTE_ADDR"))
+    if refusal is not None:
+        status, message = refusal
+        response = JsonResponse({"detail": message}, status=status)
+        if status == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)

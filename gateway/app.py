@@ -18,6 +18,7 @@ import logging
 import orjson
 import redis
 
+from controlplane.ops import metrics_refusal
 from gateway.completion import Completion
 from gateway.conf import GatewaySettings
 from gateway.errors import GatewayError, upstream_error
@@ -158,6 +159,11 @@ class _Health(Exchange):
         elif path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+            authorization = dict(self.scope["headers"]).get(b"authorization", b"")
+            client = self.scope.get("client") or (None, None)
+            refusal = metrics_refusal(authorization.decode("latin-1"), client[0])
+            if refusal is not None:
+                raise GatewayError(*refusal)
             await self.respond(200, generate_latest(), content_type=CONTENT_TYPE_LATEST.encode())
         else:
             gateway = self.gateway

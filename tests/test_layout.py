@@ -85,6 +85,7 @@ CONTROLPLANE_SHARED = {
     "controlplane.errors",
     "controlplane.logging",
     "controlplane.mail",
+    "controlplane.ops",
     "controlplane.rest",
     "controlplane.spreadsheets",
 }

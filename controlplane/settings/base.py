@@ -175,6 +175,11 @@ GATEWAY_INLINE_PROMPT_BYTES = env.int("GATEWAY_INLINE_PROMPT_BYTES", default=819
 GATEWAY_PROMPT_WORKERS = env.int("GATEWAY_PROMPT_WORKERS", default=2)
 GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int("GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8)
 
+# --- Operations endpoints ---------------------------------------------------------------------
+# /metrics (web and the standalone gateway) lists every tenant's deployments. Set: a scrape must
+# send `Authorization: Bearer <METRICS_TOKEN>`. Unset: served to loopback clients only.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
 # --- Celery ---------------------------------------------------------------------------------
 # Embedded default: kombu's SQLAlchemy transport on a SQLite file, so a real worker process
 # runs with no broker server. Production: redis://... (or amqp://...).
