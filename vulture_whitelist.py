@@ -41,6 +41,7 @@ client_ip  # AXES_CLIENT_IP_CALLABLE
 
 # Run by Django's system check framework (`@register` in controlplane/checks.py).
 check_password_reset_mail
+check_metrics_token
 
 # drf-spectacular extensions register themselves by being subclassed.
 APIKeyScheme

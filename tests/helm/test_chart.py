@@ -327,6 +327,7 @@ def test_every_container_reads_the_settings_and_the_credentials(variant):
             "STRIPE_API_KEY",
             "STRIPE_WEBHOOK_SECRET",
             "EMAIL_URL",
+            "METRICS_TOKEN",
         }
 
 
@@ -373,7 +374,7 @@ def test_a_settings_change_restarts_the_pods(render):
     assert checksum({}) == checksum({"web": {"replicas": 3}})
 
 
-def test_the_ingress_sends_the_openai_api_to_the_gateway_and_the_rest_to_web(render):
+def test_the_ingress_sends_the_openai_api_to_the_gateway_and_the_console_to_web(render):
     rendered = render(VARIANTS["ingress-tls"])
     ingress = rendered.get("Ingress", "sirocco")
     assert ingress["spec"]["ingressClassName"] == "nginx"
@@ -385,7 +386,10 @@ def test_the_ingress_sends_the_openai_api_to_the_gateway_and_the_rest_to_web(ren
             p["path"]: (p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"])
             for p in rule["http"]["paths"]
         }
-        assert routes == {"/v1": ("sirocco-gateway", "http"), "/": ("sirocco-web", "http")}
+        assert routes["/v1"] == ("sirocco-gateway", "http")
+        assert (
+            routes["/"] == routes["/api/"] == ("sirocco-web", "http")
+        )  # tests/helm/test_ingress.py
     config = rendered.config()
     # TLS on the first host: the public URL is https and its origin is trusted for forms.
     assert config["SIROCCO_PUBLIC_URL"] == "https://ai.example.com"

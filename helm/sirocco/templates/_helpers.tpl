@@ -189,7 +189,7 @@ BILLING_INVOICE_PREFIX: {{ .Values.billing.invoicePrefix | quote }}
 SECRET_KEY DATABASE_URL REDIS_URL CELERY_BROKER_URL
 {{- end }}
 {{- define "sirocco.optionalSecretKeys" -}}
-AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY STRIPE_API_KEY STRIPE_WEBHOOK_SECRET EMAIL_URL
+AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY STRIPE_API_KEY STRIPE_WEBHOOK_SECRET EMAIL_URL METRICS_TOKEN
 {{- end }}
 
 {{/* Environment of every container: the ConfigMap, then each credential from the Secret. */}}
@@ -358,4 +358,11 @@ the values to change.
 {{- fail (printf "gateway.autoscaling.minReplicas (%d) is above gateway.autoscaling.maxReplicas (%d)" (int .minReplicas) (int .maxReplicas)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* What the Ingress routes to web, besides the console's home page `/` (Exact): the REST API,
+static files and the console's pages (console/urls.py; tests/helm/test_ingress.py keeps the two
+lists equal). */}}
+{{- define "sirocco.webIngressPrefixes" -}}
+/api/ /static/ /login/ /logout/ /password-reset/ /organization/ /models/ /deployments/ /playground/ /usage/ /invoices/ /api-keys/ /settings/
 {{- end }}
