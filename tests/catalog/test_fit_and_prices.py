@@ -11,6 +11,7 @@ from catalog.selectors import (
     dedicated_price_at,
     profile_fit,
     token_price_at,
+    token_price_ceiling,
 )
 from tests.catalog.factories import (
     BuiltinRuntimeFactory,
@@ -188,3 +189,31 @@ def test_deployable_on_agrees_with_profile_fit_for_many_shapes():
             )
         }
         assert in_sql == in_python, profile.name
+
+
+def test_the_price_ceiling_covers_a_raise_within_the_horizon():
+    """What the gateway holds spend at: the highest price in force from now to now + horizon."""
+    version = ModelVersionFactory()
+    now = timezone.now()
+    TokenPriceFactory(model_version=version, effective_from=now - timedelta(days=30))
+    TokenPriceFactory(
+        model_version=version,
+        effective_from=now - timedelta(days=1),
+        input_per_million=Decimal("0.5"),
+        output_per_million=Decimal("2"),
+    )
+    hour = timedelta(hours=1)
+    ceiling = token_price_ceiling(version_id=version.pk, now=now, horizon=hour)
+    assert ceiling == (Decimal("0.5"), Decimal("2"), "USD")
+    TokenPriceFactory(
+        model_version=version,
+        effective_from=now + timedelta(minutes=30),
+        input_per_million=Decimal("0.9"),
+        output_per_million=Decimal("1"),
+    )
+    TokenPriceFactory(
+        model_version=version, effective_from=now + timedelta(days=2), input_per_million=9
+    )
+    ceiling = token_price_ceiling(version_id=version.pk, now=now, horizon=hour)
+    assert ceiling == (Decimal("0.9"), Decimal("2"), "USD")  # the raise, and today's output
+    assert token_price_ceiling(version_id=ModelVersionFactory().pk, now=now, horizon=hour) is None
