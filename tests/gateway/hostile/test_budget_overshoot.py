@@ -85,6 +85,7 @@ def test_sixteen_clients_never_spend_past_the_limit(
         ),
         Decimal(0),
     )
+    print(f"\n{limiter}: {served} served, {sum(r for _, r in results)} refused, spent {spend}")
     assert len(events) == served
     assert spend <= LIMIT, f"{served} requests spent {spend}, over the {LIMIT} limit"
     # The holds are released as requests finish: the limit is used, not just refused.
