@@ -231,6 +231,19 @@ SIROCCO_K8S_ARTIFACT_SECRET = env.str(
     "SIROCCO_K8S_ARTIFACT_SECRET", default="sirocco-artifact-store"
 )
 SIROCCO_K8S_AWS_ENDPOINT_URL = env.str("SIROCCO_K8S_AWS_ENDPOINT_URL", default="")
+# Model pods may connect to cluster DNS and to these CIDRs (minus the exceptions) on these TCP
+# ports, nothing else: the artifact store their init container copies weights from. Default:
+# HTTPS to the internet (S3), not to private ranges or the metadata service (169.254.0.0/16).
+SIROCCO_K8S_ARTIFACT_EGRESS_CIDRS = env.list(
+    "SIROCCO_K8S_ARTIFACT_EGRESS_CIDRS", default=["0.0.0.0/0"]
+)
+SIROCCO_K8S_ARTIFACT_EGRESS_EXCEPT = env.list(
+    "SIROCCO_K8S_ARTIFACT_EGRESS_EXCEPT",
+    default=["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"],
+)
+SIROCCO_K8S_ARTIFACT_EGRESS_PORTS = env.list(
+    "SIROCCO_K8S_ARTIFACT_EGRESS_PORTS", cast=int, default=[443]
+)
 DEPLOYMENTS_MAX_REPLICAS = env.int("DEPLOYMENTS_MAX_REPLICAS", default=16)
 # Autoscaler: time constant of the in-flight moving average (the beat schedule sets how often
 # it ticks: DEPLOYMENTS_AUTOSCALE_SECONDS, and the drift sweep: DEPLOYMENTS_SWEEP_SECONDS).

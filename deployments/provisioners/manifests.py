@@ -15,6 +15,7 @@ that never drop below the desired count (maxUnavailable 0).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 from dataclasses import dataclass, field
@@ -76,6 +77,16 @@ DEFAULT_ARGS = {
 }
 
 
+# Private, shared and link-local ranges (169.254.169.254 is the cloud's metadata service).
+PRIVATE_RANGES = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+)
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """How this installation's cluster is laid out (from settings; see README)."""
@@ -92,6 +103,12 @@ class ClusterOptions:
     # The name of a Secret with AWS_* credentials for the weights bucket (not a secret itself).
     artifact_secret: str = "sirocco-artifact-store"  # noqa: S105
     aws_endpoint_url: str = ""
+    # Where model pods may connect besides DNS: the artifact store their init container copies
+    # weights from. The default is HTTPS to the internet (S3), never to private ranges or the
+    # cloud's metadata service; an in-cluster store (MinIO…) needs its CIDR and port here.
+    artifact_egress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
+    artifact_egress_except: tuple[str, ...] = PRIVATE_RANGES
+    artifact_egress_ports: tuple[int, ...] = (443,)
 
     @classmethod
     def from_settings(cls) -> ClusterOptions:
@@ -104,6 +121,9 @@ class ClusterOptions:
             fetcher_image=settings.SIROCCO_K8S_FETCHER_IMAGE,
             artifact_secret=settings.SIROCCO_K8S_ARTIFACT_SECRET,
             aws_endpoint_url=settings.SIROCCO_K8S_AWS_ENDPOINT_URL,
+            artifact_egress_cidrs=tuple(settings.SIROCCO_K8S_ARTIFACT_EGRESS_CIDRS),
+            artifact_egress_except=tuple(settings.SIROCCO_K8S_ARTIFACT_EGRESS_EXCEPT),
+            artifact_egress_ports=tuple(settings.SIROCCO_K8S_ARTIFACT_EGRESS_PORTS),
         )
 
     def namespace(self, organization_slug: str) -> str:
@@ -410,7 +430,9 @@ def render_network_policy(spec: DeploymentSpec, options: ClusterOptions) -> dict
         },
         "spec": {
             "podSelector": {"matchLabels": selector_labels(spec)},
-            "policyTypes": ["Ingress"],
+            # Ingress from the gateway only; egress to DNS and the artifact store only.
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": render_egress_rules(options),
             "ingress": [
                 {
                     "from": [
@@ -428,6 +450,52 @@ def render_network_policy(spec: DeploymentSpec, options: ClusterOptions) -> dict
             ],
         },
     }
+
+
+def _egress_block(cidr: str, excepted: tuple[str, ...]) -> dict:
+    """An ipBlock with those exceptions that lie inside `cidr` (the API rejects the others)."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    inside = []
+    for text in excepted:
+        exception = ipaddress.ip_network(text, strict=False)
+        if (
+            exception.version == network.version
+            and exception != network
+            and exception.subnet_of(network)
+        ):
+            inside.append(text)
+    return {"ipBlock": {"cidr": cidr, **({"except": inside} if inside else {})}}
+
+
+def render_egress_rules(options: ClusterOptions) -> list[dict]:
+    """What a model pod may connect to: cluster DNS, and the artifact store (its init container
+    fetches the weights). Nothing else: a model server has no business calling out, and a
+    compromised one must not reach the cloud's metadata service or other tenants."""
+    dns = {
+        "to": [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                },
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+        ],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }
+    rules = [dns]
+    if options.artifact_egress_cidrs:
+        rules.append(
+            {
+                "to": [
+                    _egress_block(cidr, options.artifact_egress_except)
+                    for cidr in options.artifact_egress_cidrs
+                ],
+                "ports": [
+                    {"protocol": "TCP", "port": int(port)} for port in options.artifact_egress_ports
+                ],
+            }
+        )
+    return rules
 
 
 def render_pod_disruption_budget(spec: DeploymentSpec, options: ClusterOptions) -> dict:

@@ -164,3 +164,37 @@ def test_an_unknown_placeholder_in_a_runtime_template_is_a_clear_error():
     broken = replace(MIXTRAL, runtime=replace(MIXTRAL.runtime, args_template=("{flux}",)))
     with pytest.raises(PermanentError, match="uses 'flux'"):
         render_args(broken)
+
+
+def test_model_pods_may_reach_dns_and_the_artifact_store_only():
+    policy = render()[2]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    dns, store = policy["spec"]["egress"]
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert sorted(p["protocol"] for p in dns["ports"]) == ["TCP", "UDP"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    # HTTPS to the internet (S3), never private ranges or the metadata service.
+    [block] = store["to"]
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert "169.254.0.0/16" in block["ipBlock"]["except"]
+    assert "10.0.0.0/8" in block["ipBlock"]["except"]
+    assert store["ports"] == [{"protocol": "TCP", "port": 443}]
+    assert kubernetes_validate.validate(policy, "1.31", strict=True) == "1.31"
+
+
+def test_an_in_cluster_artifact_store_is_configured_by_cidr_and_port():
+    from deployments.provisioners.manifests import render_egress_rules
+
+    options = ClusterOptions(
+        artifact_egress_cidrs=("10.96.0.0/12", "0.0.0.0/0"),
+        artifact_egress_except=("169.254.0.0/16", "10.0.0.0/8"),
+        artifact_egress_ports=(9000,),
+    )
+    _dns, store = render_egress_rules(options)
+    # An exception outside a block (or as wide as it) is left out: the API would reject it.
+    assert store["to"] == [
+        {"ipBlock": {"cidr": "10.96.0.0/12"}},
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16", "10.0.0.0/8"]}},
+    ]
+    assert store["ports"] == [{"protocol": "TCP", "port": 9000}]
+    assert len(render_egress_rules(ClusterOptions(artifact_egress_cidrs=()))) == 1

@@ -164,6 +164,11 @@ SIROCCO_K8S_ARTIFACT_SECRET: {{ .artifactSecret | quote }}
 {{- with default $.Values.config.awsEndpointUrl .awsEndpointUrl }}
 SIROCCO_K8S_AWS_ENDPOINT_URL: {{ . | quote }}
 {{- end }}
+{{- with .artifactEgress }}
+SIROCCO_K8S_ARTIFACT_EGRESS_CIDRS: {{ .cidrs | join "," | quote }}
+SIROCCO_K8S_ARTIFACT_EGRESS_EXCEPT: {{ .except | join "," | quote }}
+SIROCCO_K8S_ARTIFACT_EGRESS_PORTS: {{ .ports | join "," | quote }}
+{{- end }}
 {{- end }}
 {{- /* Model servers admit traffic from the gateway's pods only: tell the provisioner which. */}}
 SIROCCO_K8S_GATEWAY_NAMESPACE: {{ .Release.Namespace | quote }}
