@@ -12,7 +12,9 @@ replaced on its own:
 `serve()` owns the exactly-once promise: whatever happens once a replica took the request
 (a complete answer, a replica error, a timeout, a broken stream, the client leaving, the task
 cancelled), its `finally` writes the request's single usage event, and the last bytes of the
-response are sent only after that event is committed. Nothing else writes usage.
+response are sent only after that event is durable (committed, or in the local spool:
+gateway/usage.py); when it cannot be made durable, the last bytes are a 503 instead (a
+stream's final event). Nothing else writes usage.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gateway.fairpool import PoolFull
 from gateway.limits import Admission, Limit, SpendHold, combined, limits_for
 from gateway.protocol import CompletionRequest, check_context, parse_request
 from gateway.tokens import estimate_text, message_text, prompt_token_bound
+from gateway.usage import UsageNotDurable
 from metering.models import UsageEvent
 
 if TYPE_CHECKING:
@@ -157,6 +160,8 @@ class Completion(Exchange):
             await self.admit_bound(len(raw))
         try:
             await self.read_prompt(raw)
+            if not self.gateway.usage.accepting():
+                raise _usage_not_recorded()  # refused before a replica serves it unbilled
             await self.admit()
             await self.serve()
             with contextlib.suppress(OSError):  # the client left after its answer was whole
@@ -657,7 +662,7 @@ class Completion(Exchange):
     # ---- usage ---------------------------------------------------------------------------
 
     async def record_usage(self) -> None:
-        """Write the request's one UsageEvent and wait until it is committed. Called once,
+        """Write the request's one UsageEvent and wait until it is durable. Called once,
         from `serve()`'s finally."""
         gateway, request, route, outcome = self.gateway, self.request, self.route, self.outcome
         source = UsageEvent.Source.UPSTREAM
@@ -707,11 +712,35 @@ class Completion(Exchange):
         }
         submitted = gateway.usage.submit(event)
         try:
-            async with asyncio.timeout(gateway.config.usage_commit_timeout):
-                await asyncio.shield(submitted)
-        except TimeoutError:
-            # The writer keeps retrying; the response is not held hostage to the database.
-            logger.error("usage event %s not committed in time", self.request_id)
+            # Bounded by the writer: the database's bound, then one spool append.
+            await asyncio.shield(submitted)
+        except UsageNotDurable:
+            # Not acknowledged: the answer's last bytes become the error.
+            self.last_messages = self._error_messages(_usage_not_recorded())
+
+    def _error_messages(self, error: GatewayError) -> list[dict]:
+        """`error` as the response's last messages: a whole response while the held-back
+        answer still had its start, else the stream's final event."""
+        if self.last_messages and self.last_messages[0]["type"] == "http.response.start":
+            headers = self.headers(b"application/json", error.headers)
+            body = error.body()
+            headers.append((b"content-length", str(len(body)).encode()))
+            return [
+                {"type": "http.response.start", "status": error.status, "headers": headers},
+                {"type": "http.response.body", "body": body},
+            ]
+        tail = b"data: " + error.body() + b"\n\n"
+        return [{"type": "http.response.body", "body": tail, "more_body": False}]
+
+
+def _usage_not_recorded() -> GatewayError:
+    return upstream_error(
+        503,
+        "The platform cannot record usage right now (its database and the gateway's local "
+        "spool are both unavailable), so this request was not completed. Retry shortly.",
+        retry_after=RETRY_AFTER_NO_REPLICA,
+        code="usage_not_recorded",
+    )
 
 
 def _choice_text(choice) -> str:

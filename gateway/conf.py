@@ -24,7 +24,8 @@ class GatewaySettings:
     auth_cache_seconds: float
     route_cache_seconds: float
     spend_cache_seconds: float
-    usage_commit_timeout: float
+    usage_spool_dir: str
+    usage_spool_after: float
     tokenizer_wait_seconds: float
     usage_synchronous_commit: bool
     load_report_seconds: float
@@ -49,7 +50,8 @@ class GatewaySettings:
             "auth_cache_seconds": settings.GATEWAY_AUTH_CACHE_SECONDS,
             "route_cache_seconds": settings.GATEWAY_ROUTE_CACHE_SECONDS,
             "spend_cache_seconds": settings.GATEWAY_SPEND_CACHE_SECONDS,
-            "usage_commit_timeout": settings.GATEWAY_USAGE_COMMIT_TIMEOUT,
+            "usage_spool_dir": settings.GATEWAY_USAGE_SPOOL_DIR,
+            "usage_spool_after": settings.GATEWAY_USAGE_SPOOL_AFTER_SECONDS,
             "tokenizer_wait_seconds": settings.GATEWAY_TOKENIZER_WAIT_SECONDS,
             "usage_synchronous_commit": settings.GATEWAY_USAGE_SYNCHRONOUS_COMMIT,
             "load_report_seconds": settings.GATEWAY_LOAD_REPORT_SECONDS,

@@ -27,6 +27,10 @@ TTFT = Histogram(
     ["deployment"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+USAGE_SPOOL_BYTES = Gauge(
+    "sirocco_gateway_usage_spool_bytes",
+    "Usage events in this process's spool files, waiting for the database to take them",
+)
 REFUSED = Counter(
     "sirocco_gateway_refused_total",
     "Requests answered by the gateway itself, without reaching a replica, by status",

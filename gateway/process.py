@@ -64,7 +64,11 @@ class Gateway:
             workers=config.prompt_workers,
             max_per_organization=config.prompt_queue_per_organization,
         )
-        self.usage = UsageWriter(synchronous_commit=config.usage_synchronous_commit)
+        self.usage = UsageWriter(
+            spool_dir=config.usage_spool_dir,
+            spool_after=config.usage_spool_after,
+            synchronous_commit=config.usage_synchronous_commit,
+        )
         self.load = LoadTracker()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),

@@ -154,8 +154,13 @@ GATEWAY_SCALE_PROGRESS_INTERVAL = env.float("GATEWAY_SCALE_PROGRESS_INTERVAL", d
 GATEWAY_AUTH_CACHE_SECONDS = env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0)
 GATEWAY_ROUTE_CACHE_SECONDS = env.float("GATEWAY_ROUTE_CACHE_SECONDS", default=2.0)
 GATEWAY_SPEND_CACHE_SECONDS = env.float("GATEWAY_SPEND_CACHE_SECONDS", default=15.0)
-# A response waits at most this long for its usage event to be committed.
-GATEWAY_USAGE_COMMIT_TIMEOUT = env.float("GATEWAY_USAGE_COMMIT_TIMEOUT", default=10.0)
+# A response's last byte waits until its usage event is durable: committed to the database,
+# or, when the database does not commit within GATEWAY_USAGE_SPOOL_AFTER_SECONDS, appended
+# and fsynced to a spool file in GATEWAY_USAGE_SPOOL_DIR, shipped to the database once it
+# answers (gateway/spool.py). The directory must be on a local filesystem (flock) that
+# outlives the process: the chart mounts a volume there.
+GATEWAY_USAGE_SPOOL_DIR = env.str("GATEWAY_USAGE_SPOOL_DIR", default=str(VAR_DIR / "usage-spool"))
+GATEWAY_USAGE_SPOOL_AFTER_SECONDS = env.float("GATEWAY_USAGE_SPOOL_AFTER_SECONDS", default=0.5)
 # A billed count (a stream broken before its usage) waits at most this long for the model's
 # tokenizer files to be fetched; after that it is billed with the estimate (logged).
 GATEWAY_TOKENIZER_WAIT_SECONDS = env.float("GATEWAY_TOKENIZER_WAIT_SECONDS", default=10.0)

@@ -113,9 +113,16 @@ def runtime_process(tiny_moe_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gateway_server():
-    """The standalone gateway app (with /healthz, /readyz, /metrics) under uvicorn."""
-    app = GatewayApp(health=True, load_report_seconds=0.3, route_cache_seconds=0.2)
+def gateway_server(tmp_path_factory):
+    """The standalone gateway app (with /healthz, /readyz, /metrics) under uvicorn. Its usage
+    spool is this session's own: an orphan left by another run must not ship into our
+    database."""
+    app = GatewayApp(
+        health=True,
+        load_report_seconds=0.3,
+        route_cache_seconds=0.2,
+        usage_spool_dir=str(tmp_path_factory.mktemp("usage-spool")),
+    )
     server = ServerThread(app)
     yield server
     server.stop()

@@ -44,7 +44,7 @@ def test_an_event_outlives_the_key_it_was_made_with(organization, make_api_key):
     assert event.prompt_tokens + event.completion_tokens == 12
 
 
-def test_the_writer_group_commits_and_ignores_replays(transactional_db, organization):
+def test_the_writer_group_commits_and_ignores_replays(transactional_db, organization, tmp_path):
     import asyncio
 
     from gateway.usage import UsageWriter
@@ -54,7 +54,7 @@ def test_the_writer_group_commits_and_ignores_replays(transactional_db, organiza
         return {f.attname: getattr(event, f.attname) for f in UsageEvent._meta.concrete_fields}
 
     async def run():
-        writer = UsageWriter()
+        writer = UsageWriter(spool_dir=tmp_path)
         try:
             events = [fields(f"req_{i}") for i in range(200)] + [fields("req_7")]
             return await asyncio.gather(*(writer.submit(event) for event in events))

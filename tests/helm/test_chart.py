@@ -202,9 +202,11 @@ def test_every_pod_runs_as_the_images_non_root_user_on_a_read_only_root(variant)
             assert security["allowPrivilegeEscalation"] is False
             assert security["readOnlyRootFilesystem"] is True
             assert security["capabilities"] == {"drop": ["ALL"]}
-            # The only writable places are emptyDirs: /tmp and the settings' SIROCCO_VAR_DIR.
+            # The only writable places are emptyDirs, /tmp and the settings' SIROCCO_VAR_DIR,
+            # and the gateway's usage spool.
             mounts = {m["mountPath"] for m in container["volumeMounts"]}
-            assert mounts == {"/tmp", "/var/lib/sirocco"}
+            spool = {"/var/lib/sirocco/usage-spool"} if container["name"] == "gateway" else set()
+            assert mounts == {"/tmp", "/var/lib/sirocco", *spool}
             requests = container["resources"]["requests"]
             assert {"cpu", "memory"} <= set(requests)
             assert "memory" in container["resources"]["limits"]
@@ -457,3 +459,26 @@ def test_the_provisioner_and_billing_settings_come_from_values(render):
     assert stores["SIROCCO_K8S_AWS_ENDPOINT_URL"] == "https://minio.storage:9000"
     own = render({"provisioner": {"awsEndpointUrl": "http://minio.internal:9000"}}).config()
     assert own["SIROCCO_K8S_AWS_ENDPOINT_URL"] == "http://minio.internal:9000"
+
+
+HOST_PATH = {"path": "/mnt/local-ssd/sirocco-usage-spool", "type": "DirectoryOrCreate"}
+
+
+def test_the_gateway_spools_usage_on_its_own_volume(render):
+    """GATEWAY_USAGE_SPOOL_DIR is the gateway's usage-spool mount, whose source the values
+    choose: emptyDir by default, a hostPath or a claim to outlive the pod."""
+    for values, source in (
+        ({}, {"emptyDir": {}}),
+        (
+            # null drops the default's emptyDir (Helm merges maps)
+            {"gateway": {"usageSpool": {"volume": {"emptyDir": None, "hostPath": HOST_PATH}}}},
+            {"hostPath": HOST_PATH},
+        ),
+    ):
+        rendered = render(values)
+        container = rendered.container("gateway")
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "usage-spool"]
+        assert rendered.config()["GATEWAY_USAGE_SPOOL_DIR"] == mount["mountPath"]
+        pod = rendered.deployment("gateway")["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "usage-spool"]
+        assert volume == {"name": "usage-spool", **source}

@@ -184,9 +184,15 @@ GATEWAY_MAX_BODY_BYTES: {{ .maxBodyBytes | int64 | quote }}
 GATEWAY_SCALE_FROM_ZERO_WAIT: {{ .scaleFromZeroWaitSeconds | quote }}
 GATEWAY_FIRST_BYTE_TIMEOUT: {{ .firstByteTimeoutSeconds | quote }}
 {{- end }}
+{{- /* The gateway's pods mount gateway.usageSpool.volume here; elsewhere it is under var. */}}
+GATEWAY_USAGE_SPOOL_DIR: {{ include "sirocco.usageSpoolDir" . | quote }}
 BILLING_PERIOD: {{ .Values.billing.period | quote }}
 BILLING_TAX_RATE: {{ .Values.billing.taxRate | quote }}
 BILLING_INVOICE_PREFIX: {{ .Values.billing.invoicePrefix | quote }}
+{{- end }}
+
+{{- define "sirocco.usageSpoolDir" -}}
+/var/lib/sirocco/usage-spool
 {{- end }}
 
 {{/* Names of the settings read from the Secret: required ones first, then optional ones. */}}
@@ -233,7 +239,8 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 A pod template for one process: call with
 (dict "root" $ "component" "web" "values" .Values.web "command" (list …) "container" "<yaml>"
       "serviceAccountName" "…" "automountToken" false "pod" "<yaml>").
-"container" adds keys to the container (ports, probes), "pod" adds keys to the pod spec.
+"container" adds keys to the container (ports, probes), "pod" adds keys to the pod spec,
+"volumeMounts" and "volumes" add entries (YAML lists) to the two fixed ones.
 */}}
 {{- define "sirocco.podTemplate" -}}
 {{- $root := .root -}}
@@ -281,12 +288,18 @@ spec:
           mountPath: /tmp
         - name: var
           mountPath: /var/lib/sirocco
+        {{- with .volumeMounts }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     # The root filesystem is read-only; these are the only places a process writes.
     - name: tmp
       emptyDir: {}
     - name: var
       emptyDir: {}
+    {{- with .volumes }}
+    {{- . | nindent 4 }}
+    {{- end }}
   {{- with .values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
