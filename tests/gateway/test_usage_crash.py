@@ -131,7 +131,7 @@ def play_a_crash_during_an_outage(*, env, secret, cut, restore, rows, tmp_path):
         # Warm-up on fresh connections, so that both workers have the key and route cached.
         for index in range(8):
             request_id, status, text = call(gateway.url, secret, stream=index % 2 == 1)
-            assert request_id, (status, text)
+            assert request_id, (status, text, gateway.log())
             acknowledged.append(request_id)
         cut()
         served_in_outage = []
@@ -143,12 +143,12 @@ def play_a_crash_during_an_outage(*, env, secret, cut, restore, rows, tmp_path):
             else:
                 # Only a worker that never saw the key may refuse (it cannot read it), and then
                 # with a 503 in OpenAI's format, never a 200.
-                assert status == 503 and '"error"' in text, (status, text)
+                assert status == 503 and '"error"' in text, (status, text, gateway.log())
         assert len(served_in_outage) >= 6, gateway.log()
-        # Each waited at most the database's bound, not the old 10 s.
-        assert time.monotonic() - started < 12 * 2
+        # Each waited about the database's bound at most, not the 10 s it once did.
+        assert time.monotonic() - started < 12 * 3, gateway.log()
         acknowledged += served_in_outage
-        assert list(spool.glob("usage-*.spool")), "the outage's events are in the spool"
+        assert list(spool.glob("usage-*.spool")), gateway.log()  # the outage's events
         gateway.kill_9()
     finally:
         gateway.stop()
@@ -162,9 +162,11 @@ def play_a_crash_during_an_outage(*, env, secret, cut, restore, rows, tmp_path):
     finally:
         restarted.stop()
     stored = rows()
-    assert sorted(stored) == sorted(acknowledged)  # each acknowledged request once, no other
+    # Each acknowledged request once, and no other.
+    assert sorted(stored) == sorted(acknowledged), restarted.log()
     assert len(stored) == len(set(stored))
-    assert not [p for p in spool.glob("usage-*.spool") if p.stat().st_size], "spool drained"
+    left = [p for p in spool.glob("usage-*.spool") if p.stat().st_size]
+    assert not left, restarted.log()  # drained and deleted
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL behind a fault proxy")

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from metering.models import UsageEvent
 from gateway.spool import HEADER, SpoolError, UsageSpool, encode, read_records
 from gateway.usage import UsageNotDurable, UsageWriter
+from metering.models import UsageEvent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
