@@ -114,17 +114,20 @@ async def measure(args) -> dict:
     has_spool = "spool_dir" in inspect.signature(UsageWriter).parameters
     writer = UsageWriter(spool_dir=spool_dir) if has_spool else UsageWriter()
     result = {}
+    if has_spool and not args.fast_path_only:
+        # The disk is shared and busy to different degrees: measured before and after.
+        result["fdatasync before"] = raw_fdatasync(spool_dir, args.events)
     try:
         await serial(writer, 50)  # connect, warm up
         result["database serial"] = await serial(writer, args.events)
         result["database concurrent"] = await concurrent(writer, args.events * 4, args.concurrency)
         if has_spool and not args.fast_path_only:
+            before = await asyncio.to_thread(stored)
             await asyncio.to_thread(rename_table, True)  # the database refuses the insert
             await serial(writer, 5)  # the first batch finds out; the rest go to the spool
             result["spool serial"] = await serial(writer, args.events)
             result["spool concurrent"] = await concurrent(writer, args.events * 4, args.concurrency)
             spooled = args.events + args.events * 4 // args.concurrency * args.concurrency + 5
-            before = await asyncio.to_thread(stored)
             await asyncio.to_thread(rename_table, False)
             started = time.perf_counter()
             while await asyncio.to_thread(stored) < before + spooled:
@@ -133,7 +136,7 @@ async def measure(args) -> dict:
     finally:
         await writer.close()
     if has_spool and not args.fast_path_only:
-        result["fdatasync"] = raw_fdatasync(spool_dir, args.events)
+        result["fdatasync after"] = raw_fdatasync(spool_dir, args.events)
     return result
 
 
@@ -203,8 +206,10 @@ def run_child(kind: str, checkout: Path, args, *, fast_path_only: bool) -> dict:
         if fast_path_only:
             command.append("--fast-path-only")
         done = subprocess.run(
-            command, cwd=checkout, env=env, check=True, timeout=900, capture_output=True, text=True
+            command, cwd=checkout, env=env, timeout=900, capture_output=True, text=True
         )
+        if done.returncode:
+            raise SystemExit(f"the {kind} run in {checkout} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 

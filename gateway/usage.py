@@ -15,9 +15,11 @@ database answers again. A shipper task drains the spool to the database with the
 idempotent insert, on its own connection, and probes the database while nothing is spooled.
 An event that reached both (a commit whose answer was lost) is counted once. When neither can
 take a batch (disk full, spool directory unwritable), its requests get `UsageNotDurable` and
-must not be acknowledged. The database comes first rather than the spool for everything: an
-fdatasync here costs ~3.5 ms at p50 on the benchmark machine, against 0.4 ms for the whole
-request path (docs/benchmarks.md).
+must not be acknowledged. The database comes first, the spool only when it does not answer:
+the database is where billing reads events and is kept as the platform's records are
+(replicated, backed up), a spool only as well as the gateway's volume; and on the embedded
+default a SQLite commit costs a tenth of an append with fdatasync (docs/benchmarks.md,
+bench/usage_durability.py).
 
 The writer runs on the event loop, not on a thread: handing each event to a thread and the
 result back costs two wake-ups per request, which on a busy machine cost more than the
