@@ -18,7 +18,7 @@ take a batch (disk full, spool directory unwritable), its requests get `UsageNot
 must not be acknowledged. The database comes first, the spool only when it does not answer:
 the database is where billing reads events and is kept as the platform's records are
 (replicated, backed up), a spool only as well as the gateway's volume; and on the embedded
-default a SQLite commit costs a tenth of an append with fdatasync (docs/benchmarks.md,
+default a SQLite commit costs a fifth of an append with fdatasync (docs/benchmarks.md,
 bench/usage_durability.py).
 
 The writer runs on the event loop, not on a thread: handing each event to a thread and the
