@@ -41,11 +41,18 @@ import time
 MODES = ("refuse", "reset", "blackhole")
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN (SO_LINGER on, timeout 0): the peer sees the connection die,
-    not end cleanly."""
+def _reset(sock: socket.socket, *, pumped: bool = False) -> None:
+    """Close with RST (SO_LINGER on, timeout 0): the peer sees the connection die.
+
+    For a `pumped` socket, one a pump thread may be blocked in recv() on, a shutdown comes
+    first: a bare close() would not wake that thread, and the kernel would keep the connection
+    open (idle, as if nothing happened) until the next byte arrived. Its peer may then see a
+    FIN just before the RST; either way its next read or write fails."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if pumped:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -96,7 +103,7 @@ class _Connection:
         self.closed.set()
         for sock in (self.client, self.upstream):
             if reset:
-                _reset(sock)
+                _reset(sock, pumped=True)
             else:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

@@ -63,7 +63,16 @@ def test_traffic_passes_and_a_refuse_cut_resets_and_refuses(echo_server):
         live.sendall(b"a")
         assert live.recv(10) == b"a"
 
+        idle = socket.create_connection(proxy.address, timeout=2)
+        idle.sendall(b"i")
+        assert idle.recv(10) == b"i"
+
         proxy.cut()
+        # An idle connection learns at once, without sending anything first.
+        with pytest.raises(ConnectionResetError):
+            assert idle.recv(10) == b""  # end of stream (FIN before the RST) counts too
+            raise ConnectionResetError
+        idle.close()
         with pytest.raises(OSError):  # reset, or end of stream then broken pipe
             live.sendall(b"b")
             assert live.recv(10) != b"b"
