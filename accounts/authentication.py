@@ -3,9 +3,9 @@
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
+from accounts.key_use import recorder as key_use
 from accounts.models import APIKey
 from accounts.selectors import api_key_by_secret
-from accounts.services import api_key_touch
 
 
 class APIKeyPrincipal:
@@ -56,7 +56,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
                 "This API key has only the 'inference' scope; the REST API needs a key with "
                 "the 'management' scope."
             )
-        api_key_touch(api_key=key)
+        key_use.note(key.pk, timezone.now())  # written off the request path
         return APIKeyPrincipal(key), key
 
     def authenticate_header(self, request):

@@ -4,6 +4,8 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
+from django.db.models import Case, F, Value, When
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from accounts.actors import Actor
@@ -325,12 +327,16 @@ def _api_keys_revoke(*, actor: Actor, keys: list[APIKey], reason: str = "") -> N
         )
 
 
-def api_key_touch(*, api_key: APIKey) -> None:
-    """Record use, at most once a minute per key: a write per request would cost too much."""
-    now = timezone.now()
-    if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
-        APIKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
-        api_key.last_used_at = now
+def api_keys_touch(*, used: dict[int, datetime]) -> None:
+    """Record when keys were last used (key id → time), in one UPDATE; never moves a key's
+    last_used_at back (the gateway records uses too). Called off the request path by
+    accounts/key_use.py, so no read request writes."""
+    if not used:
+        return
+    when = Case(*(When(pk=key_id, then=Value(at)) for key_id, at in used.items()))
+    APIKey.objects.filter(pk__in=list(used)).update(
+        last_used_at=Coalesce(Greatest(F("last_used_at"), when), when)
+    )
 
 
 def _jsonable(value):

@@ -25,3 +25,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("console.urls")),
 ]
+
+# Errors raised outside a DRF view: problem JSON under /api/, 503 for database faults.
+handler500 = "controlplane.rest.exceptions.server_error"

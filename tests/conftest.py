@@ -14,6 +14,15 @@ from accounts.services import api_key_create
 from tests.factories import MembershipFactory, OrganizationFactory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _api_key_uses_written_only_when_a_test_asks():
+    """No background thread writing to the test database behind a test's back: tests call
+    `recorder.flush()` where they check last_used_at (tests/accounts/test_api_keys.py)."""
+    from accounts.key_use import recorder
+
+    recorder.interval = 0
+
+
 @pytest.fixture
 def organization(db):
     return OrganizationFactory()

@@ -83,6 +83,7 @@ MAY_IMPORT = {
 # imports it.
 CONTROLPLANE_SHARED = {
     "controlplane.errors",
+    "controlplane.health",  # the gateway's /readyz asks the database as the web's does
     "controlplane.logging",
     "controlplane.mail",
     "controlplane.ops",

@@ -5,15 +5,17 @@ request id, so a customer can quote it to support.
 """
 
 import logging
+import sys
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
+from django.utils.html import format_html
 from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
-from controlplane.errors import DomainError
+from controlplane.errors import DomainError, Unavailable, database_fault
 from controlplane.logging import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ _TITLES = {
     413: "Request too large",
     415: "Unsupported media type",
     429: "Too many requests",
+    500: "Server error",
+    503: "Service unavailable",
 }
 
 
@@ -67,7 +71,22 @@ def problem_response(status_code, detail, *, code, errors=None, headers=None):
     return Response(body, status=status_code, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
 
 
+def unavailable_response(fault: Unavailable, error: BaseException | None = None):
+    """503 with Retry-After: the database (or another dependency) is at fault, not the request.
+    The cause is logged here; the client gets what to do, never the driver's text."""
+    logger.warning("answered 503 %s", fault.code, exc_info=error)
+    return problem_response(
+        fault.status_code,
+        fault.message,
+        code=fault.code,
+        headers={"Retry-After": str(fault.retry_after)},
+    )
+
+
 def problem_exception_handler(exc, context):
+    fault = exc if isinstance(exc, Unavailable) else database_fault(exc)
+    if fault is not None:
+        return unavailable_response(fault, exc)
     if isinstance(exc, DomainError):
         errors = [{"field": exc.field, "message": exc.message}] if exc.field else None
         return problem_response(exc.status_code, exc.message, code=exc.code, errors=errors)
@@ -123,3 +142,42 @@ def page_not_found(request, exception):
         "request_id": request_id_var.get(),
     }
     return JsonResponse(body, status=404, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def server_error(request):
+    """`handler500`: an error raised outside a DRF view (middleware, the session, a template)
+    that Django would answer with its HTML 500. Under /api/ the answer is problem JSON, as for
+    every other REST error; a database fault is a 503 with Retry-After on every page."""
+    error = sys.exc_info()[1]
+    fault = database_fault(error) if error is not None else None
+    if request.path.startswith("/api/"):
+        status_code = fault.status_code if fault else 500
+        code = fault.code if fault else "server_error"
+        response = JsonResponse(
+            {
+                "type": f"urn:sirocco:problem:{code}",
+                "title": _TITLES[status_code],
+                "status": status_code,
+                "detail": fault.message
+                if fault
+                else "Something went wrong on our side. Quote the request id to support.",
+                "code": code,
+                "request_id": request_id_var.get(),
+            },
+            status=status_code,
+            content_type=PROBLEM_CONTENT_TYPE,
+        )
+    elif fault is not None:
+        response = HttpResponse(
+            format_html(
+                "<!doctype html><title>Temporarily unavailable</title>"
+                "<h1>Temporarily unavailable</h1><p>{}</p>",
+                fault.message,
+            ),
+            status=fault.status_code,
+        )
+    else:
+        return defaults.server_error(request)
+    if fault is not None:
+        response["Retry-After"] = str(fault.retry_after)
+    return response

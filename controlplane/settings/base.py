@@ -114,12 +114,20 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         {
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            # How long a write waits for another's write lock before it fails (a REST write
+            # then answers 503 database_busy with Retry-After).
+            "timeout": env.float("SQLITE_BUSY_TIMEOUT", default=20),
         }
     )
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # A database that cannot be reached fails a request in seconds (a 503 with Retry-After)
+    # rather than after the kernel's TCP retries (minutes); libpq's default is to wait forever.
+    # https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNECT-CONNECT-TIMEOUT
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
+    )
 # Lets engineers (and CI jobs) that share one PostgreSQL server use separate test databases.
 DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default=None)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

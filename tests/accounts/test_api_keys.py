@@ -4,6 +4,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from accounts.key_use import recorder as key_use
 from accounts.models import APIKey, AuditLogEntry
 from accounts.roles import Role
 from accounts.signals import api_key_revoked
@@ -122,9 +123,19 @@ def test_limits_and_expiry_are_validated(api):
     assert APIKey.objects.filter(name="x").count() == 0
 
 
-def test_last_used_is_recorded(make_api_key, organization):
+def test_last_used_is_recorded_off_the_request_path(make_api_key, organization):
+    key_use.flush()  # uses noted by earlier tests (whose key ids may come again)
     key, secret = make_api_key(organization)
     assert key.last_used_at is None
+    before = timezone.now()
     bearer(secret).get("/api/v1/organizations/current")
     key.refresh_from_db()
-    assert key.last_used_at is not None
+    assert key.last_used_at is None, "a read request writes nothing"
+    assert key_use.flush() == 1  # what the recorder's thread does once a minute
+    key.refresh_from_db()
+    assert before <= key.last_used_at <= timezone.now()
+    # Never moved back by an older use noted later (the gateway records uses too).
+    key_use.note(key.pk, before - timedelta(hours=1))
+    key_use.flush()
+    key.refresh_from_db()
+    assert key.last_used_at >= before
