@@ -54,7 +54,8 @@ _DESCRIPTIONS = {
     "406": "The Accept header names no format this operation can answer in.",
     "409": "The request conflicts with the current state (a name taken, a quota reached, …).",
     "415": "The body is in a format this operation does not read: send JSON.",
-    "503": "A dependency of the platform (the database) did not answer; retry shortly.",
+    "503": "The database is unreachable, read-only or busy (`code`: database_unavailable, "
+    "database_read_only, database_busy); retry after the `Retry-After` header's seconds.",
 }
 _WRITES = {"post", "put", "patch", "delete"}
 
