@@ -244,6 +244,11 @@ SIROCCO_K8S_ARTIFACT_SECRET = env.str(
     "SIROCCO_K8S_ARTIFACT_SECRET", default="sirocco-artifact-store"
 )
 SIROCCO_K8S_AWS_ENDPOINT_URL = env.str("SIROCCO_K8S_AWS_ENDPOINT_URL", default="")
+# The worker's rights inside each organization's namespace: this ClusterRole, bound there by a
+# RoleBinding the provisioner applies with the namespace, to this account
+# (system:serviceaccount:<namespace>:<name>). The chart sets both; empty: no binding.
+SIROCCO_K8S_TENANT_ROLE = env.str("SIROCCO_K8S_TENANT_ROLE", default="")
+SIROCCO_K8S_TENANT_ROLE_SUBJECT = env.str("SIROCCO_K8S_TENANT_ROLE_SUBJECT", default="")
 # Model pods may connect to cluster DNS and to these CIDRs (minus the exceptions) on these TCP
 # ports, nothing else: the artifact store their init container copies weights from. Default:
 # HTTPS to the internet (S3), not to private ranges or the metadata service (169.254.0.0/16).

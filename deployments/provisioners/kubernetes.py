@@ -42,6 +42,7 @@ from deployments.provisioners.manifests import (
     ClusterOptions,
     manifest_digest,
     render_all,
+    render_organization_objects,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,13 @@ KINDS = {
             "pod_disruption_budget",
             "poddisruptionbudgets",
             "policy",
+        ),
+        Kind(
+            "RoleBinding",
+            k8s.RbacAuthorizationV1Api,
+            "role_binding",
+            "rolebindings",
+            "rbac.authorization.k8s.io",
         ),
     )
 }
@@ -213,6 +221,24 @@ class KubeClient:
 
 class _NotFound(PermanentError):
     pass
+
+
+def _apply_organization_objects(client: KubeClient, objects: list[dict]) -> None:
+    """Apply the namespace, the worker's RoleBinding in it, then the rest. The API server's
+    authorizer may take a moment to see a RoleBinding made just now: a 403 on the objects after
+    it is then worth a retry, not a failed deployment."""
+    bound = False
+    for obj in objects:
+        try:
+            client.apply(obj)
+        except PermanentError as error:
+            if bound and "not allowed" in str(error):
+                raise TransientError(
+                    f"The worker's rights in {obj['metadata'].get('namespace')} are not in "
+                    f"effect yet ({error}); retrying."
+                ) from error
+            raise
+        bound = bound or obj["kind"] == "RoleBinding"
 
 
 def _classify(error: ApiException, description: str) -> Exception:
@@ -435,11 +461,11 @@ class KubernetesProvisioner(Provisioner):
             desired_hash = desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
             if not force and annotations.get(ANNOTATION_SPEC_HASH) == desired_hash:
                 return current, False
-        shared, own = objects[:2], objects[2:]
+        shared_count = len(render_organization_objects(spec, self.options))
+        shared, own = objects[:shared_count], objects[shared_count:]
         shared_digest = manifest_digest(shared)
         if force or self._organization_applied.get(namespace) != shared_digest:
-            for obj in shared:
-                self.client.apply(obj)
+            _apply_organization_objects(self.client, shared)
             self._organization_applied[namespace] = shared_digest
         try:
             for obj in own:

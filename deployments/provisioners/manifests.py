@@ -109,6 +109,12 @@ class ClusterOptions:
     artifact_egress_cidrs: tuple[str, ...] = ("0.0.0.0/0",)
     artifact_egress_except: tuple[str, ...] = PRIVATE_RANGES
     artifact_egress_ports: tuple[int, ...] = (443,)
+    # The ClusterRole (the chart's) that grants the worker what it does inside an organization's
+    # namespace, bound there by a RoleBinding the worker applies with the namespace, and the
+    # worker's ServiceAccount as "system:serviceaccount:<namespace>:<name>". Empty: no binding
+    # (the operator grants those rights another way).
+    tenant_role: str = ""
+    tenant_role_subject: str = ""
 
     @classmethod
     def from_settings(cls) -> ClusterOptions:
@@ -124,6 +130,8 @@ class ClusterOptions:
             artifact_egress_cidrs=tuple(settings.SIROCCO_K8S_ARTIFACT_EGRESS_CIDRS),
             artifact_egress_except=tuple(settings.SIROCCO_K8S_ARTIFACT_EGRESS_EXCEPT),
             artifact_egress_ports=tuple(settings.SIROCCO_K8S_ARTIFACT_EGRESS_PORTS),
+            tenant_role=settings.SIROCCO_K8S_TENANT_ROLE,
+            tenant_role_subject=settings.SIROCCO_K8S_TENANT_ROLE_SUBJECT,
         )
 
     def namespace(self, organization_slug: str) -> str:
@@ -515,8 +523,46 @@ def render_pod_disruption_budget(spec: DeploymentSpec, options: ClusterOptions) 
     }
 
 
+def render_role_binding(spec: DeploymentSpec, options: ClusterOptions) -> dict | None:
+    """The worker's rights inside this organization's namespace only: its tenant ClusterRole,
+    bound here. The worker holds no namespaced write cluster-wide (helm/.../rbac.yaml)."""
+    if not (options.tenant_role and options.tenant_role_subject):
+        return None
+    prefix, _, account = options.tenant_role_subject.rpartition(":")
+    account_namespace = prefix.removeprefix("system:serviceaccount:")
+    if not prefix.startswith("system:serviceaccount:") or not account_namespace or not account:
+        raise PermanentError(
+            f"SIROCCO_K8S_TENANT_ROLE_SUBJECT {options.tenant_role_subject!r} is not "
+            "system:serviceaccount:<namespace>:<name>."
+        )
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": "sirocco-provisioner",
+            "namespace": options.namespace(spec.organization_slug),
+            "labels": {
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+                LABEL_ORGANIZATION: spec.organization_slug,
+            },
+        },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": options.tenant_role,
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": account_namespace}],
+    }
+
+
 def render_organization_objects(spec: DeploymentSpec, options: ClusterOptions) -> list[dict]:
-    return [render_namespace(spec, options), render_resource_quota(spec, options)]
+    """The namespace, the worker's rights in it (before anything it writes there), its quota."""
+    binding = render_role_binding(spec, options)
+    return [
+        render_namespace(spec, options),
+        *([binding] if binding else []),
+        render_resource_quota(spec, options),
+    ]
 
 
 def render_deployment_objects(spec: DeploymentSpec, options: ClusterOptions) -> list[dict]:

@@ -59,6 +59,7 @@ RESOURCES = {
     ("apps", "deployments"): ("v1", "Deployment", True),
     ("networking.k8s.io", "networkpolicies"): ("v1", "NetworkPolicy", True),
     ("policy", "poddisruptionbudgets"): ("v1", "PodDisruptionBudget", True),
+    ("rbac.authorization.k8s.io", "rolebindings"): ("v1", "RoleBinding", True),
 }
 NAMESPACES = Resource("", "v1", "namespaces")
 PODS = Resource("", "v1", "pods")

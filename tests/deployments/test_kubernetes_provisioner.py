@@ -54,6 +54,7 @@ def test_apply_creates_every_object_and_pods_become_ready(kube, cluster):
     kinds = {(plural, ns) for verb, _group, plural, ns in cluster.cluster.calls if verb == "patch"}
     assert kinds == {
         ("namespaces", None),
+        ("rolebindings", "sirocco-acme"),
         ("resourcequotas", "sirocco-acme"),
         ("networkpolicies", "sirocco-acme"),
         ("services", "sirocco-acme"),
@@ -64,6 +65,19 @@ def test_apply_creates_every_object_and_pods_become_ready(kube, cluster):
     assert namespace["metadata"]["labels"]["sirocco.dev/organization"] == "acme"
     quota = cluster.cluster.get_object("resourcequotas", "sirocco-acme", "gpu-quota")
     assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "10"}
+    # The worker's rights in the namespace: the chart's tenant role, bound to its account here,
+    # right after the namespace and before anything else it writes there.
+    binding = cluster.cluster.get_object("rolebindings", "sirocco-acme", "sirocco-provisioner")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "sirocco-sirocco-provisioner-tenant",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "sirocco-provisioner", "namespace": "sirocco"}
+    ]
+    order = [plural for verb, _group, plural, _ns in cluster.cluster.calls if verb == "patch"]
+    assert order[:3] == ["namespaces", "rolebindings", "resourcequotas"]
 
     phases = []
     for _ in range(8):

@@ -198,3 +198,64 @@ def test_an_in_cluster_artifact_store_is_configured_by_cidr_and_port():
     ]
     assert store["ports"] == [{"protocol": "TCP", "port": 9000}]
     assert len(render_egress_rules(ClusterOptions(artifact_egress_cidrs=()))) == 1
+
+
+def test_the_worker_binds_its_tenant_role_in_the_namespace_right_after_making_it():
+    from deployments.provisioners.manifests import render_organization_objects
+
+    options = ClusterOptions(
+        tenant_role="sirocco-sirocco-provisioner-tenant",
+        tenant_role_subject="system:serviceaccount:sirocco:sirocco-provisioner",
+    )
+    namespace, binding, quota = render_organization_objects(spec(), options)
+    assert (namespace["kind"], binding["kind"], quota["kind"]) == (
+        "Namespace",
+        "RoleBinding",
+        "ResourceQuota",
+    )
+    assert binding["metadata"]["namespace"] == namespace["metadata"]["name"]
+    assert binding["roleRef"]["name"] == "sirocco-sirocco-provisioner-tenant"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "sirocco-provisioner", "namespace": "sirocco"}
+    ]
+    assert kubernetes_validate.validate(binding, "1.31", strict=True) == "1.31"
+    # Without the settings (RBAC granted out of band) there is no binding to apply.
+    assert [o["kind"] for o in render_organization_objects(spec(), ClusterOptions())] == [
+        "Namespace",
+        "ResourceQuota",
+    ]
+    with pytest.raises(PermanentError, match="system:serviceaccount"):
+        render_organization_objects(
+            spec(), ClusterOptions(tenant_role="r", tenant_role_subject="x")
+        )
+
+
+class _AuthorizerCatchingUp:
+    """What an API server answers while its authorizer has not seen a new RoleBinding yet."""
+
+    def __init__(self):
+        self.applied = []
+
+    def apply(self, obj):
+        if obj["kind"] == "ResourceQuota":
+            raise PermanentError("The platform is not allowed to apply ResourceQuota (forbidden)")
+        self.applied.append(obj["kind"])
+
+
+def test_a_403_just_after_the_binding_is_retried_not_a_failure():
+    from deployments.provisioners import TransientError
+    from deployments.provisioners.kubernetes import _apply_organization_objects
+    from deployments.provisioners.manifests import render_organization_objects
+
+    options = ClusterOptions(
+        tenant_role="tenant", tenant_role_subject="system:serviceaccount:sirocco:worker"
+    )
+    client = _AuthorizerCatchingUp()
+    with pytest.raises(TransientError, match="not in effect yet"):
+        _apply_organization_objects(client, render_organization_objects(spec(), options))
+    assert client.applied == ["Namespace", "RoleBinding"]
+    # With no binding of ours, a 403 is what it says: the platform's permissions are wrong.
+    with pytest.raises(PermanentError):
+        _apply_organization_objects(
+            _AuthorizerCatchingUp(), render_organization_objects(spec(), ClusterOptions())
+        )

@@ -62,6 +62,7 @@ def test_the_default_release_has_exactly_these_objects(render):
             ("ServiceAccount", "sirocco"),
             ("ServiceAccount", "sirocco-provisioner"),
             ("ClusterRole", "sirocco-sirocco-provisioner"),
+            ("ClusterRole", "sirocco-sirocco-provisioner-tenant"),
             ("ClusterRoleBinding", "sirocco-sirocco-provisioner"),
             ("ValidatingAdmissionPolicy", "sirocco-sirocco-provisioner"),
             ("ValidatingAdmissionPolicyBinding", "sirocco-sirocco-provisioner"),

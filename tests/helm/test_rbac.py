@@ -1,4 +1,6 @@
-"""The worker's ClusterRole grants what the Kubernetes provisioner uses, and nothing more."""
+"""The worker's RBAC grants what the Kubernetes provisioner uses, and nothing more: the calls it
+made on no namespace through the ClusterRole bound cluster-wide, the calls it made inside an
+organization's namespace through the tenant role it binds there (and nowhere else)."""
 
 import json
 
@@ -11,8 +13,13 @@ from tests.helm.variants import VARIANTS
 pytestmark = pytest.mark.nodb
 
 # Written by the Kubernetes provisioner's tests (tests/deployments/conftest.py): every request
-# it made to the emulated API server, as {"rules": [{"apiGroup", "resource", "verbs"}]}.
+# it made to the emulated API server, as {"rules": [{"scope", "apiGroup", "resource", "verbs"}]}.
 OBSERVED_VERBS = ROOT / "tests" / "deployments" / "observed_k8s_verbs.json"
+CLUSTER_ROLE = f"{NAMESPACE}-sirocco-provisioner"
+TENANT_ROLE = f"{CLUSTER_ROLE}-tenant"
+# A new namespace's RoleBinding is written before the worker has any right there: that one
+# namespaced write is granted cluster-wide (and held to the tenant role by `bind`).
+BOOTSTRAP = {("rbac.authorization.k8s.io", "rolebindings")}
 
 # What the provisioner manages (issue 5), and what it only reads.
 MANAGED = {
@@ -22,19 +29,20 @@ MANAGED = {
     ("apps", "deployments"),
     ("networking.k8s.io", "networkpolicies"),
     ("policy", "poddisruptionbudgets"),
+    ("rbac.authorization.k8s.io", "rolebindings"),
 }
 READ_ONLY = {("", "pods"), ("", "events")}
 READ_VERBS = {"get", "list", "watch"}
 
 
-def granted_rules(rendered) -> set[tuple[str, str, str]]:
-    """(group, resource, verb) for every permission the ClusterRole grants."""
-    (role,) = rendered.of_kind("ClusterRole")
+def role_rules(rendered, name: str) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) for every permission a ClusterRole grants (no resourceNames)."""
+    role = rendered.get("ClusterRole", name)
     grants = set()
     for rule in role["rules"]:
-        assert set(rule) == {"apiGroups", "resources", "verbs"}, (
-            f"a rule with more than groups, resources and verbs is not least privilege: {rule}"
-        )
+        if "resourceNames" in rule:
+            continue  # the `bind` rule, checked on its own
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
@@ -42,32 +50,65 @@ def granted_rules(rendered) -> set[tuple[str, str, str]]:
     return grants
 
 
-def observed_verbs() -> set[tuple[str, str, str]]:
+def granted_rules(rendered) -> set[tuple[str, str, str]]:
+    return role_rules(rendered, CLUSTER_ROLE) | role_rules(rendered, TENANT_ROLE)
+
+
+def observed_verbs(scope: str) -> set[tuple[str, str, str]]:
     rules = json.loads(OBSERVED_VERBS.read_text())["rules"]
-    return {(rule["apiGroup"], rule["resource"], verb) for rule in rules for verb in rule["verbs"]}
+    return {
+        (rule["apiGroup"], rule["resource"], verb)
+        for rule in rules
+        if rule["scope"] == scope
+        for verb in rule["verbs"]
+    }
 
 
-def test_the_cluster_role_grants_every_verb_the_provisioner_used_and_no_more(render):
-    if not OBSERVED_VERBS.exists():
-        pytest.skip(
-            f"{OBSERVED_VERBS.relative_to(ROOT)} does not exist yet: the Kubernetes "
-            "provisioner's tests (issue 5) write it; until then there is nothing to compare with"
-        )
-    observed = observed_verbs()
-    assert observed, f"{OBSERVED_VERBS} lists no requests"
+def with_create_for_apply(calls: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
     # Server-side apply is a PATCH; when it creates the object the API server also checks
     # "create" for it (k8s.io/apiserver/pkg/endpoints/handlers/patch.go), which an emulated
     # API server does not, so every applied resource needs both.
-    needed = observed | {
-        (group, resource, "create") for group, resource, verb in observed if verb == "patch"
+    return calls | {
+        (group, resource, "create") for group, resource, verb in calls if verb == "patch"
     }
-    granted = granted_rules(render())
-    assert granted == needed, (
-        f"missing: {sorted(needed - granted)}; not used by the provisioner: {sorted(granted - needed)}"
+
+
+def test_each_role_grants_the_calls_made_where_it_applies_and_no_more(render):
+    rendered = render()
+    namespaced = with_create_for_apply(observed_verbs("namespace"))
+    cluster = with_create_for_apply(observed_verbs("cluster"))
+    assert cluster and namespaced, f"{OBSERVED_VERBS} lists no requests"
+    bootstrap = {call for call in namespaced if call[:2] in BOOTSTRAP}
+    assert role_rules(rendered, CLUSTER_ROLE) == cluster | bootstrap
+    assert role_rules(rendered, TENANT_ROLE) == namespaced - bootstrap
+    # Cluster-wide, nothing namespaced is written, nor read one by one: only listed (and pods
+    # watched) across namespaces, by the drift sweep and the watcher.
+    for group, resource, verb in role_rules(rendered, CLUSTER_ROLE):
+        if (group, resource) not in {("", "namespaces"), *BOOTSTRAP}:
+            assert verb in {"list", "watch"}, (group, resource, verb)
+
+
+def test_the_worker_may_bind_the_tenant_role_only(render):
+    rendered = render()
+    role = rendered.get("ClusterRole", CLUSTER_ROLE)
+    [bind] = [rule for rule in role["rules"] if "resourceNames" in rule]
+    assert bind == {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["clusterroles"],
+        "verbs": ["bind"],
+        "resourceNames": [TENANT_ROLE],
+    }
+    # The tenant role is bound cluster-wide by no one: only in the namespaces the worker makes.
+    bound = [b["roleRef"]["name"] for b in rendered.of_kind("ClusterRoleBinding")]
+    assert bound == [CLUSTER_ROLE]
+    config = rendered.config()
+    assert config["SIROCCO_K8S_TENANT_ROLE"] == TENANT_ROLE
+    assert config["SIROCCO_K8S_TENANT_ROLE_SUBJECT"] == (
+        f"system:serviceaccount:{NAMESPACE}:sirocco-provisioner"
     )
 
 
-def test_the_cluster_role_names_no_wildcards_and_no_other_resources(render):
+def test_the_roles_name_no_wildcards_and_no_other_resources(render):
     granted = granted_rules(render())
     assert granted, "the default release has a ClusterRole with rules"
     for group, resource, verb in granted:
@@ -77,11 +118,17 @@ def test_the_cluster_role_names_no_wildcards_and_no_other_resources(render):
             assert verb in READ_VERBS, (group, resource, verb)
 
 
-def admission_request(*, resource: str, name: str, namespace: str = "", user: str) -> dict:
+def admission_request(
+    *, resource: str, name: str, namespace: str = "", user: str, operation: str = "DELETE"
+) -> dict:
     """The parts of an admission request the policy reads, as the API server fills them."""
-    group = {"deployments": "apps", "networkpolicies": "networking.k8s.io"}.get(resource, "")
+    group = {
+        "deployments": "apps",
+        "networkpolicies": "networking.k8s.io",
+        "rolebindings": "rbac.authorization.k8s.io",
+    }.get(resource, "")
     return {
-        "operation": "DELETE",
+        "operation": operation,
         "resource": {"group": group, "version": "v1", "resource": resource},
         "name": name,
         "namespace": namespace,
@@ -89,10 +136,11 @@ def admission_request(*, resource: str, name: str, namespace: str = "", user: st
     }
 
 
-def evaluate(expression: str, request: dict) -> bool:
+def evaluate(expression: str, request: dict, obj: dict | None = None) -> bool:
     environment = celpy.Environment()
     program = environment.program(environment.compile(expression))
-    return bool(program.evaluate({"request": celpy.json_to_cel(request)}))
+    activation = {"request": celpy.json_to_cel(request), "object": celpy.json_to_cel(obj)}
+    return bool(program.evaluate(activation))
 
 
 def test_an_admission_policy_holds_the_provisioner_to_the_organizations_namespaces(render):
@@ -118,7 +166,7 @@ def test_an_admission_policy_holds_the_provisioner_to_the_organizations_namespac
         assert set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
 
     (condition,) = spec["matchConditions"]
-    (validation,) = spec["validations"]
+    validation, binding_rule = spec["validations"]
     provisioner = f"system:serviceaccount:{NAMESPACE}:sirocco-provisioner"
     cases = [
         ("namespaces", "sirocco-acme", "", True),
@@ -135,6 +183,25 @@ def test_an_admission_policy_holds_the_provisioner_to_the_organizations_namespac
         )
         assert evaluate(condition["expression"], request)
         assert evaluate(validation["expression"], request) is allowed, (resource, namespace, name)
+    # A RoleBinding it writes binds the tenant role to its own account, nothing else.
+    own = {"kind": "ServiceAccount", "name": "sirocco-provisioner", "namespace": NAMESPACE}
+    tenant = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TENANT_ROLE}
+    bindings = [
+        ({"roleRef": tenant, "subjects": [own]}, True),
+        ({"roleRef": {**tenant, "name": "cluster-admin"}, "subjects": [own]}, False),
+        ({"roleRef": tenant, "subjects": [{**own, "namespace": "sirocco-acme"}]}, False),
+        ({"roleRef": tenant, "subjects": [own, {"kind": "User", "name": "mallory"}]}, False),
+    ]
+    for obj, allowed in bindings:
+        request = admission_request(
+            resource="rolebindings",
+            name="sirocco-provisioner",
+            namespace="sirocco-acme",
+            user=provisioner,
+            operation="CREATE",
+        )
+        assert evaluate(validation["expression"], request, obj)
+        assert evaluate(binding_rule["expression"], request, obj) is allowed, obj
     # Everyone else (people, other controllers) is not this policy's business.
     someone = admission_request(resource="namespaces", name="kube-system", user="admin")
     assert not evaluate(condition["expression"], someone)

@@ -170,6 +170,11 @@ SIROCCO_K8S_ARTIFACT_EGRESS_EXCEPT: {{ .except | join "," | quote }}
 SIROCCO_K8S_ARTIFACT_EGRESS_PORTS: {{ .ports | join "," | quote }}
 {{- end }}
 {{- end }}
+{{- if .Values.rbac.create }}
+{{- /* The provisioner binds the tenant role to its own account in each namespace it makes. */}}
+SIROCCO_K8S_TENANT_ROLE: {{ include "sirocco.tenantRoleName" . | quote }}
+SIROCCO_K8S_TENANT_ROLE_SUBJECT: {{ printf "system:serviceaccount:%s:%s" .Release.Namespace (include "sirocco.provisionerServiceAccountName" .) | quote }}
+{{- end }}
 {{- /* Model servers admit traffic from the gateway's pods only: tell the provisioner which. */}}
 SIROCCO_K8S_GATEWAY_NAMESPACE: {{ .Release.Namespace | quote }}
 {{- $labels := list }}
@@ -340,6 +345,12 @@ readinessProbe:
 {{/* Cluster-scoped names carry the namespace: two releases of one name must not collide. */}}
 {{- define "sirocco.clusterRoleName" -}}
 {{- compact (list .Release.Namespace (include "sirocco.fullname" .) "provisioner") | join "-" }}
+{{- end }}
+
+{{/* The worker's rights inside an organization's namespace: a ClusterRole the chart defines but
+never binds cluster-wide; the provisioner binds it in each namespace it makes. */}}
+{{- define "sirocco.tenantRoleName" -}}
+{{- printf "%s-tenant" (include "sirocco.clusterRoleName" .) }}
 {{- end }}
 
 {{/*
