@@ -53,9 +53,11 @@ def reconcile_stalled() -> list[str]:
 
 @worker_ready.connect
 def _resume_on_worker_start(sender=None, **kwargs) -> None:
-    # A worker that (re)starts resumes what a dead one left, without waiting for beat.
+    # A worker that (re)starts resumes what a dead one left, and restores replicas that
+    # stopped while none ran (make run stopped them), without waiting for beat.
     if "provisioning" in {queue.name for queue in sender.app.amqp.queues.consume_from.values()}:
         reconcile_stalled.delay()
+        reconcile_sweep.delay()
 
 
 @shared_task

@@ -570,7 +570,7 @@ class LocalProvisioner(Provisioner):
                 pid=replica.pid,
                 port=replica.port,
             )
-            observed.last_exit = replica.last_exit
+            observed.last_exit = replica.last_exit.split(": ", 1)[0]  # without the log
             if replica.exited_at:
                 observed.last_run = (_utc(replica.last_started_at), _utc(replica.exited_at))
             alive = replica.pid is not None and _is_our_replica(replica.pid, replica.port)
