@@ -20,6 +20,7 @@ from deployments.models import (
     NAME_MAX_LENGTH,
     Deployment,
     LoadReport,
+    Replica,
     dns_name_validator,
 )
 from deployments.selectors import PLATFORM_ORGANIZATION_SLUG, organization_gpu_usage, pool_for
@@ -555,6 +556,25 @@ def deployment_request_scale_up(*, deployment_id) -> None:
         ),
         requested=True,
     )
+
+
+def replica_unhealthy_report(*, deployment_id, endpoint: str, why: str) -> None:
+    """A gateway could not use a replica (it refused the connection, or reset it mid-answer):
+    every gateway stops routing to it at once (it is no longer listed as ready), and the
+    deployment gets a reconcile pass now, which restarts it, or lists it again if it answers.
+    Cheap when repeated: one read and one conditional UPDATE."""
+    serving = Deployment.objects.filter(pk=deployment_id).values_list("pool_id", flat=True).first()
+    serving_id = serving or deployment_id
+    with transaction.atomic():
+        marked = Replica.objects.filter(
+            deployment_id=serving_id, endpoint=endpoint, ready=True
+        ).update(ready=False)
+        # (Eager runs, the tests', drive their passes themselves: not from a gateway thread.)
+        if marked and not settings.CELERY_TASK_ALWAYS_EAGER:
+            from deployments.tasks import reconcile_deployment
+
+            why = f"the gateway says the replica at {endpoint} {why}"[:500]
+            transaction.on_commit(lambda: reconcile_deployment.delay(str(serving_id), why=why))
 
 
 def load_report(

@@ -439,6 +439,9 @@ class Completion(Exchange):
                 gateway.routes.release(endpoint)
                 if gateway.routes.refused(endpoint):
                     logger.warning("replica %s refused the connection: %s", endpoint, error)
+                gateway.routes.unhealthy(
+                    route.deployment_id, endpoint, f"refused the connection ({error})"
+                )
                 refused = error
                 continue
             except TimeoutError:
@@ -452,6 +455,9 @@ class Completion(Exchange):
                     ),
                 )
             except aiohttp.ClientError as error:
+                gateway.routes.unhealthy(
+                    route.deployment_id, endpoint, f"reset the connection ({type(error).__name__})"
+                )
                 response, failure = (
                     None,
                     upstream_error(
@@ -513,6 +519,7 @@ class Completion(Exchange):
             ) from None
         except aiohttp.ClientError as error:
             outcome.status = 502
+            self._replica_broke(error)
             raise upstream_error(
                 502,
                 f"The connection to the replica broke ({type(error).__name__}). Retry.",
@@ -573,6 +580,7 @@ class Completion(Exchange):
                 )
                 break
             except aiohttp.ClientError as error:
+                self._replica_broke(error)
                 failure = upstream_error(
                     502,
                     f"The stream from the replica broke ({type(error).__name__}).",
@@ -610,6 +618,14 @@ class Completion(Exchange):
             outcome.status = failure.status
         tail = b"data: [DONE]\n\n" if failure is None else b"data: " + failure.body() + b"\n\n"
         self.last_messages = [{"type": "http.response.body", "body": tail, "more_body": False}]
+
+    def _replica_broke(self, error: Exception) -> None:
+        """The replica reset the connection mid-answer: set it aside and have it looked at."""
+        self.gateway.routes.unhealthy(
+            self.route.deployment_id,
+            self.endpoint,
+            f"reset the connection mid-answer ({type(error).__name__})",
+        )
 
     def _stream_event(self, event: bytes):
         """The bytes to pass on for one SSE event (None drops it), or _DONE."""

@@ -38,6 +38,7 @@ class Gateway:
             route_for=sources.route_for,
             callable_models=sources.callable_models,
             request_scale_up=sources.request_scale_up,
+            report_unhealthy=sources.report_unhealthy,
         )
         self.tokenizers = Tokenizers(
             self.db,

@@ -1,4 +1,5 @@
-"""Which replica serves a request: cached routes, least in-flight choice, scale-from-zero asks.
+"""Which replica serves a request: cached routes, least in-flight choice, scale-from-zero asks,
+and reports of replicas that failed a request.
 
 A route (`deployments.selectors.route_for`) is cached per (organization, model name) for
 GATEWAY_ROUTE_CACHE_SECONDS; an older one keeps serving while a background read replaces it
@@ -23,6 +24,9 @@ STALE_LIMIT_SECONDS = 30
 SCALE_UP_REPEAT_SECONDS = 10
 # A replica that refused a connection is tried last for this long.
 REFUSED_PENALTY_SECONDS = 5
+# A replica that refused or reset a connection is reported to the control plane (it stops being
+# listed as ready, and its deployment gets a reconcile pass) at most this often.
+UNHEALTHY_REPORT_REPEAT_SECONDS = 5
 
 
 @dataclass(slots=True)
@@ -41,12 +45,16 @@ class RouteTable:
         route_for: Callable,
         callable_models: Callable,
         request_scale_up: Callable,
+        report_unhealthy: Callable | None = None,
     ):
         self._db = db
         self._ttl = ttl
         self._route_for = route_for
         self._callable_models = callable_models
         self._request_scale_up = request_scale_up
+        self._report_unhealthy = report_unhealthy
+        self._reported_at: dict[str, float] = {}
+        self._reports: set[asyncio.Task] = set()
         self._routes: dict[tuple[int, str], _Cached] = {}
         self._models: dict[int, _Cached] = {}
         self._in_flight: dict[str, int] = {}
@@ -133,6 +141,33 @@ class RouteTable:
             cutoff = time.monotonic() - REFUSED_PENALTY_SECONDS
             self._refused_at = {e: t for e, t in self._refused_at.items() if t >= cutoff}
         return fresh
+
+    def unhealthy(self, deployment_id, endpoint: str, why: str) -> None:
+        """A replica refused a connection or reset one mid-answer: try it last from now on, and
+        tell the control plane (in the background, at most every few seconds per replica),
+        which stops listing it as ready to every gateway process and reconciles its deployment
+        at once (restarting it, or finding it healthy again)."""
+        now = time.monotonic()
+        self._refused_at[endpoint] = now
+        if self._report_unhealthy is None:
+            return
+        if now - self._reported_at.get(endpoint, -1e9) < UNHEALTHY_REPORT_REPEAT_SECONDS:
+            return
+        self._reported_at[endpoint] = now
+        if len(self._reported_at) > 1000:
+            cutoff = now - UNHEALTHY_REPORT_REPEAT_SECONDS
+            self._reported_at = {e: t for e, t in self._reported_at.items() if t >= cutoff}
+        task = asyncio.get_running_loop().create_task(
+            self._report(deployment_id=deployment_id, endpoint=endpoint, why=why)
+        )
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report(self, **report) -> None:
+        try:
+            await self._db.call(self._report_unhealthy, **report)
+        except Exception:  # the reconciler's own checks still find it
+            logger.warning("reporting replica %s as unhealthy failed", report, exc_info=True)
 
     async def ask_for_replicas(self, deployment_id) -> None:
         """Ask the control plane to scale the deployment up from zero (at most every 10 s)."""

@@ -1,6 +1,7 @@
 """What the gateway reads from the other apps, in one place: routes, models, spend limits and
-prices, where the tokenizer files are, and where it reports load. Each runs in a gateway DB
-thread, except `spend_period_start` (no database: the billing calendar)."""
+prices, where the tokenizer files are, and where it reports load and the replicas that failed
+it. Each runs in a gateway DB thread, except `spend_period_start` (no database: the billing
+calendar)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from catalog.selectors import token_price_ceiling
 from deployments.selectors import callable_models, route_for
 from deployments.services import deployment_request_scale_up as request_scale_up
 from deployments.services import load_report
+from deployments.services import replica_unhealthy_report as report_unhealthy
 from gateway.tokenizer_files import TOKENIZER_FILES, TokenizerSource
 
 __all__ = [
     "callable_models",
     "load_report",
     "organization_spend_position",
+    "report_unhealthy",
     "request_scale_up",
     "route_for",
     "spend_period_start",
