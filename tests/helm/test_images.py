@@ -113,6 +113,7 @@ CONTROL_PLANE_PACKAGES = (
     "accounts",
     "catalog",
     "deployments",
+    "metering",
     "gateway",
     "billing",
     "console",
