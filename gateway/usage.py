@@ -123,6 +123,7 @@ class UsageWriter:
         self._shipper_database = _database(synchronous_commit)
         self._spool = UsageSpool(spool_dir)
         self._spool_after = spool_after
+        self._synchronous_commit = synchronous_commit
         # False from a batch the database did not take in time until the shipper reaches it.
         self._database_answers = True
         self._refuse_until = -math.inf
@@ -190,8 +191,11 @@ class UsageWriter:
         if self._database_answers:
             rows = [self._row(event) for event in events]
             try:
-                async with asyncio.timeout(self._spool_after):
-                    await _write(self._database, rows)
+                await _bounded(
+                    self._database,
+                    _write(self._database, rows, self._spool_after),
+                    self._spool_after,
+                )
                 return None
             except (TimeoutError, *DATABASE_ERRORS) as error:
                 logger.warning(
@@ -202,7 +206,10 @@ class UsageWriter:
                     error if not isinstance(error, TimeoutError) else "timeout",
                 )
                 self._database_answers = False
-                await self._database.reset()
+                if isinstance(error, TimeoutError):
+                    self._database = _database(self._synchronous_commit)  # the old one: _bounded
+                else:
+                    await self._database.reset()
         try:
             await self._spool.append(events)
         except SpoolError as error:
@@ -250,8 +257,7 @@ class UsageWriter:
                 events, end = await self._spool.read(spool_file, MAX_BATCH)
                 if events:
                     rows = [self._row(event) for event in events]
-                    async with asyncio.timeout(SHIP_TIMEOUT):
-                        await _write(self._shipper_database, rows)
+                    await self._ship_bounded(_write(self._shipper_database, rows, SHIP_TIMEOUT))
                     shipped = True
                 await self._spool.shipped(spool_file, end)
                 metrics.USAGE_SPOOL_BYTES.set(self._spool.unshipped_bytes)
@@ -259,19 +265,63 @@ class UsageWriter:
                     break
         if not self._database_answers:
             if not shipped:
-                async with asyncio.timeout(SHIP_TIMEOUT):
-                    await self._shipper_database.ping()
+                await self._ship_bounded(self._shipper_database.ping())
             logger.warning("the database answers again: usage events go to it directly")
             self._database_answers = True
             self._refuse_until = -math.inf
 
+    async def _ship_bounded(self, operation) -> None:
+        try:
+            await _bounded(self._shipper_database, operation, SHIP_TIMEOUT)
+        except TimeoutError:
+            self._shipper_database = _database(self._synchronous_commit)
+            raise
+
 
 DATABASE_ERRORS = (psycopg.Error, sqlite3.Error, OSError)
+# Writes given up at their bound, kept referenced until they end and their connection closes.
+_ABANDONED: set[asyncio.Task] = set()
 
 
-async def _write(database, rows: list[list]) -> None:
-    """Write, retrying only a busy SQLite file (a few ms); other errors are the caller's."""
+async def _bounded(database, operation, bound: float) -> None:
+    """Await `operation` (on `database`) for at most `bound` seconds; TimeoutError after that.
+
+    An operation still running at the bound is not cancelled but left to end on its own, and
+    the caller must stop using `database` (closed when the operation ends): psycopg cancels a
+    query by asking the server, which behind a network partition blocks for 10 s more before
+    it gives up (seen with tests/faultproxy.py's blackhole), and the bound is the point."""
+    task = asyncio.ensure_future(operation)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=bound)
+    except asyncio.CancelledError:  # the caller's own bound (shutdown's drain)
+        _abandon(task, database)
+        raise
+    if done:
+        task.result()
+        return
+    _abandon(task, database)
+    raise TimeoutError
+
+
+def _abandon(task: asyncio.Task, database) -> None:
+    _ABANDONED.add(task)
+    task.add_done_callback(partial(_close_abandoned, database))
+
+
+def _close_abandoned(database, task: asyncio.Task) -> None:
+    _ABANDONED.discard(task)
+    _retrieve(task)
+    closing = asyncio.ensure_future(database.close())
+    _ABANDONED.add(closing)
+    closing.add_done_callback(_ABANDONED.discard)
+
+
+async def _write(database, rows: list[list], bound: float) -> None:
+    """Write, retrying only a busy SQLite file, for at most `bound` seconds: a write given up
+    must not land later (its request may have been refused meanwhile). Other errors are the
+    caller's."""
     delay = 0.002
+    deadline = time.monotonic() + bound
     while True:
         try:
             await database.write(rows)
@@ -279,6 +329,8 @@ async def _write(database, rows: list[list]) -> None:
         except sqlite3.OperationalError as error:
             if "locked" not in str(error) and "busy" not in str(error):
                 raise
+        if time.monotonic() > deadline:
+            raise TimeoutError
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
 

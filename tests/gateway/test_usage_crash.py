@@ -135,9 +135,11 @@ def play_a_crash_during_an_outage(*, env, secret, cut, restore, rows, tmp_path):
             acknowledged.append(request_id)
         cut()
         served_in_outage = []
-        started = time.monotonic()
+        slowest = 0.0
         for index in range(12):
+            started = time.monotonic()
             request_id, status, text = call(gateway.url, secret, stream=index % 2 == 1)
+            slowest = max(slowest, time.monotonic() - started)
             if request_id:
                 served_in_outage.append(request_id)
             else:
@@ -145,8 +147,9 @@ def play_a_crash_during_an_outage(*, env, secret, cut, restore, rows, tmp_path):
                 # with a 503 in OpenAI's format, never a 200.
                 assert status == 503 and '"error"' in text, (status, text, gateway.log())
         assert len(served_in_outage) >= 6, gateway.log()
-        # Each waited about the database's bound at most, not the 10 s it once did.
-        assert time.monotonic() - started < 12 * 3, gateway.log()
+        # None waited much more than the database's bound (0.5 s), not the 10 s it once did
+        # (the old commit timeout; psycopg's cancellation of a query behind a partition).
+        assert slowest < 5, (slowest, gateway.log())
         acknowledged += served_in_outage
         assert list(spool.glob("usage-*.spool")), gateway.log()  # the outage's events
         gateway.kill_9()
@@ -170,9 +173,12 @@ def play_a_crash_during_an_outage(*, env, secret, cut, restore, rows, tmp_path):
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL behind a fault proxy")
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
 def test_kill_9_while_postgresql_is_cut_loses_and_doubles_no_acknowledged_usage(
-    transactional_db, organization, inference_key, make_deployment, upstream_server, tmp_path
+    transactional_db, organization, inference_key, make_deployment, upstream_server, tmp_path, mode
 ):
+    """ "refuse": the database is gone (connections reset, new ones refused); "blackhole": a
+    partition (nothing answers, nothing is closed), where only the writer's bound helps."""
     make_deployment(organization, name="chat", endpoints=[upstream_server.url])
     _key, secret = inference_key(organization)
     settings = connection.settings_dict
@@ -181,7 +187,7 @@ def test_kill_9_while_postgresql_is_cut_loses_and_doubles_no_acknowledged_usage(
         play_a_crash_during_an_outage(
             env=gateway_env(tmp_path, DATABASE_URL=url),
             secret=secret,
-            cut=proxy.cut,
+            cut=lambda: proxy.cut(mode),
             restore=proxy.restore,
             rows=lambda: list(UsageEvent.objects.values_list("request_id", flat=True)),
             tmp_path=tmp_path,
