@@ -327,7 +327,7 @@ def _sync_replicas(row: Deployment, observation: Observation, now: datetime) -> 
             )
             continue
         if seen.restart_count > replica.restart_count:
-            how = seen.last_exit or "it exited"
+            how = f" with {seen.last_exit}" if seen.last_exit not in ("", "it exited") else ""
             if seen.running:
                 what = "restarted"
             elif seen.message:
@@ -337,7 +337,7 @@ def _sync_replicas(row: Deployment, observation: Observation, now: datetime) -> 
             transitions.event_record(
                 row,
                 seen.reason or "ReplicaRestarted",
-                f"Replica {seen.name} exited with {how}; {what} "
+                f"Replica {seen.name} exited{how}; {what} "
                 f"({seen.restart_count} restart{'s' if seen.restart_count != 1 else ''}).",
                 warning=True,
             )

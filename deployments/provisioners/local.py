@@ -63,6 +63,9 @@ STABLE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 60.0
 # A spawn recorded in the state file whose process cannot be found after this long never ran.
 LAUNCH_GRACE_SECONDS = 10.0
+# How long a pass that finds a replica dead waits for its watcher's exit record (exit time and
+# status); none comes when no worker process watched it (then: "it exited", and now).
+EXIT_RECORD_WAIT_SECONDS = 0.3
 # Replicas removed (scale-down, rolling update) whose last run the reconciler may not have seen
 # end yet; kept in the state file, the oldest dropped beyond this many.
 ENDED_KEPT = 64
@@ -460,6 +463,12 @@ class LocalProvisioner(Provisioner):
             self._watch(spec, replica)  # adopted from another worker process: watch it too
             return
         record = self._read_exit_record(spec, replica)
+        deadline = time.monotonic() + EXIT_RECORD_WAIT_SECONDS
+        while not record and exit_code is None and time.monotonic() < deadline:
+            # The worker process that watches it writes the record within milliseconds of the
+            # exit; a pass asked for by someone else (the gateway) may get here first.
+            time.sleep(0.02)
+            record = self._read_exit_record(spec, replica)
         if exit_code is None:
             exit_code = record.get("status")
         tail = _log_tail(self.log_path(spec, replica))
