@@ -14,16 +14,12 @@ LOG_FORMAT = "text"
 LOGGING["handlers"]["console"]["formatter"] = "text"  # noqa: F405
 LOGGING["root"]["level"] = "WARNING"  # noqa: F405
 # Each test process spools usage in a directory of its own: an orphaned spool file of another
-# run (a killed one) must not be adopted and shipped into this run's database.
+# run (a killed one) must not be adopted and shipped into this run's database. The spool
+# makes the directory only if it ever spools.
 if "GATEWAY_USAGE_SPOOL_DIR" not in os.environ:
-    import atexit
-    import contextlib
+    import secrets
     import tempfile
 
-    GATEWAY_USAGE_SPOOL_DIR = tempfile.mkdtemp(prefix="sirocco-test-usage-spool-")
-
-    def _remove_if_empty(path=GATEWAY_USAGE_SPOOL_DIR):
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-
-    atexit.register(_remove_if_empty)
+    GATEWAY_USAGE_SPOOL_DIR = os.path.join(
+        tempfile.gettempdir(), f"sirocco-test-usage-spool-{os.getpid()}-{secrets.token_hex(4)}"
+    )
