@@ -22,6 +22,14 @@ Scenarios (one function each; `SCENARIOS` maps a name to it, so others can add t
   from outside (process start from the kernel, exit polled every 5 ms) (goal: within 1 s), and
   that the rows never overlap.
 
+* `embedded-worker-kill`: `run_platform` itself (as `make run` starts it: the demo's
+  mixtral-tiny replica) serving chat completions back to back while its Celery worker is killed
+  with SIGKILL, --kills times. Reports per kill the seconds until the supervisor restarted the
+  worker and until the new worker was ready (goal ≤ 5 s), the chat answers meanwhile (goal:
+  all 200), and that the replica was kept (same pid); what a fresh-interpreter worker start
+  costs on the same machine, for comparison; web serving again after its kill -9; zombies below
+  run_platform; and that Ctrl-C stops everything, replicas included.
+
 Writes bench/results/faults.json.
 """
 
@@ -32,10 +40,15 @@ import itertools
 import json
 import os
 import platform as host
+import re
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from deployments.provisioners.local import process_started_at, stop_all  # noqa: E402
-from tests.deployments.platform import Platform, ProcessLife, alive  # noqa: E402
+from tests.deployments.platform import Platform, ProcessLife, alive, free_port  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -193,10 +206,263 @@ def gpu_time(platform: Platform, args) -> dict:
     }
 
 
+# --- embedded-worker-kill: run_platform itself, as `make run` starts it -------------------
+
+
+def _children(parent: int) -> dict[int, str]:
+    """pid → command line (as `ps` shows it) of the processes whose parent is `parent`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[-1].split()[1]) == parent:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue
+    return {pid: command.decode(errors="replace") for pid, command in found.items()}
+
+
+def _zombies_below(root: int) -> list[int]:
+    zombies, frontier, seen = [], [root], set()
+    while frontier:
+        parent = frontier.pop()
+        for pid in _children(parent):
+            if pid in seen:
+                continue
+            seen.add(pid)
+            frontier.append(pid)
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            except OSError:
+                continue
+            if state == "Z":
+                zombies.append(pid)
+    return zombies
+
+
+class _Output:
+    """run_platform's merged output, read on a thread, each line with when it was read."""
+
+    def __init__(self, stream):
+        self.lines: list[tuple[float, str]] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append((time.monotonic(), line))
+
+    def first(self, pattern: str, *, since: float, timeout: float) -> float | None:
+        """When the first line matching `pattern` (a regular expression) after `since` was
+        read."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, line in list(self.lines):
+                if at >= since and re.search(pattern, line):
+                    return at
+            time.sleep(0.02)
+        return None
+
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+
+def _chat(port: int, key: str, timeout: float = 10) -> int:
+    """The demo's chat completion through run_platform's gateway: the HTTP status."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(
+            {
+                "model": "mixtral-tiny",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+            }
+        ).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+def _fresh_worker_start_seconds(env: dict, folder: Path) -> float:
+    """What a restart cost before run_platform forked its worker: a new interpreter importing
+    Django and Celery and booting a worker (on a queue nothing uses, without beat, so it does
+    not disturb the platform), from spawn to its "ready." line."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "controlplane",
+            "worker",
+            "--queues",
+            "bench-unused",
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            "bench-fresh@%h",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in process.stdout:
+            if "ready." in line:
+                return time.monotonic() - started
+        raise RuntimeError("the fresh worker exited before it was ready")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def embedded_worker_kill(folder: Path, args) -> dict:
+    """`make run`'s platform (run_platform: web + worker with beat, the demo's mixtral-tiny
+    replica) serving chat completions back to back while its Celery worker is killed with
+    SIGKILL, --kills times. Reports per kill the seconds until run_platform restarted the worker
+    and until the new worker was ready (goal ≤ 5 s), the chat answers meanwhile (goal: all 200),
+    whether the replica was kept (adopted, same pid); then what a fresh-interpreter worker start
+    costs on the same machine (the restart before run_platform forked its worker), web's
+    recovery after kill -9, zombies below run_platform, and that Ctrl-C stops everything."""
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "REDIS_URL", "ARTIFACT_STORE_URL"}
+        },
+        "SECRET_KEY": "bench-faults-" + "x" * 40,
+        "SIROCCO_VAR_DIR": str(folder),
+        "SIROCCO_DEMO_PASSWORD": "bench-password-1",
+        "SIROCCO_PROVISIONER": "local",
+        "PYTHONUNBUFFERED": "1",
+        "LOG_FORMAT": "text",
+    }
+    manage = [sys.executable, "manage.py"]
+    for command in (["migrate", "--noinput", "-v0"], ["bootstrap_demo"]):
+        subprocess.run(
+            [*manage, *command],
+            cwd=REPO_ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    port = free_port()
+    process = subprocess.Popen(
+        [*manage, "run_platform", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = _Output(process.stdout)
+    result: dict = {"kills": []}
+    try:
+        if output.first("Press Ctrl-C to stop", since=0, timeout=180) is None:
+            raise RuntimeError(output.text()[-4000:])
+        key = re.search(r"API key:\s+(sk-\S+)", output.text()).group(1)
+        deadline = time.monotonic() + 180
+        while _chat(port, key) != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the demo replica never served")
+            time.sleep(0.5)
+        replica = json.loads(next(folder.glob("replicas/*/state.json")).read_text())
+        replica_pid = replica["replicas"][0]["pid"]
+        log(f"embedded-worker-kill: serving on :{port}, replica pid {replica_pid}")
+
+        for kill in range(args.kills):
+            time.sleep(args.settle)  # let the new worker finish its start-up passes
+            [worker] = [
+                pid for pid, command in _children(process.pid).items() if "celery" in command
+            ]
+            codes: dict[int, int] = {}
+            stop = threading.Event()
+
+            def client(codes=codes, stop=stop):
+                while not stop.is_set():
+                    code = _chat(port, key)
+                    codes[code] = codes.get(code, 0) + 1
+
+            caller = threading.Thread(target=client, daemon=True)
+            caller.start()
+            time.sleep(1.0)
+            killed = time.monotonic()
+            os.kill(worker, signal.SIGKILL)
+            restarted = output.first("Restarted the worker process", since=killed, timeout=30)
+            ready = output.first(r"celery@\S+ ready\.", since=killed, timeout=60)
+            time.sleep(2.0)  # keep calling a little past the worker's return
+            stop.set()
+            caller.join(30)
+            state = json.loads(next(folder.glob("replicas/*/state.json")).read_text())
+            entry = {
+                "restarted_s": round(restarted - killed, 2) if restarted else None,
+                "worker_ready_s": round(ready - killed, 2) if ready else None,
+                "chat_answers": {str(code): count for code, count in sorted(codes.items())},
+                "replica_kept": [r["pid"] for r in state["replicas"]] == [replica_pid],
+                "load_average": os.getloadavg(),
+            }
+            log(f"embedded-worker-kill: kill {kill + 1}: {json.dumps(entry)}")
+            result["kills"].append(entry)
+
+        result["fresh_worker_start_s"] = round(_fresh_worker_start_seconds(env, folder), 2)
+        log(f"embedded-worker-kill: a fresh worker start: {result['fresh_worker_start_s']} s")
+
+        [web] = [pid for pid, command in _children(process.pid).items() if "uvicorn" in command]
+        killed = time.monotonic()
+        os.kill(web, signal.SIGKILL)
+        while _chat(port, key, timeout=2) != 200:
+            time.sleep(0.05)
+        result["web_serving_again_s"] = round(time.monotonic() - killed, 2)
+        time.sleep(2.0)
+        result["zombies_below_run_platform"] = len(_zombies_below(process.pid))
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    time.sleep(0.5)
+    result["stopped_cleanly"] = process.returncode == 0 and "Stopped." in output.text()
+    leftovers = [
+        r["pid"]
+        for path in folder.glob("replicas/*/state.json")
+        for r in json.loads(path.read_text())["replicas"]
+        if r["pid"] and Path(f"/proc/{r['pid']}").exists()
+    ]
+    result["replicas_left_running"] = len(leftovers)
+    ready = [k["worker_ready_s"] for k in result["kills"] if k["worker_ready_s"] is not None]
+    result["worker_ready_s_max"] = max(ready) if ready else None
+    result["goal_worker_back_5s_met"] = (
+        bool(ready) and max(ready) <= 5.0 and len(ready) == len(result["kills"])
+    )
+    result["goal_all_chats_200"] = all(set(k["chat_answers"]) == {"200"} for k in result["kills"])
+    return result
+
+
 SCENARIOS = {
     "replica-kill": replica_kill,
     "worker-kill-mid-pass": worker_kill_mid_pass,
     "gpu-time": gpu_time,
+}
+# Scenarios that start their platform themselves (`run_platform`, the supervisor under test),
+# given an empty folder for it.
+OWN_PLATFORM = {
+    "embedded-worker-kill": embedded_worker_kill,
 }
 
 
@@ -205,12 +471,20 @@ def main() -> None:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=sorted(SCENARIOS),
+        choices=sorted(SCENARIOS | OWN_PLATFORM),
         help="run only this scenario (repeatable); all by default",
     )
     parser.add_argument("--gap", type=float, default=10.0, help="gpu-time: seconds stopped")
+    parser.add_argument("--kills", type=int, default=3, help="embedded-worker-kill: how many times")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=12.0,
+        help="embedded-worker-kill: seconds between kills (over run_platform's 10 s after which "
+        "a restarted child counts as healthy, so each kill is a first crash, restarted at once)",
+    )
     args = parser.parse_args()
-    chosen = args.scenario or list(SCENARIOS)
+    chosen = args.scenario or [*SCENARIOS, *OWN_PLATFORM]
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{host.node()} {host.machine()}, {os.cpu_count()} CPUs",
@@ -220,11 +494,15 @@ def main() -> None:
     for name in chosen:
         with tempfile.TemporaryDirectory(prefix=f"faults-{name}-") as folder:
             log(f"{name}: starting a platform in {folder}")
-            with Platform(Path(folder)) as platform:
+            if name in OWN_PLATFORM:
                 started = time.monotonic()
-                result = SCENARIOS[name](platform, args)
-                result["load_average"] = os.getloadavg()
-                result["wall_seconds"] = round(time.monotonic() - started, 1)
+                result = OWN_PLATFORM[name](Path(folder), args)
+            else:
+                with Platform(Path(folder)) as platform:
+                    started = time.monotonic()
+                    result = SCENARIOS[name](platform, args)
+            result["load_average"] = os.getloadavg()
+            result["wall_seconds"] = round(time.monotonic() - started, 1)
             log(f"{name}: {json.dumps(result)}")
             results["scenarios"][name] = result
     out = REPO_ROOT / "bench" / "results"

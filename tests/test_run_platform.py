@@ -41,15 +41,15 @@ class Output:
     def text(self) -> str:
         return "".join(line for _, line in self.lines)
 
-    def wait_for(self, needle: str, *, since: float = 0.0, timeout: float = 60.0) -> float:
-        """When the first line containing `needle` after `since` was read."""
+    def wait_for(self, *needles: str, since: float = 0.0, timeout: float = 60.0) -> float:
+        """When the first line containing every one of `needles` after `since` was read."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for at, line in list(self.lines):
-                if at >= since and needle in line:
+                if at >= since and all(needle in line for needle in needles):
                     return at
             time.sleep(0.05)
-        raise AssertionError(f"no {needle!r} within {timeout} s:\n{self.text()[-6000:]}")
+        raise AssertionError(f"no {needles!r} within {timeout} s:\n{self.text()[-6000:]}")
 
 
 def tree(root: int) -> dict[int, tuple[int, str]]:
@@ -169,7 +169,7 @@ def test_run_platform_supervises_restarts_and_reaps(tmp_path):
         while time.monotonic() - killed_at < 5:
             statuses.append(chat(port, key))
         assert statuses and set(statuses) == {200}, statuses
-        back_at = output.wait_for("ready.", since=killed_at, timeout=30)
+        back_at = output.wait_for("celery@", "ready.", since=killed_at, timeout=30)
         assert "worker process exited with signal 9 (SIGKILL)" in output.text()
         assert back_at - killed_at <= 5.0, f"worker back after {back_at - killed_at:.1f} s"
         assert _alive(replica), "the replica outlives its worker"
