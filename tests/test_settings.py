@@ -158,3 +158,42 @@ def test_tls_turns_on_hsts_and_secure_cookies(tmp_path):
         ["31536000", "True", "True"],
         ["60", "True", "True"],
     ]
+
+
+def test_celery_task_bookkeeping_stays_out_of_the_log_at_info(tmp_path):
+    """`make run` prints the login and key once; at LOG_LEVEL=INFO Celery's line per task
+    received, succeeded and sent by beat (several a second) must not bury it, while a failed
+    task and our own INFO lines still show. LOG_LEVEL=DEBUG shows everything."""
+    code = (
+        "import logging, django; django.setup(); "
+        "logging.getLogger('celery.app.trace').info('TRACE-INFO'); "
+        "logging.getLogger('celery.worker.strategy').info('RECEIVED-INFO'); "
+        "logging.getLogger('celery.beat').info('BEAT-INFO'); "
+        "logging.getLogger('celery.app.trace').error('TRACE-ERROR'); "
+        "logging.getLogger('deployments.tasks').info('OURS-INFO')"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "DATABASE_URL"}}
+    logged = {}
+    for level in ("INFO", "DEBUG"):
+        env = {
+            **base,
+            "SECRET_KEY": "x" * 50,
+            "SIROCCO_VAR_DIR": str(tmp_path),
+            "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+            "LOG_LEVEL": level,
+            "LOG_FORMAT": "text",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        logged[level] = {
+            word
+            for word in ("TRACE-INFO", "RECEIVED-INFO", "BEAT-INFO", "TRACE-ERROR", "OURS-INFO")
+            if word in result.stderr
+        }
+    assert logged["INFO"] == {"TRACE-ERROR", "OURS-INFO"}
+    assert logged["DEBUG"] == {
+        "TRACE-INFO", "RECEIVED-INFO", "BEAT-INFO", "TRACE-ERROR", "OURS-INFO"
+    }  # fmt: skip

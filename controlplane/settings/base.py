@@ -381,6 +381,13 @@ ARTIFACT_STORE_URL = env.str("ARTIFACT_STORE_URL", default="")
 # --- Logging --------------------------------------------------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env.str("LOG_FORMAT", default="json")  # json | text
+# Celery logs every task it receives and finishes, and beat every task it sends, at INFO: with
+# beat's checks every few seconds that is a few lines a second for ever, which buries what
+# `make run` prints (the login and key) and every log line worth reading. Those three loggers
+# say WARNING and up (a failed task is an ERROR) unless LOG_LEVEL asks for DEBUG.
+_celery_bookkeeping_level = (  # not CELERY_*: Celery reads those as its own settings
+    LOG_LEVEL if LOG_LEVEL.upper() in {"DEBUG", "ERROR", "CRITICAL"} else "WARNING"
+)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -401,6 +408,9 @@ LOGGING = {
         "django.db.backends": {"level": "INFO"},
         # Our middleware logs every request; Django's own 4xx warnings would duplicate it.
         "django.request": {"level": "ERROR"},
+        "celery.worker.strategy": {"level": _celery_bookkeeping_level},
+        "celery.app.trace": {"level": _celery_bookkeeping_level},
+        "celery.beat": {"level": _celery_bookkeeping_level},
     },
 }
 
