@@ -197,3 +197,22 @@ def test_celery_task_bookkeeping_stays_out_of_the_log_at_info(tmp_path):
     assert logged["DEBUG"] == {
         "TRACE-INFO", "RECEIVED-INFO", "BEAT-INFO", "TRACE-ERROR", "OURS-INFO"
     }  # fmt: skip
+
+
+def test_a_command_beside_make_run_logs_nothing_of_its_own(tmp_path):
+    """`manage.py create_api_key` prints the key alone on its last line; starting Django must
+    not add log lines of its own (django-axes logged its version at every start)."""
+    base = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "DATABASE_URL"}}
+    env = {
+        **base,
+        "SECRET_KEY": "x" * 50,
+        "SIROCCO_VAR_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+        "LOG_LEVEL": "INFO",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")

@@ -306,6 +306,9 @@ AXES_RESET_ON_SUCCESS = True
 AXES_ENABLE_ACCESS_FAILURE_LOG = True
 AXES_LOCKOUT_TEMPLATE = "console/locked_out.html"
 AXES_HTTP_RESPONSE_CODE = 429
+# Not verbose: axes would log its version at every process start (each manage.py command's
+# output included). Failures and lockouts are still logged; the attempt rows keep the user agent.
+AXES_VERBOSE = False
 # How many proxies in front of the web process append to X-Forwarded-For (the Ingress: 1).
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
 
