@@ -91,7 +91,7 @@ def replica_kill(platform: Platform, args) -> dict:
         if (
             not_ready_at is not None
             and state["status"] == "ready"
-            and not any(alive(p) for p in platform.replica_pids(deployment_id))
+            and not platform.replica_answers(deployment_id)
         ):
             ready_again_early = now
         if now > 120:
@@ -162,17 +162,17 @@ def gpu_time(platform: Platform, args) -> dict:
     try:
         platform.wait_ready(deployment_id)
         time.sleep(2)
-        [pid] = platform.replica_pids(deployment_id)
-        os.kill(pid, signal.SIGKILL)  # a crash: restarted at once, a gap in GPU time
-        time.sleep(0.5)
-        platform.wait_ready(deployment_id)
+        killed = platform.replica_pids(deployment_id)
+        os.kill(killed[0], signal.SIGKILL)  # a crash: restarted at once, a gap in GPU time
+        platform.wait_replaced(deployment_id, killed)
         time.sleep(2)
+        stopped = platform.replica_pids(deployment_id)
         platform.stop_worker()  # make run's Ctrl-C: the worker goes, then every replica
         stop_all(platform.folder / "replicas")
         log(f"stopped; starting again in {args.gap} s")
         time.sleep(args.gap)
         platform.start_worker()
-        platform.wait_ready(deployment_id, timeout=300)
+        platform.wait_replaced(deployment_id, stopped, timeout=300)
         time.sleep(2)
         platform.delete(deployment_id)  # its last run ends
     finally:

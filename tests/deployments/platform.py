@@ -373,6 +373,31 @@ class Platform:
         )
         return status
 
+    def replica_answers(self, deployment_id: str) -> bool:
+        """Whether a replica of the deployment is alive and answers its readiness probe."""
+        for path in (self.folder / "replicas").glob(f"{deployment_id}/state.json"):
+            with contextlib.suppress(OSError, ValueError):
+                for replica in json.loads(path.read_text())["replicas"]:
+                    if not (replica["pid"] and alive(replica["pid"])):
+                        continue
+                    with contextlib.suppress(OSError):
+                        url = f"http://127.0.0.1:{replica['port']}/v1/models"
+                        with urllib.request.urlopen(url, timeout=2) as response:
+                            if response.status == 200:
+                                return True
+        return False
+
+    def wait_replaced(self, deployment_id: str, old: list[int], *, timeout: float = 120) -> None:
+        """Until the deployment runs replicas other than `old` and is ready again."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.replica_pids(deployment_id)
+            if pids and not set(pids) & set(old) and all(alive(p) for p in pids):
+                self.wait_ready(deployment_id, timeout=max(1.0, deadline - time.monotonic()))
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"replicas {old} of {deployment_id} not replaced in {timeout} s")
+
     def wait_ready(self, deployment_id: str, *, timeout: float = 120) -> float:
         """Seconds until the deployment is ready with its replicas answering."""
         started = time.monotonic()
