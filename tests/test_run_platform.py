@@ -112,8 +112,9 @@ def worker_pid(root: int) -> int:
 
 def test_run_platform_supervises_restarts_and_reaps(tmp_path):
     """kill -9 of the worker: the platform keeps serving (the replica too) and the worker is back
-    within 5 s; kill -9 of the web server: it comes back; no zombies; Ctrl-C stops everything,
-    the adopted replica included."""
+    within 5 s; kill -9 of the web server: it comes back; kill -9 of the worker's embedded beat:
+    the worker is restarted with a new one; no zombies; Ctrl-C stops everything, the adopted
+    replica included."""
     env = {
         **{
             k: v
@@ -203,6 +204,24 @@ def test_run_platform_supervises_restarts_and_reaps(tmp_path):
             time.sleep(0.05)
         assert zombies(process.pid) == []
 
+        # The worker's embedded beat dies: the worker would go on without periodic tasks (and
+        # with a zombie), so run_platform restarts the worker, beat included.
+        worker = worker_pid(process.pid)
+        [beat] = [pid for pid in tree(process.pid) if _title(pid).startswith("[celery beat]")]
+        killed_at = time.monotonic()
+        os.kill(beat, signal.SIGKILL)
+        output.wait_for("embedded beat is gone", since=killed_at, timeout=40)
+        output.wait_for("celery@", "ready.", since=killed_at, timeout=30)
+        deadline = time.monotonic() + 15
+        while not [
+            p
+            for p, (ppid, state) in tree(process.pid).items()
+            if ppid != worker and state != "Z" and _title(p).startswith("[celery beat]")
+        ]:
+            assert time.monotonic() < deadline, "no beat under the new worker"
+            time.sleep(0.2)
+        assert zombies(process.pid) == []
+
         assert process.poll() is None, "nothing above stopped the platform"
         children = list(tree(process.pid))  # web, worker, pool, beat, any replica
         process.send_signal(signal.SIGINT)
@@ -232,6 +251,13 @@ def _replicas(var: Path) -> list[dict]:
         with contextlib.suppress(OSError, ValueError):
             replicas += json.loads(path.read_text())["replicas"]
     return replicas
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

@@ -2,7 +2,8 @@
 
 Starts the ASGI web server (console, REST API, gateway) and one Celery worker with embedded
 beat, prints where to go and how to log in, and then supervises them: a child that dies (a crash,
-an OOM kill, `kill -9`) is started again with exponential backoff, and the local model replicas
+an OOM kill, `kill -9`; for the worker, also its embedded beat) is started again with exponential
+backoff, and the local model replicas
 keep running through it (they live in sessions of their own; the new worker adopts them from
 their state files). Only Ctrl-C or SIGTERM stops everything, replicas included.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -44,6 +46,10 @@ FIRST_BACKOFF_SECONDS = 0.0
 MAX_BACKOFF_SECONDS = 30.0
 HEALTHY_AFTER_SECONDS = 10.0
 LOOP_SECONDS = 0.2
+# A worker's embedded beat starts within a second or two of the worker; it is looked for from
+# then on, every few seconds (a walk over /proc).
+BEAT_GRACE_SECONDS = 15.0
+BEAT_CHECK_SECONDS = 2.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -130,6 +136,27 @@ def preload_worker() -> None:
     app.connection_for_write().get_transport_cls()  # the broker's transport (SQLAlchemy's: big)
 
 
+def embedded_beat_alive(worker_pid: int) -> bool | None:
+    """Whether the worker's embedded beat process runs; None where that cannot be told (no
+    /proc, or no setproctitle, which is what names the process `[celery beat]`)."""
+    if importlib.util.find_spec("setproctitle") is None or not os.path.isdir("/proc"):
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[-1].split()
+            if int(fields[1]) != worker_pid or fields[0] in (b"Z", b"X"):
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                if handle.read().startswith(b"[celery beat]"):
+                    return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
 @dataclass
 class Child:
     """One supervised process: how to start it and how it has been doing."""
@@ -178,6 +205,7 @@ class Command(BaseCommand):
         api_key = ensure_demo_api_key(organization)
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
         become_subreaper()
+        self._next_beat_check = 0.0
 
         preload_worker()
         self.children = {
@@ -266,6 +294,7 @@ class Command(BaseCommand):
 
     def _supervise(self) -> None:
         now = time.monotonic()
+        self._check_beat(now)
         for child in self.children.values():
             if child.running:
                 if child.failures_in_a_row and now - child.started_at >= HEALTHY_AFTER_SECONDS:
@@ -292,6 +321,22 @@ class Command(BaseCommand):
                     f"Restarted the {child.name} process (pid {child.pid}, "
                     f"restart {child.restarts})."
                 )
+
+    def _check_beat(self, now: float) -> None:
+        """The worker runs beat as a child process (`--beat`) and does not notice when it dies:
+        the periodic sweeps would stop, with a zombie left under the worker. A worker without
+        its beat is restarted like a dead one."""
+        worker = self.children["worker"]
+        if (
+            not worker.running
+            or now - worker.started_at < BEAT_GRACE_SECONDS
+            or now < self._next_beat_check
+        ):
+            return
+        self._next_beat_check = now + BEAT_CHECK_SECONDS
+        if embedded_beat_alive(worker.pid) is False:
+            self.stderr.write("The worker's embedded beat is gone; restarting the worker.")
+            worker.kill_leftovers()  # the loop then sees the worker exit and restarts it
 
     def _wait_until_up(self, url, timeout=60):
         """The first start is not supervised: a web server that cannot start (port taken, bad
