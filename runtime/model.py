@@ -1,6 +1,6 @@
 """The Mixtral forward pass the engine runs, over a KV cache with one row per running sequence.
 
-Weights come from a Hugging Face Mixtral folder loaded by transformers; the forward pass is ours
+Weights come from a Hugging Face Mixtral folder's safetensors files; the forward pass is ours
 because the engine needs two things transformers' modules don't give together:
 
 * **Batch invariance on CPU.** A sequence's logits must not depend on which other sequences share
@@ -19,9 +19,11 @@ row into a freed one), so batched attention reads `cache[:batch]` without a gath
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -113,48 +115,126 @@ class MixtralWeights:
     lm_head: torch.Tensor  # [vocab, hidden]
 
 
+# MixtralConfig's defaults for the fields ModelSpec reads, for config.json files that omit them.
+_MIXTRAL_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": None,
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-5,
+    "num_experts_per_tok": 2,
+    "num_local_experts": 8,
+    "tie_word_embeddings": False,
+}
+
+
+def read_mixtral_config(folder: Path) -> SimpleNamespace:
+    """config.json with MixtralConfig's defaults filled in, without importing transformers."""
+    raw = json.loads((folder / "config.json").read_text())
+    config = {**_MIXTRAL_DEFAULTS, **raw}
+    # transformers 5 keeps RoPE settings in rope_parameters; older files have rope_theta and
+    # rope_scaling at the top level.
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    rope.setdefault("rope_theta", raw.get("rope_theta", 1e6))
+    config["rope_parameters"] = rope
+    return SimpleNamespace(**config)
+
+
 def load_mixtral(
     folder: Path, *, dtype: torch.dtype, device: torch.device
 ) -> tuple[ModelSpec, MixtralWeights]:
-    """Load a Hugging Face Mixtral folder with transformers and take its tensors.
+    """Read a Hugging Face Mixtral folder's safetensors files directly into our layout.
 
-    The checkpoint is read into host memory first (device_map placement needs `accelerate`, which
-    the runtime image doesn't carry), then each tensor moves to `device`.
+    Going through transformers' model classes cost the runtime's cold start more than the rest
+    of it together (importing the modelling code pulls in torch._dynamo, then every module is
+    built and initialised before the checkpoint overwrites it). Casting follows
+    `from_pretrained(dtype=...)`: each stored tensor is converted with `.to(dtype)`, so the
+    weights are the same bits (tests/runtime/test_runtime_model.py checks the logits).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    config = read_mixtral_config(folder)
+    spec = ModelSpec.from_hf_config(config)
+    tensors = _read_safetensors(folder)
 
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    def take(name: str) -> torch.Tensor:
+        try:
+            tensor = tensors.pop(name)
+        except KeyError:
+            raise ValueError(f"{folder}: the checkpoint has no tensor {name!r}") from None
+        return tensor.to(device=device, dtype=dtype).contiguous()
 
-    def take(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(device)
+    def experts(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers 5 checkpoints hold fused tensors; the original Mixtral layout has
+        # w1 (gate), w3 (up) and w2 (down) per expert, fused here as transformers 5 fuses them.
+        fused = f"{prefix}.mlp.experts"
+        if f"{fused}.gate_up_proj" in tensors:
+            return take(f"{fused}.gate_up_proj"), take(f"{fused}.down_proj")
+        each = f"{prefix}.block_sparse_moe.experts"
+        gate_up = torch.stack(
+            [
+                torch.cat([take(f"{each}.{e}.w1.weight"), take(f"{each}.{e}.w3.weight")])
+                for e in range(spec.num_experts)
+            ]
+        )
+        down = torch.stack([take(f"{each}.{e}.w2.weight") for e in range(spec.num_experts)])
+        return gate_up, down
 
     layers = []
-    for layer in hf_model.model.layers:
-        attention = layer.self_attn
-        moe = getattr(layer, "mlp", None) or layer.block_sparse_moe
+    for index in range(spec.num_layers):
+        prefix = f"model.layers.{index}"
+        attention = f"{prefix}.self_attn"
+        router = (
+            f"{prefix}.mlp.gate.weight"
+            if f"{prefix}.mlp.gate.weight" in tensors
+            else f"{prefix}.block_sparse_moe.gate.weight"
+        )
+        gate_up, down = experts(prefix)
         layers.append(
             LayerWeights(
-                input_norm=take(layer.input_layernorm.weight),
-                qkv=take(
-                    torch.cat(
-                        [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
-                    )
+                input_norm=take(f"{prefix}.input_layernorm.weight"),
+                qkv=torch.cat(
+                    [
+                        take(f"{attention}.q_proj.weight"),
+                        take(f"{attention}.k_proj.weight"),
+                        take(f"{attention}.v_proj.weight"),
+                    ]
                 ),
-                o_proj=take(attention.o_proj.weight),
-                post_attention_norm=take(layer.post_attention_layernorm.weight),
-                router=take(moe.gate.weight),
-                gate_up=take(moe.experts.gate_up_proj),
-                down=take(moe.experts.down_proj),
+                o_proj=take(f"{attention}.o_proj.weight"),
+                post_attention_norm=take(f"{prefix}.post_attention_layernorm.weight"),
+                router=take(router),
+                gate_up=gate_up,
+                down=down,
             )
         )
+    embed = take("model.embed_tokens.weight")
+    if "lm_head.weight" in tensors or not config.tie_word_embeddings:
+        lm_head = take("lm_head.weight")
+    else:
+        lm_head = embed
     weights = MixtralWeights(
-        embed=take(hf_model.model.embed_tokens.weight),
-        layers=layers,
-        final_norm=take(hf_model.model.norm.weight),
-        lm_head=take(hf_model.lm_head.weight),
+        embed=embed, layers=layers, final_norm=take("model.norm.weight"), lm_head=lm_head
     )
     return spec, weights
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(path.name for path in folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(folder / name))
+    return tensors
 
 
 def random_mixtral(

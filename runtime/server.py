@@ -362,7 +362,7 @@ def load_model(
     cuda_graphs: bool = True,
 ) -> LoadedModel:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     from runtime.loader import resolve_model
     from runtime.model import MixtralRunner, load_mixtral
@@ -396,12 +396,11 @@ def load_model(
         context,
     )
     eos_token_ids = set()
-    try:
-        generation = GenerationConfig.from_pretrained(folder)
-        eos = generation.eos_token_id
+    # Read as JSON: transformers' GenerationConfig imports its generation package (a second).
+    generation_path = folder / "generation_config.json"
+    if generation_path.is_file():
+        eos = json.loads(generation_path.read_text()).get("eos_token_id")
         eos_token_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except OSError:
-        pass  # no generation_config.json
     if tokenizer.eos_token_id is not None:
         eos_token_ids.add(tokenizer.eos_token_id)
     backend = tokenizer.backend_tokenizer

@@ -82,3 +82,90 @@ def test_batched_decode_of_the_gpu_path_matches_each_sequence_alone(loaded):
     together = runner.decode([9] * 4, [len(p) for p in prompts])
     for row in range(4):
         torch.testing.assert_close(together[row], alone[row], rtol=0, atol=1e-4)
+
+
+def test_weights_read_from_safetensors_are_transformers_weights_bit_for_bit(loaded):
+    # load_mixtral reads the files itself (transformers' loader was most of the cold start);
+    # every tensor must be the one transformers builds from the same checkpoint.
+    spec, weights, reference = loaded
+    model = reference.model
+    assert torch.equal(weights.embed, model.embed_tokens.weight)
+    assert torch.equal(weights.final_norm, model.norm.weight)
+    assert torch.equal(weights.lm_head, reference.lm_head.weight)
+    assert len(weights.layers) == len(model.layers) == spec.num_layers
+    for ours, theirs in zip(weights.layers, model.layers, strict=True):
+        attention = theirs.self_attn
+        qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+        assert torch.equal(ours.qkv, qkv)
+        assert torch.equal(ours.o_proj, attention.o_proj.weight)
+        assert torch.equal(ours.input_norm, theirs.input_layernorm.weight)
+        assert torch.equal(ours.post_attention_norm, theirs.post_attention_layernorm.weight)
+        assert torch.equal(ours.router, theirs.mlp.gate.weight)
+        assert torch.equal(ours.gate_up, theirs.mlp.experts.gate_up_proj)
+        assert torch.equal(ours.down, theirs.mlp.experts.down_proj)
+
+
+def test_fused_sharded_checkpoints_load_the_same_weights(loaded, tiny_moe_dir, tmp_path):
+    # transformers 5 layout (fused experts under mlp.) split over two files with an index.
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    spec, weights, _ = loaded
+    shutil.copy(tiny_moe_dir / "config.json", tmp_path / "config.json")
+    first, second = {}, {}
+    for index, layer in enumerate(weights.layers):
+        prefix = f"model.layers.{index}"
+        q, k, v = layer.qkv.split(
+            [spec.num_heads * spec.head_dim, *[spec.num_kv_heads * spec.head_dim] * 2]
+        )
+        first |= {
+            f"{prefix}.self_attn.q_proj.weight": q.clone(),
+            f"{prefix}.self_attn.k_proj.weight": k.clone(),
+            f"{prefix}.self_attn.v_proj.weight": v.clone(),
+            f"{prefix}.self_attn.o_proj.weight": layer.o_proj,
+            f"{prefix}.input_layernorm.weight": layer.input_norm,
+            f"{prefix}.post_attention_layernorm.weight": layer.post_attention_norm,
+        }
+        second |= {
+            f"{prefix}.mlp.gate.weight": layer.router,
+            f"{prefix}.mlp.experts.gate_up_proj": layer.gate_up,
+            f"{prefix}.mlp.experts.down_proj": layer.down,
+        }
+    first |= {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
+    second |= {"lm_head.weight": weights.lm_head}
+    save_file(first, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(second, tmp_path / "model-00002-of-00002.safetensors")
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in first}
+    weight_map |= {name: "model-00002-of-00002.safetensors" for name in second}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    fused_spec, fused = load_mixtral(tmp_path, dtype=torch.float32, device=CPU)
+    assert fused_spec == spec
+    assert torch.equal(fused.embed, weights.embed)
+    assert torch.equal(fused.lm_head, weights.lm_head)
+    for ours, theirs in zip(fused.layers, weights.layers, strict=True):
+        for name in ("qkv", "o_proj", "input_norm", "post_attention_norm", "router"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+        assert torch.equal(ours.gate_up, theirs.gate_up)
+        assert torch.equal(ours.down, theirs.down)
+
+
+def test_config_defaults_follow_transformers(tiny_moe_dir, tmp_path):
+    # Fields a config.json leaves out take MixtralConfig's defaults, as with AutoConfig.
+    import json
+
+    from transformers import AutoConfig
+
+    from runtime.model import ModelSpec, read_mixtral_config
+
+    raw = json.loads((tiny_moe_dir / "config.json").read_text())
+    for name in ("rms_norm_eps", "max_position_embeddings", "num_key_value_heads", "head_dim"):
+        raw.pop(name, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = ModelSpec.from_hf_config(read_mixtral_config(tmp_path))
+    assert ours == ModelSpec.from_hf_config(AutoConfig.from_pretrained(tmp_path))
+    assert ModelSpec.from_hf_config(read_mixtral_config(tiny_moe_dir)) == ModelSpec.from_hf_config(
+        AutoConfig.from_pretrained(tiny_moe_dir)
+    )
