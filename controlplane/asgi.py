@@ -10,6 +10,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.base")
 
 django_application = get_asgi_application()
 
+from controlplane.dbbounds import bound_request_processes  # noqa: E402 - needs settings
+
+bound_request_processes()
+
 from gateway.app import GatewayApp  # noqa: E402 - needs the app registry ready
 
 gateway_application = GatewayApp()

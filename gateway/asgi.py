@@ -11,6 +11,10 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.base")
 django.setup()
 
+from controlplane.dbbounds import bound_request_processes  # noqa: E402 - needs settings
+
+bound_request_processes()
+
 from gateway.app import GatewayApp  # noqa: E402 - needs the app registry ready
 
 application = GatewayApp(health=True)

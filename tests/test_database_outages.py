@@ -232,3 +232,100 @@ def _wait_for_other_sessions_to_end(connection, timeout=10.0):
             if cursor.fetchone()[0] == 0:
                 return
             time.sleep(0.1)
+
+
+def _postgres_env(settings_dict, port, **extra):
+    return base_env(
+        DATABASE_URL=f"postgres://{settings_dict['USER']}@127.0.0.1:{port}/{settings_dict['NAME']}",
+        REDIS_URL=os.environ.get("REDIS_URL", ""),
+        CELERY_BROKER_URL=os.environ.get("CELERY_BROKER_URL", ""),
+        **extra,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="needs PostgreSQL"
+)
+def test_postgresql_that_hangs_is_a_503_within_a_bound_and_the_api_recovers(
+    transactional_db, organization, make_api_key, tmp_path
+):
+    """A blackhole: connections stay open and nothing comes back (a stuck server, a dropped
+    network behind something that still acknowledges). The server never enforces its own
+    timeouts then; the web process's client-side bound must."""
+    from django.db import connection
+
+    _key, key = make_api_key(organization)
+    settings_dict = connection.settings_dict
+    with FaultProxy(
+        settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432)
+    ) as proxy:
+        # Client bound: statement timeout 2 s + 3 s margin; a new connection: 2 s.
+        env = _postgres_env(
+            settings_dict,
+            proxy.port,
+            DATABASE_CONNECT_TIMEOUT="2",
+            DATABASE_STATEMENT_TIMEOUT="2",
+            DATABASE_LOCK_TIMEOUT="1",
+        )
+        with web_server(env, tmp_path / "web.log") as port:
+            status, _, body = call(port, "/api/v1/organizations/current", key=key)
+            assert status == 200 and body["slug"] == organization.slug
+
+            proxy.cut("blackhole")
+            for path, body in (
+                ("/api/v1/organizations/current", None),
+                ("/api/v1/api-keys", {"name": "hung"}),
+            ):
+                started = time.monotonic()
+                assert_503_problem(call(port, path, key=key, body=body), "database_unavailable")
+                assert time.monotonic() - started < 15, "a hung database answers within a bound"
+
+            proxy.restore()
+            deadline = time.monotonic() + 20
+            while (answer := call(port, "/api/v1/organizations/current", key=key))[0] != 200:
+                assert answer[0] == 503, answer
+                assert time.monotonic() < deadline, answer
+                time.sleep(0.2)
+            status, _, body = call(port, "/api/v1/api-keys", key=key, body={"name": "after"})
+            assert status == 201, body
+    _wait_for_other_sessions_to_end(connection)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="needs PostgreSQL"
+)
+def test_a_postgresql_lock_held_past_lock_timeout_is_a_503_busy(
+    transactional_db, organization, make_api_key, tmp_path
+):
+    import psycopg
+    from django.db import connection
+
+    _key, key = make_api_key(organization)
+    settings_dict = connection.settings_dict
+    env = _postgres_env(
+        settings_dict,
+        int(settings_dict["PORT"] or 5432),
+        DATABASE_STATEMENT_TIMEOUT="5",
+        DATABASE_LOCK_TIMEOUT="1",
+    )
+    with web_server(env, tmp_path / "web.log") as port:
+        assert call(port, "/api/v1/api-keys", key=key)[0] == 200
+        # Another session blocks inserts into the key table (reads still go on) and holds on.
+        with psycopg.connect(
+            host=settings_dict["HOST"] or "127.0.0.1",
+            port=int(settings_dict["PORT"] or 5432),
+            user=settings_dict["USER"],
+            dbname=settings_dict["NAME"],
+        ) as holder:
+            holder.execute("LOCK TABLE accounts_apikey IN SHARE ROW EXCLUSIVE MODE")
+            started = time.monotonic()
+            answer = call(port, "/api/v1/api-keys", key=key, body={"name": "while locked"})
+            waited = time.monotonic() - started
+            holder.rollback()
+        assert_503_problem(answer, "database_busy")
+        assert 1 <= waited < 5, waited
+        status, _, body = call(port, "/api/v1/api-keys", key=key, body={"name": "after"})
+        assert status == 201, body
+    _wait_for_other_sessions_to_end(connection)

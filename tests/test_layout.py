@@ -82,6 +82,7 @@ MAY_IMPORT = {
 # `controlplane` (urls, asgi, celery, settings, demo, commands) composes the apps, and no app
 # imports it.
 CONTROLPLANE_SHARED = {
+    "controlplane.dbbounds",  # the gateway's own process bounds its database waits too
     "controlplane.errors",
     "controlplane.health",  # the gateway's /readyz asks the database as the web's does
     "controlplane.logging",

@@ -128,6 +128,20 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
         "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
     )
+    # A server or network that vanishes under an open connection (no RST: a host gone, a
+    # partition) is noticed by the kernel within about 30 s instead of TCP's ~15 minutes of
+    # retransmissions. Safe for long statements: a live server acknowledges while it works.
+    DATABASES["default"]["OPTIONS"].update(
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+        tcp_user_timeout=30_000,  # milliseconds
+    )
+# How long the web and gateway processes' statements may wait for a lock, and run, on
+# PostgreSQL before the request answers 503 (controlplane/dbbounds.py; Celery workers unbound).
+DATABASE_LOCK_TIMEOUT = env.float("DATABASE_LOCK_TIMEOUT", default=5)
+DATABASE_STATEMENT_TIMEOUT = env.float("DATABASE_STATEMENT_TIMEOUT", default=10)
 # Lets engineers (and CI jobs) that share one PostgreSQL server use separate test databases.
 DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default=None)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

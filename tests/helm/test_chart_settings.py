@@ -25,6 +25,8 @@ NOT_SET_BY_THE_CHART = {
     "STRIPE_API_BASE": "points Stripe calls at a stand-in (localstripe) in tests",
     "SIROCCO_K8S_REQUEST_TIMEOUT": TUNING,
     "DATABASE_CONNECT_TIMEOUT": TUNING,
+    "DATABASE_LOCK_TIMEOUT": TUNING,
+    "DATABASE_STATEMENT_TIMEOUT": TUNING,
     "SQLITE_BUSY_TIMEOUT": "a cluster runs PostgreSQL; SQLite is the embedded default's",
     "DEPLOYMENTS_MAX_REPLICAS": TUNING,
     "DEPLOYMENTS_LOAD_AVERAGE_SECONDS": TUNING,
