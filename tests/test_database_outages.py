@@ -247,39 +247,58 @@ def _postgres_env(settings_dict, port, **extra):
 @pytest.mark.skipif(
     not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="needs PostgreSQL"
 )
-def test_postgresql_that_hangs_is_a_503_within_a_bound_and_the_api_recovers(
+def test_postgresql_that_hangs_mid_request_is_a_503_within_a_bound_and_the_api_recovers(
     transactional_db, organization, make_api_key, tmp_path
 ):
-    """A blackhole: connections stay open and nothing comes back (a stuck server, a dropped
-    network behind something that still acknowledges). The server never enforces its own
-    timeouts then; the web process's client-side bound must."""
+    """A blackhole under an open connection: the request's statement is on the server, and
+    from then on nothing comes back (a stuck server, a dropped network behind something that
+    still acknowledges). The server's own timeouts cannot help (its answer is lost); the web
+    process's client-side bound must. To have the statement in flight when the cut comes, it
+    waits on a lock held by the test; the lock is released once the answer can no longer
+    arrive."""
+    import psycopg
     from django.db import connection
 
     _key, key = make_api_key(organization)
     settings_dict = connection.settings_dict
-    with FaultProxy(
-        settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432)
-    ) as proxy:
-        # Client bound: statement timeout 2 s + 3 s margin; a new connection: 2 s.
+    host, pg_port = settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432)
+    with FaultProxy(host, pg_port) as proxy:
+        # The client gives up 3 s past the statement timeout: 5 s. A new connection: 2 s.
         env = _postgres_env(
             settings_dict,
             proxy.port,
             DATABASE_CONNECT_TIMEOUT="2",
             DATABASE_STATEMENT_TIMEOUT="2",
-            DATABASE_LOCK_TIMEOUT="1",
+            DATABASE_LOCK_TIMEOUT="2",
         )
-        with web_server(env, tmp_path / "web.log") as port:
+        with (
+            web_server(env, tmp_path / "web.log") as port,
+            psycopg.connect(
+                host=host, port=pg_port, user=settings_dict["USER"], dbname=settings_dict["NAME"]
+            ) as holder,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
             status, _, body = call(port, "/api/v1/organizations/current", key=key)
             assert status == 200 and body["slug"] == organization.slug
 
+            holder.execute("LOCK TABLE accounts_apikey IN SHARE ROW EXCLUSIVE MODE")
+            started = time.monotonic()
+            write = pool.submit(
+                call, port, "/api/v1/api-keys", key=key, body={"name": "hung"}, timeout=30
+            )
+            _wait_for_a_lock_wait(holder)
             proxy.cut("blackhole")
-            for path, body in (
-                ("/api/v1/organizations/current", None),
-                ("/api/v1/api-keys", {"name": "hung"}),
-            ):
-                started = time.monotonic()
-                assert_503_problem(call(port, path, key=key, body=body), "database_unavailable")
-                assert time.monotonic() - started < 15, "a hung database answers within a bound"
+            holder.rollback()  # the server answers now; the answer is dropped
+            assert_503_problem(write.result(timeout=40), "database_unavailable")
+            assert time.monotonic() - started < 15, "a hung database answers within a bound"
+
+            # New connections hang too: bounded by the connect timeout.
+            started = time.monotonic()
+            assert_503_problem(
+                call(port, "/api/v1/organizations/current", key=key, timeout=30),
+                "database_unavailable",
+            )
+            assert time.monotonic() - started < 15
 
             proxy.restore()
             deadline = time.monotonic() + 20
@@ -290,6 +309,20 @@ def test_postgresql_that_hangs_is_a_503_within_a_bound_and_the_api_recovers(
             status, _, body = call(port, "/api/v1/api-keys", key=key, body={"name": "after"})
             assert status == 201, body
     _wait_for_other_sessions_to_end(connection)
+
+
+def _wait_for_a_lock_wait(holder, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        holder.execute("SELECT pg_stat_clear_snapshot()")  # else one snapshot per transaction
+        row = holder.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        ).fetchone()
+        if row[0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the request never waited for the lock")
 
 
 @pytest.mark.slow
