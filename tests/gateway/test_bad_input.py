@@ -3,15 +3,18 @@ response carries x-request-id."""
 
 import json
 import re
+import time
 from datetime import timedelta
 
 import httpx
 import pytest
+from django.db import OperationalError
 from django.utils import timezone
 
 from accounts.actors import Actor
 from accounts.models import APIKey
 from accounts.services import api_key_revoke
+from deployments.models import Replica
 from metering.models import UsageEvent
 
 pytestmark = pytest.mark.slow
@@ -177,16 +180,17 @@ def test_upstream_down_is_502_and_html_errors_are_wrapped(
 ):
     client, _key, _secret = setup
     make_deployment(organization, name="down", endpoints=["http://127.0.0.1:9"])
-    response = client.post("/chat/completions", json={"model": "down", "messages": CHAT})
-    assert_error(response, 502, type_="server_error", says="accepted the connection")
-    assert UsageEvent.objects.count() == 0  # never reached a replica
-
     make_deployment(
         organization,
         name="broken",
         endpoints=[upstream_server.url],
         served_model_name="stub-html-500",
     )
+    response = client.post("/chat/completions", json={"model": "down", "messages": CHAT})
+    assert_error(response, 502, type_="server_error", says="accepted the connection")
+    _wait_until_reported_unhealthy("http://127.0.0.1:9")
+    assert UsageEvent.objects.count() == 0  # never reached a replica
+
     response = client.post("/chat/completions", json={"model": "broken", "messages": CHAT})
     assert_error(response, 502, says="not an OpenAI response")
     row = UsageEvent.objects.get()
@@ -223,3 +227,19 @@ def test_spend_limit_reached_is_429_insufficient_quota(setup, organization):
     response = client.post("/chat/completions", json={"model": "chat", "messages": CHAT})
     assert_error(response, 429, type_="insufficient_quota", code="insufficient_quota")
     assert json.loads(response.content)["error"]["message"].startswith("You exceeded")
+
+
+def _wait_until_reported_unhealthy(endpoint: str) -> None:
+    """The gateway reports a refused replica from a DB thread of its own, just after the 502.
+    The test database is SQLite's shared in-memory cache, where a write that meets another
+    connection's transaction fails at once ("database table is locked") instead of waiting:
+    let the report land before this test touches the database again."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if not Replica.objects.filter(endpoint=endpoint, ready=True).exists():
+                return
+        except OperationalError:
+            pass  # the report's transaction is still open
+        time.sleep(0.05)
+    raise AssertionError(f"the gateway did not report {endpoint} as unhealthy within 10 s")
