@@ -273,12 +273,7 @@ class Completion(Exchange):
             return await self.gateway.spend.position(self.caller.organization_id)
         except (redis.RedisError, OSError):
             logger.exception("the spend counters in Redis are unreachable")
-            raise upstream_error(
-                503,
-                "Spend limits cannot be checked right now. Retry shortly.",
-                retry_after=1,
-                code="rate_limiter_unavailable",
-            ) from None
+            raise _limiter_unavailable("Spend limits") from None
 
     def _limits(self, tokens: int) -> list[Limit]:
         config, caller = self.gateway.config, self.caller
@@ -297,12 +292,7 @@ class Completion(Exchange):
             admission = await self.gateway.limiter.admit(limits, hold)
         except (redis.RedisError, OSError):
             logger.exception("the rate limiter is unreachable")
-            raise upstream_error(
-                503,
-                "Rate limits cannot be checked right now. Retry shortly.",
-                retry_after=1,
-                code="rate_limiter_unavailable",
-            ) from None
+            raise _limiter_unavailable("Rate limits") from None
         self.rate_headers = admission.headers()
         if not admission.allowed:
             if admission.cause == "spend":
@@ -829,4 +819,14 @@ def _rate_limited(admission: Admission, caller: Caller) -> GatewayError:
         type=unit,
         code="rate_limit_exceeded",
         headers=[(b"retry-after", str(math.ceil(wait)).encode())],
+    )
+
+
+def _limiter_unavailable(what: str) -> GatewayError:
+    """Redis, which holds the limits and the spend counters, did not answer: retry soon."""
+    return upstream_error(
+        503,
+        f"{what} cannot be checked right now. Retry shortly.",
+        retry_after=1,
+        code="rate_limiter_unavailable",
     )
