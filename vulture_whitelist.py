@@ -79,3 +79,6 @@ _._csp_update  # a response's policy change, read by django-csp's middleware
 # controlplane/dbbounds.py turns a psycopg connection into its bounded subclass by assigning
 # __class__ (psycopg's connect() takes no connection class); Python reads it, not our code.
 _.__class__
+
+# runtime/tokenizer.py: Jinja calls an extension's method by the name given to call_method().
+_._body

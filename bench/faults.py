@@ -36,6 +36,7 @@ Writes bench/results/faults.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -63,14 +64,65 @@ def log(message: str) -> None:
     print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
 
 
+def _logged_at(path: Path, pattern: str, *, after: float) -> float | None:
+    """Wall-clock time of the first line of a log (Python's `%(asctime)s`, this machine's
+    local time) matching `pattern` and logged after `after`."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", line)
+            if stamp and re.search(pattern, line):
+                at = datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if at >= after:
+                    return at
+    return None
+
+
+class _StatusWatch:
+    """Polls the deployment's status and its replicas' readiness in the database every 10 ms
+    from a thread: when it stopped saying ready, and when a replica was listed ready again."""
+
+    def __init__(self, platform: Platform, deployment_id: str):
+        self.not_ready_at: float | None = None
+        self.listed_ready_at: float | None = None
+        self._stop = threading.Event()
+
+        def follow() -> None:
+            while not self._stop.is_set():
+                state = platform.deployment(deployment_id)
+                now = time.time()
+                if self.not_ready_at is None and (
+                    state["status"] != "ready" or not state["ready_replicas"]
+                ):
+                    self.not_ready_at = now
+                elif self.not_ready_at is not None and self.listed_ready_at is None:
+                    [(ready,)] = platform.query(
+                        "SELECT COUNT(*) FROM deployments_replica WHERE deployment_id = ? "
+                        "AND ready",
+                        deployment_id.replace("-", ""),
+                    )
+                    if ready:
+                        self.listed_ready_at = now
+                self._stop.wait(0.01)
+
+        self._thread = threading.Thread(target=follow, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def replica_kill(platform: Platform, args) -> dict:
     deployment_id = platform.deploy("killed")
     platform.wait_ready(deployment_id)
     while platform.chat("killed") != 200:  # the gateway's route has the replica
         time.sleep(0.1)
+    time.sleep(1.0)  # the passes of its start are over
     [pid] = platform.replica_pids(deployment_id)
+    folder = platform.folder / "replicas" / deployment_id
     codes: dict[int, int] = {}
-    not_ready_at = ready_again_early = replacement_at = None
+    ready_again_early = replacement_at = None
+    status = _StatusWatch(platform, deployment_id)
     killed = time.monotonic()
     killed_wall = time.time()
     os.kill(pid, signal.SIGKILL)
@@ -82,14 +134,12 @@ def replica_kill(platform: Platform, args) -> dict:
             break
         codes[code] = codes.get(code, 0) + 1
         state = platform.deployment(deployment_id)
-        if not_ready_at is None and state["status"] != "ready":
-            not_ready_at = now
         if replacement_at is None:
             replacement = [p for p in platform.replica_pids(deployment_id) if p != pid]
             if replacement:
                 replacement_at = (process_started_at(replacement[0]) or time.time()) - killed_wall
         if (
-            not_ready_at is not None
+            status.not_ready_at is not None
             and state["status"] == "ready"
             and not platform.replica_answers(deployment_id)
         ):
@@ -97,23 +147,43 @@ def replica_kill(platform: Platform, args) -> dict:
         if now > 120:
             raise RuntimeError("not serving again within 120 s")
         time.sleep(0.02)
-    if not_ready_at is None:
-        # Recovered before the status was read even once: read what it went through.
-        not_ready_at = served_at
-    loads = [
-        line
-        for line in (platform.folder / "replicas" / deployment_id).glob("*.log")
-        for line in line.read_text().splitlines()
-        if "ready in" in line
-    ]
+    time.sleep(0.5)
+    status.stop()
+    logs = sorted(folder.glob("*.log"))
+    loads = [line for log in logs for line in log.read_text().splitlines() if "ready in" in line]
     events = [e for e in platform.events(deployment_id) if "exited" in e[1]]
+    exit_record = {}
+    for path in folder.glob("*.exit"):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text())
+            if record.get("pid") == pid:
+                exit_record = record
+
+    def since_kill(moment: float | None) -> float | None:
+        return round(moment - killed_wall, 3) if moment is not None else None
+
+    worker_log = platform.folder / "worker.log"
+    [replica_log] = logs or [Path("/nonexistent")]
     return {
         "serving_again_seconds": round(served_at, 2),
         "goal_seconds": 3.0,
-        "replacement_process_started_after_seconds": round(replacement_at, 2)
-        if replacement_at is not None
-        else None,
-        "status_not_ready_after_seconds": round(not_ready_at, 2),
+        # Each stage, in seconds after the kill (wall clock; logs have millisecond stamps).
+        "stages": {
+            "exit_noticed": since_kill(exit_record.get("exited_at")),
+            "restart_pass_began": since_kill(
+                _logged_at(worker_log, r"reconcile \S+: replica .* exited", after=killed_wall)
+            ),
+            "replacement_process_started": round(replacement_at, 3)
+            if replacement_at is not None
+            else None,
+            "runtime_listening": since_kill(
+                _logged_at(replica_log, r"INFO runtime.server: serving", after=killed_wall)
+            ),
+            "runtime_ready": since_kill(_logged_at(replica_log, r"ready in", after=killed_wall)),
+            "status_not_ready": since_kill(status.not_ready_at),
+            "replica_listed_ready_again": since_kill(status.listed_ready_at),
+            "gateway_serving": round(served_at, 3),
+        },
         "status_said_ready_with_no_replica_at": ready_again_early,
         "failed_requests_meanwhile": codes,
         "runtime_load_lines": loads[-2:],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -25,9 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from runtime.tokenizer import ChatTokenizer, TemplateError
 
 if TYPE_CHECKING:
     from gateway.tokenizer_files import TokenizerSource
@@ -36,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 RETRY_FAILED_LOAD_SECONDS = 60
 TOKENS_PER_MESSAGE_ESTIMATE = 4
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def prompt_token_bound(body_bytes: int) -> int:
@@ -64,47 +60,27 @@ def message_text(content) -> str:
 
 
 class ModelTokenizer:
-    """A model version's tokenizer and chat template."""
+    """A model version's tokenizer and chat template, loaded and rendered by the runtime's own
+    class (runtime/tokenizer.py), so the gateway counts the prompt the replica renders."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config = _read_json(folder / "tokenizer_config.json")
-        special = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}
-        if "added_tokens_decoder" not in config:
-            # transformers' legacy rule: without added_tokens_decoder in the config,
-            # special_tokens_map.json's tokens win.
-            legacy = _read_json(folder / "special_tokens_map.json")
-            special.update((name, legacy[name]) for name in SPECIAL_TOKEN_NAMES if name in legacy)
-        self._special = {name: _token_text(value) for name, value in special.items()}
-        # A chat_template.jinja file takes priority over the config's template (transformers).
-        template_path = folder / "chat_template.jinja"
-        if template_path.exists():
-            template = template_path.read_text(encoding="utf-8")
-        else:
-            template = config.get("chat_template")
-            if isinstance(template, list):  # named templates: the default one
-                template = next(
-                    (t["template"] for t in template if t.get("name") == "default"), None
-                )
-        self._template = _compile_template(template) if template else None
+        self._tokenizer = ChatTokenizer(folder)
 
     def count_text(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+        return len(self._tokenizer.encode(text))
 
     def count_chat(self, messages: list[dict]) -> int:
         rendered = [
             {"role": m.get("role"), "content": message_text(m.get("content"))} for m in messages
         ]
-        if self._template is None:
+        if self._tokenizer.chat_template is None:
             return sum(
                 self.count_text(m["content"]) + TOKENS_PER_MESSAGE_ESTIMATE for m in rendered
             )
         try:
-            text = self._template.render(
-                messages=rendered, add_generation_prompt=True, **self._special
-            )
-        except TemplateError:
+            text = self._tokenizer.render_chat(rendered, add_generation_prompt=True)
+        except (TemplateError, ValueError):
             # The replica will refuse these messages too; the reservation is only an estimate.
             return estimate_chat(messages)
         return self.count_text(text)
@@ -140,32 +116,6 @@ def _count_prompt_list(prompt: list, count_text: Callable[[str], int]) -> int:
         elif isinstance(item, list):
             total += len(item)
     return total
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
-    return value if isinstance(value, dict) else {}
-
-
-def _token_text(value) -> str:
-    if isinstance(value, dict):
-        return value.get("content", "")
-    return value or ""
-
-
-def _raise_exception(message):
-    raise TemplateError(message)
-
-
-def _compile_template(source: str):
-    # The environment transformers renders chat templates with (sandboxed, same whitespace).
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    environment.globals["raise_exception"] = _raise_exception
-    return environment.from_string(source)
 
 
 class Tokenizers:

@@ -362,16 +362,16 @@ def load_model(
     cuda_graphs: bool = True,
 ) -> LoadedModel:
     import torch
-    from transformers import AutoTokenizer
 
     from runtime.loader import resolve_model
     from runtime.model import MixtralRunner, load_mixtral
+    from runtime.tokenizer import ChatTokenizer
 
     torch_device = torch.device(device)
     torch_dtype = _torch_dtype(dtype, torch_device)
     folder = resolve_model(model, cache_dir=download_dir)
     spec, weights = load_mixtral(folder, dtype=torch_dtype, device=torch_device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = ChatTokenizer(folder)  # not transformers: its import alone costs a second
     context = max_model_len or spec.max_position_embeddings
     if context > spec.max_position_embeddings:
         raise ValueError(
