@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from runtime.block_manager import SCRATCH_BLOCK  # noqa: E402
 from runtime.engine import Engine, SamplingParams  # noqa: E402
 from runtime.model import MixtralRunner, ModelSpec, random_mixtral  # noqa: E402
 from runtime.tiny_moe import build_tiny_moe  # noqa: E402
@@ -123,7 +124,7 @@ def measure_engine(runner: MixtralRunner, decode, batch: int, steps: int, warmup
         engine.step()
     synchronize(runner.device)
     elapsed = time.perf_counter() - started
-    while engine.step():  # finish the requests so every cache row is free again
+    while engine.step():  # finish the requests so every cache block is free again
         pass
     steps_per_second = steps / elapsed
     return {
@@ -259,8 +260,8 @@ def main() -> None:
         max_model_len=args.max_model_len,
         batch_invariant=False,
     )
-    runner.prefill(0, list(range(8)))
-    runner.decode([1], [8])
+    runner.prefill([SCRATCH_BLOCK], list(range(8)))
+    runner.decode([1], [8], [[SCRATCH_BLOCK]])
     element = torch.finfo(dtype).bits // 8
     results = []
 

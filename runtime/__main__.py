@@ -36,6 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    # vLLM's names for the same knobs (https://docs.vllm.ai/en/stable/cli/serve.html).
+    serve.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)"
+    )
+    serve.add_argument(
+        "--num-gpu-blocks-override",
+        type=int,
+        default=None,
+        help="KV-cache blocks, on CPU too (default: max-num-seqs full-length sequences' worth)",
+    )
+    serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before (default: on)",
+    )
     serve.add_argument(
         "--cpu-threads",
         type=int,
@@ -98,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.max_num_seqs < 1:
         parser.error("--max-num-seqs must be at least 1")
+    if args.block_size < 1:
+        parser.error("--block-size must be at least 1")
+    if args.num_gpu_blocks_override is not None and args.num_gpu_blocks_override < 2:
+        parser.error("--num-gpu-blocks-override must be at least 2")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         parser.error("--cpu-threads must be at least 1")
     if args.device == "cpu":

@@ -1,11 +1,18 @@
 """Continuous (iteration-level) batching over `MixtralRunner`.
 
 Each iteration of `Engine.step`:
-1. drops cancelled requests (their cache rows are free again at once);
-2. admits waiting requests while rows are free, running each prompt alone (prefill) and sampling
+1. drops cancelled requests (their cache blocks are free again at once);
+2. admits waiting requests while the KV cache has blocks for their prompts, reusing the blocks of
+   any cached prefix (`BlockManager`), running the rest of each prompt alone (prefill) and sampling
    its first token, so a newcomer never waits for the running ones to finish;
-3. runs one decode forward pass over every running sequence and samples one token each;
+3. gives every running sequence a block for its next position, preempting the newest sequences
+   when none is free (they go back to the head of the queue and are recomputed from their tokens,
+   mostly from the prefix cache, as vLLM's recompute preemption does), then runs one decode
+   forward pass over every running sequence and samples one token each;
 4. detokenizes, applies stop conditions and hands each request its new text.
+
+Admission never fails for want of blocks: a request waits until blocks free up, and `submit`
+refuses one whose prompt plus max_tokens could never fit in the whole cache.
 
 The engine runs on its own thread (`run_forever`); requests come in and results go out through
 thread-safe queues and per-request `sink` callbacks. `transformers`' continuous batching manager
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.block_manager import BlockManager, block_hashes
 from runtime.model import MixtralRunner
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,7 @@ class GenerationEvent:
     completion_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
 
 
 class EngineListener:
@@ -63,6 +72,12 @@ class EngineListener:
         pass
 
     def on_prompt(self, *, tokens: int) -> None:
+        pass
+
+    def on_prefix_cache(self, *, queried_tokens: int, hit_tokens: int) -> None:
+        pass
+
+    def on_preemption(self) -> None:
         pass
 
     def on_generated(self, *, tokens: int) -> None:
@@ -75,7 +90,7 @@ class EngineListener:
         pass
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -91,6 +106,10 @@ class _Sequence:
     prefix_text: str = ""  # decode(output_ids[prefix_offset:read_offset])
     first_token_at: float | None = None
     finish_reason: str | None = None
+    block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # of the full blocks in the cache
+    cached_tokens: int = 0  # prompt tokens the first admission found in the prefix cache
+    admitted: bool = False  # once; a preempted sequence is admitted again to recompute
 
     @property
     def length(self) -> int:
@@ -105,6 +124,7 @@ class Engine:
         eos_token_ids: Iterable[int],
         *,
         max_prefill_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
         listener: EngineListener | None = None,
     ):
         """`decode` turns token ids into text (special tokens skipped)."""
@@ -115,12 +135,19 @@ class Engine:
         self.max_model_len = runner.max_model_len
         self.max_prefill_tokens = max_prefill_tokens
         self.listener = listener or EngineListener()
+        self.blocks = BlockManager(
+            runner.num_blocks, runner.block_size, enable_prefix_caching=enable_prefix_caching
+        )
+        # Blocks filled by decode steps are reusable only where their keys and values are what a
+        # prefill of the same tokens computes; on CPU (batch-invariant) decode attention is
+        # another kernel, so only prefilled blocks are published there.
+        self._publish_decoded_blocks = not runner.batch_invariant
         self._incoming: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
         self._cancelled: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # running[i] lives in cache row i
+        self._running: list[_Sequence] = []  # in admission order (the newest is preempted)
         self._unseeded = torch.Generator()
         self._unseeded.seed()  # requests without a seed get non-reproducible samples
 
@@ -140,6 +167,11 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is over "
                 f"the context length of {self.max_model_len} tokens"
             )
+        if self.blocks.blocks_for(len(prompt_ids) + params.max_tokens) > self.blocks.usable_blocks:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is over "
+                f"the KV cache's {self.blocks.usable_blocks * self.blocks.block_size} tokens"
+            )
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
@@ -156,7 +188,7 @@ class Engine:
         self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request (its client went away); its row is freed at the next iteration."""
+        """Stop a request (its client went away); its blocks are freed at the next iteration."""
         self._cancelled.put(request_id)
         self._wakeup.set()
 
@@ -196,8 +228,7 @@ class Engine:
         self.listener.on_step(
             running=len(self._running),
             waiting=self.num_waiting,
-            kv_cache_usage=sum(s.length for s in self._running)
-            / (self.max_num_seqs * self.max_model_len),
+            kv_cache_usage=self.blocks.usage,
         )
         return busy
 
@@ -218,52 +249,103 @@ class Engine:
         if not cancelled:
             return
         self._waiting = deque(s for s in self._waiting if s.request_id not in cancelled)
-        for row in reversed(range(len(self._running))):
-            sequence = self._running[row]
+        for sequence in list(self._running):
             if sequence.request_id in cancelled:
                 sequence.finish_reason = FINISH_ABORT
                 self._report_finished(sequence)
-                self._free_row(row)
+                self._release(sequence)
 
     def _admit_waiting(self) -> None:
         budget = self.max_prefill_tokens
         admitted = 0
         while self._waiting and len(self._running) < self.max_num_seqs:
             sequence = self._waiting[0]
-            if admitted and len(sequence.prompt_ids) > budget:
+            # A preempted sequence is recomputed from all its tokens (the prompt and the output
+            # so far); the logits of the last one give its next token, as a decode step would.
+            tokens = sequence.prompt_ids + sequence.output_ids
+            if admitted and len(tokens) > budget:
                 break
+            keys = block_hashes(tokens, self.blocks.block_size)
+            allocation = self.blocks.allocate(keys, len(tokens))
+            if allocation is None:
+                break  # wait until running sequences finish (or are preempted) and free blocks
             self._waiting.popleft()
-            row = len(self._running)
+            sequence.block_table, cached = allocation
+            if not sequence.admitted:
+                sequence.cached_tokens = cached
+                self.listener.on_prefix_cache(queried_tokens=len(tokens), hit_tokens=cached)
+                self.listener.on_prompt(tokens=len(tokens))
+            sequence.admitted = True
             self._running.append(sequence)  # before the forward pass, so a failure reaches it
-            logits = self.runner.prefill(row, sequence.prompt_ids)
-            self.listener.on_prompt(tokens=len(sequence.prompt_ids))
-            budget -= len(sequence.prompt_ids)
+            logits = self.runner.prefill(sequence.block_table, tokens, start=cached)
+            sequence.block_keys = keys
+            self.blocks.publish(sequence.block_table, keys)
+            budget -= len(tokens) - cached
             admitted += 1
             token = self._sample(logits[None], [sequence])[0]
             self._accept(sequence, token)
             if sequence.finish_reason is not None:
-                self._free_row(row)
+                self._release(sequence)
+
+    def _reserve_decode_slots(self) -> None:
+        """A cache slot for each running sequence's next position, oldest sequences first;
+        when no block is free the newest sequence is preempted (possibly the one asking)."""
+        index = 0
+        while index < len(self._running):
+            sequence = self._running[index]
+            while len(sequence.block_table) < self.blocks.blocks_for(sequence.length):
+                if self.blocks.append_block(sequence.block_table):
+                    continue
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is sequence:
+                    break
+            else:
+                index += 1
+
+    def _preempt(self, sequence: _Sequence) -> None:
+        self._running = [s for s in self._running if s is not sequence]
+        self.blocks.free(sequence.block_table)
+        sequence.block_table, sequence.block_keys = [], []
+        self._waiting.appendleft(sequence)
+        self.listener.on_preemption()
 
     def _decode_running(self) -> None:
+        self._reserve_decode_slots()
         sequences = list(self._running)
+        if not sequences:
+            return
         logits = self.runner.decode(
-            [s.output_ids[-1] for s in sequences], [s.length - 1 for s in sequences]
+            [s.output_ids[-1] for s in sequences],
+            [s.length - 1 for s in sequences],
+            [s.block_table for s in sequences],
         )
+        if self._publish_decoded_blocks:
+            for sequence in sequences:
+                self._publish_full_blocks(sequence)
         tokens = self._sample(logits, sequences)
         for sequence, token in zip(sequences, tokens, strict=True):
             self._accept(sequence, token)
-        for row in reversed(range(len(self._running))):
-            if self._running[row].finish_reason is not None:
-                self._free_row(row)
+        for sequence in sequences:
+            if sequence.finish_reason is not None:
+                self._release(sequence)
 
-    def _free_row(self, row: int) -> None:
-        last = len(self._running) - 1
-        if row != last:
-            moved = self._running[last]
-            # Its newest token has no cache entry yet: it is fed at the next decode step.
-            self.runner.move_row(last, row, moved.length - 1)
-            self._running[row] = moved
-        self._running.pop()
+    def _publish_full_blocks(self, sequence: _Sequence) -> None:
+        """Key and publish the blocks the decode step just filled (positions < length)."""
+        done = len(sequence.block_keys)
+        if sequence.length // self.blocks.block_size <= done:
+            return
+        tokens = sequence.prompt_ids + sequence.output_ids
+        parent = sequence.block_keys[-1] if done else None
+        keys = block_hashes(tokens, self.blocks.block_size, start=done, parent=parent)
+        sequence.block_keys.extend(keys)
+        self.blocks.publish(sequence.block_table, sequence.block_keys, start=done)
+
+    def _release(self, sequence: _Sequence) -> None:
+        """Take a finished or cancelled sequence out of the batch and free its blocks."""
+        self._running = [s for s in self._running if s is not sequence]
+        self.blocks.free(sequence.block_table)
+        sequence.block_table = []
 
     def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
         """Greedy where temperature is 0; else temperature and nucleus (top-p) sampling."""
@@ -355,6 +437,7 @@ class Engine:
                 prompt_tokens=len(sequence.prompt_ids),
                 completion_tokens=len(sequence.output_ids),
                 finish_reason=sequence.finish_reason,
+                cached_tokens=sequence.cached_tokens,
             )
         )
 
@@ -368,6 +451,9 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         failed = list(self._running) + list(self._waiting)
+        for sequence in self._running:
+            self.blocks.free(sequence.block_table)
+            sequence.block_table = []
         self._running.clear()
         self._waiting.clear()
         for sequence in failed:

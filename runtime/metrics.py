@@ -39,13 +39,38 @@ class PrometheusListener(EngineListener):
         self.kv_cache_usage = labelled(
             Gauge(
                 "vllm:kv_cache_usage_perc",
-                "Fraction of KV-cache positions in use (1 = full).",
+                "Fraction of KV-cache blocks in use (1 = full).",
                 label,
                 registry=registry,
             )
         )
         self.prompt_tokens = labelled(
             Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=registry)
+        )
+        # vLLM v1's prefix-cache counters, in tokens: hit rate = hits / queries.
+        self.prefix_cache_queries = labelled(
+            Counter(
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                label,
+                registry=registry,
+            )
+        )
+        self.prefix_cache_hits = labelled(
+            Counter(
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                label,
+                registry=registry,
+            )
+        )
+        self.preemptions = labelled(
+            Counter(
+                "vllm:num_preemptions",
+                "Sequences preempted for want of KV-cache blocks.",
+                label,
+                registry=registry,
+            )
         )
         self.generation_tokens = labelled(
             Counter("vllm:generation_tokens", "Tokens generated.", label, registry=registry)
@@ -83,6 +108,13 @@ class PrometheusListener(EngineListener):
 
     def on_prompt(self, *, tokens: int) -> None:
         self.prompt_tokens.inc(tokens)
+
+    def on_prefix_cache(self, *, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_cache_queries.inc(queried_tokens)
+        self.prefix_cache_hits.inc(hit_tokens)
+
+    def on_preemption(self) -> None:
+        self.preemptions.inc()
 
     def on_generated(self, *, tokens: int) -> None:
         self.generation_tokens.inc(tokens)

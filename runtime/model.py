@@ -1,4 +1,4 @@
-"""The Mixtral forward pass the engine runs, over a KV cache with one row per running sequence.
+"""The Mixtral forward pass the engine runs, over a paged KV cache (see runtime/block_manager.py).
 
 Weights come from a Hugging Face Mixtral folder's safetensors files; the forward pass is ours
 because the engine needs two things transformers' modules don't give together:
@@ -8,13 +8,12 @@ because the engine needs two things transformers' modules don't give together:
   picks other kernels (other summation orders) for GEMMs of 1-3 rows and vectorised kernels leave
   a scalar tail whose transcendental functions round differently, so in `batch_invariant` mode
   every token batch is padded to a multiple of `ROW_MULTIPLE` rows and attention runs per
-  sequence over exactly that sequence's cache, the same call as when it runs alone.
+  sequence over exactly that sequence's cache, the same call as when it runs alone. Prefill
+  attention runs block by block so that a prefix-cache hit gives the same bits as no hit.
 * **No host synchronisation in the GPU decode step**: experts run as two grouped GEMMs over
-  tokens sorted by expert (offsets stay on the device), and attention reads the cache rows in
-  place, so the step can be queued ahead of the GPU and captured in a CUDA graph.
-
-Cache rows are compact: running sequence number i lives in cache row i (the engine moves the last
-row into a freed one), so batched attention reads `cache[:batch]` without a gather.
+  tokens sorted by expert (offsets stay on the device), and attention gathers each sequence's
+  blocks through a slot matrix held on the device, so the step can be queued ahead of the GPU
+  and captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from runtime.block_manager import SCRATCH_BLOCK
 
 # Row counts that MKL's sgemm treats alike (measured on AVX-512: GEMMs of 1, 2, 3, 5 and 7 rows
 # use other kernels; multiples of 4 agree row for row, in any position, with 1 to 4 threads).
@@ -272,7 +273,11 @@ def random_mixtral(
 
 
 class MixtralRunner:
-    """Prefill and decode over a preallocated KV cache of `max_num_seqs` rows."""
+    """Prefill and decode over a paged KV cache of `num_blocks` blocks of `block_size` positions.
+
+    Per layer the cache is [kv_heads, num_blocks * block_size, head_dim]: position p of a
+    sequence with block table t lives in slot t[p // block_size] * block_size + p % block_size.
+    """
 
     def __init__(
         self,
@@ -282,15 +287,23 @@ class MixtralRunner:
         max_num_seqs: int,
         max_model_len: int,
         batch_invariant: bool,
+        num_blocks: int | None = None,
+        block_size: int = 16,
     ):
         self.spec = spec
         self.weights = weights
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.batch_invariant = batch_invariant
+        self.block_size = block_size
+        # By default as many positions as one full-length row per sequence (the cache this
+        # runner had before it was paged), plus the scratch block.
+        self.num_blocks = num_blocks or (-(-max_num_seqs * max_model_len // block_size) + 1)
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
-        cache_shape = (max_num_seqs, spec.num_kv_heads, max_model_len, spec.head_dim)
+        # Zeros, not empty: masked positions are multiplied by a probability of exactly 0, and
+        # 0 * NaN from uninitialised memory would be NaN.
+        cache_shape = (spec.num_kv_heads, self.num_blocks * block_size, spec.head_dim)
         self.k_cache = [
             torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
             for _ in range(spec.num_layers)
@@ -304,11 +317,13 @@ class MixtralRunner:
             spec.rope_theta
             ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim)
         )
-        freqs = torch.arange(max_model_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        padded_len = _round_up(max_model_len, block_size)
+        freqs = torch.arange(padded_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)
         self.rope_cos = angles.cos().to(device=self.device, dtype=self.dtype)
         self.rope_sin = angles.sin().to(device=self.device, dtype=self.dtype)
-        self.positions = torch.arange(max_model_len, device=self.device)
+        self.positions = torch.arange(padded_len, device=self.device)
+        self._block_offsets = torch.arange(block_size, device=self.device)
         self.scale = 1.0 / math.sqrt(spec.head_dim)
         self._grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
@@ -319,65 +334,145 @@ class MixtralRunner:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
-    @torch.inference_mode()
-    def prefill(self, row: int, token_ids: list[int]) -> torch.Tensor:
-        """Run a prompt alone into cache row `row`; return the float32 logits of its last token."""
-        length = len(token_ids)
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        positions = self.positions[:length]
-        hidden = self._pad(F.embedding(tokens, self.weights.embed))
-        for index, layer in enumerate(self.weights.layers):
-            q, k, v = self._qkv(hidden, length, layer, positions)
-            self.k_cache[index][row, :, :length] = k.transpose(0, 1)
-            self.v_cache[index][row, :, :length] = v.transpose(0, 1)
-            attention = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
-                scale=self.scale,
-                enable_gqa=True,
-            )[0].transpose(0, 1)
-            hidden = self._attention_out_and_moe(
-                hidden, self._pad(attention.reshape(length, -1)), length, layer
-            )
-        return self._logits(self._pad(hidden[length - 1 : length]))[0]
+    def _slots(self, block_table: list[int], num_blocks: int) -> torch.Tensor:
+        """Cache slots of the first `num_blocks` blocks of a table, position by position."""
+        blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+        return (blocks[:, None] * self.block_size + self._block_offsets[None, :]).reshape(-1)
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of cache rows 0..len-1; return float32 logits [rows, vocab]."""
+    def prefill(self, block_table: list[int], token_ids: list[int], start: int = 0) -> torch.Tensor:
+        """Compute the cache entries of `token_ids[start:]` (those before `start` are in the cache
+        already: a prefix-cache hit) and return the float32 logits of the last token.
+
+        In batch-invariant mode `start` is a multiple of `block_size` and attention runs block by
+        block, each block of queries over the keys up to its own end: a position's numbers then
+        depend only on the tokens up to its block's end, so they are the same bits whether the
+        prefix came from the cache or was computed here, and whatever follows the prompt."""
+        length = len(token_ids)
+        new = length - start
+        if new < 1:
+            raise ValueError("prefill needs at least one token to compute")
+        if self.batch_invariant and start % self.block_size:
+            raise ValueError("a cached prefix must be whole blocks in batch-invariant mode")
+        num_blocks = -(-length // self.block_size)
+        slots = self._slots(block_table, num_blocks)  # [num_blocks * block_size]
+        new_slots = slots[start:length]
+        tokens = torch.tensor(token_ids[start:], dtype=torch.long, device=self.device)
+        positions = self.positions[start:length]
+        hidden = self._pad(F.embedding(tokens, self.weights.embed))
+        for index, layer in enumerate(self.weights.layers):
+            q, k, v = self._qkv(hidden, new, layer, positions)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[:, new_slots] = k.transpose(0, 1)
+            v_cache[:, new_slots] = v.transpose(0, 1)
+            keys, values = k_cache[:, slots], v_cache[:, slots]  # [kv_heads, blocks * size, dim]
+            if self.batch_invariant:
+                attention = self._blockwise_attention(q, keys, values, start)
+            else:
+                attention = self._prefix_attention(q, keys[:, :length], values[:, :length], start)
+            hidden = self._attention_out_and_moe(hidden, self._pad(attention), new, layer)
+        return self._logits(self._pad(hidden[new - 1 : new]))[0]
+
+    def _prefix_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Causal attention of queries at positions start.. over keys 0..: [new, heads * dim]."""
+        new = q.shape[0]
+        mask = None
+        if start:
+            mask = self.positions[None, : start + new] <= self.positions[start : start + new, None]
+        attention = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            keys[None],
+            values[None],
+            attn_mask=mask,
+            is_causal=not start,
+            scale=self.scale,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        return attention.reshape(new, -1)
+
+    def _blockwise_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Attention one block of queries at a time, each over the keys up to its block's end,
+        padded to a whole block (the same call for a block whatever came before or after)."""
+        new, size = q.shape[0], self.block_size
+        padded = _round_up(new, size)
+        if padded != new:
+            q = torch.cat([q, q.new_zeros(padded - new, *q.shape[1:])])
+        output = q.new_empty(padded, self.spec.num_heads * self.spec.head_dim)
+        for first in range(0, padded, size):
+            end = start + first + size  # absolute position past this block
+            mask = self.positions[None, :end] <= self.positions[start + first : end, None]
+            output[first : first + size] = (
+                F.scaled_dot_product_attention(
+                    q[first : first + size].transpose(0, 1)[None],
+                    keys[None, :, :end],
+                    values[None, :, :end],
+                    attn_mask=mask,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )[0]
+                .transpose(0, 1)
+                .reshape(size, -1)
+            )
+        return output[:new]
+
+    @torch.inference_mode()
+    def decode(
+        self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """One token for each sequence (its position and block table); float32 logits [seqs,
+        vocab]. The tables must hold a slot for each sequence's position."""
         batch = len(token_ids)
         if self.batch_invariant:
             tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
             position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
-            return self._decode_per_sequence_attention(tokens, position_tensor, positions)
+            return self._decode_per_sequence_attention(
+                tokens, position_tensor, positions, block_tables
+            )
         attend_len = self._attend_len(max(positions) + 1)
+        slot_matrix = self._slot_matrix(block_tables, attend_len, batch)
         if self._graphs:
-            return self._replay(token_ids, positions, attend_len)
+            return self._replay(token_ids, positions, slot_matrix, attend_len)
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self.decode_tensors(tokens, position_tensor, attend_len)[:batch]
+        return self.decode_tensors(tokens, position_tensor, slot_matrix)[:batch]
+
+    def _slot_matrix(
+        self, block_tables: list[list[int]], attend_len: int, rows: int
+    ) -> torch.Tensor:
+        """[rows, attend_len] cache slots; past a table's end (and in spare rows): scratch."""
+        blocks = -(-attend_len // self.block_size)
+        padded = [
+            table[:blocks] + [SCRATCH_BLOCK] * (blocks - len(table)) for table in block_tables
+        ]
+        padded += [[SCRATCH_BLOCK] * blocks] * (rows - len(block_tables))
+        table = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
+        slots = table[:, :, None] * self.block_size + self._block_offsets[None, None, :]
+        return slots.reshape(rows, -1)[:, :attend_len]
 
     def decode_tensors(
-        self, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int
+        self, tokens: torch.Tensor, positions: torch.Tensor, slot_matrix: torch.Tensor
     ) -> torch.Tensor:
         """Batched decode with no host synchronisation (the step a CUDA graph captures)."""
         spec = self.spec
-        batch = tokens.shape[0]
+        batch, attend_len = slot_matrix.shape
         group = spec.num_heads // spec.num_kv_heads
-        rows = torch.arange(batch, device=self.device)
+        write_slots = slot_matrix.gather(1, positions[:, None])[:, 0]  # [batch]
         # Cache positions past each row's current token: [batch, 1, 1, attend_len].
         beyond = (self.positions[None, :attend_len] > positions[:, None])[:, None, None, :]
         hidden = F.embedding(tokens, self.weights.embed)
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(hidden, batch, layer, positions)
-            self.k_cache[index][rows, :, positions] = k
-            self.v_cache[index][rows, :, positions] = v
-            # Grouped-query attention as two batched GEMMs over the cache rows in place: each
+            self.k_cache[index][:, write_slots] = k.transpose(0, 1)
+            self.v_cache[index][:, write_slots] = v.transpose(0, 1)
+            # Grouped-query attention as two batched GEMMs over the gathered blocks: each
             # key/value head is read once for its `group` query heads (no expanded copies).
             queries = q.view(batch, spec.num_kv_heads, group, spec.head_dim)
-            keys = self.k_cache[index][:batch, :, :attend_len]
-            values = self.v_cache[index][:batch, :, :attend_len]
+            keys = self.k_cache[index][:, slot_matrix].transpose(0, 1)  # [batch, kv, len, dim]
+            values = self.v_cache[index][:, slot_matrix].transpose(0, 1)
             scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * self.scale
             probs = torch.softmax(scores.masked_fill(beyond, float("-inf")), dim=-1)
             attention = torch.matmul(probs.to(values.dtype), values)
@@ -390,8 +485,7 @@ class MixtralRunner:
         """Capture the decode step for every batch bucket and attention length; return how many.
 
         Replaying a graph launches the step's ~1,500 kernels at once instead of one Python call
-        each. Capture writes scratch keys and values into every cache row, so it must run before
-        any sequence is admitted.
+        each. Capture writes scratch keys and values into the scratch block only.
         """
         if self.device.type != "cuda" or self.batch_invariant:
             return 0
@@ -402,26 +496,37 @@ class MixtralRunner:
             for length in lengths:
                 tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
                 positions = torch.zeros(bucket, dtype=torch.long, device=self.device)
+                slot_matrix = torch.zeros(bucket, length, dtype=torch.long, device=self.device)
                 with torch.inference_mode():
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream):
-                        self.decode_tensors(tokens, positions, length)  # warm-up, off-graph
+                        self.decode_tensors(tokens, positions, slot_matrix)  # warm-up, off-graph
                     torch.cuda.current_stream().wait_stream(stream)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._graph_pool):
-                        logits = self.decode_tensors(tokens, positions, length)
+                        logits = self.decode_tensors(tokens, positions, slot_matrix)
                 self._graph_pool = graph.pool()
-                self._graphs[(bucket, length)] = _DecodeGraph(graph, tokens, positions, logits)
+                self._graphs[(bucket, length)] = _DecodeGraph(
+                    graph, tokens, positions, slot_matrix, logits
+                )
         self._batch_buckets = batch_buckets
         return len(self._graphs)
 
-    def _replay(self, token_ids: list[int], positions: list[int], attend_len: int) -> torch.Tensor:
+    def _replay(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slot_matrix: torch.Tensor,
+        attend_len: int,
+    ) -> torch.Tensor:
         batch = len(token_ids)
         bucket = next(b for b in self._batch_buckets if b >= batch)
         captured = self._graphs[(bucket, attend_len)]
-        padding = [0] * (bucket - batch)  # spare rows write scratch entries into free rows
+        padding = [0] * (bucket - batch)  # spare rows write into the scratch block
         captured.tokens.copy_(torch.tensor(token_ids + padding), non_blocking=True)
         captured.positions.copy_(torch.tensor(positions + padding), non_blocking=True)
+        captured.slot_matrix.zero_()
+        captured.slot_matrix[:batch].copy_(slot_matrix, non_blocking=True)
         captured.graph.replay()
         return captured.logits[:batch]
 
@@ -432,28 +537,33 @@ class MixtralRunner:
             length *= 2
         return min(length, self.max_model_len)
 
-    def move_row(self, source: int, target: int, length: int) -> None:
-        """Copy the first `length` cache positions of row `source` into row `target`."""
-        for cache in self.k_cache + self.v_cache:
-            cache[target, :, :length] = cache[source, :, :length]
-
     def _decode_per_sequence_attention(
-        self, tokens: torch.Tensor, position_tensor: torch.Tensor, positions: list[int]
+        self,
+        tokens: torch.Tensor,
+        position_tensor: torch.Tensor,
+        positions: list[int],
+        block_tables: list[list[int]],
     ) -> torch.Tensor:
         batch = len(positions)
-        rows = torch.arange(batch, device=self.device)
+        size = self.block_size
+        # Each sequence's slots up to its current position (inclusive): [position + 1].
+        slots = [
+            self._slots(table, position // size + 1)[: position + 1]
+            for table, position in zip(block_tables, positions, strict=True)
+        ]
+        write_slots = torch.stack([s[-1] for s in slots])
         hidden = self._pad(F.embedding(tokens, self.weights.embed))
         attention = hidden.new_zeros(hidden.shape[0], self.spec.num_heads * self.spec.head_dim)
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(hidden, batch, layer, position_tensor)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[rows, :, position_tensor] = k
-            v_cache[rows, :, position_tensor] = v
-            for row, position in enumerate(positions):
+            k_cache[:, write_slots] = k.transpose(0, 1)
+            v_cache[:, write_slots] = v.transpose(0, 1)
+            for row in range(batch):
                 attention[row] = F.scaled_dot_product_attention(
                     q[row, :, None, :][None],
-                    k_cache[row : row + 1, :, : position + 1],
-                    v_cache[row : row + 1, :, : position + 1],
+                    k_cache[None, :, slots[row]],
+                    v_cache[None, :, slots[row]],
                     scale=self.scale,
                     enable_gqa=True,
                 ).reshape(-1)
@@ -575,6 +685,7 @@ class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor
     positions: torch.Tensor
+    slot_matrix: torch.Tensor
     logits: torch.Tensor
 
 

@@ -281,7 +281,7 @@ async def _complete(
             state.served_model_name,
             "".join(parts),
             event.finish_reason,
-            usage(event.prompt_tokens, event.completion_tokens),
+            usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
         ),
         headers={"X-Request-Id": request_id},
     )
@@ -316,7 +316,7 @@ async def _stream(
                 yield f"data: {json.dumps(error)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            so_far = usage(event.prompt_tokens, event.completion_tokens)
+            so_far = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
             if parsed.chat:
                 if text:
                     yield chunk(text=text, usage_so_far=so_far)
@@ -327,7 +327,11 @@ async def _stream(
             if event.finish_reason is not None:
                 finished = True
                 if parsed.include_usage:
-                    yield chunk(usage_=usage(event.prompt_tokens, event.completion_tokens))
+                    yield chunk(
+                        usage_=usage(
+                            event.prompt_tokens, event.completion_tokens, event.cached_tokens
+                        )
+                    )
                 yield "data: [DONE]\n\n"
                 return
     finally:
@@ -360,9 +364,13 @@ def load_model(
     max_num_seqs: int,
     download_dir: Path,
     cuda_graphs: bool = True,
+    block_size: int = 16,
+    num_blocks: int | None = None,
+    enable_prefix_caching: bool = True,
 ) -> LoadedModel:
     import torch
 
+    from runtime.block_manager import SCRATCH_BLOCK
     from runtime.loader import resolve_model
     from runtime.model import MixtralRunner, load_mixtral
     from runtime.tokenizer import ChatTokenizer
@@ -384,14 +392,20 @@ def load_model(
         max_num_seqs=max_num_seqs,
         max_model_len=context,
         batch_invariant=torch_device.type == "cpu",
+        num_blocks=num_blocks,
+        block_size=block_size,
     )
     logger.info(
-        "%s on %s in %s: %.1fM parameters, KV cache %.1f MB for %d sequences of %d tokens",
+        "%s on %s in %s: %.1fM parameters, KV cache %.1f MB in %d blocks of %d tokens "
+        "(prefix caching %s), up to %d sequences of %d tokens",
         folder,
         torch_device,
         torch_dtype,
         spec.total_parameters / 1e6,
         runner.kv_cache_bytes / 1e6,
+        runner.num_blocks,
+        block_size,
+        "on" if enable_prefix_caching else "off",
         max_num_seqs,
         context,
     )
@@ -408,13 +422,21 @@ def load_model(
     def decode(token_ids: list[int]) -> str:
         return backend.decode(token_ids, skip_special_tokens=True)
 
-    runner.prefill(0, [0, 1, 2])  # warm the kernels before the first request is timed
-    runner.decode([0], [3])
+    # Warm the kernels before the first request is timed (in the scratch block, which no
+    # sequence holds).
+    runner.prefill([SCRATCH_BLOCK], [0, 1, 2])
+    runner.decode([0], [3], [[SCRATCH_BLOCK]])
     if cuda_graphs and torch_device.type == "cuda":
         started = time.monotonic()
         count = runner.capture_cuda_graphs()
         logger.info("captured %d CUDA graphs in %.1fs", count, time.monotonic() - started)
-    engine = Engine(runner, decode, eos_token_ids, listener=listener)
+    engine = Engine(
+        runner,
+        decode,
+        eos_token_ids,
+        enable_prefix_caching=enable_prefix_caching,
+        listener=listener,
+    )
     return LoadedModel(engine=engine, tokenization=Tokenization(tokenizer, context))
 
 
@@ -456,6 +478,9 @@ def serve(args) -> int:
             max_num_seqs=args.max_num_seqs,
             download_dir=args.download_dir,
             cuda_graphs=not args.enforce_eager,
+            block_size=args.block_size,
+            num_blocks=args.num_gpu_blocks_override,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
         on_load_failure=stop_server,
     )

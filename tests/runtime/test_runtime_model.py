@@ -23,6 +23,15 @@ def _prompt(length: int, vocab_size: int, seed: int) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def _table(first: int, length: int, block_size: int = 16) -> list[int]:
+    """A block table of consecutive blocks from `first` for `length` positions."""
+    return list(range(first, first + -(-length // block_size)))
+
+
 @pytest.mark.parametrize("batch_invariant", [True, False])
 def test_prefill_and_decode_match_transformers(loaded, batch_invariant):
     spec, weights, reference = loaded
@@ -30,36 +39,68 @@ def test_prefill_and_decode_match_transformers(loaded, batch_invariant):
         spec, weights, max_num_seqs=2, max_model_len=128, batch_invariant=batch_invariant
     )
     tokens = _prompt(29, spec.vocab_size, seed=3)
-    logits = runner.prefill(1, tokens)
+    table = [5, 2, 9]  # blocks anywhere in the cache, in any order
+    logits = runner.prefill(table, tokens)
     for _ in range(4):
         with torch.no_grad():
             expected = reference(torch.tensor([tokens])).logits[0, -1]
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
         tokens.append(int(logits.argmax()))
-        # decode works on rows 0..n-1; put the sequence in row 0 first
-        runner.move_row(1, 0, len(tokens) - 1)
-        logits = runner.decode([tokens[-1]], [len(tokens) - 1])[0]
-        runner.move_row(0, 1, len(tokens))
+        logits = runner.decode([tokens[-1]], [len(tokens) - 1], [table])[0]
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_a_cached_prefix_gives_the_same_logits_bit_for_bit(loaded, batch_invariant):
+    # Prompt B shares its first 3 blocks with prompt A: B's prefill over A's blocks computes
+    # only the rest, and its logits (and those of the decode steps after) are the same bits as
+    # B computed whole in blocks of its own (on CPU; the GPU path promises the same numbers).
+    same = torch.equal if batch_invariant else _close
+    spec, weights, reference = loaded
+    runner = MixtralRunner(
+        spec, weights, max_num_seqs=4, max_model_len=128, batch_invariant=batch_invariant
+    )
+    a = _prompt(70, spec.vocab_size, seed=1)
+    b = a[:50] + _prompt(23, spec.vocab_size, seed=2)
+    runner.prefill(_table(1, len(a)), a)
+    shared = _table(1, len(a))[:3]
+    hit_table = [*shared, 20, 21]
+    hit = runner.prefill(hit_table, b, start=48)
+    whole_table = _table(10, len(b))
+    whole = runner.prefill(whole_table, b)
+    assert same(hit, whole)
+    with torch.no_grad():
+        expected = reference(torch.tensor([b])).logits[0, -1]
+    torch.testing.assert_close(hit, expected, rtol=0, atol=1e-4)
+    token = int(hit.argmax())
+    for position in range(len(b), len(b) + 3):
+        from_hit = runner.decode([token], [position], [hit_table])[0]
+        from_whole = runner.decode([token], [position], [whole_table])[0]
+        assert same(from_hit, from_whole), position
+        token = int(from_hit.argmax())
 
 
 def test_decode_logits_are_bitwise_independent_of_the_batch(loaded):
     spec, weights, _ = loaded
-    runner = MixtralRunner(spec, weights, max_num_seqs=16, max_model_len=128, batch_invariant=True)
+    runner = MixtralRunner(
+        spec, weights, max_num_seqs=16, max_model_len=128, batch_invariant=True, num_blocks=300
+    )
     prompts = [_prompt(1 + (7 * i) % 50, spec.vocab_size, seed=i) for i in range(16)]
+    tables = [_table(1 + 8 * i, 128) for i in range(16)]
     steps = 6
 
     def alone(prompt):
-        logits = [runner.prefill(0, prompt)]
+        table = _table(200, 128)
+        logits = [runner.prefill(table, prompt)]
         for step in range(steps):
             next_token = int(logits[-1].argmax())
-            logits.append(runner.decode([next_token], [len(prompt) + step])[0])
+            logits.append(runner.decode([next_token], [len(prompt) + step], [table])[0])
         return logits
 
     solo = [alone(prompt) for prompt in prompts]
-    batched = [[runner.prefill(row, prompt)] for row, prompt in enumerate(prompts)]
+    batched = [[runner.prefill(table, p)] for table, p in zip(tables, prompts, strict=True)]
     for step in range(steps):
         next_tokens = [int(logits[-1].argmax()) for logits in batched]
-        step_logits = runner.decode(next_tokens, [len(p) + step for p in prompts])
+        step_logits = runner.decode(next_tokens, [len(p) + step for p in prompts], tables)
         for row in range(len(prompts)):
             batched[row].append(step_logits[row])
     for row in range(len(prompts)):
@@ -68,18 +109,20 @@ def test_decode_logits_are_bitwise_independent_of_the_batch(loaded):
 
 
 def test_batched_decode_of_the_gpu_path_matches_each_sequence_alone(loaded):
-    # The CUDA path (batch_invariant=False): one masked GQA attention over rows of different
-    # lengths, experts as unpadded grouped GEMMs. Not bitwise, but the same numbers.
+    # The CUDA path (batch_invariant=False): one masked GQA attention over sequences of
+    # different lengths gathered from their blocks, experts as unpadded grouped GEMMs. Not
+    # bitwise, but the same numbers.
     spec, weights, _ = loaded
     runner = MixtralRunner(spec, weights, max_num_seqs=4, max_model_len=128, batch_invariant=False)
     prompts = [_prompt(length, spec.vocab_size, seed=length) for length in (3, 40, 17, 70)]
+    tables = [_table(1 + 8 * row, 128) for row in range(4)]
     alone = []
     for prompt in prompts:
-        runner.prefill(0, prompt)
-        alone.append(runner.decode([9], [len(prompt)])[0])
-    for row, prompt in enumerate(prompts):
-        runner.prefill(row, prompt)
-    together = runner.decode([9] * 4, [len(p) for p in prompts])
+        runner.prefill(tables[0], prompt)
+        alone.append(runner.decode([9], [len(prompt)], [tables[0]])[0])
+    for table, prompt in zip(tables, prompts, strict=True):
+        runner.prefill(table, prompt)
+    together = runner.decode([9] * 4, [len(p) for p in prompts], tables)
     for row in range(4):
         torch.testing.assert_close(together[row], alone[row], rtol=0, atol=1e-4)
 

@@ -290,6 +290,36 @@ def test_metrics_use_vllm_names(runtime_server, client):
     assert _metric(runtime_server.url, "vllm:time_to_first_token_seconds_count") > 0
 
 
+def test_a_repeated_prefix_is_served_from_the_cache_and_reported(runtime_server, client):
+    # OpenAI's usage.prompt_tokens_details.cached_tokens, and vLLM's prefix-cache counters.
+    system = "You are a careful assistant. " * 12
+    url = runtime_server.url
+    hits_before = _metric(url, "vllm:prefix_cache_hits_total")
+    queries_before = _metric(url, "vllm:prefix_cache_queries_total")
+
+    def ask(question):
+        return client.chat.completions.create(
+            model=SERVED_NAME,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    first, second = ask("What is a block?"), ask("What is a cache?")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert _metric(url, "vllm:prefix_cache_hits_total") - hits_before == cached
+    assert (
+        _metric(url, "vllm:prefix_cache_queries_total") - queries_before
+        == first.usage.prompt_tokens + second.usage.prompt_tokens
+    )
+    # Asked again, the answer is the same (and now the whole prompt but its last block is cached).
+    again = ask("What is a block?")
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens > cached
+
+
 def test_health_is_ok_when_ready(runtime_server):
     response = httpx.get(f"{runtime_server.url}/health")
     assert response.status_code == 200
