@@ -34,6 +34,7 @@ import torch
 
 from runtime.block_manager import BlockManager, block_hashes
 from runtime.model import MixtralRunner
+from runtime.structured import Constraint, apply_bitmask, bitmask_width, closing_reserve
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ class _Sequence:
     block_keys: list[bytes] = field(default_factory=list)  # of the full blocks in the cache
     cached_tokens: int = 0  # prompt tokens the first admission found in the prefix cache
     admitted: bool = False  # once; a preempted sequence is admitted again to recompute
+    error: str | None = None
+    # A grammar the output must follow (tools, response_format); None for free text.
+    constraint: Constraint | None = None
 
     @property
     def length(self) -> int:
@@ -159,7 +163,9 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         sink: Callable[[GenerationEvent], None],
+        constraint: Constraint | None = None,
     ) -> None:
+        """Queue a request; with `constraint` every sampled token is one its grammar allows."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -183,6 +189,7 @@ class Engine:
                 sink=sink,
                 arrival=time.monotonic(),
                 generator=generator,
+                constraint=constraint,
             )
         )
         self._wakeup.set()
@@ -348,7 +355,11 @@ class Engine:
         sequence.block_table = []
 
     def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
-        """Greedy where temperature is 0; else temperature and nucleus (top-p) sampling."""
+        """Greedy where temperature is 0; else temperature and nucleus (top-p) sampling; a
+        constrained sequence chooses among the tokens its grammar allows."""
+        constrained = [row for row, s in enumerate(sequences) if s.constraint is not None]
+        if constrained:
+            logits = self._mask_disallowed(logits, sequences, constrained)
         chosen = logits.argmax(dim=-1).tolist()
         for row, sequence in enumerate(sequences):
             params = sequence.params
@@ -366,6 +377,28 @@ class Engine:
             chosen[row] = int(torch.multinomial(probs, 1, generator=generator))
         return chosen
 
+    def _mask_disallowed(
+        self, logits: torch.Tensor, sequences: list[_Sequence], rows: list[int]
+    ) -> torch.Tensor:
+        # One bit per token for each constrained row: [len(rows), ceil(vocab / 32)] int32.
+        bitmask = torch.full((len(rows), bitmask_width(logits.shape[-1])), -1, dtype=torch.int32)
+        for index, row in enumerate(rows):
+            sequences[row].constraint.fill_bitmask(bitmask[index])
+        logits = logits.clone()
+        logits[rows] = apply_bitmask(logits[rows], bitmask)
+        for row in rows:
+            sequence = sequences[row]
+            left = min(
+                sequence.params.max_tokens - len(sequence.output_ids),
+                self.max_model_len - sequence.length,
+            )
+            constraint = sequence.constraint
+            if constraint.steers_to_close and left <= closing_reserve(sequence.params.max_tokens):
+                bonus = constraint.closing_bonus()
+                if bonus is not None:
+                    logits[row] += bonus.to(logits.device, logits.dtype)
+        return logits
+
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """Add a sampled token to a sequence, decide whether it is finished, emit new text."""
         now = time.monotonic()
@@ -375,11 +408,17 @@ class Engine:
         sequence.output_ids.append(token)
         self.listener.on_generated(tokens=1)
         params = sequence.params
-        if token in self.eos_token_ids and not params.ignore_eos:
+        constraint = sequence.constraint
+        if constraint is not None and not constraint.consume(token):
+            sequence.finish_reason = FINISH_ERROR
+            sequence.error = f"the output grammar failed: {constraint.error()}"
+        elif token in self.eos_token_ids and not params.ignore_eos:
             sequence.finish_reason = FINISH_STOP
         else:
             sequence.text += self._detokenize_next(sequence)
-            if (
+            if constraint is not None and constraint.is_stopped():
+                sequence.finish_reason = FINISH_STOP  # the grammar is complete: only EOS follows
+            elif (
                 len(sequence.output_ids) >= params.max_tokens
                 or sequence.length >= self.max_model_len
             ):
@@ -438,6 +477,7 @@ class Engine:
                 completion_tokens=len(sequence.output_ids),
                 finish_reason=sequence.finish_reason,
                 cached_tokens=sequence.cached_tokens,
+                error=sequence.error,
             )
         )
 

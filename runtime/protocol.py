@@ -6,15 +6,18 @@ says what to send instead, and everything unsupported is refused rather than sil
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.chat import OutputSpec, output_spec, template_messages, template_tools
 from runtime.engine import SamplingParams
+from runtime.schemas import InvalidRequest
 
-SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
+UNCONSTRAINED = OutputSpec()
 
 
 class RequestError(Exception):
@@ -55,6 +58,8 @@ class ParsedRequest:
     # vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk (only with
     # include_usage, as vLLM does), so a stream cut midway still says what it used.
     continuous_usage: bool = False
+    # Tools and response_format: what the output must be (free text when unconstrained).
+    output: OutputSpec = UNCONSTRAINED
 
 
 class Tokenization:
@@ -68,10 +73,10 @@ class Tokenization:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
+                messages, tools=tools, add_generation_prompt=True, tokenize=False
             )
         except Exception as error:  # templates reject conversations with raise_exception()
             raise RequestError(
@@ -83,17 +88,28 @@ class Tokenization:
 def parse_chat_request(body: Any, tokenization: Tokenization) -> ParsedRequest:
     body = _require_object(body)
     model = _require_string(body, "model")
-    messages = _chat_messages(body.get("messages"))
+    try:
+        messages = template_messages(body.get("messages"))
+        output = output_spec(body)
+    except InvalidRequest as error:
+        raise RequestError(error.message, param=error.param) from None
     _refuse_unsupported(body, chat=True)
-    prompt_ids = tokenization.render_chat(messages)
+    if output.constrained and _optional_bool(body, "ignore_eos"):
+        raise RequestError(
+            "ignore_eos cannot be combined with tools or response_format: the grammar ends the "
+            "output",
+            param="ignore_eos",
+        )
+    prompt_ids = tokenization.render_chat(messages, template_tools(body.get("tools")))
     max_tokens = _optional_int(body, "max_completion_tokens", minimum=1)
     max_tokens_param = "max_completion_tokens"
     if max_tokens is None:
         max_tokens = _optional_int(body, "max_tokens", minimum=1)
         max_tokens_param = "max_tokens"
-    return _finish_parsing(
+    parsed = _finish_parsing(
         body, model, prompt_ids, max_tokens, max_tokens_param, "messages", tokenization, chat=True
     )
+    return dataclasses.replace(parsed, output=output)
 
 
 def parse_completion_request(body: Any, tokenization: Tokenization) -> ParsedRequest:
@@ -182,61 +198,6 @@ def _finish_parsing(
 _MISSING = object()
 
 
-def _chat_messages(messages: Any) -> list[dict]:
-    if messages is None:
-        raise RequestError("messages is required", param="messages")
-    if not isinstance(messages, list):
-        raise RequestError("messages must be an array of message objects", param="messages")
-    if not messages:
-        raise RequestError("messages must not be empty", param="messages")
-    rendered = []
-    for index, message in enumerate(messages):
-        param = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"{param} must be an object", param=param)
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise RequestError(f"{param}.role must be a string", param=f"{param}.role")
-        if role not in SUPPORTED_ROLES:
-            raise RequestError(
-                f"{param}.role {role!r} is not supported; use one of {', '.join(SUPPORTED_ROLES)}",
-                param=f"{param}.role",
-            )
-        if message.get("tool_calls") or message.get("function_call"):
-            raise RequestError("tool calls are not supported", param=f"{param}.tool_calls")
-        rendered.append(
-            {
-                "role": "system" if role == "developer" else role,
-                "content": _message_text(message.get("content"), role, param),
-            }
-        )
-    return rendered
-
-
-def _message_text(content: Any, role: str, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None and role == "assistant":
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for index, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise RequestError(
-                    f"{param}.content[{index}]: only text parts are supported",
-                    param=f"{param}.content",
-                )
-            if not isinstance(part.get("text"), str):
-                raise RequestError(
-                    f"{param}.content[{index}].text must be a string", param=f"{param}.content"
-                )
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestError(
-        f"{param}.content must be a string or an array of text parts", param=f"{param}.content"
-    )
-
-
 def _completion_prompt(prompt: Any, tokenization: Tokenization) -> list[int]:
     if prompt is _MISSING:
         raise RequestError("prompt is required", param="prompt")
@@ -275,13 +236,6 @@ def _refuse_unsupported(body: dict, *, chat: bool) -> None:
     if chat:
         if body.get("logprobs") or body.get("top_logprobs"):
             raise RequestError("logprobs are not supported", param="logprobs")
-        if body.get("tools") or body.get("functions"):
-            raise RequestError("tools are not supported", param="tools")
-        response_format = body.get("response_format")
-        if response_format is not None and response_format != {"type": "text"}:
-            raise RequestError(
-                "only response_format {'type': 'text'} is supported", param="response_format"
-            )
     else:
         if body.get("logprobs") is not None:
             raise RequestError("logprobs are not supported", param="logprobs")
@@ -380,6 +334,14 @@ def _json_type(value: Any) -> str:
 # ---- responses ----
 
 
+def finish_reason(output: OutputSpec, reason: str, called_tools: bool) -> str:
+    """OpenAI's finish reason: `tool_calls` when the model called tools of its own choice
+    (auto or required); a call forced by name ends with `stop`, as OpenAI's does."""
+    if called_tools and reason == "stop" and output.tool_choice != "function":
+        return "tool_calls"
+    return reason
+
+
 def completion_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
@@ -402,11 +364,16 @@ def full_response(
     text: str,
     finish_reason: str,
     usage_: dict,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
+    """The whole answer; with `tool_calls` the message carries them and no content."""
     if request.chat:
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish_reason,
         }
@@ -432,6 +399,7 @@ def stream_chunk(
     *,
     text: str | None = None,
     role: bool = False,
+    tool_call: dict | None = None,
     finish_reason: str | None = None,
     usage_: dict | None = None,
     usage_so_far: dict | None = None,
@@ -446,6 +414,8 @@ def stream_chunk(
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     else:
         choices = [

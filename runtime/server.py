@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +34,31 @@ from runtime.protocol import (
     Tokenization,
     completion_id,
     error_body,
+    finish_reason,
     full_response,
     parse_chat_request,
     parse_completion_request,
     stream_chunk,
     usage,
 )
+from runtime.schemas import InvalidRequest
+from runtime.structured import AnswerReader, Constraint, Grammars
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
+# Compiling a request's grammar runs on these threads, never on the event loop nor the engine's
+# thread; llguidance's fuel limits bound each compile (runtime/structured.py), and this bounds
+# the wait for one when the threads are busy with others.
+GRAMMAR_THREADS = 2
+GRAMMAR_COMPILE_SECONDS = 10.0
 
 
 @dataclass
 class LoadedModel:
     engine: Engine
     tokenization: Tokenization
+    grammars: Grammars | None = None  # None: this model refuses tools and response_format
 
 
 class EventRelay:
@@ -96,6 +106,7 @@ class RuntimeState:
         self.listener = PrometheusListener(served_model_name, self.registry)
         self.engine_thread: threading.Thread | None = None
         self.relay: EventRelay | None = None
+        self.grammar_pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
 
 
 def create_app(
@@ -130,6 +141,7 @@ def create_app(
         if state.model is not None:
             state.model.engine.stop()
             state.engine_thread.join(timeout=10)
+        state.grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     async def health(request: Request) -> Response:
         if state.model is not None:
@@ -233,22 +245,57 @@ async def _generate(request: Request, state: RuntimeState, parse) -> Response:
             ),
             status_code=404,
         )
+    constraint = None
+    if parsed.output.constrained:
+        try:
+            constraint = await _compile(state, model, parsed)
+        except RequestError as error:
+            return JSONResponse(error.body(), status_code=error.status)
     request_id = completion_id(parsed.chat)
     if parsed.stream:
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         model.engine.submit(
-            request_id, parsed.prompt_ids, parsed.params, state.relay.sink(events.put_nowait)
+            request_id,
+            parsed.prompt_ids,
+            parsed.params,
+            state.relay.sink(events.put_nowait),
+            constraint,
         )
         return StreamingResponse(
-            _stream(model.engine, request_id, parsed, state.served_model_name, events),
+            _stream(model.engine, request_id, parsed, state.served_model_name, events, constraint),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
         )
-    return await _complete(request, state, model.engine, request_id, parsed)
+    return await _complete(request, state, model.engine, request_id, parsed, constraint)
+
+
+async def _compile(state: RuntimeState, model: LoadedModel, parsed: ParsedRequest) -> Constraint:
+    """The request's grammar, compiled on a grammar thread within GRAMMAR_COMPILE_SECONDS."""
+    param = "tools" if parsed.output.calls_tools else "response_format"
+    if model.grammars is None:
+        raise RequestError(f"{param} is not supported by this model", param=param)
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(state.grammar_pool, model.grammars.constraint, parsed.output)
+    try:
+        async with asyncio.timeout(GRAMMAR_COMPILE_SECONDS):
+            return await work
+    except TimeoutError:
+        raise RequestError(
+            f"the {param} schema took over {GRAMMAR_COMPILE_SECONDS:g}s to compile into a "
+            "grammar; simplify it",
+            param=param,
+        ) from None
+    except InvalidRequest as error:
+        raise RequestError(error.message, param=error.param) from None
 
 
 async def _complete(
-    request: Request, state: RuntimeState, engine: Engine, request_id: str, parsed: ParsedRequest
+    request: Request,
+    state: RuntimeState,
+    engine: Engine,
+    request_id: str,
+    parsed: ParsedRequest,
+    constraint: Constraint | None,
 ) -> Response:
     # Text accumulates on the engine thread; the event loop hears only of the end.
     finished: asyncio.Future[GenerationEvent] = asyncio.get_running_loop().create_future()
@@ -260,7 +307,7 @@ async def _complete(
         if event.finish_reason is not None:
             relay_end(event)
 
-    engine.submit(request_id, parsed.prompt_ids, parsed.params, sink)
+    engine.submit(request_id, parsed.prompt_ids, parsed.params, sink, constraint)
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({finished, disconnected}, return_when=asyncio.FIRST_COMPLETED)
@@ -274,14 +321,19 @@ async def _complete(
         return JSONResponse(
             error_body(f"generation failed: {event.error}", "server_error"), status_code=500
         )
+    reader = AnswerReader(parsed.output, constraint)
+    answer = reader.feed("".join(parts)) + reader.finish()
+    text = "".join(piece for kind, piece in answer if kind == "content")
+    tool_calls = reader.calls.tool_calls() if reader.called else None
     return JSONResponse(
         full_response(
             parsed,
             request_id,
             state.served_model_name,
-            "".join(parts),
-            event.finish_reason,
+            text,
+            finish_reason(parsed.output, event.finish_reason, bool(tool_calls)),
             usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
+            tool_calls,
         ),
         headers={"X-Request-Id": request_id},
     )
@@ -293,9 +345,11 @@ async def _stream(
     parsed: ParsedRequest,
     model_name: str,
     events: asyncio.Queue[GenerationEvent],
+    constraint: Constraint | None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     finished = False
+    reader = AnswerReader(parsed.output, constraint)
 
     def chunk(**fields) -> str:
         payload = stream_chunk(parsed, request_id, model_name, created, **fields)
@@ -318,10 +372,17 @@ async def _stream(
                 return
             so_far = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
             if parsed.chat:
-                if text:
-                    yield chunk(text=text, usage_so_far=so_far)
+                pieces = reader.feed(text)
                 if event.finish_reason is not None:
-                    yield chunk(finish_reason=event.finish_reason, usage_so_far=so_far)
+                    pieces += reader.finish()
+                for kind, piece in pieces:
+                    if kind == "content":
+                        yield chunk(text=piece, usage_so_far=so_far)
+                    else:  # one tool_calls delta per chunk, as OpenAI sends them
+                        yield chunk(tool_call=piece, usage_so_far=so_far)
+                if event.finish_reason is not None:
+                    reason = finish_reason(parsed.output, event.finish_reason, reader.called)
+                    yield chunk(finish_reason=reason, usage_so_far=so_far)
             elif text or event.finish_reason is not None:
                 yield chunk(text=text, finish_reason=event.finish_reason, usage_so_far=so_far)
             if event.finish_reason is not None:
@@ -422,6 +483,7 @@ def load_model(
     def decode(token_ids: list[int]) -> str:
         return backend.decode(token_ids, skip_special_tokens=True)
 
+    grammars = Grammars(tokenizer.backend_tokenizer, tokenizer.eos_token_id, spec.vocab_size)
     # Warm the kernels before the first request is timed (in the scratch block, which no
     # sequence holds).
     runner.prefill([SCRATCH_BLOCK], [0, 1, 2])
@@ -437,7 +499,9 @@ def load_model(
         enable_prefix_caching=enable_prefix_caching,
         listener=listener,
     )
-    return LoadedModel(engine=engine, tokenization=Tokenization(tokenizer, context))
+    return LoadedModel(
+        engine=engine, tokenization=Tokenization(tokenizer, context), grammars=grammars
+    )
 
 
 def _torch_dtype(name: str, device):

@@ -35,11 +35,54 @@ INIT_STD = 0.08
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
+# Mistral's tool-use control tokens (its v3 tokenizer's names), so that tools, calls and results
+# render as Mistral's chat template renders them and a call starts with one token the runtime's
+# grammar can branch on (runtime/structured.py).
+AVAILABLE_TOOLS = "[AVAILABLE_TOOLS]"
+AVAILABLE_TOOLS_END = "[/AVAILABLE_TOOLS]"
+TOOL_CALLS = "[TOOL_CALLS]"
+TOOL_RESULTS = "[TOOL_RESULTS]"
+TOOL_RESULTS_END = "[/TOOL_RESULTS]"
+SPECIAL_TOKENS = [
+    END_OF_TEXT,
+    IM_START,
+    IM_END,
+    AVAILABLE_TOOLS,
+    AVAILABLE_TOOLS_END,
+    TOOL_CALLS,
+    TOOL_RESULTS,
+    TOOL_RESULTS_END,
+]
 
+# ChatML turns; inside them, Mistral's tool rendering: the tools as a JSON array before the last
+# user message, an assistant's calls as `[TOOL_CALLS]` and a JSON array of {name, arguments, id},
+# a tool's result as `[TOOL_RESULTS]{"content": ..., "call_id": ...}[/TOOL_RESULTS]`.
 CHAT_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1) %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% if message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}"
+    "{% endfor %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if tools and loop.index0 == ns.last_user %}"
+    "{{ '[AVAILABLE_TOOLS]' + tools|tojson + '[/AVAILABLE_TOOLS]' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '[TOOL_RESULTS]' + {'content': message['content'], 'call_id': message['tool_call_id']}"
+    "|tojson + '[/TOOL_RESULTS]' }}"
+    "{% else %}"
+    "{{ message['content'] or '' }}"
+    "{% endif %}"
+    "{% if message['tool_calls'] %}"
+    "{{ '[TOOL_CALLS][' }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments'], "
+    "'id': call['id']}|tojson }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}"
+    "{% endfor %}"
+    "{{ ']' }}"
+    "{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
