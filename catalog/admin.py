@@ -1,19 +1,23 @@
 """The operators' admin for the catalog. Publishing, deprecating and pricing go through the same
 services as the REST API (so they are checked and audited); weights come in by catalog_import."""
 
+from django import forms
 from django.contrib import admin, messages
 
 from accounts.actors import Actor
 from accounts.roles import Role
 from accounts.services import audit_record
-from catalog import services
+from catalog import providers, services
 from catalog.models import (
     DedicatedPrice,
     HardwareProfile,
     Model,
     ModelArtifact,
     ModelVersion,
+    ProviderConnection,
     ServingRuntime,
+    TermsAcceptance,
+    TermsOfUse,
     TokenPrice,
 )
 from controlplane.errors import DomainError
@@ -162,3 +166,84 @@ class ModelVersionAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{version}: {error.message}", messages.ERROR)
         if done:
             self.message_user(request, f"{done} version(s) {verb}.", messages.SUCCESS)
+
+
+class ProviderConnectionForm(forms.ModelForm):
+    """The credential is typed in, never shown: the field starts empty, and leaving it empty
+    keeps the stored one."""
+
+    base_url = forms.CharField(max_length=300, help_text="http:// or https:// only.")
+    credential = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="The provider's API key. Stored encrypted; leave empty to keep the current one.",
+    )
+
+    class Meta:
+        model = ProviderConnection
+        fields = [
+            "name",
+            "display_name",
+            "kind",
+            "base_url",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "tenant_share_percent",
+            "timeout_seconds",
+            "is_active",
+        ]
+
+
+@admin.register(ProviderConnection)
+class ProviderConnectionAdmin(admin.ModelAdmin):
+    form = ProviderConnectionForm
+    list_display = ["name", "kind", "base_url", "has_credential", "is_active"]
+    list_filter = ["kind", "is_active"]
+
+    @admin.display(boolean=True)
+    def has_credential(self, connection):
+        return connection.has_credential
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["name", "kind"] if obj is not None else []
+
+    def save_model(self, request, obj, form, change):
+        # Through the services, so the URL and kind are checked and the change audited.
+        data = {
+            name: form.cleaned_data[name]
+            for name in form.cleaned_data
+            if name not in ("name", "kind", "credential")
+        }
+        credential = form.cleaned_data.get("credential") or None
+        try:
+            if change:
+                connection = ProviderConnection.objects.get(pk=obj.pk)
+                providers.provider_connection_update(
+                    actor=_actor(request), connection=connection, credential=credential, **data
+                )
+            else:
+                created = providers.provider_connection_create(
+                    actor=_actor(request),
+                    name=obj.name,
+                    kind=obj.kind,
+                    credential=credential,
+                    **data,
+                )
+                obj.pk = created.pk
+        except DomainError as error:
+            self.message_user(request, error.message, level=messages.ERROR)
+
+
+@admin.register(TermsOfUse)
+class TermsOfUseAdmin(admin.ModelAdmin):
+    list_display = ["model_version", "version", "title", "effective_from"]
+    readonly_fields = ["created_at"]
+
+
+@admin.register(TermsAcceptance)
+class TermsAcceptanceAdmin(admin.ModelAdmin):
+    list_display = ["organization", "terms", "accepted_by_label", "accepted_at"]
+    readonly_fields = ["terms", "organization", "accepted_by", "accepted_by_label", "accepted_at"]
+
+    def has_add_permission(self, request):
+        return False

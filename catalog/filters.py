@@ -63,6 +63,7 @@ class ModelFilter(django_filters.FilterSet):
     tag = django_filters.CharFilter(method="filter_tag")
     license = django_filters.CharFilter(method="filter_license")
     architecture = django_filters.ChoiceFilter(choices=Model.Architecture.choices)
+    hosting = django_filters.ChoiceFilter(choices=Model.Hosting.choices)
     visibility = django_filters.ChoiceFilter(choices=Model.Visibility.choices)
     min_context = IntegerFilter(
         field_name="context_length", lookup_expr="gte", min_value=1, help_text="Tokens."
@@ -87,6 +88,7 @@ class ModelFilter(django_filters.FilterSet):
             "tag",
             "license",
             "architecture",
+            "hosting",
             "visibility",
             "min_context",
             "runtime",

@@ -112,6 +112,10 @@ def fit(*, version, profile) -> Fit:
         f"needs ≈{format_gb(required)} ({format_gb(requirements.weights_gb)} weights + "
         f"{KV_HEADROOM:.0%} KV headroom)"
     )
+    if version.serving_runtime is None:  # a partner model's version: its provider serves it
+        return Fit(
+            False, "served by its provider's API: no hardware to choose", required, Decimal(0)
+        )
     device = version.serving_runtime.device
     if profile.gpu_count == 0:
         available = profile_memory_gb(profile)

@@ -133,6 +133,10 @@ class Model(models.Model):
         PUBLIC = "public", "Public"
         PRIVATE = "private", "Private to one organization"
 
+    class Hosting(models.TextChoices):
+        SELF_HOSTED = "self_hosted", "Self-hosted (our replicas serve its weights)"
+        PARTNER = "partner", "Partner-hosted (a provider's API serves it)"
+
     class Task(models.TextChoices):
         CHAT = "chat", "Chat"
         COMPLETION = "completion", "Text completion"
@@ -142,6 +146,9 @@ class Model(models.Model):
     slug = models.CharField(max_length=100, unique=True, validators=[model_slug_validator])
     display_name = models.CharField(max_length=200)
     publisher = models.CharField(max_length=100)
+    # A partner-hosted model has no weights here: its versions are served by a provider
+    # connection (catalog.providers), need no hardware, and are offered serverless only.
+    hosting = models.CharField(max_length=16, choices=Hosting.choices, default=Hosting.SELF_HOSTED)
     family = models.CharField(max_length=100, blank=True)
     description = models.TextField(blank=True, help_text="The model card, in Markdown.")
     tasks = models.JSONField(default=list, validators=[_validate_string_list])
@@ -249,6 +256,10 @@ class Model(models.Model):
         ).lower()
         self.facets = facet_text(tasks=self.tasks, languages=self.languages, tags=self.tags)
 
+    @property
+    def is_partner(self) -> bool:
+        return self.hosting == self.Hosting.PARTNER
+
 
 def facet_token(kind: str, value: str) -> str:
     """How one facet value is written in Model.facets; filters look for exactly this."""
@@ -303,7 +314,12 @@ class ModelVersion(models.Model):
         help_text="Total size of the weights; 0 until known (then params × dtype size is used).",
     )
     serving_runtime = models.ForeignKey(
-        ServingRuntime, on_delete=models.PROTECT, related_name="model_versions"
+        ServingRuntime,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="model_versions",
+        help_text="Empty for a partner-hosted model's versions: a provider serves them.",
     )
     runtime_args = models.JSONField(default=dict, blank=True)
     # Derived in save() from the weights and runtime_args (see catalog.fit): what a replica
@@ -367,6 +383,10 @@ class ModelVersion(models.Model):
     @property
     def weights_imported(self) -> bool:
         return bool(self.artifact_uri)
+
+    @property
+    def is_partner(self) -> bool:
+        return self.model.hosting == Model.Hosting.PARTNER
 
 
 def refresh_listings(model_ids) -> None:
@@ -486,3 +506,189 @@ class DedicatedPrice(models.Model):
             f"{self.model_version_id} on {self.hardware_profile_id}: {self.per_hour} "
             f"{self.currency}/h from {self.effective_from:%Y-%m-%d}"
         )
+
+
+# --- partner-hosted models ------------------------------------------------------------------
+
+
+class ProviderConnection(models.Model):
+    """Our account with a provider's API (Mistral's, or any OpenAI-compatible one): where to
+    send requests, with which credential, and the quota our account has there.
+
+    The credential is stored encrypted (catalog.credentials: Fernet with keys from the
+    environment, rotatable) and never leaves the control plane except towards the provider:
+    no serializer, form, log line or admin page shows it; `has_credential` is all they know.
+    """
+
+    class Kind(models.TextChoices):
+        OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible API"
+        MISTRAL = "mistral", "Mistral AI API"
+
+    name = models.SlugField(max_length=64, unique=True, validators=[profile_name_validator])
+    display_name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    base_url = models.URLField(
+        max_length=300, help_text="The API root, e.g. https://api.mistral.ai/v1 (http or https)."
+    )
+    # Fernet token of the API key (bytes as ASCII); "" when no credential was given.
+    credential_encrypted = models.TextField(blank=True, editable=False)
+    # Our quota with the provider, shared by every organization that calls its models; each
+    # organization may use at most `tenant_share_percent` of it (gateway.limits).
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tenant_share_percent = models.PositiveSmallIntegerField(
+        default=50,
+        validators=[MinValueValidator(1)],
+        help_text="The most of the quota one organization may hold at a time, in percent.",
+    )
+    timeout_seconds = models.PositiveIntegerField(
+        default=120, validators=[MinValueValidator(1)], help_text="First byte and idle timeout."
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(tenant_share_percent__gte=1) & Q(tenant_share_percent__lte=100),
+                name="provider_connection_share_is_a_percentage",
+            )
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def __repr__(self):  # never the credential, even encrypted
+        return f"<ProviderConnection {self.name} ({self.kind})>"
+
+    @property
+    def has_credential(self) -> bool:
+        return bool(self.credential_encrypted)
+
+
+class ProviderModel(models.Model):
+    """Which provider model serves a partner model's version: the kind of API it needs (known
+    from the publisher, so the seed can say it), the provider's model id, and the operator's
+    connection of that kind (empty until one is chosen: "needs a provider connection")."""
+
+    model_version = models.OneToOneField(
+        ModelVersion, on_delete=models.CASCADE, related_name="provider_model"
+    )
+    kind = models.CharField(max_length=32, choices=ProviderConnection.Kind.choices)
+    provider_model_id = models.CharField(
+        max_length=200, help_text='The model name the provider expects, e.g. "mistral-large-2411".'
+    )
+    connection = models.ForeignKey(
+        ProviderConnection,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="provider_models",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_version"]
+
+    def __str__(self):
+        return f"{self.model_version_id} → {self.provider_model_id}"
+
+    @property
+    def needs_connection(self) -> bool:
+        connection = self.connection
+        return connection is None or not connection.is_active or not connection.has_credential
+
+
+class ProviderCost(models.Model):
+    """What the provider charges us per million tokens of a partner version, in force from
+    `effective_from` until the next cost of the same version (effective-dated like TokenPrice,
+    which stays what customers pay)."""
+
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="provider_costs"
+    )
+    currency = models.CharField(max_length=3, validators=[currency_validator])
+    input_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    output_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    effective_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model_version", "-effective_from", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_version", "effective_from"], name="unique_provider_cost_start"
+            )
+        ]
+
+    def __str__(self):
+        return (
+            f"{self.model_version_id}: costs {self.input_per_million}/{self.output_per_million} "
+            f"{self.currency} per 1M from {self.effective_from:%Y-%m-%d}"
+        )
+
+
+class TermsOfUse(models.Model):
+    """A publisher's terms for a model version, as one versioned document. The terms in force
+    are the newest whose `effective_from` has come; a customer must have accepted exactly
+    those before enabling or calling the version. Publishers (issue 18) write these too."""
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="terms")
+    version = models.CharField(
+        max_length=50,
+        validators=[RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$", "Use e.g. 2024-11.")],
+    )
+    title = models.CharField(max_length=200)
+    body = models.TextField(help_text="The terms, in Markdown.")
+    url = models.URLField(max_length=500, blank=True, help_text="The publisher's own copy.")
+    effective_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model_version", "-effective_from", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_version", "version"], name="unique_terms_version"
+            )
+        ]
+        verbose_name_plural = "terms of use"
+
+    def __str__(self):
+        return f"{self.title} ({self.version})"
+
+
+class TermsAcceptance(models.Model):
+    """An organization accepted one version of a model version's terms: who, when, which."""
+
+    terms = models.ForeignKey(TermsOfUse, on_delete=models.PROTECT, related_name="acceptances")
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="terms_acceptances"
+    )
+    accepted_by = models.ForeignKey(
+        "accounts.User",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="terms_acceptances",
+    )
+    # Who accepted, as the audit log names them (a person, or "API key sk-abc…"): kept when
+    # the user is deleted.
+    accepted_by_label = models.CharField(max_length=200)
+    accepted_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-accepted_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["terms", "organization"], name="unique_terms_acceptance"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.organization_id} accepted {self.terms_id}"

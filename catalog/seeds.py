@@ -276,6 +276,75 @@ MODELS = [
 ]
 
 
+# Partner-hosted: Mistral AI's flagship through Mistral's own API. Facts from the public model
+# card of the same model (https://huggingface.co/mistralai/Mistral-Large-Instruct-2411: 123B
+# dense, 128k context, dozens of languages, native function calling; its weights are under the
+# Mistral Research License, so commercial serving goes through Mistral's API) and Google's
+# partner-model page (https://docs.cloud.google.com/vertex-ai/generative-ai/docs/partner-models/
+# mistral/mistral-large: model id mistral-large-2411, released 2024-11-21, 128,000 tokens).
+# Mistral's list price for it is $2 / $6 per million input / output tokens (La Plateforme),
+# recorded as the provider cost; our price adds 20 %. No credential: it shows "needs a
+# provider connection" until an operator adds one (README).
+PARTNER_MODELS = [
+    {
+        "slug": "mistral-large",
+        "display_name": "Mistral Large (24.11)",
+        "publisher": "Mistral AI",
+        "hosting": Model.Hosting.PARTNER,
+        "family": "Mistral",
+        "tasks": ["chat", "function-calling"],
+        "languages": ["en", "fr", "de", "es", "it", "zh", "ja", "ko", "pt", "nl", "pl"],
+        "license": "Mistral AI Terms of Service (API)",
+        "context_length": 131072,
+        "architecture": "dense",
+        "num_experts": None,
+        "experts_per_token": None,
+        "total_parameters": 123_000_000_000,
+        "active_parameters": 123_000_000_000,
+        "tags": ["instruct", "function-calling", "json-mode", "partner"],
+        "description": (
+            "# Mistral Large (24.11)\n\n"
+            "Mistral AI's flagship model, served by Mistral AI's own API and billed on your "
+            "Sirocco invoice per token. A dense 123B-parameter model with strong reasoning, "
+            "knowledge and coding, native function calling and JSON output.\n\n"
+            "| | |\n|---|---|\n"
+            "| Hosted by | Mistral AI (La Plateforme, `mistral-large-2411`) |\n"
+            "| Parameters | 123B (dense) |\n"
+            "| Context | 128k tokens |\n"
+            "| Languages | dozens, including English, French, German, Spanish, Italian, "
+            "Chinese, Japanese, Korean, Portuguese, Dutch and Polish |\n"
+            "| Function calling | yes (native), JSON output |\n"
+            "| Terms | Mistral AI's Terms of Service and Usage Policy, accepted per "
+            "organization before first use |\n\n"
+            "Your prompts and completions are sent to Mistral AI to be served.\n\n"
+            "Sources: [model card](https://huggingface.co/mistralai/Mistral-Large-Instruct-2411), "
+            "[Google Cloud partner model page](https://docs.cloud.google.com/vertex-ai/"
+            "generative-ai/docs/partner-models/mistral/mistral-large), "
+            "[Mistral AI terms](https://mistral.ai/terms)."
+        ),
+        "version": "24.11",
+        "provider": ("mistral", "mistral-large-2411"),
+        "token_price": ("2.400000", "7.200000"),
+        "provider_cost": ("USD", "2.000000", "6.000000"),
+        "terms": {
+            "terms_version": "2024-11",
+            "title": "Mistral AI Terms of Service for Mistral Large",
+            "url": "https://mistral.ai/terms",
+            "body": (
+                "Mistral Large is provided by Mistral AI and served through Mistral AI's API. "
+                "By enabling it, your organization agrees that:\n\n"
+                "- your use of the model and its outputs is governed by Mistral AI's Terms of "
+                "Service and Usage Policy (https://mistral.ai/terms), which the platform "
+                "operator has accepted for its account with Mistral AI;\n"
+                "- the prompts and completions of your requests are sent to Mistral AI to be "
+                "served;\n"
+                "- usage is billed per token on your invoice at the price the catalog shows.\n"
+            ),
+        },
+    },
+]
+
+
 @transaction.atomic
 def ensure_runtimes_and_profiles() -> None:
     for fields in RUNTIMES:
@@ -318,7 +387,47 @@ def ensure_catalog_seeds() -> list[Model]:
             profiles=profiles,
             dedicated=lambda profile: profile.price_per_hour,
         )
+    models += [ensure_partner_model(seed) for seed in PARTNER_MODELS]
     return models
+
+
+def ensure_partner_model(seed: dict) -> Model:
+    """A partner-hosted model with a published version mapped to its provider model (no
+    connection), our price, the provider's cost and the publisher's terms, unless present."""
+    from catalog import providers, terms
+    from catalog.models import ProviderCost, TermsOfUse
+
+    actor = operator_system_actor()
+    extra = ("version", "provider", "token_price", "provider_cost", "terms")
+    fields = {k: v for k, v in seed.items() if k not in extra}
+    model = Model.objects.filter(slug=fields["slug"]).first()
+    if model is None:
+        model = services.model_create(actor=actor, **fields)
+    version = model.versions.filter(version=seed["version"]).first()
+    if version is None:
+        version = services.model_version_create(actor=actor, model=model, version=seed["version"])
+        kind, provider_model_id = seed["provider"]
+        providers.provider_model_set(
+            actor=actor, version=version, kind=kind, provider_model_id=provider_model_id
+        )
+        services.model_version_publish(actor=actor, version=version)
+    ensure_prices(version=version, token_price=seed["token_price"], profiles=[], dedicated=None)
+    if not ProviderCost.objects.filter(model_version=version).exists():
+        currency, cost_in, cost_out = seed["provider_cost"]
+        providers.provider_cost_set(
+            actor=actor,
+            version=version,
+            currency=currency,
+            input_per_million=Decimal(cost_in),
+            output_per_million=Decimal(cost_out),
+            effective_from=SEED_PRICES_FROM,
+            allow_past=True,
+        )
+    if not TermsOfUse.objects.filter(model_version=version).exists():
+        terms.terms_publish(
+            actor=actor, version=version, effective_from=SEED_PRICES_FROM, **seed["terms"]
+        )
+    return model
 
 
 def ensure_prices(*, version, token_price, profiles, dedicated) -> None:

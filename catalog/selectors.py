@@ -139,7 +139,9 @@ def model_by_slug(*, organization, slug: str, include_unpublished: bool = False)
 def model_versions_for_detail(*, model: Model, include_unpublished: bool = False):
     """A model's versions with runtime, artifacts and prices in force, newest first."""
     now = timezone.now()
-    versions = model.versions.select_related("serving_runtime").prefetch_related(
+    versions = model.versions.select_related(
+        "serving_runtime", "provider_model__connection"
+    ).prefetch_related(
         "artifacts",
         Prefetch(
             "token_prices",

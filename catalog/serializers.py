@@ -9,16 +9,24 @@ from catalog.models import (
     Model,
     ModelArtifact,
     ModelVersion,
+    ProviderConnection,
+    ProviderCost,
+    ProviderModel,
     ServingRuntime,
+    TermsAcceptance,
+    TermsOfUse,
     TokenPrice,
 )
+from catalog.providers import partner_status
 from catalog.selectors import profile_fit
+from catalog.terms import terms_in_force
 from controlplane.rest.serializers import MoneyField, StrictSerializer
 
 MODEL_FACT_FIELDS = [
     "slug",
     "display_name",
     "publisher",
+    "hosting",
     "family",
     "tasks",
     "languages",
@@ -102,7 +110,7 @@ class ModelListSerializer(serializers.ModelSerializer):
         return versions[0].version if versions else None
 
     def get_runtimes(self, model) -> list[str]:
-        return sorted({v.serving_runtime.name for v in self._versions(model)})
+        return sorted({v.serving_runtime.name for v in self._versions(model) if v.serving_runtime})
 
     def get_weights_imported(self, model) -> bool:
         versions = self._versions(model)
@@ -136,8 +144,25 @@ class VersionProfileSerializer(serializers.Serializer):
     dedicated_price = DedicatedPriceSerializer(allow_null=True)
 
 
+class ProviderModelSerializer(serializers.Serializer):
+    """Who serves a partner version; never which credential (the connection's name only)."""
+
+    kind = serializers.CharField()
+    provider_model_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=["available", "needs_connection"])
+
+
+class TermsSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TermsOfUse
+        fields = ["version", "title", "url", "effective_from"]
+        read_only_fields = fields
+
+
 class ModelVersionSerializer(serializers.ModelSerializer):
-    serving_runtime = ServingRuntimeSerializer(read_only=True)
+    serving_runtime = ServingRuntimeSerializer(read_only=True, allow_null=True)
+    provider = serializers.SerializerMethodField()
+    terms = serializers.SerializerMethodField()
     weights_imported = serializers.BooleanField(read_only=True)
     files = serializers.SerializerMethodField()
     token_price = serializers.SerializerMethodField()
@@ -162,9 +187,31 @@ class ModelVersionSerializer(serializers.ModelSerializer):
             "published_at",
             "deprecated_at",
             "token_price",
+            "provider",
+            "terms",
             "hardware_profiles",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(ProviderModelSerializer(allow_null=True))
+    def get_provider(self, version) -> dict | None:
+        """For a partner-hosted version: the provider model that serves it, and whether the
+        platform is connected to it (`needs_connection` until an operator adds one)."""
+        status = partner_status(version)
+        if status is None:
+            return None
+        mapping = getattr(version, "provider_model", None)
+        return {
+            "kind": mapping.kind if mapping else "",
+            "provider_model_id": mapping.provider_model_id if mapping else "",
+            "status": status,
+        }
+
+    @extend_schema_field(TermsSummarySerializer(allow_null=True))
+    def get_terms(self, version) -> dict | None:
+        """The terms of use in force, which an organization accepts before using the version."""
+        terms = terms_in_force(version_id=version.pk)
+        return TermsSummarySerializer(terms).data if terms else None
 
     def get_files(self, version) -> int:
         return len(version.artifacts.all())
@@ -176,7 +223,10 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(VersionProfileSerializer(many=True))
     def get_hardware_profiles(self, version) -> list[dict]:
-        """Every active profile: those that fit first, each with why and its price."""
+        """Every active profile: those that fit first, each with why and its price. None for
+        a partner-hosted version (its provider serves it)."""
+        if version.serving_runtime_id is None:
+            return []
         current = {}
         for price in version.dedicated_prices.all():  # newest first: keep the first per profile
             current.setdefault(price.hardware_profile_id, price)
@@ -273,6 +323,7 @@ class ModelArtifactSerializer(serializers.ModelSerializer):
 class ModelWriteSerializer(StrictSerializer):
     display_name = serializers.CharField(max_length=200)
     publisher = serializers.CharField(max_length=100)
+    hosting = serializers.ChoiceField(choices=Model.Hosting.choices, required=False)
     family = serializers.CharField(max_length=100, required=False, allow_blank=True)
     description = serializers.CharField(required=False, allow_blank=True)
     tasks = serializers.ListField(
@@ -305,7 +356,11 @@ class ModelUpdateSerializer(ModelWriteSerializer):
 
 
 class ModelVersionWriteSerializer(StrictSerializer):
-    serving_runtime = serializers.ChoiceField(choices=ServingRuntime.Name.choices)
+    serving_runtime = serializers.ChoiceField(
+        choices=ServingRuntime.Name.choices,
+        required=False,
+        help_text="Required for a self-hosted model; absent for a partner-hosted one.",
+    )
     weights_format = serializers.ChoiceField(
         choices=ModelVersion.WeightsFormat.choices, required=False
     )
@@ -341,3 +396,145 @@ class DedicatedPriceCreateSerializer(StrictSerializer):
     currency = serializers.RegexField(r"^[A-Z]{3}$", default="USD")
     per_hour = MoneyField(max_digits=12, decimal_places=4, min_value=0)
     effective_from = serializers.DateTimeField(required=False)
+
+
+# --- partner-hosted models ------------------------------------------------------------------
+
+
+class ProviderConnectionSerializer(serializers.ModelSerializer):
+    """A connection as operators see it: never its credential, only whether it has one."""
+
+    has_credential = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = ProviderConnection
+        fields = [
+            "name",
+            "display_name",
+            "kind",
+            "base_url",
+            "has_credential",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "tenant_share_percent",
+            "timeout_seconds",
+            "is_active",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class ProviderConnectionWriteSerializer(StrictSerializer):
+    display_name = serializers.CharField(max_length=100, required=False)
+    base_url = serializers.CharField(max_length=300, help_text="http:// or https:// only.")
+    credential = serializers.CharField(
+        write_only=True,
+        required=False,
+        allow_blank=True,
+        trim_whitespace=True,
+        style={"input_type": "password"},
+        help_text='The provider\'s API key. Stored encrypted; never returned. "" removes it.',
+    )
+    requests_per_minute = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    tokens_per_minute = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    tenant_share_percent = serializers.IntegerField(min_value=1, max_value=100, required=False)
+    timeout_seconds = serializers.IntegerField(min_value=1, max_value=3600, required=False)
+    is_active = serializers.BooleanField(required=False)
+
+
+class ProviderConnectionCreateSerializer(ProviderConnectionWriteSerializer):
+    name = serializers.RegexField(
+        r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$",
+        error_messages={"invalid": "Use 1-64 lowercase letters, digits or hyphens."},
+    )
+    # A plain string, checked by the service, so an unknown kind gets the same sentence from
+    # the REST API, the admin and the commands.
+    kind = serializers.CharField(
+        max_length=32, help_text=f"One of: {', '.join(ProviderConnection.Kind.values)}."
+    )
+
+
+class ProviderConnectionUpdateSerializer(ProviderConnectionWriteSerializer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, partial=True, **kwargs)
+
+
+class ProviderModelDetailSerializer(serializers.ModelSerializer):
+    connection = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ProviderModel
+        fields = ["kind", "provider_model_id", "connection", "status", "updated_at"]
+        read_only_fields = fields
+
+    def get_status(self, mapping) -> str:
+        return "needs_connection" if mapping.needs_connection else "available"
+
+
+class ProviderModelWriteSerializer(StrictSerializer):
+    provider_model_id = serializers.CharField(max_length=200)
+    kind = serializers.CharField(max_length=32, required=False)
+    connection = serializers.CharField(
+        max_length=64, required=False, allow_null=True, help_text="A provider connection's name."
+    )
+
+
+class ProviderCostSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ProviderCost
+        fields = ["currency", "input_per_million", "output_per_million", "effective_from"]
+        read_only_fields = fields
+
+
+class ProviderCostCreateSerializer(StrictSerializer):
+    # No default: a cost without its currency is a 400, never silently USD.
+    currency = serializers.RegexField(
+        r"^[A-Z]{3}$", error_messages={"invalid": "Use an ISO 4217 code such as USD or EUR."}
+    )
+    input_per_million = MoneyField(max_digits=12, decimal_places=6, min_value=0)
+    output_per_million = MoneyField(max_digits=12, decimal_places=6, min_value=0)
+    effective_from = serializers.DateTimeField(required=False)
+
+
+class TermsSerializer(serializers.ModelSerializer):
+    accepted = serializers.SerializerMethodField()
+    body_html = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TermsOfUse
+        fields = ["version", "title", "body", "body_html", "url", "effective_from", "accepted"]
+        read_only_fields = fields
+
+    def get_accepted(self, terms) -> bool:
+        """Whether your organization accepted this version of the terms."""
+        return terms.pk in self.context.get("accepted_ids", ())
+
+    def get_body_html(self, terms) -> str:
+        return nh3.clean(markdown.markdown(terms.body, extensions=["tables"]))
+
+
+class TermsCreateSerializer(StrictSerializer):
+    version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
+    title = serializers.CharField(max_length=200)
+    body = serializers.CharField()
+    url = serializers.URLField(max_length=500, required=False, allow_blank=True)
+    effective_from = serializers.DateTimeField(required=False)
+
+
+class TermsAcceptSerializer(StrictSerializer):
+    version = serializers.CharField(
+        max_length=50, help_text="The version of the terms you read (GET …/terms)."
+    )
+
+
+class TermsAcceptanceSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="terms.model_version.model.slug", read_only=True)
+    model_version = serializers.CharField(source="terms.model_version.version", read_only=True)
+    terms_version = serializers.CharField(source="terms.version", read_only=True)
+
+    class Meta:
+        model = TermsAcceptance
+        fields = ["model", "model_version", "terms_version", "accepted_by_label", "accepted_at"]
+        read_only_fields = fields

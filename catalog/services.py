@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 MODEL_FIELDS = {
     "display_name",
     "publisher",
+    "hosting",
     "family",
     "description",
     "tasks",
@@ -176,6 +177,12 @@ def model_update(*, actor: Actor, model: Model, **fields) -> Model:
         if getattr(model, name) != value:
             changes[name] = [getattr(model, name), value]
             setattr(model, name, value)
+    if "hosting" in changes and model.versions.exists():
+        raise Conflict(
+            f"{model.slug} has versions: whether it is self-hosted or partner-hosted is fixed "
+            "once it has one. Make another model instead.",
+            field="hosting",
+        )
     if changes:
         _check_model(model)
         model.save()
@@ -226,9 +233,10 @@ def _check_runtime_args(args, *, model: Model) -> None:
 
 @transaction.atomic
 def model_version_create(
-    *, actor: Actor, model: Model, version: str, serving_runtime, **fields
+    *, actor: Actor, model: Model, version: str, serving_runtime=None, **fields
 ) -> ModelVersion:
-    """A new draft version. Import its weights, then publish it."""
+    """A new draft version. Import its weights (a partner model's: map it to its provider
+    model, catalog.providers), then publish it."""
     require_operator(actor)
     unknown = set(fields) - VERSION_FIELDS
     if unknown:
@@ -237,9 +245,19 @@ def model_version_create(
         raise Conflict(f"{model.slug} has a version {version!r} already.", field="version")
     fields.setdefault("runtime_args", {})
     _check_runtime_args(fields["runtime_args"], model=model)
-    model_version = ModelVersion(
-        model=model, version=version, serving_runtime=_runtime(serving_runtime), **fields
-    )
+    if model.is_partner:
+        if serving_runtime is not None:
+            raise ValidationFailed(
+                f"{model.slug} is partner-hosted: its provider serves it, so a version has no "
+                "serving_runtime.",
+                field="serving_runtime",
+            )
+        runtime = None
+    elif serving_runtime is None:
+        raise ValidationFailed("Give the serving_runtime.", field="serving_runtime")
+    else:
+        runtime = _runtime(serving_runtime)
+    model_version = ModelVersion(model=model, version=version, serving_runtime=runtime, **fields)
     model_version.full_clean()
     model_version.save()
     _audit(actor, "catalog.version.create", model_version, {"version": version})
@@ -259,6 +277,10 @@ def model_version_update(*, actor: Actor, version: ModelVersion, **fields) -> Mo
             f"{version} is {version.status}; only drafts change. Create a new version instead."
         )
     if "serving_runtime" in fields:
+        if version.model.is_partner:
+            raise ValidationFailed(
+                "A partner-hosted model's version has no serving_runtime.", field="serving_runtime"
+            )
         fields["serving_runtime"] = _runtime(fields["serving_runtime"])
     if "runtime_args" in fields:
         _check_runtime_args(fields["runtime_args"], model=version.model)

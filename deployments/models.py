@@ -154,6 +154,12 @@ class Deployment(models.Model):
     def is_converged(self) -> bool:
         return self.observed_generation >= self.generation
 
+    @property
+    def is_partner_entry(self) -> bool:
+        """A serverless entry of a partner-hosted model: its provider serves it, so it has no
+        pool and no replicas and provisions nothing."""
+        return self.type == self.Type.SERVERLESS and self.model_version.is_partner
+
 
 class Replica(models.Model):
     """One running copy of the model server: a pod (kubernetes) or a process (local)."""

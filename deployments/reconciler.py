@@ -204,7 +204,7 @@ def reconcile(
     requeue = None
     try:
         with _LeaseKeeper(deployment.pk, token):
-            if deployment.pool_id:
+            if deployment.pool_id or deployment.is_partner_entry:
                 requeue = _reconcile_serverless_entry(deployment)
             else:
                 requeue = _reconcile(deployment, provisioner or get_provisioner(), force=force)
@@ -535,7 +535,8 @@ def _finish_delete(deployment: Deployment) -> None:
 
 
 def _reconcile_serverless_entry(deployment: Deployment) -> None:
-    """A serverless entry provisions nothing: it is ready while its pool can serve."""
+    """A serverless entry provisions nothing: it is ready while its pool can serve (a partner
+    model's entry has no pool: its provider serves it, and the gateway says when it cannot)."""
     if deployment.status == Deployment.Status.DELETING:
         _finish_delete(deployment)
         return None
@@ -544,7 +545,7 @@ def _reconcile_serverless_entry(deployment: Deployment) -> None:
         row = Deployment.objects.select_for_update().get(pk=deployment.pk)
         if row.status in (Deployment.Status.DELETING, Deployment.Status.DELETED):
             return None
-        if pool.status in (
+        if pool is not None and pool.status in (
             Deployment.Status.FAILED,
             Deployment.Status.DELETING,
             Deployment.Status.DELETED,
@@ -605,6 +606,7 @@ def sweep(*, provisioner: Provisioner | None = None) -> tuple[list[str], list[st
     candidates = list(
         Deployment.objects.exclude(status=Deployment.Status.DELETED)
         .filter(pool=None, observed_generation__gte=F("generation"))
+        .exclude(model_version__model__hosting="partner")  # nothing in the cluster
         .exclude(status__in=IN_PROGRESS)
         .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
         .select_related(

@@ -35,6 +35,13 @@ class Route:
     status: str
     replicas: list[tuple[str, str]] = field(default_factory=list)
     can_scale_from_zero: bool = False
+    # A partner-hosted model: who publishes it, where its provider is (None: no usable
+    # connection), and the terms version the organization has yet to accept (None: accepted,
+    # or none). The upstream is then the provider instead of replicas.
+    partner_publisher: str | None = None
+    provider: object | None = None  # catalog.providers.PartnerTarget
+    terms_pending: str | None = None
+    terms_accept_path: str = ""
 
 
 class CallableModel(NamedTuple):
@@ -93,13 +100,18 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
             "model_version__id",
             "model_version__served_model_name",
             "model_version__runtime_args",
+            "model_version__version",
             "model_version__model__slug",
             "model_version__model__context_length",
+            "model_version__model__hosting",
+            "model_version__model__publisher",
         )
         .first()
     )
     if deployment is None:
         return None
+    if deployment.model_version.is_partner:
+        return _partner_route(deployment)
     serving = deployment.pool if deployment.pool_id else deployment
     replicas = list(
         Replica.objects.filter(deployment_id=serving.pk, ready=True)
@@ -126,6 +138,33 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
             and serving.max_replicas > 0
             and serving.status != Deployment.Status.FAILED
             and deployment.status != Deployment.Status.FAILED
+        ),
+    )
+
+
+def _partner_route(deployment: Deployment) -> Route:
+    """A partner model's entry: no replicas; its provider (credential decrypted for the
+    gateway) and whether the organization accepted the terms in force. Three queries."""
+    from catalog.providers import partner_target
+    from catalog.terms import terms_accepted, terms_in_force
+
+    version = deployment.model_version
+    pending = None
+    if not terms_accepted(organization_id=deployment.organization_id, version_id=version.pk):
+        pending = terms_in_force(version_id=version.pk).version
+    return Route(
+        deployment_id=deployment.pk,
+        organization_id=deployment.organization_id,
+        model_version_id=version.pk,
+        served_model_name=version.served_model_name or version.model.slug,
+        max_model_len=max_model_len(version),
+        deployment_type=deployment.type,
+        status=deployment.status,
+        partner_publisher=version.model.publisher,
+        provider=partner_target(version_id=version.pk),
+        terms_pending=pending,
+        terms_accept_path=(
+            f"/api/v1/models/{version.model.slug}/versions/{version.version}/terms/accept"
         ),
     )
 

@@ -14,7 +14,13 @@ from accounts.actors import Actor
 from accounts.models import Organization
 from accounts.roles import Permission
 from accounts.services import audit_record, require
-from controlplane.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from controlplane.errors import (
+    Conflict,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    ValidationFailed,
+)
 from deployments import transitions
 from deployments.models import (
     NAME_MAX_LENGTH,
@@ -214,7 +220,11 @@ def deployment_create(
         )
     _check_deployment_quota(organization)
 
-    if type == Deployment.Type.SERVERLESS:
+    if model_version.is_partner:
+        deployment = _partner_entry(
+            actor=actor, name=name, model_version=model_version, type=type, profile=hardware_profile
+        )
+    elif type == Deployment.Type.SERVERLESS:
         if hardware_profile:
             raise ValidationFailed(
                 "Serverless deployments run on the platform's shared pool: leave out "
@@ -298,6 +308,40 @@ def deployment_create(
     return deployment
 
 
+def _partner_entry(*, actor: Actor, name: str, model_version, type: str, profile) -> Deployment:
+    """An organization's entry to a partner-hosted model: serverless, no pool, no replicas.
+    Its terms of use in force must have been accepted for the organization first."""
+    label = f"{model_version.model.slug} {model_version.version}"
+    if type != Deployment.Type.SERVERLESS or profile:
+        raise ValidationFailed(
+            f"{label} is hosted by {model_version.model.publisher}: it is offered serverless "
+            'only (type "serverless", no hardware_profile).',
+            field="type" if type != Deployment.Type.SERVERLESS else "hardware_profile",
+        )
+    _check_price(deployment_type=type, version=model_version, profile=None)
+    from catalog.terms import terms_accepted, terms_in_force
+
+    if not terms_accepted(organization_id=actor.organization.pk, version_id=model_version.pk):
+        terms = terms_in_force(version_id=model_version.pk)
+        raise PermissionDenied(
+            f'Accept the terms of use of {label} (version {terms.version}, "{terms.title}") '
+            f"for your organization first: POST /api/v1/models/{model_version.model.slug}/"
+            f'versions/{model_version.version}/terms/accept with {{"version": '
+            f'"{terms.version}"}}.',
+            field="model",
+            code="terms_not_accepted",
+        )
+    return Deployment(
+        organization=actor.organization,
+        name=name,
+        model_version=model_version,
+        type=Deployment.Type.SERVERLESS,
+        min_replicas=0,
+        max_replicas=1,
+        desired_replicas=0,
+    )
+
+
 def _check_autoscaling(target: int, scale_to_zero_after_seconds: int | None) -> None:
     if target < 1:
         raise ValidationFailed(
@@ -313,6 +357,8 @@ def _check_autoscaling(target: int, scale_to_zero_after_seconds: int | None) -> 
 
 def _describe(deployment: Deployment) -> str:
     version = deployment.model_version
+    if deployment.is_partner_entry:
+        return f"{version.model.slug} {version.version} serverless, hosted by {version.model.publisher}"
     if deployment.pool_id:
         return f"{version.model.slug} {version.version} serverless"
     profile = deployment.hardware_profile.name if deployment.hardware_profile_id else "-"
@@ -349,6 +395,12 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
         raise NotFound("No such deployment in your organization.")
     if deployment.status in (Deployment.Status.DELETING, Deployment.Status.DELETED):
         raise Conflict("This deployment is being deleted; it cannot be changed.")
+    if deployment.is_partner_entry and fields:
+        raise ValidationFailed(
+            f"{deployment.model_version.model.slug} is served by its provider: there is nothing "
+            "to scale or update. Delete it and enable the version you want.",
+            field=sorted(fields)[0],
+        )
     if deployment.pool_id and fields:
         raise ValidationFailed(
             "A serverless deployment runs on the shared pool: there is nothing to scale or "

@@ -363,7 +363,11 @@ def entry_ready(row: Deployment) -> None:
         row.conditions, available=True, progressing=(True, "SharedPool", "")
     )
     row.save()
-    event_record(row, "Ready", f"Served by the shared {row.model_version.model.slug} pool.")
+    model = row.model_version.model
+    if row.pool_id is None:  # a partner-hosted model's entry
+        event_record(row, "Ready", f"Served by {model.publisher}'s API.")
+    else:
+        event_record(row, "Ready", f"Served by the shared {model.slug} pool.")
 
 
 def notify_pool_members(row: Deployment) -> None:

@@ -159,6 +159,13 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+# --- Partner models -------------------------------------------------------------------------
+# Fernet keys (44 characters of url-safe base64 each: `python -c "from cryptography.fernet
+# import Fernet; print(Fernet.generate_key().decode())"`) that encrypt provider credentials
+# at rest; the first encrypts, all decrypt. To rotate: put a new key first, run
+# `manage.py provider_credentials_rotate`, then drop the old key (docs/security.md).
+PROVIDER_CREDENTIAL_KEYS = env.list("PROVIDER_CREDENTIAL_KEYS", default=[])
+
 # --- Gateway (/v1) ---------------------------------------------------------------------------
 # Limits for each organization, on top of each key's own rpm_limit/tpm_limit (0: no limit).
 GATEWAY_ORG_RPM_LIMIT = env.int("GATEWAY_ORG_RPM_LIMIT", default=10_000)

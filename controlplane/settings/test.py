@@ -7,6 +7,15 @@ if not os.environ.get("SECRET_KEY"):
 
 from controlplane.settings.base import *  # noqa: F403
 
+# Two keys, so that tests can rotate: the first encrypts, both decrypt.
+PROVIDER_CREDENTIAL_KEYS = env.list(  # noqa: F405
+    "PROVIDER_CREDENTIAL_KEYS",
+    default=[
+        "2zq0cYl1N3T6mXo8ZpGZbT6s3P4nqS0n0JYd3QmYw2c=",
+        "T8cLhJbQ1y3m0O5u4bq9bq1mQzN3pWf6xk7u1m2j3k4=",
+    ],
+)
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=True)  # noqa: F405
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -42,10 +42,15 @@ def test_the_seeded_catalog_lists_with_facts_and_from_prices(api, seeded):
     response = api.get("/api/v1/models")
     assert slugs(response) == [
         "mistral-7b-instruct-v0.3",
+        "mistral-large",
         "mixtral-8x22b-instruct-v0.1",
         "mixtral-8x7b-instruct-v0.1",
     ]
-    item = response.json()["results"][2]
+    item = response.json()["results"][3]
+    assert item["hosting"] == "self_hosted"
+    partner = response.json()["results"][1]
+    assert partner["hosting"] == "partner" and partner["runtimes"] == []
+    assert partner["price_from"]["input_per_million"] == "2.400000"
     assert item["architecture"] == "moe"
     assert (item["num_experts"], item["experts_per_token"]) == (8, 2)
     assert item["total_parameters"] == 46_700_000_000
@@ -93,16 +98,22 @@ def test_search_and_filters(api, seeded):
     ]
     assert slugs(api.get("/api/v1/models?q=FUNCTION calling")) == [
         "mistral-7b-instruct-v0.3",
+        "mistral-large",
         "mixtral-8x22b-instruct-v0.1",
     ]
     assert slugs(api.get("/api/v1/models?task=function-calling&min_context=40000")) == [
-        "mixtral-8x22b-instruct-v0.1"
+        "mistral-large",
+        "mixtral-8x22b-instruct-v0.1",
     ]
+    assert slugs(api.get("/api/v1/models?hosting=partner")) == ["mistral-large"]
     assert slugs(api.get("/api/v1/models?language=FR&architecture=moe")) == [
         "mixtral-8x22b-instruct-v0.1",
         "mixtral-8x7b-instruct-v0.1",
     ]
-    assert slugs(api.get("/api/v1/models?architecture=dense")) == ["mistral-7b-instruct-v0.3"]
+    assert slugs(api.get("/api/v1/models?architecture=dense")) == [
+        "mistral-7b-instruct-v0.3",
+        "mistral-large",
+    ]
     assert slugs(api.get("/api/v1/models?publisher=mistral ai&license=apache-2.0&tag=moe")) == [
         "mixtral-8x22b-instruct-v0.1",
         "mixtral-8x7b-instruct-v0.1",
@@ -117,6 +128,7 @@ def test_search_and_filters(api, seeded):
     ]
     assert slugs(api.get("/api/v1/models?ordering=-total_parameters")) == [
         "mixtral-8x22b-instruct-v0.1",
+        "mistral-large",
         "mixtral-8x7b-instruct-v0.1",
         "mistral-7b-instruct-v0.3",
     ]

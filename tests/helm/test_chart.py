@@ -331,6 +331,7 @@ def test_every_container_reads_the_settings_and_the_credentials(variant):
             "STRIPE_WEBHOOK_SECRET",
             "EMAIL_URL",
             "METRICS_TOKEN",
+            "PROVIDER_CREDENTIAL_KEYS",
         }
 
 

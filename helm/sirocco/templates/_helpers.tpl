@@ -205,7 +205,7 @@ BILLING_INVOICE_PREFIX: {{ .Values.billing.invoicePrefix | quote }}
 SECRET_KEY DATABASE_URL REDIS_URL CELERY_BROKER_URL
 {{- end }}
 {{- define "sirocco.optionalSecretKeys" -}}
-AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY STRIPE_API_KEY STRIPE_WEBHOOK_SECRET EMAIL_URL METRICS_TOKEN
+AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY STRIPE_API_KEY STRIPE_WEBHOOK_SECRET EMAIL_URL METRICS_TOKEN PROVIDER_CREDENTIAL_KEYS
 {{- end }}
 
 {{/* Environment of every container: the ConfigMap, then each credential from the Secret. */}}
