@@ -85,3 +85,6 @@ _._body
 
 # catalog.credentials.Secret.reveal: the partner upstream reads the credential it sends.
 _.reveal
+
+# deployments/tasks.py: connected to Celery's worker_init signal.
+_note_worker_process

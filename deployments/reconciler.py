@@ -14,6 +14,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from datetime import datetime, timedelta
 
 from django.db import connections, transaction
@@ -189,14 +190,20 @@ def reconcile(
     provisioner: Provisioner | None = None,
     force: bool = False,
     retry_if_busy: bool = False,
+    wait_if_busy: float = 0.0,
 ) -> float | None:
     """One reconcile pass; returns seconds until the next one, or None when converged.
     `force` re-applies everything (the sweep found the cluster drifted). `retry_if_busy`: the
-    pass was asked for by a change, so if another pass holds the lease, come back shortly."""
+    pass was asked for by a change, so if another pass holds the lease, come back shortly.
+    `wait_if_busy`: first wait up to that many seconds for the lease."""
     deployment = _load(deployment_id)
     if deployment is None or deployment.status == Deployment.Status.DELETED:
         return None
     token = _take_lease(deployment.pk)
+    deadline = time.monotonic() + wait_if_busy
+    while token is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        token = _take_lease(deployment.pk)
     if token is None:
         # Another pass holds it; it will requeue itself (or the stalled check will, if it was
         # killed). A change it may not have seen gets its own pass soon after.

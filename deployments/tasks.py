@@ -4,7 +4,7 @@ work, and every task may run twice or be killed at any line (see deployments/rec
 import logging
 
 from celery import shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 from django.db import OperationalError
 
 logger = logging.getLogger(__name__)
@@ -31,10 +31,46 @@ def reconcile_deployment(self, deployment_id: str, force: bool = False, why: str
         reconcile_deployment.apply_async((deployment_id,), countdown=requeue_after)
 
 
+# A change reported inside a worker process waits this long at most for a pass in progress
+# (its lease) before it is queued instead.
+CHANGE_PASS_WAIT_SECONDS = 2.0
+_in_worker_process = False
+
+
+@worker_init.connect
+def _note_worker_process(**kwargs) -> None:
+    global _in_worker_process
+    _in_worker_process = True  # pool processes are forked from this one and inherit it
+
+
 def replica_changed(deployment_id: str, why: str) -> None:
     """What provisioners call when they learn of a change by themselves (see
-    Provisioner.on_change): a pass for that deployment, now."""
-    reconcile_deployment.delay(deployment_id, why=why)
+    Provisioner.on_change): a pass for that deployment, now.
+
+    In a worker process (where the local provisioner's exit watch runs: it owns the replica
+    processes) the pass runs on the caller's thread, as the kubelet reports a container's exit
+    and readiness to the API server itself: through the queue it would wait for the broker's
+    poll (the embedded SQLite broker polls once a second), twice per restart (the exit, then
+    the new process answering). Elsewhere (the Kubernetes pod watcher) it is queued."""
+    if not _in_worker_process:
+        reconcile_deployment.delay(deployment_id, why=why)
+        return
+    from django.db import connection
+
+    from deployments.reconciler import reconcile
+
+    logger.info("reconcile %s: %s", deployment_id, why)
+    try:
+        requeue_after = reconcile(
+            deployment_id, retry_if_busy=True, wait_if_busy=CHANGE_PASS_WAIT_SECONDS
+        )
+    except Exception:
+        logger.warning("the pass for %s failed here; queued", deployment_id, exc_info=True)
+        requeue_after = 0.0
+    finally:
+        connection.close()  # this thread's own connection; the thread ends soon
+    if requeue_after is not None:
+        reconcile_deployment.apply_async((deployment_id,), {"why": why}, countdown=requeue_after)
 
 
 @shared_task

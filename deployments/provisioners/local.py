@@ -9,13 +9,17 @@ its health path.
 
 Failures are noticed as they happen: the worker process that starts (or adopts) a replica waits
 on it from a thread (its own child: `wait()`, which also gives the exit status; another's: a
-pidfd), writes an exit record next to the log (`<replica>.exit`: pid, exit time, status) and
-calls `on_change`, which enqueues a reconcile pass. That pass, in whichever worker process takes
-it, restarts the replica at once on the same port (so the gateway's cached route stays right),
-then with exponential backoff if it keeps dying quickly; a replica that keeps dying fails the
-deployment with the last lines of its log. The state file is saved before a process is spawned
-and again once its pid is known, so a pass killed in between leaves a process the next pass
-finds by its port and adopts, never a duplicate.
+pidfd) and writes an exit record next to the log (`<replica>.exit`: pid, exit time, status).
+Unless the exit was ours (whoever stops a replica on purpose first writes `<replica>.stopping`
+naming its pid, so the watcher in any worker process knows), that thread restarts the replica
+at once on the same port (so the gateway's cached route stays right), as the kubelet restarts
+a container, then calls `on_change`, which runs a pass (it records the exit: event, status,
+GPU time), and calls it again the moment the new process answers. A replica that keeps dying
+quickly is restarted by the passes instead, with exponential backoff; one that keeps dying
+fails the deployment with the last lines of its log. The replicas of a deployment change only
+under an flock of its folder's `state.lock` (a pass, an exit watch, a delete), and the state
+file is saved before a process is spawned and again once its pid is known, so a pass killed in
+between leaves a process the next pass finds by its port and adopts, never a duplicate.
 
 Each replica's runs are kept with the machine's own timestamps (process start, exit time from
 the exit record), which is what GPU time is billed from.
@@ -28,6 +32,7 @@ starts them again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,7 +77,13 @@ EXIT_RECORD_WAIT_SECONDS = 0.3
 ENDED_KEPT = 64
 STOP_GRACE_SECONDS = 10.0
 PROBE_TIMEOUT_SECONDS = 1.0
+# After the exit watch restarted a replica, it probes the new process this often, for at most
+# this long, and reports the moment it answers (the passes' own polling goes on regardless).
+READY_PROBE_SECONDS = 0.05
+READY_WATCH_SECONDS = 120.0
 STATE_FILE = "state.json"
+# A deployment's replicas change only under an flock of this file (see LocalProvisioner.locked).
+LOCK_FILE = "state.lock"
 
 
 @dataclass
@@ -211,59 +223,76 @@ _children: dict[int, subprocess.Popen] = {}
 
 class ExitWatch:
     """Waits, from one thread per replica, for the replica processes this worker process knows
-    of; on an exit it writes the exit record and calls `notify(why)` (unless the exit was ours:
-    a stop). A process is watched once however often it is seen."""
+    of; on an exit it writes the exit record and calls `on_exit(status)` (None when the process
+    was not ours to reap). A process is watched once however often it is seen."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._watched: set[int] = set()
-        self._expected: set[int] = set()
 
-    def watch(self, pid: int, *, record: Path, notify) -> None:
+    def watch(self, pid: int, *, record: Path, on_exit: Callable[[int | None], None]) -> None:
         with self._lock:
             if pid in self._watched:
                 return
             self._watched.add(pid)
         threading.Thread(
-            target=self._wait, args=(pid, record, notify), name=f"replica-{pid}", daemon=True
+            target=self._wait, args=(pid, record, on_exit), name=f"replica-{pid}", daemon=True
         ).start()
 
-    def expect(self, pid: int) -> None:
-        """We are stopping it: its exit needs no reconcile."""
-        with self._lock:
-            self._expected.add(pid)
-
-    def _wait(self, pid: int, record: Path, notify) -> None:
-        status = None
+    def _wait(self, pid: int, record: Path, on_exit: Callable[[int | None], None]) -> None:
         process = _children.get(pid)
         try:
             if process is not None:
                 status = process.wait()
             else:
-                # Not our child (adopted after a worker restart): a pidfd becomes readable when
-                # the process exits (Linux 5.3+); its exit status is its parent's to collect.
+                # Not our child (adopted after a worker restart, or watched beside the worker
+                # process that started it): a pidfd becomes readable when the process exits
+                # (Linux 5.3+); its exit status is its parent's to collect.
+                status = None
                 descriptor = os.pidfd_open(pid)
                 try:
                     select.select([descriptor], [], [])
                 finally:
                     os.close(descriptor)
         except OSError:  # already gone
-            pass
+            status = None
         exited_at = time.time()
-        with contextlib.suppress(OSError):
-            temporary = record.with_suffix(".tmp-exit")
-            temporary.write_text(json.dumps({"pid": pid, "exited_at": exited_at, "status": status}))
-            os.replace(temporary, record)
+        if process is None:
+            # Its parent, if it is a worker process still, reaps it, writes the record with the
+            # status and handles the exit; this watcher steps back. (Two watchers once wrote the
+            # record through one temporary file, and a torn record made a pass take the restart
+            # for the exit time: GPU time billed a second too long.)
+            deadline = time.monotonic() + EXIT_RECORD_WAIT_SECONDS
+            while time.monotonic() < deadline:
+                if read_exit_record(record, pid):
+                    with self._lock:
+                        self._watched.discard(pid)
+                    return
+                time.sleep(0.01)
+        _write_exit_record(record, {"pid": pid, "exited_at": exited_at, "status": status})
         with self._lock:
             self._watched.discard(pid)
-            expected = pid in self._expected
-            self._expected.discard(pid)
-        if not expected:
-            logger.warning("replica process %s exited (%s)", pid, describe_exit(status))
-            try:
-                notify(describe_exit(status))
-            except Exception:  # the sweep will still find it
-                logger.exception("could not report the exit of replica process %s", pid)
+        try:
+            on_exit(status)
+        except Exception:  # the next pass, or the sweep, still finds it
+            logger.exception("handling the exit of replica process %s failed", pid)
+
+
+def _write_exit_record(record: Path, values: dict) -> None:
+    # A temporary file of this thread's own: a reader never sees half a record.
+    temporary = record.with_name(f".{record.name}.{os.getpid()}.{threading.get_ident()}")
+    with contextlib.suppress(OSError):
+        temporary.write_text(json.dumps(values))
+        os.replace(temporary, record)
+
+
+def read_exit_record(record: Path, pid: int | None) -> dict:
+    """The exit record (pid, exit time, status) if it is that of process `pid`, else {}."""
+    try:
+        values = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) and values.get("pid") == pid else {}
 
 
 _exits = ExitWatch()
@@ -328,6 +357,38 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 
 def _serial(replica: LocalReplica) -> int:
     return int(replica.name.rsplit("-", 1)[-1])
+
+
+def _stopping_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.stopping"
+
+
+def mark_stopping(folder: Path, name: str, pid: int) -> None:
+    """Record, before stopping it, that the replica's process `pid` is being stopped on
+    purpose: the exit watch of whichever worker process watches it (not necessarily this one)
+    then neither restarts it nor reports a crash. Kept after the stop: it names the pid."""
+    with contextlib.suppress(OSError):
+        _stopping_path(folder, name).write_text(str(pid))
+
+
+def _stop_expected(folder: Path, name: str, pid: int) -> bool:
+    try:
+        return int(_stopping_path(folder, name).read_text()) == pid
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def locked(folder: Path, *, create: bool = True) -> Iterator[None]:
+    """Hold the deployment folder's lock: a pass, the exit watch of any worker process, a
+    delete or make run's stop change its replicas one at a time. An flock: the kernel releases
+    it when its holder dies, killed mid-pass included. Without `create`, a folder that is gone
+    (the deployment was deleted) raises FileNotFoundError."""
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def stop_process(pid: int, *, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -399,12 +460,69 @@ class LocalProvisioner(Provisioner):
         return self.folder(spec) / f"{replica.name}.exit"
 
     def _watch(self, spec: DeploymentSpec, replica: LocalReplica) -> None:
-        deployment_id, name = spec.deployment_id, replica.name
+        name, pid = replica.name, replica.pid
         _exits.watch(
-            replica.pid,
+            pid,
             record=self.exit_record_path(spec, replica),
-            notify=lambda how: self.changed(deployment_id, f"replica {name} exited with {how}"),
+            on_exit=lambda status: self._replica_exited(spec, name, pid, status),
         )
+
+    def _replica_exited(
+        self, spec: DeploymentSpec, name: str, pid: int, status: int | None
+    ) -> None:
+        """The exit watch's handler, in the worker process that watched the replica. Unless it
+        was stopped on purpose (by any process: see mark_stopping), restart it at once when its
+        crash streak allows, as the kubelet restarts a container under restartPolicy Always;
+        then report the exit (a pass records it: event, status, GPU time), and, after a
+        restart, the moment the new process answers."""
+        folder = self.folder(spec)
+        if _stop_expected(folder, name, pid):
+            return  # stopped on purpose: scale-down, rolling update, make run's stop
+        try:
+            with locked(folder, create=False):
+                restarted = self._restart_after_exit(spec, name, pid)
+        except FileNotFoundError:
+            return  # the deployment was deleted (its replicas stopped on purpose)
+        how = describe_exit(status)
+        self.changed(
+            spec.deployment_id,
+            f"replica {name} exited with {how}; restarted"
+            if restarted
+            else f"replica {name} exited with {how}",
+        )
+        if restarted:
+            self._report_when_ready(spec, name, *restarted)
+
+    def _restart_after_exit(
+        self, spec: DeploymentSpec, name: str, pid: int
+    ) -> tuple[int, int] | None:
+        """Under the lock: record the exit and restart the replica if it may start now; its new
+        (pid, port) if it was restarted."""
+        state = self._load(spec)
+        replica = next((r for r in state.replicas if r.name == name), None)
+        if replica is None or replica.pid != pid:
+            return None  # a pass noticed the exit first, under this lock, and dealt with it
+        self._check(spec, replica)
+        restarted = None
+        if (
+            replica.pid is None
+            and not replica.stopped
+            and not replica.launched_at
+            and replica.next_start_at <= time.time()
+            and replica.crash_streak < RESTARTS_TO_FAIL
+        ):
+            self._start(spec, state, replica)
+            restarted = replica.pid, replica.port
+        self._save(spec, state)
+        return restarted
+
+    def _report_when_ready(self, spec: DeploymentSpec, name: str, pid: int, port: int) -> None:
+        deadline = time.monotonic() + READY_WATCH_SECONDS
+        while time.monotonic() < deadline and _is_our_replica(pid, port):
+            if _probe(port, spec.runtime.readiness_path) == 200:
+                self.changed(spec.deployment_id, f"replica {name} answers again")
+                return
+            time.sleep(READY_PROBE_SECONDS)
 
     def _start(self, spec: DeploymentSpec, state: LocalState, replica: LocalReplica) -> None:
         # The same port again when it is free: the gateway's cached route stays right.
@@ -439,11 +557,7 @@ class LocalProvisioner(Provisioner):
         logger.info("started replica %s (pid %s, port %s)", replica.name, process.pid, port)
 
     def _read_exit_record(self, spec: DeploymentSpec, replica: LocalReplica) -> dict:
-        try:
-            record = json.loads(self.exit_record_path(spec, replica).read_text())
-        except (OSError, ValueError):
-            return {}
-        return record if record.get("pid") == replica.pid else {}
+        return read_exit_record(self.exit_record_path(spec, replica), replica.pid)
 
     def _check(self, spec: DeploymentSpec, replica: LocalReplica) -> None:
         """Adopt a replica a killed pass spawned; notice one whose process died, and schedule
@@ -464,9 +578,10 @@ class LocalProvisioner(Provisioner):
             return
         record = self._read_exit_record(spec, replica)
         deadline = time.monotonic() + EXIT_RECORD_WAIT_SECONDS
-        while not record and exit_code is None and time.monotonic() < deadline:
+        while not record and time.monotonic() < deadline:
             # The worker process that watches it writes the record within milliseconds of the
-            # exit; a pass asked for by someone else (the gateway) may get here first.
+            # exit; a pass asked for by someone else (the gateway) may get here first. (Even a
+            # pass that reaped it itself waits: the record has the exit time.)
             time.sleep(0.02)
             record = self._read_exit_record(spec, replica)
         if exit_code is None:
@@ -500,7 +615,7 @@ class LocalProvisioner(Provisioner):
 
     def _stop(self, state: LocalState, replica: LocalReplica) -> None:
         if replica.pid is not None and _is_our_replica(replica.pid, replica.port):
-            _exits.expect(replica.pid)
+            mark_stopping(self.root / state.deployment_id, replica.name, replica.pid)
             stop_process(replica.pid)
             replica.last_started_at, replica.exited_at = replica.started_at, time.time()
         replica.pid = None
@@ -524,6 +639,10 @@ class LocalProvisioner(Provisioner):
     # --- the Provisioner interface --------------------------------------------------------
 
     def apply(self, spec: DeploymentSpec, *, force: bool = False) -> None:
+        with locked(self.folder(spec)):
+            self._apply(spec)
+
+    def _apply(self, spec: DeploymentSpec) -> None:
         state = self._load(spec)
         revision = spec.revision()
         for replica in state.replicas:
@@ -621,10 +740,11 @@ class LocalProvisioner(Provisioner):
         return observation
 
     def delete(self, spec: DeploymentSpec) -> bool:
-        state = self._load(spec)
-        for replica in state.replicas:
-            self._stop(state, replica)
-        shutil.rmtree(self.folder(spec), ignore_errors=True)
+        with locked(self.folder(spec)):
+            state = self._load(spec)
+            for replica in state.replicas:
+                self._stop(state, replica)
+            shutil.rmtree(self.folder(spec), ignore_errors=True)
         return True
 
     def drifted(self, specs: dict[str, DeploymentSpec], known: dict[str, dict]) -> set[str]:
@@ -659,10 +779,11 @@ class LocalProvisioner(Provisioner):
 
     def remove_orphan(self, orphan: str) -> None:
         folder = self.root / orphan
-        state = LocalState.load(folder / STATE_FILE)
-        for replica in state.replicas if state else []:
-            self._stop(state, replica)
-        shutil.rmtree(folder, ignore_errors=True)
+        with locked(folder):
+            state = LocalState.load(folder / STATE_FILE)
+            for replica in state.replicas if state else []:
+                self._stop(state, replica)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def stop_all(root: Path) -> int:
@@ -673,18 +794,21 @@ def stop_all(root: Path) -> int:
         return 0
     stopped = 0
     running: list[tuple[LocalState, Path, LocalReplica]] = []
-    for path in sorted(root.glob(f"*/{STATE_FILE}")):
-        state = LocalState.load(path)
-        for replica in state.replicas if state else []:
-            if replica.pid is not None and _is_our_replica(replica.pid, replica.port):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(replica.pid, signal.SIGTERM)
-                running.append((state, path, replica))
-    for state, path, replica in running:
-        stop_process(replica.pid, grace=STOP_GRACE_SECONDS)
-        replica.last_started_at, replica.exited_at = replica.started_at, time.time()
-        replica.pid = None
-        replica.stopped = True
-        state.save(path)
-        stopped += 1
+    with contextlib.ExitStack() as locks:
+        for path in sorted(root.glob(f"*/{STATE_FILE}")):
+            locks.enter_context(locked(path.parent))
+            state = LocalState.load(path)
+            for replica in state.replicas if state else []:
+                if replica.pid is not None and _is_our_replica(replica.pid, replica.port):
+                    mark_stopping(path.parent, replica.name, replica.pid)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(replica.pid, signal.SIGTERM)
+                    running.append((state, path, replica))
+        for state, path, replica in running:
+            stop_process(replica.pid, grace=STOP_GRACE_SECONDS)
+            replica.last_started_at, replica.exited_at = replica.started_at, time.time()
+            replica.pid = None
+            replica.stopped = True
+            state.save(path)
+            stopped += 1
     return stopped
