@@ -83,8 +83,5 @@ _.__class__
 # runtime/tokenizer.py: Jinja calls an extension's method by the name given to call_method().
 _._body
 
-# catalog.credentials.Secret.reveal: the partner upstream reads the credential it sends.
-_.reveal
-
 # deployments/tasks.py: connected to Celery's worker_init signal.
 _note_worker_process

@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 import redis
 
-from gateway import metrics, prompt_work
+from gateway import metrics, partner, prompt_work
 from gateway.budget import NANOS, SpendPosition, TokenPrice
 from gateway.errors import GatewayError, error_body, model_not_found, upstream_error
 from gateway.exchange import Exchange, Receive, Scope, Send
@@ -57,6 +57,7 @@ RETRY_AFTER_NO_REPLICA = 10
 UNKNOWN_COMPLETION_RESERVE = 4096
 
 _DONE = object()
+_GARBAGE = object()
 
 
 class Outcome:
@@ -131,6 +132,7 @@ class Completion(Exchange):
         "prompt_exact",
         "request",
         "route",
+        "upstream",
     )
 
     def __init__(self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, *, chat):
@@ -146,7 +148,8 @@ class Completion(Exchange):
         self.body_bytes = 0
         self.admission: Admission | None = None
         self.outcome: Outcome | None = None  # set once a replica took the request
-        self.endpoint: str | None = None  # the replica that took the request
+        self.endpoint: str | None = None  # the replica (or provider) that took the request
+        self.upstream = partner.REPLICA  # or partner.PROVIDER: a partner model's
         self.client_gone = False
         # The answer's last messages, held back until the usage event is committed.
         self.last_messages: list[dict] = []
@@ -205,6 +208,9 @@ class Completion(Exchange):
         self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
         if self.route is None:
             raise model_not_found(request.model)
+        if self.route.partner_publisher is not None:
+            partner.check_route(self.route, request.model)
+            self.upstream = partner.PROVIDER
         tokenizer = self.gateway.tokenizers.get_nowait(self.route.model_version_id)
         if not pooled:
             request.prompt_tokens = request.count_prompt(tokenizer)
@@ -239,7 +245,7 @@ class Completion(Exchange):
             limits = [
                 dataclasses.replace(limit, cost=limit.cost - drawn.get(limit.bucket, 0))
                 for limit in limits
-                if limit.kind == "tokens"
+                if limit.kind == "tokens" or limit.bucket not in drawn
             ]
         admission = await self._admit(limits, hold)
         self.admission = admission if bound is None else combined(bound, admission)
@@ -277,7 +283,13 @@ class Completion(Exchange):
 
     def _limits(self, tokens: int) -> list[Limit]:
         config, caller = self.gateway.config, self.caller
-        return limits_for(
+        provider = self.route.provider if self.route is not None else None
+        shared = []
+        if provider is not None:  # our quota with a partner model's provider, fairly shared
+            shared = partner.provider_limits(
+                provider, organization_id=caller.organization_id, tokens=tokens
+            )
+        return shared + limits_for(
             key_id=caller.key_id,
             key_rpm=caller.rpm_limit,
             key_tpm=caller.tpm_limit,
@@ -331,8 +343,11 @@ class Completion(Exchange):
         handler = asyncio.current_task()
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(handler))
         try:
-            await self.wait_for_replicas()
-            response, failure = await self.connect()
+            if self.upstream is partner.PROVIDER:
+                response, failure = await self.connect_provider()
+            else:
+                await self.wait_for_replicas()
+                response, failure = await self.connect()
             await self.relay(response, failure)
         except asyncio.CancelledError:
             if not self.client_gone:
@@ -472,6 +487,63 @@ class Completion(Exchange):
             code="replica_unreachable" if refused else "no_ready_replica",
         )
 
+    async def connect_provider(self):
+        """Send the request to a partner model's provider, like `connect` to a replica: once
+        sent, the request is billed for what comes back (nothing, for a refusal)."""
+        gateway, provider, request = self.gateway, self.route.provider, self.request
+        body = partner.request_body(request, provider)
+        url = partner.chat_url(provider, chat=request.chat)
+        endpoint = provider.base_url
+        gateway.routes.acquire(endpoint)
+        try:
+            async with asyncio.timeout(provider.timeout_seconds):
+                response = await gateway.session.post(
+                    url, data=body, headers=partner.request_headers(provider)
+                )
+            failure = None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            gateway.routes.release(endpoint)
+            logger.warning(
+                "provider connection %s refused the connection: %s",
+                provider.connection_name,
+                type(error).__name__,
+            )
+            raise upstream_error(
+                502,
+                f"The model's provider ({self.route.partner_publisher}) could not be reached. "
+                "Retry shortly.",
+                retry_after=RETRY_AFTER_NO_REPLICA,
+                code="provider_unreachable",
+            ) from None
+        except TimeoutError:
+            response, failure = (
+                None,
+                upstream_error(
+                    504,
+                    f"The model's provider did not answer within {provider.timeout_seconds}s. "
+                    "Retry.",
+                    code="provider_timeout",
+                ),
+            )
+        except aiohttp.ClientError as error:
+            response, failure = (
+                None,
+                upstream_error(
+                    502,
+                    f"The connection to the model's provider failed ({type(error).__name__}). "
+                    "Retry.",
+                    code="provider_connection_failed",
+                ),
+            )
+        except BaseException:
+            gateway.routes.release(endpoint)
+            raise
+        self.outcome = Outcome()
+        self.endpoint = endpoint
+        gateway.load.started(self.route.deployment_id)
+        metrics.for_deployment(str(self.route.deployment_id)).in_flight.inc()
+        return response, failure
+
     async def relay(self, response, failure: GatewayError | None) -> None:
         """Pass the replica's answer on, all but its last bytes (`last_messages`); the replica
         stops counting the request as in flight when this ends."""
@@ -500,20 +572,23 @@ class Completion(Exchange):
         outcome = self.outcome
         status = response.status
         try:
-            async with asyncio.timeout(self.gateway.config.idle_timeout):
+            async with asyncio.timeout(self._idle_timeout()):
                 raw = await response.read()
         except TimeoutError:
             outcome.status = 504
             raise upstream_error(
-                504, "The replica stopped sending its answer. Retry.", code="replica_timeout"
+                504,
+                f"The {self.upstream.noun} stopped sending its answer. Retry.",
+                code=self.upstream.code("timeout"),
             ) from None
         except aiohttp.ClientError as error:
             outcome.status = 502
             self._replica_broke(error)
             raise upstream_error(
                 502,
-                f"The connection to the replica broke ({type(error).__name__}). Retry.",
-                code="replica_connection_failed",
+                f"The connection to the {self.upstream.noun} broke ({type(error).__name__}). "
+                "Retry.",
+                code=self.upstream.code("connection_failed"),
             ) from None
         extra = []
         try:
@@ -526,6 +601,11 @@ class Completion(Exchange):
                 outcome.take_usage(data["usage"])
             else:
                 outcome.parts = [_choice_text(choice) for choice in data.get("choices") or ()]
+        elif self.upstream is partner.PROVIDER and status != 200 and isinstance(data, dict):
+            error = partner.error_from_provider(status, data, response.headers, self.route.provider)
+            outcome.status = status = error.status
+            raw = error.body()
+            extra += error.headers
         elif isinstance(data, dict) and "error" in data:
             outcome.status = status  # the replica's own error, already in OpenAI's format
             retry_after = response.headers.get("Retry-After")
@@ -533,14 +613,18 @@ class Completion(Exchange):
                 extra.append((b"retry-after", retry_after.encode()))
         else:
             outcome.status = 502
-            status, raw = (
-                502,
-                error_body(
-                    f"The replica answered {status} with a body that is not an OpenAI response.",
-                    type="server_error",
-                    code="replica_bad_response",
-                ),
-            )
+            if self.upstream is partner.PROVIDER:
+                status, raw = 502, partner.bad_response(status)
+            else:
+                status, raw = (
+                    502,
+                    error_body(
+                        f"The replica answered {status} with a body that is not an OpenAI "
+                        "response.",
+                        type="server_error",
+                        code="replica_bad_response",
+                    ),
+                )
         # The whole answer leaves after the usage event is committed.
         headers = self.headers(b"application/json", extra)
         headers.append((b"content-length", str(len(raw)).encode()))
@@ -555,7 +639,8 @@ class Completion(Exchange):
         send = self.send
         outcome = self.outcome
         content = response.content
-        idle = self.gateway.config.idle_timeout
+        idle = self._idle_timeout()
+        who = self.upstream
         buffer = b""
         done = False
         failure = None
@@ -566,15 +651,15 @@ class Completion(Exchange):
                     data = await content.readany()
             except TimeoutError:
                 failure = upstream_error(
-                    504, f"The replica sent nothing for {idle:.0f}s.", code="replica_timeout"
+                    504, f"The {who.noun} sent nothing for {idle:.0f}s.", code=who.code("timeout")
                 )
                 break
             except aiohttp.ClientError as error:
                 self._replica_broke(error)
                 failure = upstream_error(
                     502,
-                    f"The stream from the replica broke ({type(error).__name__}).",
-                    code="replica_stream_broken",
+                    f"The stream from the {who.noun} broke ({type(error).__name__}).",
+                    code=who.code("stream_broken"),
                 )
                 break
             if not data:
@@ -593,6 +678,13 @@ class Completion(Exchange):
                 if kept is _DONE:
                     done = True
                     break
+                if kept is _GARBAGE:
+                    failure = upstream_error(
+                        502,
+                        f"The {who.noun} sent a stream event that is not JSON.",
+                        code=who.code("bad_response"),
+                    )
+                    break
                 if kept:
                     out.append(kept)
             if out:
@@ -600,17 +692,33 @@ class Completion(Exchange):
                 await send(
                     {"type": "http.response.body", "body": b"\n\n".join(out), "more_body": True}
                 )
+            if failure is not None:
+                break
         if not done and failure is None:
             failure = upstream_error(
-                502, "The replica ended the stream early.", code="replica_stream_broken"
+                502,
+                f"The {who.noun} ended the stream early (no [DONE]).",
+                code=who.code("stream_broken"),
             )
         if failure is not None:
             outcome.status = failure.status
         tail = b"data: [DONE]\n\n" if failure is None else b"data: " + failure.body() + b"\n\n"
         self.last_messages = [{"type": "http.response.body", "body": tail, "more_body": False}]
 
+    def _idle_timeout(self) -> float:
+        if self.upstream is partner.PROVIDER:
+            return float(self.route.provider.timeout_seconds)
+        return self.gateway.config.idle_timeout
+
     def _replica_broke(self, error: Exception) -> None:
         """The replica reset the connection mid-answer: set it aside and have it looked at."""
+        if self.upstream is partner.PROVIDER:
+            logger.warning(
+                "provider connection %s broke mid-answer: %s",
+                self.route.provider.connection_name,
+                type(error).__name__,
+            )
+            return
         self.gateway.routes.unhealthy(
             self.route.deployment_id,
             self.endpoint,
@@ -627,7 +735,8 @@ class Completion(Exchange):
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return event
+            # A replica's is passed on as it is; a provider's ends the stream (502).
+            return _GARBAGE if self.upstream is partner.PROVIDER else event
         if not isinstance(chunk, dict):
             return event
         outcome = self.outcome
@@ -713,6 +822,9 @@ class Completion(Exchange):
             "latency_ms": round(latency * 1000, 3),
             "ttft_ms": round(outcome.ttft * 1000, 3) if outcome.ttft is not None else None,
             "usage_source": source,
+            "provider_connection_id": (
+                route.provider.connection_id if self.upstream is partner.PROVIDER else None
+            ),
             "started_at": now - timedelta(seconds=latency),
             "finished_at": now,
         }
@@ -800,7 +912,12 @@ def _amount(nanos: int) -> str:
 
 def _rate_limited(admission: Admission, caller: Caller) -> GatewayError:
     refused = admission.refused
-    whose = f"API key {caller.display_prefix}…" if refused.scope == "key" else "your organization"
+    whose = {
+        "key": f"API key {caller.display_prefix}…",
+        "provider": "the platform's shared quota with this model's provider",
+        "provider_share": "your organization's share of the platform's quota with this "
+        "model's provider",
+    }.get(refused.scope, "your organization")
     unit = "requests" if refused.kind == "requests" else "tokens"
     if math.isinf(admission.wait_seconds):
         return GatewayError(

@@ -15,10 +15,10 @@ class UsageEvent(models.Model):
     sends as `X-Client-Request-Id` / `X-Request-ID` is kept in `client_request_id`, a correlation
     field that is never unique: ten requests with one client id are ten rows.
 
-    The organization and key are foreign keys without database constraints, and the deployment
-    and model version are plain ids: a usage record must outlive whatever it refers to (a deleted
-    key still owes its tokens), and a batch insert must never fail because one row's key was
-    deleted a moment before.
+    The organization and key are foreign keys without database constraints, and the deployment,
+    model version and provider connection are plain ids: a usage record must outlive whatever
+    it refers to (a deleted key still owes its tokens), and a batch insert must never fail
+    because one row's key was deleted a moment before.
 
     Every row is written once and updated once (billing marks it ingested; the update cannot
     be HOT, since the partial index's predicate column changes), so each index costs on both
@@ -77,6 +77,10 @@ class UsageEvent(models.Model):
     latency_ms = models.FloatField()
     ttft_ms = models.FloatField(null=True, blank=True)
     usage_source = models.CharField(max_length=16, choices=Source.choices)
+    # The provider connection that served a partner-hosted model's request (a plain id, like
+    # the deployment's: the connection may be deleted, its cost recorded on the ledger stays);
+    # None for our own replicas. Billing records the provider's cost per connection from it.
+    provider_connection_id = models.BigIntegerField(null=True, blank=True)
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()
     ingested_at = models.DateTimeField(null=True, blank=True)

@@ -1,0 +1,247 @@
+"""A partner-hosted model through the gateway to a fake Mistral API process (tests/fakeprovider.py):
+the openai SDK streaming and not, usage from the provider's report (counted only when it gives
+none), the provider's errors as ours, terms required, the provider-wide quota shared fairly
+between organizations, and the credential in no response or log line."""
+
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+
+from accounts.actors import Actor
+from accounts.roles import Role
+from catalog import terms
+from catalog.permissions import operator_system_actor
+from metering.models import UsageEvent
+from tests.factories import OrganizationFactory
+from tests.partner import (
+    PROVIDER_KEY,
+    PROVIDER_MODEL_ID,
+    enable_partner_model,
+    make_partner_model,
+    start_fake_provider,
+)
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Say hello in French please"}]
+
+
+@pytest.fixture(scope="module")
+def fake_provider(tmp_path_factory):
+    provider = start_fake_provider(tmp_path_factory.mktemp("fakeprovider") / "provider.log")
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def provider(fake_provider):
+    fake_provider.control(mode="ok", reset_requests=True)
+    yield fake_provider
+    fake_provider.control(mode="ok")
+
+
+@pytest.fixture
+def partner(gateway, provider, organization, inference_key):
+    version, connection = make_partner_model(provider.base_url)
+    enable_partner_model(organization, version)
+    _key, secret = inference_key(organization)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=secret, max_retries=0)
+    return version, connection, client, secret
+
+
+def events():
+    return list(UsageEvent.objects.order_by("started_at"))
+
+
+def test_the_openai_sdk_calls_a_partner_model_like_any_model(gateway, provider, partner, caplog):
+    caplog.set_level(logging.DEBUG)
+    version, connection, client, _secret = partner
+
+    reply = client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=5, seed=7)
+    assert reply.choices[0].message.content.startswith("Bonjour")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (5, 5)
+
+    chunks = list(
+        client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=4, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for, not passed on
+
+    with_usage = list(
+        client.chat.completions.create(
+            model="large",
+            messages=MESSAGES,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    reported = [chunk.usage for chunk in with_usage if chunk.usage]
+    assert [(u.prompt_tokens, u.completion_tokens) for u in reported] == [(5, 3)]
+
+    rows = events()
+    assert [(e.prompt_tokens, e.completion_tokens, e.status_code) for e in rows] == [
+        (5, 5, 200),
+        (5, 4, 200),
+        (5, 3, 200),
+    ]
+    assert {e.usage_source for e in rows} == {UsageEvent.Source.UPSTREAM}
+    assert {e.provider_connection_id for e in rows} == {connection.pk}
+    assert {e.model_version_id for e in rows} == {version.pk}
+
+    # What the provider received: its own model id, Mistral's parameter names, no
+    # stream_options (Mistral refuses unknown fields with a 422), our credential.
+    received = provider.received()
+    assert all(r["authorized"] for r in received)
+    assert {r["body"]["model"] for r in received} == {PROVIDER_MODEL_ID}
+    assert received[0]["body"]["random_seed"] == 7 and "seed" not in received[0]["body"]
+    assert all("stream_options" not in r["body"] for r in received)
+    assert PROVIDER_KEY not in caplog.text
+
+
+def test_new_terms_must_be_accepted_before_calling_again(
+    gateway, provider, organization, inference_key
+):
+    version, _connection = make_partner_model(provider.base_url)
+    enable_partner_model(organization, version)  # accepts terms version "1"
+    terms.terms_publish(
+        actor=operator_system_actor(),
+        version=version,
+        terms_version="2",
+        title="New terms",
+        body="Read again.",
+    )
+    _key, secret = inference_key(organization)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=secret, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=2)
+    error = refused.value.body
+    assert refused.value.status_code == 403 and error["code"] == "terms_not_accepted"
+    assert "version 2" in error["message"] and "terms/accept" in error["message"]
+    assert provider.received() == [] and events() == []
+    terms.terms_accept(
+        actor=Actor(organization=organization, role=Role.OWNER), version=version, terms_version="2"
+    )
+    # Within the gateway's route cache (0.2 s in tests, served stale while it is re-read).
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=2)
+            break
+        except openai.PermissionDeniedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def raw_chat(gateway, secret, **body):
+    return httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={"model": "large", "messages": MESSAGES, "max_tokens": 4, **body},
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+
+
+def test_provider_errors_become_ours(gateway, provider, partner):
+    _version, _connection, client, secret = partner
+    provider.control(mode="rate_limit", retry_after=7)
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=2)
+    assert limited.value.response.headers["retry-after"] == "7"
+    assert limited.value.body["code"] == "provider_rate_limited"
+
+    provider.control(mode="fail", status=503)
+    failed = raw_chat(gateway, secret)
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "provider_error"
+    assert failed.json()["error"]["type"] == "server_error"
+
+    provider.control(mode="garbage")
+    garbage = raw_chat(gateway, secret)
+    assert garbage.status_code == 502
+    assert garbage.json()["error"]["code"] == "provider_bad_response"
+
+    provider.control(mode="fail", status=401)
+    refused = raw_chat(gateway, secret)
+    assert refused.status_code == 502
+    assert refused.json()["error"]["code"] == "provider_auth_failed"
+    for response in (failed, garbage, refused):
+        assert PROVIDER_KEY not in response.text
+    assert [e.status_code for e in events()] == [429, 502, 502, 502]
+    assert all(e.prompt_tokens == e.completion_tokens == 0 for e in events())
+
+
+def stream_events(gateway, secret, **body):
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        json={"model": "large", "messages": MESSAGES, "max_tokens": 8, "stream": True, **body},
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line.startswith("data:")]
+
+
+def test_a_cut_stream_or_garbage_is_a_502_billed_for_what_was_delivered(gateway, provider, partner):
+    _version, _connection, _client, secret = partner
+    provider.control(mode="cut", cut_after=3)
+    lines = stream_events(gateway, secret)
+    assert '"provider_stream_broken"' in lines[-1] and lines[-1] != "data: [DONE]"
+    provider.control(mode="garbage")
+    lines = stream_events(gateway, secret)
+    assert '"provider_bad_response"' in lines[-1]
+    cut, garbage = events()
+    assert cut.status_code == 502 and cut.usage_source == UsageEvent.Source.COUNTED
+    assert cut.completion_tokens > 0  # the three words the client received, counted
+    assert garbage.status_code == 502 and garbage.completion_tokens > 0
+
+
+def test_usage_is_counted_and_marked_when_the_provider_reports_none(gateway, provider, partner):
+    _version, _connection, client, _secret = partner
+    provider.control(mode="no_usage")
+    reply = client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content
+    list(
+        client.chat.completions.create(model="large", messages=MESSAGES, max_tokens=4, stream=True)
+    )
+    rows = events()
+    assert {e.usage_source for e in rows} == {UsageEvent.Source.COUNTED}
+    assert all(e.completion_tokens > 0 and e.prompt_tokens > 0 for e in rows)
+
+
+def test_a_provider_that_stalls_before_its_first_byte_is_a_504(
+    gateway, provider, organization, inference_key
+):
+    version, _connection = make_partner_model(provider.base_url, timeout_seconds=1)
+    enable_partner_model(organization, version)
+    _key, secret = inference_key(organization)
+    provider.control(mode="stall", stall_seconds=3)
+    response = raw_chat(gateway, secret)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "provider_timeout"
+
+
+def test_the_provider_quota_is_shared_fairly_between_organizations(
+    gateway, provider, organization, inference_key
+):
+    # Our quota with the provider: 10 requests a minute; one organization may hold half.
+    version, _connection = make_partner_model(
+        provider.base_url, requests_per_minute=10, tenant_share_percent=50
+    )
+    greedy, polite = organization, OrganizationFactory()
+    secrets = {}
+    for tenant in (greedy, polite):
+        enable_partner_model(tenant, version)
+        secrets[tenant.pk] = inference_key(tenant)[1]
+    greedy_codes = [raw_chat(gateway, secrets[greedy.pk]).status_code for _ in range(8)]
+    assert greedy_codes == [200] * 5 + [429] * 3
+    refused = raw_chat(gateway, secrets[greedy.pk])
+    assert "share" in refused.json()["error"]["message"]
+    assert refused.headers["retry-after"]
+    # The greedy tenant used its share, not everyone's quota: the other still gets its half.
+    polite_codes = [raw_chat(gateway, secrets[polite.pk]).status_code for _ in range(5)]
+    assert polite_codes == [200] * 5
+    assert len(provider.received()) == 10
