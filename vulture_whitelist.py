@@ -65,7 +65,10 @@ _.paid_at
 _.published_at
 _.ready_replicas
 _.required_memory_gb
+_.reviewed_at
+_.reviewed_by_label
 _.search_text
+_.submitted_at
 _.updated_at
 
 # Attributes of other libraries' objects, set for them to read.

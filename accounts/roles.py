@@ -27,6 +27,8 @@ class Permission:
     BILLING_READ = "billing.read"
     BILLING_WRITE = "billing.write"
     AUDIT_READ = "audit.read"
+    # A publisher organization's catalog listings (drafts of cards, versions, prices, terms).
+    LISTINGS_WRITE = "listings.write"
 
 
 _EVERYONE = {
@@ -39,6 +41,7 @@ _BUILDERS = _EVERYONE | {
     Permission.API_KEYS_READ,
     Permission.API_KEYS_WRITE,
     Permission.DEPLOYMENTS_WRITE,
+    Permission.LISTINGS_WRITE,
 }
 _BILLING = _EVERYONE | {Permission.BILLING_READ, Permission.BILLING_WRITE}
 

@@ -5,6 +5,7 @@ version are derived (see `catalog.fit`) and stored, so "deployable on this profi
 indexed comparison in SQL, on SQLite and PostgreSQL alike.
 """
 
+import uuid
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
@@ -647,6 +648,13 @@ class TermsOfUse(models.Model):
     title = models.CharField(max_length=200)
     body = models.TextField(help_text="The terms, in Markdown.")
     url = models.URLField(max_length=500, blank=True, help_text="The publisher's own copy.")
+    # The terms let the publisher know who its customers are: an organization that accepted
+    # them is named in the publisher's analytics and acceptance export (otherwise it is a
+    # pseudonym there, see catalog.publishers).
+    customers_named = models.BooleanField(
+        default=False,
+        help_text="Accepting these terms lets the publisher see the customer organization's name.",
+    )
     effective_from = models.DateTimeField(default=timezone.now)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -692,3 +700,101 @@ class TermsAcceptance(models.Model):
 
     def __str__(self):
         return f"{self.organization_id} accepted {self.terms_id}"
+
+
+# --- publishers (issue 18) ------------------------------------------------------------------
+
+
+class Publisher(models.Model):
+    """An organization that lists models in the catalog and is paid a share of what customers
+    pay for them. Its members propose listings; operators approve them (catalog.publishers)."""
+
+    organization = models.OneToOneField(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="publisher"
+    )
+    display_name = models.CharField(
+        max_length=100, help_text="Shown as the models' publisher in the catalog."
+    )
+    # Stripe idempotency keys derive from this, not from the row id (as BillingAccount.uid).
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    # The publisher's Stripe Connect account that payouts are transferred to ("" until linked).
+    stripe_account_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["display_name"]
+
+    def __str__(self):
+        return self.display_name
+
+
+class Listing(models.Model):
+    """A publisher's model in the catalog. The catalog model exists from the first approved
+    card on; until then the listing is its proposed slug and the drafts for it."""
+
+    publisher = models.ForeignKey(Publisher, on_delete=models.CASCADE, related_name="listings")
+    slug = models.CharField(max_length=100, unique=True, validators=[model_slug_validator])
+    model = models.OneToOneField(
+        Model, null=True, blank=True, on_delete=models.PROTECT, related_name="listing"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self):
+        return self.slug
+
+
+class ListingChange(models.Model):
+    """A change a publisher proposes to its listing (the model card, a new version, a price,
+    terms of use): a draft its members edit, then submit; an operator approves it (which
+    applies it to the catalog through the catalog's services) or asks for changes."""
+
+    class Kind(models.TextChoices):
+        CARD = "card", "Model card"
+        VERSION = "version", "New version"
+        PRICE = "price", "Token price"
+        TERMS = "terms", "Terms of use"
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        SUBMITTED = "submitted", "Waiting for review"
+        APPROVED = "approved", "Approved"
+        CHANGES_REQUESTED = "changes_requested", "Changes requested"
+        WITHDRAWN = "withdrawn", "Withdrawn"
+
+    listing = models.ForeignKey(Listing, on_delete=models.CASCADE, related_name="changes")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
+    created_by_label = models.CharField(max_length=200)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    reviewed_by_label = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        # The review queue: submitted changes, oldest first.
+        indexes = [models.Index(fields=["status", "submitted_at"], name="listing_change_queue")]
+
+    def __str__(self):
+        return f"{self.listing_id} {self.kind} #{self.pk} ({self.status})"
+
+
+class ReviewComment(models.Model):
+    """A comment on a proposed change, by the publisher or an operator."""
+
+    change = models.ForeignKey(ListingChange, on_delete=models.CASCADE, related_name="comments")
+    author_label = models.CharField(max_length=200)
+    by_operator = models.BooleanField(default=False)
+    body = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self):
+        return f"{self.author_label} on change {self.change_id}"

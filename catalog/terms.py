@@ -1,8 +1,8 @@
 """Terms of use of a model version: versioned documents, and each organization's acceptance of
 one version (who, when, which). The terms in force are the newest whose start has come; an
 organization may enable or call the version only once it accepted exactly those, so a new
-version of the terms asks again. Operators publish terms here; publishers (issue 18) will
-through the same service."""
+version of the terms asks again. Operators publish terms here; a publisher's terms come through
+the same service when an operator approves its proposal (catalog.publishers)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def terms_publish(
     title: str,
     body: str,
     url: str = "",
+    customers_named: bool = False,
     effective_from: datetime | None = None,
 ) -> TermsOfUse:
     """A new version of a model version's terms, in force from `effective_from` (default
@@ -45,6 +46,7 @@ def terms_publish(
         title=title,
         body=body,
         url=url,
+        customers_named=customers_named,
         effective_from=effective_from or timezone.now(),
     )
     try:
@@ -91,6 +93,17 @@ def terms_accepted(*, organization_id: int, version_id: int, at: datetime | None
     if terms is None:
         return True
     return TermsAcceptance.objects.filter(terms=terms, organization_id=organization_id).exists()
+
+
+def terms_accepted_or_pending(*, organization_id: int, version_id: int) -> str | None:
+    """None when the organization may use the version (no terms, or those in force accepted);
+    else the version of the terms in force it must accept first."""
+    terms = terms_in_force(version_id=version_id)
+    if terms is None:
+        return None
+    if TermsAcceptance.objects.filter(terms=terms, organization_id=organization_id).exists():
+        return None
+    return terms.version
 
 
 @transaction.atomic

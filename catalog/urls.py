@@ -1,6 +1,6 @@
 from django.urls import path
 
-from catalog import apis, partner_apis
+from catalog import apis, partner_apis, publisher_apis
 
 version = "models/<str:slug>/versions/<str:version>"
 
@@ -35,6 +35,46 @@ urlpatterns = [
         "provider-connections/<str:name>",
         partner_apis.ProviderConnectionDetailApi.as_view(),
         name="provider-connection-detail",
+    ),
+    path("publishers", publisher_apis.PublisherListApi.as_view(), name="publisher-list"),
+    path(
+        "publishers/<str:slug>",
+        publisher_apis.PublisherDetailApi.as_view(),
+        name="publisher-detail",
+    ),
+    path(
+        "publishers/<str:slug>/listings",
+        publisher_apis.ListingListApi.as_view(),
+        name="listing-list",
+    ),
+    path(
+        "publishers/<str:slug>/listings/<str:listing>/changes",
+        publisher_apis.ListingChangeListApi.as_view(),
+        name="listing-change-list",
+    ),
+    path(
+        "publishers/<str:slug>/terms-acceptances",
+        publisher_apis.TermsAcceptanceExportApi.as_view(),
+        name="publisher-terms-acceptances",
+    ),
+    path("listing-changes", publisher_apis.ReviewQueueApi.as_view(), name="review-queue"),
+    path(
+        "listing-changes/<int:change_id>",
+        publisher_apis.ListingChangeDetailApi.as_view(),
+        name="listing-change-detail",
+    ),
+    *[
+        path(
+            f"listing-changes/<int:change_id>/{action}",
+            publisher_apis.ListingChangeActionApi.as_view(decision=action),
+            name=f"listing-change-{action}",
+        )
+        for action in ("submit", "withdraw", "approve", "request-changes")
+    ],
+    path(
+        "listing-changes/<int:change_id>/comments",
+        publisher_apis.ReviewCommentListApi.as_view(),
+        name="listing-change-comments",
     ),
     path("hardware-profiles", apis.HardwareProfileListApi.as_view(), name="hardware-profile-list"),
 ]

@@ -127,6 +127,9 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
         served_model_name=version.served_model_name or version.model.slug,
         max_model_len=max_model_len(version),
         deployment_type=deployment.type,
+        # A publisher's self-hosted model has terms too: refused until they are accepted.
+        terms_pending=_terms_pending(deployment),
+        terms_accept_path=_terms_accept_path(version),
         # A serverless entry is ready as soon as it exists; whether a request can be served
         # (or must wait) is its pool's status.
         status=serving.status
@@ -146,12 +149,8 @@ def _partner_route(deployment: Deployment) -> Route:
     """A partner model's entry: no replicas; its provider (credential decrypted for the
     gateway) and whether the organization accepted the terms in force. Three queries."""
     from catalog.providers import partner_target
-    from catalog.terms import terms_accepted, terms_in_force
 
     version = deployment.model_version
-    pending = None
-    if not terms_accepted(organization_id=deployment.organization_id, version_id=version.pk):
-        pending = terms_in_force(version_id=version.pk).version
     return Route(
         deployment_id=deployment.pk,
         organization_id=deployment.organization_id,
@@ -162,11 +161,23 @@ def _partner_route(deployment: Deployment) -> Route:
         status=deployment.status,
         partner_publisher=version.model.publisher,
         provider=partner_target(version_id=version.pk),
-        terms_pending=pending,
-        terms_accept_path=(
-            f"/api/v1/models/{version.model.slug}/versions/{version.version}/terms/accept"
-        ),
+        terms_pending=_terms_pending(deployment),
+        terms_accept_path=_terms_accept_path(version),
     )
+
+
+def _terms_pending(deployment: Deployment) -> str | None:
+    """The version of the terms in force the organization has yet to accept (None: accepted,
+    or the model has none). One query without terms, two with."""
+    from catalog.terms import terms_accepted_or_pending
+
+    return terms_accepted_or_pending(
+        organization_id=deployment.organization_id, version_id=deployment.model_version_id
+    )
+
+
+def _terms_accept_path(version) -> str:
+    return f"/api/v1/models/{version.model.slug}/versions/{version.version}/terms/accept"
 
 
 def callable_models(*, organization_id: int) -> list[CallableModel]:

@@ -225,6 +225,7 @@ def deployment_create(
             actor=actor, name=name, model_version=model_version, type=type, profile=hardware_profile
         )
     elif type == Deployment.Type.SERVERLESS:
+        _require_terms_accepted(actor=actor, model_version=model_version)
         if hardware_profile:
             raise ValidationFailed(
                 "Serverless deployments run on the platform's shared pool: leave out "
@@ -256,6 +257,7 @@ def deployment_create(
                 "A dedicated deployment needs a hardware_profile (GET /api/v1/hardware-profiles).",
                 field="hardware_profile",
             )
+        _require_terms_accepted(actor=actor, model_version=model_version)
         max_replicas = max_replicas if max_replicas is not None else max(1, min_replicas)
         _check_replicas(min_replicas=min_replicas, max_replicas=max_replicas)
         profile = _resolve_profile(hardware_profile)
@@ -319,18 +321,7 @@ def _partner_entry(*, actor: Actor, name: str, model_version, type: str, profile
             field="type" if type != Deployment.Type.SERVERLESS else "hardware_profile",
         )
     _check_price(deployment_type=type, version=model_version, profile=None)
-    from catalog.terms import terms_accepted, terms_in_force
-
-    if not terms_accepted(organization_id=actor.organization.pk, version_id=model_version.pk):
-        terms = terms_in_force(version_id=model_version.pk)
-        raise PermissionDenied(
-            f'Accept the terms of use of {label} (version {terms.version}, "{terms.title}") '
-            f"for your organization first: POST /api/v1/models/{model_version.model.slug}/"
-            f'versions/{model_version.version}/terms/accept with {{"version": '
-            f'"{terms.version}"}}.',
-            field="model",
-            code="terms_not_accepted",
-        )
+    _require_terms_accepted(actor=actor, model_version=model_version)
     return Deployment(
         organization=actor.organization,
         name=name,
@@ -339,6 +330,25 @@ def _partner_entry(*, actor: Actor, name: str, model_version, type: str, profile
         min_replicas=0,
         max_replicas=1,
         desired_replicas=0,
+    )
+
+
+def _require_terms_accepted(*, actor: Actor, model_version) -> None:
+    """The organization accepted the version's terms of use in force (a partner's or a
+    publisher's model, self-hosted or not); a version without terms needs nothing."""
+    from catalog.terms import terms_accepted, terms_in_force
+
+    if terms_accepted(organization_id=actor.organization.pk, version_id=model_version.pk):
+        return
+    terms = terms_in_force(version_id=model_version.pk)
+    label = f"{model_version.model.slug} {model_version.version}"
+    raise PermissionDenied(
+        f'Accept the terms of use of {label} (version {terms.version}, "{terms.title}") '
+        f"for your organization first: POST /api/v1/models/{model_version.model.slug}/"
+        f'versions/{model_version.version}/terms/accept with {{"version": '
+        f'"{terms.version}"}}.',
+        field="model",
+        code="terms_not_accepted",
     )
 
 

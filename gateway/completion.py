@@ -35,7 +35,13 @@ import redis
 
 from gateway import metrics, partner, prompt_work
 from gateway.budget import NANOS, SpendPosition, TokenPrice
-from gateway.errors import GatewayError, error_body, model_not_found, upstream_error
+from gateway.errors import (
+    GatewayError,
+    error_body,
+    model_not_found,
+    terms_not_accepted,
+    upstream_error,
+)
 from gateway.exchange import Exchange, Receive, Scope, Send
 from gateway.fairpool import PoolFull
 from gateway.limits import Admission, Limit, SpendHold, combined, limits_for
@@ -208,6 +214,12 @@ class Completion(Exchange):
         self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
         if self.route is None:
             raise model_not_found(request.model)
+        if self.route.terms_pending is not None:  # a partner's or a publisher's model
+            raise terms_not_accepted(
+                request.model,
+                terms_version=self.route.terms_pending,
+                accept_path=self.route.terms_accept_path,
+            )
         if self.route.partner_publisher is not None:
             partner.check_route(self.route, request.model)
             self.upstream = partner.PROVIDER

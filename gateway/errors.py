@@ -61,6 +61,20 @@ def model_not_found(model: str) -> GatewayError:
     )
 
 
+def terms_not_accepted(model: str, *, terms_version: str, accept_path: str) -> GatewayError:
+    """The model's publisher has terms of use the caller's organization has not accepted (or
+    not their current version): nothing is drawn or sent until it does."""
+    return GatewayError(
+        403,
+        f"Your organization must accept the terms of use of `{model}` (version {terms_version}) "
+        f"before calling it: read them in the console, or accept with POST {accept_path} "
+        f'{{"version": "{terms_version}"}}.',
+        type="invalid_request_error",
+        param="model",
+        code="terms_not_accepted",
+    )
+
+
 def upstream_error(
     status: int, message: str, *, code: str, retry_after: int | None = None
 ) -> GatewayError:

@@ -65,18 +65,8 @@ PROVIDER = Upstream("provider", "provider_")
 
 
 def check_route(route, model: str) -> None:
-    """Before anything is drawn: the organization accepted the terms in force, and the
-    platform is connected to the provider."""
-    if route.terms_pending is not None:
-        raise GatewayError(
-            403,
-            f"Your organization must accept the terms of use (version {route.terms_pending}) of "
-            f"`{model}`, published by {route.partner_publisher}, before calling it: read them "
-            f"in the console, or accept with POST {route.terms_accept_path} "
-            f'{{"version": "{route.terms_pending}"}}.',
-            type="invalid_request_error",
-            code="terms_not_accepted",
-        )
+    """Before anything is drawn (and after the terms, which every model may have: see
+    Completion.read_prompt): the platform is connected to the provider."""
     if route.provider is None:
         raise upstream_error(
             503,

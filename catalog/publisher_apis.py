@@ -1,0 +1,355 @@
+"""REST endpoints of publishers: their listings, the changes they propose (drafts, submitted
+for review, approved or sent back with comments), the operators' review queue, and the export
+of who accepted their terms. A publisher's objects are its members' and the operators'; anyone
+else gets 404. The services (catalog.publishers) decide every permission."""
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, permissions, serializers, status
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+
+from accounts.actors import Actor
+from accounts.models import Organization
+from accounts.permissions import IsOrganizationMember, actor_for_request
+from accounts.roles import Role
+from catalog import publishers
+from catalog.models import Listing, ListingChange, Publisher, ReviewComment
+from controlplane.errors import ValidationFailed
+from controlplane.rest.renderers import CSVRenderer
+from controlplane.rest.serializers import StrictSerializer
+
+
+class PublisherAccess(permissions.BasePermission):
+    """Authenticated members of an organization, or staff; the services check the rest."""
+
+    def has_permission(self, request, view):
+        user = getattr(request, "user", None)
+        if user is not None and getattr(user, "is_staff", False) and user.is_authenticated:
+            request.actor = actor_for_request(request) or Actor(
+                organization=None, role=Role.OWNER, user=user
+            )
+            return True
+        return IsOrganizationMember().has_permission(request, view)
+
+
+# --- serializers -----------------------------------------------------------------------------
+
+
+class PublisherSerializer(serializers.ModelSerializer):
+    organization = serializers.CharField(source="organization.slug", read_only=True)
+    payouts_linked = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Publisher
+        fields = ["organization", "display_name", "payouts_linked", "created_at"]
+        read_only_fields = fields
+
+    def get_payouts_linked(self, publisher) -> bool:
+        """Whether a Stripe Connect account receives this publisher's payouts."""
+        return bool(publisher.stripe_account_id)
+
+
+class PublisherCreateSerializer(StrictSerializer):
+    organization = serializers.CharField(max_length=40, help_text="The organization's slug.")
+    display_name = serializers.CharField(max_length=100)
+
+
+class ListingSerializer(serializers.ModelSerializer):
+    publisher = serializers.CharField(source="publisher.organization.slug", read_only=True)
+    model = serializers.SerializerMethodField()
+    public = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Listing
+        fields = ["slug", "publisher", "model", "public", "created_at"]
+        read_only_fields = fields
+
+    def get_model(self, listing) -> str | None:
+        """The catalog model's slug once its card was approved."""
+        return listing.model.slug if listing.model_id else None
+
+    def get_public(self, listing) -> bool:
+        """Whether customers see it: an approved card and a published version."""
+        return bool(listing.model_id and listing.model.is_listed)
+
+
+class ListingCreateSerializer(StrictSerializer):
+    slug = serializers.CharField(max_length=100, help_text="The catalog model's slug to be.")
+
+
+class ReviewCommentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ReviewComment
+        fields = ["author_label", "by_operator", "body", "created_at"]
+        read_only_fields = fields
+
+
+class ListingChangeSerializer(serializers.ModelSerializer):
+    listing = serializers.CharField(source="listing.slug", read_only=True)
+    publisher = serializers.CharField(source="listing.publisher.organization.slug", read_only=True)
+    payload = serializers.DictField(read_only=True)
+    comments = ReviewCommentSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = ListingChange
+        fields = [
+            "id",
+            "listing",
+            "publisher",
+            "kind",
+            "payload",
+            "status",
+            "created_by_label",
+            "submitted_at",
+            "reviewed_at",
+            "reviewed_by_label",
+            "comments",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class ListingChangeCreateSerializer(StrictSerializer):
+    kind = serializers.ChoiceField(choices=ListingChange.Kind.choices)
+    payload = serializers.DictField(
+        help_text="card: model fields; version: version and its fields; price: version, "
+        'input_per_million and output_per_million as decimal strings ("0.25"), currency, '
+        "effective_from; terms: version, terms_version, title, body, url, customers_named, "
+        "effective_from."
+    )
+
+
+class ListingChangeUpdateSerializer(StrictSerializer):
+    payload = serializers.DictField()
+
+
+class ReviewCommentCreateSerializer(StrictSerializer):
+    body = serializers.CharField(max_length=5000)
+
+
+class ReviewDecisionSerializer(StrictSerializer):
+    comment = serializers.CharField(max_length=5000, required=False, allow_blank=True)
+
+
+class TermsAcceptanceRowSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    model_version = serializers.CharField()
+    terms_version = serializers.CharField()
+    customer = serializers.CharField(
+        help_text="The organization's slug where its terms name customers, else a pseudonym."
+    )
+    accepted_by = serializers.CharField()
+    accepted_at = serializers.DateTimeField()
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+class PublisherApi(generics.GenericAPIView):
+    permission_classes = [PublisherAccess]
+    pagination_class = None
+
+    def get_publisher(self) -> Publisher:
+        return publishers.publisher_by_slug(actor=self.request.actor, slug=self.kwargs["slug"])
+
+    def get_listing(self) -> Listing:
+        return publishers.listing_by_slug(
+            publisher=self.get_publisher(), slug=self.kwargs["listing"]
+        )
+
+    def get_change(self) -> ListingChange:
+        return publishers.listing_change_get(
+            actor=self.request.actor, change_id=self.kwargs["change_id"]
+        )
+
+    def change_response(self, change, status_code=status.HTTP_200_OK) -> Response:
+        change = ListingChange.objects.prefetch_related("comments").get(pk=change.pk)
+        return Response(ListingChangeSerializer(change).data, status=status_code)
+
+
+class PublisherListApi(PublisherApi):
+    """Publishers: all of them for operators, your organization's for its members.
+    Operators make an organization a publisher with POST."""
+
+    serializer_class = PublisherSerializer
+    queryset = Publisher.objects.none()
+
+    def get(self, request):
+        return Response(
+            PublisherSerializer(publishers.publisher_list(actor=request.actor), many=True).data
+        )
+
+    @extend_schema(request=PublisherCreateSerializer, responses={201: PublisherSerializer})
+    def post(self, request):
+        serializer = PublisherCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        organization = Organization.objects.filter(
+            slug=serializer.validated_data["organization"]
+        ).first()
+        if organization is None:
+            raise ValidationFailed("No such organization.", field="organization")
+        publisher = publishers.publisher_create(
+            actor=request.actor,
+            organization=organization,
+            display_name=serializer.validated_data["display_name"],
+        )
+        return Response(PublisherSerializer(publisher).data, status=status.HTTP_201_CREATED)
+
+
+class PublisherDetailApi(PublisherApi):
+    serializer_class = PublisherSerializer
+    queryset = Publisher.objects.none()
+
+    def get(self, request, slug):
+        return Response(PublisherSerializer(self.get_publisher()).data)
+
+
+class ListingListApi(PublisherApi):
+    """A publisher's listings. Its members add one with POST (the model card follows as a
+    proposed change)."""
+
+    serializer_class = ListingSerializer
+    queryset = Listing.objects.none()
+
+    def get(self, request, slug):
+        listings = self.get_publisher().listings.select_related("model", "publisher__organization")
+        return Response(ListingSerializer(listings, many=True).data)
+
+    @extend_schema(request=ListingCreateSerializer, responses={201: ListingSerializer})
+    def post(self, request, slug):
+        serializer = ListingCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        listing = publishers.listing_create(
+            actor=request.actor,
+            publisher=self.get_publisher(),
+            slug=serializer.validated_data["slug"],
+        )
+        return Response(ListingSerializer(listing).data, status=status.HTTP_201_CREATED)
+
+
+class ListingChangeListApi(PublisherApi):
+    """The changes proposed for a listing, oldest first. Its publisher's members add a draft
+    with POST, then submit it for review."""
+
+    serializer_class = ListingChangeSerializer
+    queryset = ListingChange.objects.none()
+
+    def get(self, request, slug, listing):
+        changes = publishers.listing_change_list(
+            actor=request.actor, publisher=self.get_publisher()
+        ).filter(listing=self.get_listing())
+        return Response(
+            ListingChangeSerializer(changes.prefetch_related("comments"), many=True).data
+        )
+
+    @extend_schema(request=ListingChangeCreateSerializer, responses={201: ListingChangeSerializer})
+    def post(self, request, slug, listing):
+        serializer = ListingChangeCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        change = publishers.listing_change_create(
+            actor=request.actor, listing=self.get_listing(), **serializer.validated_data
+        )
+        return self.change_response(change, status.HTTP_201_CREATED)
+
+
+class ReviewQueueApi(PublisherApi):
+    """Proposed changes you may see: for operators, every publisher's (the review queue:
+    `status=submitted`); for a publisher's members, their own. Oldest submission first."""
+
+    serializer_class = ListingChangeSerializer
+    queryset = ListingChange.objects.none()
+
+    @extend_schema(
+        parameters=[OpenApiParameter("status", enum=ListingChange.Status.values, required=False)]
+    )
+    def get(self, request):
+        wanted = request.query_params.get("status") or None
+        if wanted is not None and wanted not in ListingChange.Status.values:
+            raise ValidationFailed(
+                f"status must be one of {', '.join(ListingChange.Status.values)}.", field="status"
+            )
+        changes = publishers.listing_change_list(actor=request.actor, status=wanted)
+        return Response(
+            ListingChangeSerializer(changes.prefetch_related("comments"), many=True).data
+        )
+
+
+class ListingChangeDetailApi(PublisherApi):
+    serializer_class = ListingChangeSerializer
+    queryset = ListingChange.objects.none()
+
+    def get(self, request, change_id):
+        return self.change_response(self.get_change())
+
+    @extend_schema(request=ListingChangeUpdateSerializer, responses=ListingChangeSerializer)
+    def patch(self, request, change_id):
+        serializer = ListingChangeUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        change = publishers.listing_change_update(
+            actor=request.actor, change=self.get_change(), **serializer.validated_data
+        )
+        return self.change_response(change)
+
+
+class ListingChangeActionApi(PublisherApi):
+    """submit, withdraw (the publisher); approve, request-changes (operators, with a
+    comment: required to send a change back)."""
+
+    serializer_class = ListingChangeSerializer
+    queryset = ListingChange.objects.none()
+    decision = ""
+
+    @extend_schema(request=ReviewDecisionSerializer, responses=ListingChangeSerializer)
+    def post(self, request, change_id):
+        serializer = ReviewDecisionSerializer(data=request.data or {})
+        serializer.is_valid(raise_exception=True)
+        comment = serializer.validated_data.get("comment", "")
+        change, actor = self.get_change(), request.actor
+        if self.decision == "submit":
+            change = publishers.listing_change_submit(actor=actor, change=change)
+        elif self.decision == "withdraw":
+            change = publishers.listing_change_withdraw(actor=actor, change=change)
+        elif self.decision == "approve":
+            change = publishers.listing_change_approve(actor=actor, change=change, comment=comment)
+        else:
+            change = publishers.listing_change_request_changes(
+                actor=actor, change=change, comment=comment
+            )
+        return self.change_response(change)
+
+
+class ReviewCommentListApi(PublisherApi):
+    serializer_class = ReviewCommentSerializer
+    queryset = ReviewComment.objects.none()
+
+    @extend_schema(request=ReviewCommentCreateSerializer, responses={201: ReviewCommentSerializer})
+    def post(self, request, change_id):
+        serializer = ReviewCommentCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        comment = publishers.review_comment_add(
+            actor=request.actor, change=self.get_change(), body=serializer.validated_data["body"]
+        )
+        return Response(ReviewCommentSerializer(comment).data, status=status.HTTP_201_CREATED)
+
+
+class TermsAcceptanceExportApi(PublisherApi):
+    """Who accepted which terms of the publisher's models, oldest first; `?format=csv` (or
+    Accept: text/csv) for a spreadsheet. Customers appear by name where the terms they
+    accepted say so (operators see every name), as a stable pseudonym otherwise."""
+
+    serializer_class = TermsAcceptanceRowSerializer
+    renderer_classes = [JSONRenderer, CSVRenderer]
+    queryset = Publisher.objects.none()
+
+    def get(self, request, slug):
+        rows = publishers.terms_acceptance_rows(actor=request.actor, publisher=self.get_publisher())
+        response = Response(TermsAcceptanceRowSerializer(rows, many=True).data)
+        if getattr(request.accepted_renderer, "format", "") == "csv":
+            response["Content-Disposition"] = f'attachment; filename="{slug}-terms-acceptances.csv"'
+        return response
+
+    def get_renderer_context(self):
+        context = super().get_renderer_context()
+        context["csv_columns"] = list(TermsAcceptanceRowSerializer().fields)
+        return context
