@@ -243,8 +243,9 @@ def listing_change_create(
 
 
 def _locked(change: ListingChange) -> ListingChange:
+    # Only the change's row is locked (of=self): the listing's model is an outer join.
     return (
-        ListingChange.objects.select_for_update()
+        ListingChange.objects.select_for_update(of=("self",))
         .select_related("listing__publisher__organization", "listing__model")
         .get(pk=change.pk)
     )
