@@ -21,6 +21,13 @@ dns_name_validator = RegexValidator(
 )
 
 
+class RoutingPolicy(models.TextChoices):
+    # The replica most likely to hold the request's prompt prefix in its KV cache, within a
+    # load bound; else the least loaded. With one replica both are the same.
+    PREFIX_AWARE = "prefix_aware", "Prefix-aware"
+    LEAST_IN_FLIGHT = "least_in_flight", "Least in flight"
+
+
 class Deployment(models.Model):
     class Type(models.TextChoices):
         DEDICATED = "dedicated", "Dedicated (own replicas, billed per GPU-second)"
@@ -94,6 +101,12 @@ class Deployment(models.Model):
     )
     scale_to_zero_after_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="Idle time before scaling to zero; empty means never."
+    )
+    routing_policy = models.CharField(
+        max_length=16,
+        choices=RoutingPolicy.choices,
+        default=RoutingPolicy.PREFIX_AWARE,
+        help_text="How the gateway picks a ready replica for a request (gateway/routing.py).",
     )
     generation = models.PositiveBigIntegerField(default=1)
 

@@ -7,7 +7,7 @@ from uuid import UUID
 from django.db.models import Prefetch, QuerySet
 
 from accounts.models import Organization
-from deployments.models import Deployment, DeploymentEvent, Replica
+from deployments.models import Deployment, DeploymentEvent, Replica, RoutingPolicy
 
 PLATFORM_ORGANIZATION_SLUG = "platform"
 
@@ -42,6 +42,11 @@ class Route:
     provider: object | None = None  # catalog.providers.PartnerTarget
     terms_pending: str | None = None
     terms_accept_path: str = ""
+    routing_policy: str = RoutingPolicy.PREFIX_AWARE
+
+    @property
+    def prefix_aware(self) -> bool:
+        return self.routing_policy == RoutingPolicy.PREFIX_AWARE
 
 
 class CallableModel(NamedTuple):
@@ -97,6 +102,8 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
             "pool__status",
             "pool__min_replicas",
             "pool__max_replicas",
+            "pool__routing_policy",
+            "routing_policy",
             "model_version__id",
             "model_version__served_model_name",
             "model_version__runtime_args",
@@ -136,6 +143,7 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
         if deployment.pool_id and deployment.status == Deployment.Status.READY
         else deployment.status,
         replicas=[tuple(r) for r in replicas],
+        routing_policy=serving.routing_policy,
         can_scale_from_zero=(
             serving.min_replicas == 0
             and serving.max_replicas > 0

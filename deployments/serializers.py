@@ -7,6 +7,7 @@ from deployments.models import (
     Deployment,
     DeploymentEvent,
     Replica,
+    RoutingPolicy,
     dns_name_validator,
 )
 
@@ -67,6 +68,7 @@ class DeploymentSerializer(serializers.ModelSerializer):
             "ready_replicas",
             "target_in_flight_per_replica",
             "scale_to_zero_after_seconds",
+            "routing_policy",
             "generation",
             "observed_generation",
             "status",
@@ -123,6 +125,12 @@ class DeploymentCreateSerializer(StrictSerializer):
     scale_to_zero_after_seconds = serializers.IntegerField(
         min_value=60, required=False, allow_null=True
     )
+    routing_policy = serializers.ChoiceField(
+        choices=RoutingPolicy.choices,
+        default=RoutingPolicy.PREFIX_AWARE,
+        help_text="prefix_aware: the replica likely to hold the prompt's prefix in its cache, "
+        "within a load bound; least_in_flight: the least loaded replica.",
+    )
 
 
 class DeploymentUpdateSerializer(StrictSerializer):
@@ -136,6 +144,7 @@ class DeploymentUpdateSerializer(StrictSerializer):
     scale_to_zero_after_seconds = serializers.IntegerField(
         min_value=60, required=False, allow_null=True
     )
+    routing_policy = serializers.ChoiceField(choices=RoutingPolicy.choices, required=False)
 
 
 class DeploymentEventSerializer(serializers.ModelSerializer):

@@ -27,6 +27,7 @@ from deployments.models import (
     Deployment,
     LoadReport,
     Replica,
+    RoutingPolicy,
     dns_name_validator,
 )
 from deployments.selectors import PLATFORM_ORGANIZATION_SLUG, organization_gpu_usage, pool_for
@@ -207,6 +208,7 @@ def deployment_create(
     max_replicas: int | None = None,
     target_in_flight_per_replica: int = 8,
     scale_to_zero_after_seconds: int | None = None,
+    routing_policy: str = RoutingPolicy.PREFIX_AWARE,
 ) -> Deployment:
     """Ask for a deployment. Checks name, model, profile fit, price and quotas; the reconciler
     makes it real after the transaction commits."""
@@ -219,6 +221,7 @@ def deployment_create(
             f"Unknown type {type!r}. Use {' or '.join(Deployment.Type.values)}.", field="type"
         )
     _check_deployment_quota(organization)
+    _check_routing_policy(routing_policy)
 
     if model_version.is_partner:
         deployment = _partner_entry(
@@ -283,6 +286,7 @@ def deployment_create(
             desired_replicas=max(min_replicas, 1) if max_replicas else 0,
             target_in_flight_per_replica=target_in_flight_per_replica,
             scale_to_zero_after_seconds=scale_to_zero_after_seconds,
+            routing_policy=routing_policy,
         )
     try:
         with transaction.atomic():
@@ -379,6 +383,7 @@ def _describe(deployment: Deployment) -> str:
 
 
 UPDATABLE_FIELDS = {
+    "routing_policy",
     "version",
     "hardware_profile",
     "min_replicas",
@@ -437,7 +442,9 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
         changes["hardware_profile"] = [deployment.hardware_profile.name, profile.name]
         deployment.hardware_profile = profile
         rollout = True
-    for name in ("min_replicas", "max_replicas", "target_in_flight_per_replica"):
+    if "routing_policy" in fields:
+        _check_routing_policy(fields["routing_policy"])
+    for name in ("min_replicas", "max_replicas", "target_in_flight_per_replica", "routing_policy"):
         if name in fields and fields[name] != getattr(deployment, name):
             changes[name] = [getattr(deployment, name), fields[name]]
             setattr(deployment, name, fields[name])
@@ -514,6 +521,14 @@ def deployment_delete(*, actor: Actor, deployment: Deployment) -> Deployment:
     transitions.deleting(deployment, message=f"{actor.label} deleted it.")
     audit_record(actor=actor, action="deployment.delete", target=deployment)
     return deployment
+
+
+def _check_routing_policy(policy: str) -> None:
+    if policy not in RoutingPolicy.values:
+        raise ValidationFailed(
+            f"Unknown routing_policy {policy!r}. Use {' or '.join(RoutingPolicy.values)}.",
+            field="routing_policy",
+        )
 
 
 def pool_name_for(version) -> str:

@@ -75,6 +75,7 @@ class Outcome:
     """
 
     __slots__ = (
+        "cached_reported",
         "cached_tokens",
         "completion_tokens",
         "continuous",
@@ -92,6 +93,7 @@ class Outcome:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.cached_reported = None  # cached_tokens as the replica reported it (None: not)
         self.usage_seen = False
         self.usage_final = False
         self.continuous = False  # the replica reports usage on every chunk
@@ -109,6 +111,9 @@ class Outcome:
         self.prompt_tokens = _int(usage.get("prompt_tokens"))
         details = usage.get("prompt_tokens_details")
         self.cached_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        self.cached_reported = (
+            self.cached_tokens if isinstance(details, dict) and "cached_tokens" in details else None
+        )
         if final:
             self.completion_tokens = _int(usage.get("completion_tokens"))
         else:
@@ -443,7 +448,7 @@ class Completion(Exchange):
         headers = {"content-type": "application/json", "x-request-id": self.request_id}
         tried: set[str] = set()
         refused = None
-        while (endpoint := gateway.routes.pick(route, tried)) is not None:
+        while (endpoint := gateway.routes.pick(route, tried, request.prefix_keys)) is not None:
             tried.add(endpoint)
             gateway.routes.acquire(endpoint)
             try:
@@ -814,6 +819,11 @@ class Completion(Exchange):
         deployment_metrics = metrics.for_deployment(str(route.deployment_id))
         deployment_metrics.prompt_tokens.inc(outcome.prompt_tokens)
         deployment_metrics.completion_tokens.inc(outcome.completion_tokens)
+        deployment_metrics.cached_tokens.inc(outcome.cached_tokens)
+        if outcome.usage_seen:
+            gateway.routes.observed(
+                route, self.endpoint, request.prefix_keys, outcome.cached_reported
+            )
         now = datetime.now(UTC)
         latency = time.perf_counter() - self.started
         event = {

@@ -31,6 +31,12 @@ USAGE_SPOOL_BYTES = Gauge(
     "sirocco_gateway_usage_spool_bytes",
     "Usage events in this process's spool files, waiting for the database to take them",
 )
+PREFIX_ROUTING = Counter(
+    "sirocco_gateway_prefix_routing_total",
+    "Prefix-aware routing decisions: hit (a replica holding the prompt's prefix), miss (none "
+    "known: consistent hash), overloaded (the holder was over the load bound: least loaded)",
+    ["deployment", "decision"],
+)
 REFUSED = Counter(
     "sirocco_gateway_refused_total",
     "Requests answered by the gateway itself, without reaching a replica, by status",
@@ -41,13 +47,23 @@ REFUSED = Counter(
 class DeploymentMetrics:
     """The labelled children of one deployment, looked up once (labels() is not free)."""
 
-    __slots__ = ("_label", "completion_tokens", "in_flight", "latency", "prompt_tokens", "ttft")
+    __slots__ = (
+        "_label",
+        "cached_tokens",
+        "completion_tokens",
+        "in_flight",
+        "latency",
+        "prompt_tokens",
+        "ttft",
+    )
 
     def __init__(self, deployment_id: str):
         self._label = deployment_id
         self.in_flight = IN_FLIGHT.labels(deployment_id)
         self.prompt_tokens = TOKENS.labels(deployment_id, "prompt")
         self.completion_tokens = TOKENS.labels(deployment_id, "completion")
+        # Prompt tokens the replica read from its prefix cache: the hit rate is cached / prompt.
+        self.cached_tokens = TOKENS.labels(deployment_id, "cached")
         self.latency = LATENCY.labels(deployment_id)
         self.ttft = TTFT.labels(deployment_id)
 

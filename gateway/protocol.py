@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.errors import bad_request
+from gateway.routing import prefix_keys
 from gateway.tokens import ModelTokenizer, estimate_chat, estimate_prompt, message_text
 
 # Choices one request may ask for (`n`); each reserves max_tokens against the limits.
@@ -40,6 +41,8 @@ class CompletionRequest:
     prompt_tokens: int = 0
     # The client's own stream_options.continuous_usage_stats (vLLM's): usage on every chunk.
     wants_continuous_usage: bool = False
+    # Keys of the prompt's leading blocks, for prefix-aware routing (gateway/routing.py).
+    prefix_keys: tuple[bytes, ...] = ()
 
     def count_prompt(self, tokenizer: ModelTokenizer | None) -> int:
         if self.payload is None:  # read in a worker: counted there at admission
@@ -159,6 +162,7 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
     request.wants_continuous_usage = wants_continuous_usage
     # Made now, while refusing is cheap: a body the gateway cannot pass on is a 400 here.
     request.upstream_tail = upstream_tail(payload, stream=stream)
+    request.prefix_keys = prefix_keys(payload, chat=chat)
     return request
 
 

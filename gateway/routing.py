@@ -1,21 +1,44 @@
-"""Which replica serves a request: cached routes, least in-flight choice, scale-from-zero asks,
-and reports of replicas that failed a request.
+"""Which replica serves a request: cached routes, prefix-aware or least in-flight choice,
+scale-from-zero asks, and reports of replicas that failed a request.
 
 A route (`deployments.selectors.route_for`) is cached per (organization, model name) for
 GATEWAY_ROUTE_CACHE_SECONDS; an older one keeps serving while a background read replaces it
 (replica lists change slowly, and a dead replica costs only a refused connect, after which
 another is tried). Unknown names are never served stale: a new deployment is callable as
 soon as the cache expires.
+
+Prefix-aware routing (a deployment's `routing_policy`, the default) sends a request to the
+replica most likely to hold its prompt's prefix in its KV cache, as llm-d's and vLLM production
+stack's routers do, so that a replica's automatic prefix cache is hit rather than each replica
+computing every system prompt and conversation again. The rendered prompt's leading bytes are cut
+into blocks keyed by a hash chained over the prefix (`prefix_keys`, like the runtime's block
+keys); an approximate index per deployment maps keys to the replica that last served them
+(learned from finished requests, LRU-bounded). The deepest key held by a replica within the load
+bound wins ("hit"); a prefix nobody holds goes to the replica its first block hashes to among
+those within the bound (rendezvous hashing: every gateway process agrees, so conversations that
+share a system prompt meet on one replica; "miss"); a holder over the bound gives way to the least
+loaded ("overloaded"). The bound is consistent hashing with bounded loads' (Mirrokni et al.): at
+most LOAD_FACTOR × the mean in-flight count, so a hot prefix spills over instead of piling onto
+one replica. A replica that reports no cached tokens where the index expected some (restarted, or
+evicted under memory pressure), or that refuses connections, loses its entries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import orjson
+
+from gateway import metrics
+from gateway.tokens import message_text
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +50,47 @@ REFUSED_PENALTY_SECONDS = 5
 # A replica that refused or reset a connection is reported to the control plane (it stops being
 # listed as ready, and its deployment gets a reconcile pass) at most this often.
 UNHEALTHY_REPORT_REPEAT_SECONDS = 5
+
+# Prefix keys: blocks of the rendered prompt's bytes (~64 tokens each), the first 32 KiB only.
+PREFIX_BLOCK_BYTES = 256
+PREFIX_MAX_BLOCKS = 128
+# The index remembers this many blocks per deployment, for this many deployments (LRU both).
+PREFIX_INDEX_BLOCKS = 50_000
+PREFIX_INDEX_DEPLOYMENTS = 1_000
+# A replica takes a request for the prefix it holds while its in-flight count stays within this
+# factor of the mean (consistent hashing with bounded loads' c).
+LOAD_FACTOR = 1.25
+# Blocks a replica must have been expected to hold before "it reported no cached tokens" means
+# that it lost its cache.
+LOST_CACHE_MIN_BLOCKS = 2
+
+
+def prefix_keys(payload: dict, *, chat: bool) -> tuple[bytes, ...]:
+    """Chained keys of the full leading blocks of the prompt as the replica will render it
+    (messages' roles and text in order; a completion's prompt), each naming its whole prefix."""
+    limit = PREFIX_BLOCK_BYTES * PREFIX_MAX_BLOCKS
+    if chat:
+        parts, size = [], 0
+        for message in payload.get("messages") or ():
+            if size >= limit or not isinstance(message, dict):
+                break
+            part = f"{message.get('role')}\x1f{message_text(message.get('content'))}\x1e".encode()
+            parts.append(part)
+            size += len(part)
+        data = b"".join(parts)
+    else:
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]  # a batch of prompts: routed by the first
+        data = prompt.encode() if isinstance(prompt, str) else orjson.dumps(prompt)
+    data = data[:limit]
+    keys, parent = [], b""
+    for start in range(0, len(data) - PREFIX_BLOCK_BYTES + 1, PREFIX_BLOCK_BYTES):
+        parent = hashlib.blake2b(
+            parent + data[start : start + PREFIX_BLOCK_BYTES], digest_size=12
+        ).digest()
+        keys.append(parent)
+    return tuple(keys)
 
 
 @dataclass(slots=True)
@@ -61,6 +125,8 @@ class RouteTable:
         self._scale_up_asked: dict[str, float] = {}
         self._refused_at: dict[str, float] = {}
         self._turn = itertools.count()
+        # deployment id -> (prefix key -> endpoint of the replica that last served it)
+        self._prefixes: OrderedDict[object, OrderedDict[bytes, str]] = OrderedDict()
 
     async def route(self, organization_id: int, model: str, *, fresh: bool = False):
         """The Route for the organization's model name, or None (→ 404)."""
@@ -104,12 +170,15 @@ class RouteTable:
         self._models[organization_id] = _Cached(models, fetched)
         return models
 
-    def pick(self, route, tried: set[str]) -> str | None:
-        """The endpoint of the ready replica with the fewest requests in flight here; one that
-        refused a connection in the last few seconds only when no other is left."""
+    def pick(self, route, tried: set[str], keys: tuple[bytes, ...] = ()) -> str | None:
+        """The endpoint for a request whose prompt has these prefix keys: by the deployment's
+        policy, the replica holding its prefix within the load bound, or the ready replica with
+        the fewest requests in flight here; one that refused a connection in the last few
+        seconds only when no other is left."""
         best, best_load = None, None
         now = time.monotonic() if self._refused_at else 0.0
         replicas = route.replicas
+        loads: dict[str, int] = {}  # candidates that did not refuse lately
         # Start at a rotating offset so equal loads spread over replicas.
         offset = next(self._turn) % len(replicas) if replicas else 0
         for index in range(len(replicas)):
@@ -122,9 +191,67 @@ class RouteTable:
                 and now - self._refused_at.get(endpoint, -1e9) < REFUSED_PENALTY_SECONDS
             ):
                 load += 1_000_000
+            else:
+                loads[endpoint] = load
             if best_load is None or load < best_load:
                 best, best_load = endpoint, load
+        if keys and len(loads) > 1 and route.prefix_aware:
+            return self._by_prefix(route.deployment_id, keys, loads, best)
         return best
+
+    def _by_prefix(self, deployment_id, keys: tuple[bytes, ...], loads: dict, least: str) -> str:
+        # A holder at most one request ahead of the idlest replica is always within the bound
+        # (at low load the mean alone would send a conversation's second request elsewhere).
+        capacity = max(
+            math.ceil(LOAD_FACTOR * (sum(loads.values()) + 1) / len(loads)),
+            min(loads.values()) + 2,
+        )
+        within = {endpoint for endpoint, load in loads.items() if load + 1 <= capacity}
+        index = self._prefixes.get(deployment_id)
+        holder = None
+        if index is not None:
+            for key in reversed(keys):  # the deepest block a candidate holds
+                endpoint = index.get(key)
+                if endpoint in loads:
+                    holder = endpoint
+                    if endpoint in within:
+                        _decided(deployment_id, "hit")
+                        return endpoint
+        if holder is not None:
+            _decided(deployment_id, "overloaded")
+            return least
+        _decided(deployment_id, "miss")
+        return max(within, key=lambda endpoint: _rendezvous(keys[0], endpoint))
+
+    def observed(self, route, endpoint: str, keys: tuple[bytes, ...], cached_tokens) -> None:
+        """A replica served a request with these prefix keys and reported `cached_tokens`
+        (None: it reports none): it holds the prefix now. Reporting none cached where the index
+        expected a prefix means it lost its cache (a restart, or eviction): its entries go."""
+        if not keys or not route.prefix_aware:
+            return
+        deployment_id = route.deployment_id
+        index = self._prefixes.get(deployment_id)
+        if index is None:
+            index = self._prefixes[deployment_id] = OrderedDict()
+            if len(self._prefixes) > PREFIX_INDEX_DEPLOYMENTS:
+                self._prefixes.popitem(last=False)
+        else:
+            self._prefixes.move_to_end(deployment_id)
+        if cached_tokens == 0:
+            expected = sum(1 for key in keys if index.get(key) == endpoint)
+            if expected >= LOST_CACHE_MIN_BLOCKS:
+                self._forget(deployment_id, endpoint)
+        for key in keys:
+            index[key] = endpoint
+            index.move_to_end(key)
+        while len(index) > PREFIX_INDEX_BLOCKS:
+            index.popitem(last=False)
+
+    def _forget(self, deployment_id, endpoint: str) -> None:
+        index = self._prefixes.get(deployment_id)
+        if index is not None:
+            for key in [key for key, held_by in index.items() if held_by == endpoint]:
+                del index[key]
 
     def acquire(self, endpoint: str) -> None:
         self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + 1
@@ -149,6 +276,7 @@ class RouteTable:
         at once (restarting it, or finding it healthy again)."""
         now = time.monotonic()
         self._refused_at[endpoint] = now
+        self._forget(deployment_id, endpoint)  # if it comes back, it comes back empty
         if self._report_unhealthy is None:
             return
         if now - self._reported_at.get(endpoint, -1e9) < UNHEALTHY_REPORT_REPEAT_SECONDS:
@@ -177,3 +305,11 @@ class RouteTable:
             return
         self._scale_up_asked[key] = now
         await self._db.call(self._request_scale_up, deployment_id=deployment_id)
+
+
+def _rendezvous(key: bytes, endpoint: str) -> bytes:
+    return hashlib.blake2b(key + endpoint.encode(), digest_size=8).digest()
+
+
+def _decided(deployment_id, decision: str) -> None:
+    metrics.PREFIX_ROUTING.labels(str(deployment_id), decision).inc()

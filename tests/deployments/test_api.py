@@ -183,3 +183,22 @@ def test_listing_costs_the_same_queries_whatever_the_size(
 def test_the_schema_documents_deployments(client):
     document = client.get("/api/schema/?format=json").json()
     assert {"/api/v1/deployments", "/api/v1/deployments/{id}/events"} <= set(document["paths"])
+
+
+def test_routing_policy_is_chosen_at_create_and_patched(api, catalog, organization):
+    # Prefix-aware by default; least in-flight on request; the gateway's route carries it.
+    from deployments.selectors import route_for
+
+    body = create(api).json()
+    assert body["routing_policy"] == "prefix_aware"
+    response = api.patch(f"{URL}/{body['id']}", {"routing_policy": "least_in_flight"}, "json")
+    assert response.status_code == 200, response.json()
+    assert response.json()["routing_policy"] == "least_in_flight"
+    Deployment.objects.filter(pk=body["id"]).update(status=Deployment.Status.READY)
+    route = route_for(organization_id=organization.pk, model="chat")
+    assert route.routing_policy == "least_in_flight" and not route.prefix_aware
+    response = api.patch(f"{URL}/{body['id']}", {"routing_policy": "round_robin"}, "json")
+    assert response.status_code == 400
+    assert "routing_policy" in str(response.json())
+    other = create(api, name="other", routing_policy="least_in_flight").json()
+    assert other["routing_policy"] == "least_in_flight"
