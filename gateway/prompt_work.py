@@ -47,7 +47,7 @@ def count_prompt(raw: bytes, chat: bool, tokenizer_folder: str) -> int:
     tokenizer = _tokenizer(tokenizer_folder)
     payload = orjson.loads(raw)
     if chat:
-        return tokenizer.count_chat(payload["messages"])
+        return tokenizer.count_chat(payload["messages"], payload.get("tools"))
     return tokenizer.count_prompt(payload["prompt"])
 
 

@@ -1,8 +1,11 @@
 """What the gateway checks in an OpenAI request before it spends anything on it.
 
-Only what the gateway itself needs is checked here (the model, the prompt it counts, stream,
-max_tokens); the replica validates the rest and answers in the same error format, which the
-gateway passes through.
+Mostly what the gateway itself needs (the model, the prompt it counts, stream, max_tokens);
+and tools, tool_choice and response_format, whose schemas it checks with the builtin runtime's
+own rules (runtime/chat.py: bounded size and nesting, JSON Schema's meta-schema, no keyword
+constrained decoding cannot enforce), so a bad schema is a 400 naming its parameter before
+anything is reserved, whichever runtime serves the model. The replica validates the rest and
+answers in the same error format, which the gateway passes through.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import orjson
 from gateway.errors import bad_request
 from gateway.routing import prefix_keys
 from gateway.tokens import ModelTokenizer, estimate_chat, estimate_prompt, message_text
+from runtime.chat import output_spec
+from runtime.schemas import InvalidRequest
 
 # Choices one request may ask for (`n`); each reserves max_tokens against the limits.
 MAX_CHOICES = 128
@@ -49,7 +54,10 @@ class CompletionRequest:
             return self.prompt_tokens
         if self.chat:
             messages = self.payload["messages"]
-            return tokenizer.count_chat(messages) if tokenizer else estimate_chat(messages)
+            tools = self.payload.get("tools")
+            if tokenizer:
+                return tokenizer.count_chat(messages, tools)
+            return estimate_chat(messages, tools)
         prompt = self.payload["prompt"]
         return tokenizer.count_prompt(prompt) if tokenizer else estimate_prompt(prompt)
 
@@ -112,6 +120,10 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
         )
     if chat:
         _check_messages(payload.get("messages"))
+        try:
+            output_spec(payload)  # at most a few ms: schemas over 64 KiB are refused unread
+        except InvalidRequest as error:
+            raise bad_request(error.message, param=error.param) from None
     else:
         _check_prompt(payload.get("prompt"))
     stream = payload.get("stream", False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runtime.chat import template_messages, template_tools
+from runtime.schemas import InvalidRequest
 from runtime.tokenizer import ChatTokenizer, TemplateError
 
 if TYPE_CHECKING:
@@ -41,7 +44,9 @@ def prompt_token_bound(body_bytes: int) -> int:
     token per UTF-8 byte of text, the text is never longer in UTF-8 than in the JSON body
     that carries it, and each message's JSON wrapping (`{"role":"user","content":""}` is 28
     bytes) is longer than the tokens a chat template adds per message (Mixtral's and the
-    tiny model's add at most 8)."""
+    tiny model's add at most 8). Tools are the exception: a template writes their schemas
+    with a space after each `:` and `,`, which a compact body leaves out, so a request with
+    tools may count more; admission draws the difference once it has counted."""
     return body_bytes
 
 
@@ -70,19 +75,26 @@ class ModelTokenizer:
     def count_text(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
 
-    def count_chat(self, messages: list[dict]) -> int:
-        rendered = [
-            {"role": m.get("role"), "content": message_text(m.get("content"))} for m in messages
-        ]
+    def count_chat(self, messages: list[dict], tools: list | None = None) -> int:
+        """The prompt as the replica renders it: the messages in the shape the builtin runtime
+        gives its template (runtime/chat.py: tool calls, tool results), and the tools'
+        schemas, which the template writes into the prompt."""
+        try:
+            rendered = template_messages(messages)
+            rendered_tools = template_tools(tools)
+        except (InvalidRequest, KeyError, TypeError):
+            # The replica will refuse these messages too; the reservation is only an estimate.
+            return estimate_chat(messages, tools)
         if self._tokenizer.chat_template is None:
             return sum(
                 self.count_text(m["content"]) + TOKENS_PER_MESSAGE_ESTIMATE for m in rendered
-            )
+            ) + (self.count_text(json.dumps(rendered_tools)) if rendered_tools else 0)
         try:
-            text = self._tokenizer.render_chat(rendered, add_generation_prompt=True)
+            text = self._tokenizer.render_chat(
+                rendered, add_generation_prompt=True, tools=rendered_tools
+            )
         except (TemplateError, ValueError):
-            # The replica will refuse these messages too; the reservation is only an estimate.
-            return estimate_chat(messages)
+            return estimate_chat(messages, tools)
         return self.count_text(text)
 
     def count_prompt(self, prompt) -> int:
@@ -91,12 +103,15 @@ class ModelTokenizer:
         return _count_prompt_list(prompt, self.count_text)
 
 
-def estimate_chat(messages: list[dict]) -> int:
-    return sum(
-        estimate_text(message_text(m.get("content"))) + TOKENS_PER_MESSAGE_ESTIMATE
-        for m in messages
-        if isinstance(m, dict)
-    )
+def estimate_chat(messages: list[dict], tools: list | None = None) -> int:
+    """Messages' text and tool calls, and the tools' schemas, at the rule of thumb."""
+    total = 0
+    for m in messages:
+        if isinstance(m, dict):
+            total += estimate_text(message_text(m.get("content"))) + TOKENS_PER_MESSAGE_ESTIMATE
+            if m.get("tool_calls"):
+                total += estimate_text(json.dumps(m["tool_calls"]))
+    return total + (estimate_text(json.dumps(tools)) if tools else 0)
 
 
 def estimate_prompt(prompt) -> int:

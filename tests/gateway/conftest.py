@@ -80,6 +80,9 @@ def runtime_process(tiny_moe_dir, tmp_path_factory):
         sys.executable, "-m", "runtime", "serve",
         "--model", str(tiny_moe_dir), "--served-model-name", RUNTIME_SERVED_NAME,
         "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--max-num-seqs", "16",
+        # One thread, as the runtime tests run it: OpenMP threads spinning on a shared 2-core
+        # machine make a loaded machine's runtime ten times slower.
+        "--cpu-threads", "1",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
