@@ -1,7 +1,9 @@
-"""Invoice documents: PDF (reportlab) and CSV, rendered from the stored, immutable invoice."""
+"""Invoice and publisher statement documents: PDF (reportlab) and CSV, rendered from the
+stored, immutable invoice or statement."""
 
 import csv
 import io
+from decimal import Decimal
 
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
@@ -9,7 +11,7 @@ from reportlab.lib.styles import getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-from billing.models import Invoice
+from billing.models import Invoice, PublisherStatement
 from billing.money import format_money
 from billing.periods import Period
 from controlplane.spreadsheets import csv_row
@@ -165,3 +167,135 @@ def invoice_pdf(invoice: Invoice) -> bytes:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- publisher statements ----------------------------------------------------------------------
+
+STATEMENT_CSV_COLUMNS = [
+    "statement",
+    "position",
+    "kind",
+    "description",
+    "input_tokens",
+    "output_tokens",
+    "gpu_hours",
+    "customers",
+    "revenue",
+    "share_percent",
+    "share",
+    "currency",
+]
+
+
+def _gpu_hours(seconds: int) -> str:
+    return f"{(Decimal(seconds) / 3600).quantize(Decimal('0.000001')).normalize():f}"
+
+
+def statement_csv(statement: PublisherStatement) -> str:
+    """One row per line, then the totals (kind `revenue`, `share`, `adjustments`, `total`)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(STATEMENT_CSV_COLUMNS)
+    currency = statement.currency
+    for line in statement.lines.all():
+        writer.writerow(
+            csv_row(
+                [
+                    statement.number,
+                    line.position,
+                    line.kind,
+                    line.description,
+                    line.input_tokens,
+                    line.output_tokens,
+                    _gpu_hours(line.gpu_seconds),
+                    line.customers,
+                    format_money(line.revenue, currency),
+                    f"{line.share_percent.normalize():f}",
+                    format_money(line.share, currency),
+                    currency,
+                ]
+            )
+        )
+    for kind, amount in _statement_totals(statement):
+        writer.writerow(
+            [statement.number, "", kind, "", "", "", "", "", "", "", format_money(amount, currency),
+             currency]
+        )  # fmt: skip
+    return out.getvalue()
+
+
+def _statement_totals(statement: PublisherStatement):
+    return [
+        ("revenue", statement.revenue),
+        ("share", statement.share),
+        ("adjustments", statement.adjustments),
+        ("total", statement.total),
+    ]
+
+
+def statement_pdf(statement: PublisherStatement) -> bytes:
+    buffer = io.BytesIO()
+    period = Period(statement.period_start, statement.period_end)
+    document = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        title=f"Publisher statement {statement.number}",
+        author="Sirocco",
+        leftMargin=18 * mm,
+        rightMargin=18 * mm,
+    )
+    styles = getSampleStyleSheet()
+    publisher = statement.publisher
+    currency = statement.currency
+    story = [
+        Paragraph(f"Publisher statement {statement.number}", styles["Title"]),
+        Paragraph(
+            f"{_escape(publisher.display_name)} ({_escape(publisher.organization.slug)})",
+            styles["Normal"],
+        ),
+        Spacer(1, 4 * mm),
+        Paragraph(
+            f"Billing period {period.label} (UTC) · final {statement.finalized_at:%Y-%m-%d} · "
+            f"currency {currency}",
+            styles["Normal"],
+        ),
+        Spacer(1, 6 * mm),
+    ]
+    small = styles["BodyText"].clone("small", fontSize=8, leading=10)
+    rows = [["#", "Description", "Tokens in/out", "GPU h", "Customers", "Revenue", "%", "Share"]]
+    for line in statement.lines.all():
+        rows.append(
+            [
+                str(line.position),
+                Paragraph(_escape(line.description), small),
+                f"{line.input_tokens}/{line.output_tokens}",
+                _gpu_hours(line.gpu_seconds),
+                str(line.customers or ""),
+                format_money(line.revenue, currency),
+                f"{line.share_percent.normalize():f}",
+                format_money(line.share, currency),
+            ]
+        )
+    totals = _statement_totals(statement)
+    for label, amount in totals:
+        rows.append(["", label.capitalize(), "", "", "", "", "", format_money(amount, currency)])
+    table = Table(
+        rows,
+        colWidths=[8 * mm, 62 * mm, 28 * mm, 14 * mm, 16 * mm, 18 * mm, 10 * mm, 18 * mm],
+        repeatRows=1,
+    )
+    table.setStyle(
+        TableStyle(
+            [
+                ("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
+                ("FONTSIZE", (0, 0), (-1, -1), 8),
+                ("LINEBELOW", (0, 0), (-1, 0), 0.5, colors.black),
+                ("ALIGN", (2, 1), (-1, -1), "RIGHT"),
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("LINEABOVE", (0, -len(totals)), (-1, -len(totals)), 0.5, colors.grey),
+            ]
+        )
+    )
+    story.append(table)
+    document.build(story)
+    return buffer.getvalue()

@@ -45,6 +45,7 @@ from billing.rating import (
     stored_amount,
 )
 from billing.selectors import credit_grants_available
+from billing.statements import statements_finalize
 from controlplane.errors import ValidationFailed
 
 _QUANTITY = Decimal("0.000001")
@@ -413,6 +414,8 @@ def billing_period_close(
             names=names,
             now=now,
         )
+    # The publishers' statements read the invoices just written (billing.statements).
+    statements_finalize(period=period, now=now)
     BillingPeriod.objects.filter(start=period.start).update(status="closed", closed_at=now)
     return CloseResult(
         period=period, created=created, skipped=len(done) + len(pending) - len(created)

@@ -527,3 +527,145 @@ class StripeEvent(models.Model):
 
     def __str__(self):
         return f"{self.event_id} {self.type}"
+
+
+# --- publishers (issue 18) ------------------------------------------------------------------
+
+
+class RevenueShare(models.Model):
+    """A publisher's share of one listing's revenue, in percent, from the start of a billing
+    period on: one share per model per statement, so a statement line is revenue x share."""
+
+    listing = models.ForeignKey(
+        "catalog.Listing", on_delete=models.CASCADE, related_name="revenue_shares"
+    )
+    percent = models.DecimalField(max_digits=5, decimal_places=2)
+    effective_from = models.DateTimeField(help_text="The start of a billing period.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by_label = models.CharField(max_length=200)
+
+    class Meta:
+        ordering = ["listing", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["listing", "effective_from"], name="unique_revenue_share_start"
+            ),
+            models.CheckConstraint(
+                condition=Q(percent__gte=0) & Q(percent__lte=100),
+                name="revenue_share_is_a_percentage",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.listing_id}: {self.percent} % from {self.effective_from:%Y-%m-%d}"
+
+
+class PublisherStatement(models.Model):
+    """What a publisher earned in a period, in one currency: made at period close from the
+    finalized invoices' lines of its models (so its revenue is the invoices' to the cent),
+    immutable once written (like an invoice) except for its payout's progress.
+
+    Totals: revenue = sum of the usage lines' revenue; share = sum of the lines' shares (each
+    revenue x percent, rounded half-up); adjustments = the publisher's part of credit notes
+    issued in the period (negative lines); total = share + adjustments, what is paid out.
+    """
+
+    class PayoutStatus(models.TextChoices):
+        NOT_DUE = "not_due", "Nothing to pay"
+        PENDING = "pending", "Payout waiting"
+        FAILED = "failed", "Payout failed; retrying"
+        TRANSFERRED = "transferred", "Transfer created"
+        PAID = "paid", "Paid"
+        REVERSED = "reversed", "Transfer reversed"
+
+    IMMUTABLE_FIELDS = (
+        "publisher_id",
+        "number",
+        "period_start",
+        "period_end",
+        "currency",
+        "revenue",
+        "share",
+        "adjustments",
+        "total",
+        "finalized_at",
+    )
+
+    publisher = models.ForeignKey(
+        "catalog.Publisher", on_delete=models.PROTECT, related_name="statements"
+    )
+    number = models.CharField(max_length=32, unique=True)
+    # Stripe idempotency keys derive from this (see BillingAccount.uid).
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    currency = models.CharField(max_length=3)
+    revenue = _money_field()
+    share = _money_field()
+    adjustments = _money_field()
+    total = _money_field()
+    finalized_at = models.DateTimeField()
+    payout_status = models.CharField(
+        max_length=16, choices=PayoutStatus.choices, default=PayoutStatus.NOT_DUE
+    )
+    stripe_transfer_id = models.CharField(max_length=64, blank=True)
+    payout_attempts = models.PositiveIntegerField(default=0)
+    payout_last_error = models.TextField(blank=True)
+    payout_next_attempt_at = models.DateTimeField(null=True, blank=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-period_start", "publisher", "currency"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["publisher", "period_start", "currency"],
+                name="unique_statement_per_period",
+            )
+        ]
+
+    def __str__(self):
+        return self.number
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            stored = type(self).objects.filter(pk=self.pk).values(*self.IMMUTABLE_FIELDS).first()
+            if stored and any(stored[f] != getattr(self, f) for f in self.IMMUTABLE_FIELDS):
+                raise ImmutableRowError(f"statement {self.number} is final")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ImmutableRowError("statements are never deleted")
+
+
+class StatementLine(_AppendOnlyModel):
+    """One line of a statement: a model version's usage in the period (tokens, GPU time, the
+    revenue its invoice lines add up to, the share), or an adjustment from a credit note."""
+
+    class Kind(models.TextChoices):
+        USAGE = "usage", "Usage"
+        ADJUSTMENT = "adjustment", "Credit note adjustment"
+
+    statement = models.ForeignKey(
+        PublisherStatement, on_delete=models.PROTECT, related_name="lines"
+    )
+    position = models.PositiveIntegerField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    description = models.CharField(max_length=300)
+    model_version_id = models.BigIntegerField(null=True, blank=True)
+    credit_note_id = models.BigIntegerField(null=True, blank=True)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    gpu_seconds = models.BigIntegerField(default=0, help_text="GPU-seconds of dedicated time.")
+    customers = models.PositiveIntegerField(default=0, help_text="Organizations billed.")
+    revenue = _money_field(help_text="The customers' invoice lines (a credit: negative).")
+    share_percent = models.DecimalField(max_digits=5, decimal_places=2)
+    share = _money_field()
+
+    class Meta:
+        ordering = ["statement", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["statement", "position"], name="unique_statement_line")
+        ]
+
+    def __str__(self):
+        return f"{self.statement_id}#{self.position} {self.description}: {self.share}"

@@ -21,6 +21,7 @@ from billing.models import (
 )
 from billing.money import format_money, to_minor_units
 from billing.periods import Period
+from billing.statements import statement_differences
 from billing.stripe_sync import stripe_amount_due, stripe_enabled
 from deployments.models import ReplicaUsage
 
@@ -147,6 +148,8 @@ def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodRepo
                     )
     _check_rollups(period, report)
     _check_gpu_time(period, report)
+    # The publishers' statements agree with these invoices and the period's credit notes.
+    report.differences += statement_differences(period=period)
     unpriced = UsageRecord.objects.filter(
         period_start=period.start, token_price_id__isnull=True
     ).count()

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import apis
+from billing import apis, publisher_apis
 
 urlpatterns = [
     path("usage", apis.UsageApi.as_view(), name="usage"),
@@ -9,5 +9,30 @@ urlpatterns = [
     path("invoices/<int:pk>", apis.InvoiceDetailApi.as_view(), name="invoice-detail"),
     path("invoices/<int:pk>.pdf", apis.InvoicePdfApi.as_view(), name="invoice-pdf"),
     path("invoices/<int:pk>.csv", apis.InvoiceCsvApi.as_view(), name="invoice-csv"),
+    path(
+        "publishers/<str:slug>/listings/<str:listing>/revenue-shares",
+        publisher_apis.RevenueShareListApi.as_view(),
+        name="revenue-share-list",
+    ),
+    path(
+        "publishers/<str:slug>/statements",
+        publisher_apis.StatementListApi.as_view(),
+        name="statement-list",
+    ),
+    path(
+        "publishers/<str:slug>/statements/<str:number>.pdf",
+        publisher_apis.StatementPdfApi.as_view(),
+        name="statement-pdf",
+    ),
+    path(
+        "publishers/<str:slug>/statements/<str:number>.csv",
+        publisher_apis.StatementCsvApi.as_view(),
+        name="statement-csv",
+    ),
+    path(
+        "publishers/<str:slug>/statements/<str:number>",
+        publisher_apis.StatementDetailApi.as_view(),
+        name="statement-detail",
+    ),
     path("billing/stripe/webhook", apis.stripe_webhook, name="stripe-webhook"),
 ]

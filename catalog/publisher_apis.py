@@ -175,6 +175,7 @@ class PublisherListApi(PublisherApi):
     serializer_class = PublisherSerializer
     queryset = Publisher.objects.none()
 
+    @extend_schema(operation_id="publishers_list", responses=PublisherSerializer(many=True))
     def get(self, request):
         return Response(
             PublisherSerializer(publishers.publisher_list(actor=request.actor), many=True).data
@@ -212,6 +213,7 @@ class ListingListApi(PublisherApi):
     serializer_class = ListingSerializer
     queryset = Listing.objects.none()
 
+    @extend_schema(operation_id="publishers_listings_list", responses=ListingSerializer(many=True))
     def get(self, request, slug):
         listings = self.get_publisher().listings.select_related("model", "publisher__organization")
         return Response(ListingSerializer(listings, many=True).data)
@@ -235,6 +237,10 @@ class ListingChangeListApi(PublisherApi):
     serializer_class = ListingChangeSerializer
     queryset = ListingChange.objects.none()
 
+    @extend_schema(
+        operation_id="publishers_listings_changes_list",
+        responses=ListingChangeSerializer(many=True),
+    )
     def get(self, request, slug, listing):
         changes = publishers.listing_change_list(
             actor=request.actor, publisher=self.get_publisher()
@@ -261,7 +267,9 @@ class ReviewQueueApi(PublisherApi):
     queryset = ListingChange.objects.none()
 
     @extend_schema(
-        parameters=[OpenApiParameter("status", enum=ListingChange.Status.values, required=False)]
+        operation_id="listing_changes_list",
+        parameters=[OpenApiParameter("status", enum=ListingChange.Status.values, required=False)],
+        responses=ListingChangeSerializer(many=True),
     )
     def get(self, request):
         wanted = request.query_params.get("status") or None
@@ -342,6 +350,10 @@ class TermsAcceptanceExportApi(PublisherApi):
     renderer_classes = [JSONRenderer, CSVRenderer]
     queryset = Publisher.objects.none()
 
+    @extend_schema(
+        operation_id="publishers_terms_acceptances_list",
+        responses=TermsAcceptanceRowSerializer(many=True),
+    )
     def get(self, request, slug):
         rows = publishers.terms_acceptance_rows(actor=request.actor, publisher=self.get_publisher())
         response = Response(TermsAcceptanceRowSerializer(rows, many=True).data)

@@ -389,6 +389,9 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "DeploymentTypeEnum": "deployments.models.Deployment.Type",
         "ServingRuntimeNameEnum": "catalog.models.ServingRuntime.Name",
+        "ListingChangeKindEnum": "catalog.models.ListingChange.Kind",
+        "ListingChangeStatusEnum": "catalog.models.ListingChange.Status",
+        "StatementLineKindEnum": "billing.models.StatementLine.Kind",
     },
     # Error responses (problem JSON) on every operation: controlplane/rest/schema.py.
     "POSTPROCESSING_HOOKS": [

@@ -57,4 +57,6 @@ class Command(BaseCommand):
             differences += len(report.differences)
         if differences:
             raise CommandError(f"{differences} difference(s) found", returncode=1)
-        self.stdout.write(self.style.SUCCESS("ledger, invoices and Stripe agree"))
+        self.stdout.write(
+            self.style.SUCCESS("ledger, invoices, publisher statements and Stripe agree")
+        )

@@ -1,0 +1,182 @@
+"""REST endpoints of a publisher's money: the revenue share of each listing (operators set it;
+the publisher reads it) and its statements (JSON, PDF, CSV). Members of the publisher read
+them with `billing.read`; operators read every publisher's; anyone else gets 404."""
+
+from decimal import Decimal
+
+from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from accounts.roles import Permission
+from accounts.services import require
+from billing import documents, statements
+from billing.models import PublisherStatement, RevenueShare, StatementLine
+from billing.money import format_money
+from catalog.permissions import is_operator
+from catalog.publisher_apis import PublisherApi
+from catalog.publishers import require_publisher_member
+from controlplane.errors import NotFound
+from controlplane.rest.serializers import StrictSerializer
+
+
+class RevenueShareSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RevenueShare
+        fields = ["percent", "effective_from", "created_by_label", "created_at"]
+        read_only_fields = fields
+
+
+class RevenueShareCreateSerializer(StrictSerializer):
+    percent = serializers.DecimalField(max_digits=5, decimal_places=2, coerce_to_string=True)
+    effective_from = serializers.DateTimeField(help_text="The start of an open billing period.")
+
+
+def _formatted(data: dict, currency: str) -> dict:
+    """Amounts as the currency writes them ("12.34" USD), as invoices show them."""
+    for name in ("revenue", "share", "adjustments", "total"):
+        if data.get(name) is not None:
+            data[name] = format_money(Decimal(data[name]), currency)
+    return data
+
+
+class StatementLineSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = StatementLine
+        fields = [
+            "position",
+            "kind",
+            "description",
+            "input_tokens",
+            "output_tokens",
+            "gpu_seconds",
+            "customers",
+            "revenue",
+            "share_percent",
+            "share",
+        ]
+        read_only_fields = fields
+
+
+class StatementSerializer(serializers.ModelSerializer):
+    publisher = serializers.CharField(source="publisher.organization.slug", read_only=True)
+
+    class Meta:
+        model = PublisherStatement
+        fields = [
+            "number",
+            "publisher",
+            "period_start",
+            "period_end",
+            "currency",
+            "revenue",
+            "share",
+            "adjustments",
+            "total",
+            "finalized_at",
+            "payout_status",
+            "paid_at",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, instance):
+        data = _formatted(super().to_representation(instance), instance.currency)
+        for line in data.get("lines", ()):
+            _formatted(line, instance.currency)
+        return data
+
+
+class StatementDetailSerializer(StatementSerializer):
+    lines = StatementLineSerializer(many=True, read_only=True)
+
+    class Meta(StatementSerializer.Meta):
+        fields = [*StatementSerializer.Meta.fields, "lines"]
+        read_only_fields = fields
+
+
+class RevenueShareListApi(PublisherApi):
+    """A listing's revenue shares, newest first. Operators add one with POST: it starts with
+    an open billing period and is never edited."""
+
+    serializer_class = RevenueShareSerializer
+    queryset = RevenueShare.objects.none()
+
+    @extend_schema(
+        operation_id="publishers_listings_revenue_shares_list",
+        responses=RevenueShareSerializer(many=True),
+    )
+    def get(self, request, slug, listing):
+        shares = statements.revenue_share_list(listing=self.get_listing())
+        return Response(RevenueShareSerializer(shares, many=True).data)
+
+    @extend_schema(request=RevenueShareCreateSerializer, responses={201: RevenueShareSerializer})
+    def post(self, request, slug, listing):
+        serializer = RevenueShareCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        share = statements.revenue_share_set(
+            actor=request.actor, listing=self.get_listing(), **serializer.validated_data
+        )
+        return Response(RevenueShareSerializer(share).data, status=status.HTTP_201_CREATED)
+
+
+class StatementApi(PublisherApi):
+    queryset = PublisherStatement.objects.none()
+
+    def statements(self):
+        publisher = self.get_publisher()
+        actor = self.request.actor
+        require_publisher_member(actor, publisher)
+        if not is_operator(actor):
+            require(actor, Permission.BILLING_READ)
+        return statements.statement_list(publisher=publisher).select_related(
+            "publisher__organization"
+        )
+
+    def get_statement(self) -> PublisherStatement:
+        statement = self.statements().filter(number=self.kwargs["number"]).first()
+        if statement is None:
+            raise NotFound("No such statement.")
+        return statement
+
+
+class StatementListApi(StatementApi):
+    """The publisher's statements, newest period first."""
+
+    serializer_class = StatementSerializer
+
+    @extend_schema(
+        operation_id="publishers_statements_list", responses=StatementSerializer(many=True)
+    )
+    def get(self, request, slug):
+        return Response(StatementSerializer(self.statements(), many=True).data)
+
+
+class StatementDetailApi(StatementApi):
+    serializer_class = StatementDetailSerializer
+
+    def get(self, request, slug, number):
+        return Response(StatementDetailSerializer(self.get_statement()).data)
+
+
+class StatementPdfApi(StatementApi):
+    serializer_class = StatementSerializer
+
+    @extend_schema(responses={(200, "application/pdf"): OpenApiTypes.BINARY})
+    def get(self, request, slug, number):
+        statement = self.get_statement()
+        response = HttpResponse(documents.statement_pdf(statement), content_type="application/pdf")
+        response["Content-Disposition"] = f'attachment; filename="{statement.number}.pdf"'
+        return response
+
+
+class StatementCsvApi(StatementApi):
+    serializer_class = StatementSerializer
+
+    @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
+    def get(self, request, slug, number):
+        statement = self.get_statement()
+        response = HttpResponse(documents.statement_csv(statement), content_type="text/csv")
+        response["Content-Disposition"] = f'attachment; filename="{statement.number}.csv"'
+        return response
