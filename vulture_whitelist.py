@@ -76,6 +76,7 @@ _.accepted_media_type  # rest_framework Response: the renderer's content type
 _.retries  # kubernetes.client.Configuration
 _.pre_tokenizer  # tokenizers.Tokenizer
 _.decoder  # tokenizers.Tokenizer
+_.post_processor  # tokenizers.Tokenizer
 _.should_exit  # uvicorn.Server
 _._csp_update  # a response's policy change, read by django-csp's middleware
 

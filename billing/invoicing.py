@@ -169,13 +169,20 @@ def dedicated_groups(*, period_start: datetime, organization_id: int | None = No
     )
 
 
-def _version_names(ids) -> dict[int, str]:
-    from catalog.models import ModelVersion
+def _versions(ids) -> tuple[dict[int, str], set[int]]:
+    """Each version's name, and which of them are embedding models (their input tokens are
+    invoiced as embedding tokens)."""
+    from catalog.models import Model, ModelVersion
 
-    return {
-        v.pk: str(v)
-        for v in ModelVersion.objects.filter(pk__in={i for i in ids if i}).select_related("model")
-    }
+    names, embedding = {}, set()
+    for version in ModelVersion.objects.filter(pk__in={i for i in ids if i}).select_related(
+        "model"
+    ):
+        names[version.pk] = str(version)
+        tasks = version.model.tasks
+        if Model.Task.EMBEDDINGS in tasks and Model.Task.CHAT not in tasks:
+            embedding.add(version.pk)
+    return names, embedding
 
 
 def _deployment_names(ids) -> dict[UUID, str]:
@@ -198,13 +205,16 @@ class _Names:
     versions: dict
     deployments: dict
     profiles: dict
+    embedding_versions: set = field(default_factory=set)
 
     @classmethod
     def load(cls, tokens: list[dict], dedicated: list[dict]) -> "_Names":
+        versions, embedding_versions = _versions(
+            [g["model_version_id"] for g in tokens] + [g["model_version_id"] for g in dedicated]
+        )
         return cls(
-            versions=_version_names(
-                [g["model_version_id"] for g in tokens] + [g["model_version_id"] for g in dedicated]
-            ),
+            versions=versions,
+            embedding_versions=embedding_versions,
             deployments=_deployment_names(g["deployment_id"] for g in dedicated),
             profiles=_profile_names(g["hardware_profile_id"] for g in dedicated),
         )
@@ -230,7 +240,9 @@ def usage_lines(
         label = label or "unknown model"
         for kind, count, price in (
             (
-                InvoiceLine.Kind.INPUT_TOKENS,
+                InvoiceLine.Kind.EMBEDDING_TOKENS
+                if version in names.embedding_versions
+                else InvoiceLine.Kind.INPUT_TOKENS,
                 group["input_tokens"],
                 group["input_price_per_million"],
             ),

@@ -417,11 +417,13 @@ class InvoiceLine(_AppendOnlyModel):
     class Kind(models.TextChoices):
         INPUT_TOKENS = "input_tokens", "Input tokens"
         OUTPUT_TOKENS = "output_tokens", "Output tokens"
+        # An embedding model's input tokens (/v1/embeddings), at its version's input price.
+        EMBEDDING_TOKENS = "embedding_tokens", "Embedding tokens"
         DEDICATED = "dedicated", "Dedicated GPU time"
         TAX = "tax", "Tax"
         CREDITS = "credits", "Prepaid credits"
 
-    USAGE_KINDS = (Kind.INPUT_TOKENS, Kind.OUTPUT_TOKENS, Kind.DEDICATED)
+    USAGE_KINDS = (Kind.INPUT_TOKENS, Kind.OUTPUT_TOKENS, Kind.EMBEDDING_TOKENS, Kind.DEDICATED)
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="lines")
     position = models.PositiveIntegerField()

@@ -3,7 +3,8 @@ and Mistral AI's open-weight models with their public facts. Idempotent: what ex
 as it is (an operator's edits survive a rerun); what is missing is created.
 
 Facts are from the publishers' model cards (Hugging Face `mistralai/*`, Apache-2.0): parameter
-counts, context lengths, languages. Their weights are not imported here (93 GB and more); the
+counts, context lengths, languages; BAAI's BGE-M3 (`BAAI/bge-m3`, MIT) is the embedding model, for
+vLLM's pooling runner. Their weights are not imported here (93 GB and more); the
 catalog shows them as "not imported" until `manage.py catalog_import` brings them in. GPU fit
 is computed from parameters × bf16 bytes until then.
 """
@@ -272,6 +273,47 @@ MODELS = [
         ),
         "version": {"version": "v0.3", "runtime_args": {"max_model_len": 32768}},
         "token_price": ("0.250000", "0.250000"),
+    },
+    {
+        # An open embedding model vLLM documents for its pooling runner
+        # (https://docs.vllm.ai/en/latest/models/pooling_models/); facts from the model card.
+        "slug": "bge-m3",
+        "display_name": "BGE-M3",
+        "publisher": "BAAI",
+        "family": "BGE",
+        "tasks": ["embeddings"],
+        "languages": ["en", "zh", "ar", "de", "es", "fr", "hi", "it", "ja", "ko", "pt", "ru"],
+        "license": "MIT",
+        "context_length": 8192,
+        "architecture": "dense",
+        "num_experts": None,
+        "experts_per_token": None,
+        "total_parameters": 568_000_000,
+        "active_parameters": 568_000_000,
+        "tags": ["embeddings", "multilingual", "retrieval"],
+        "description": (
+            "# BGE-M3\n\n"
+            "A multilingual text embedding model from the Beijing Academy of Artificial "
+            "Intelligence, built on XLM-RoBERTa large: one 1,024-dimension dense vector per "
+            "input, for retrieval, clustering and semantic search in more than 100 languages, "
+            "over inputs of up to 8,192 tokens.\n\n"
+            "| | |\n|---|---|\n"
+            "| Parameters | 568M (dense encoder) |\n"
+            "| Output | 1,024 dimensions, normalised (CLS pooling) |\n"
+            "| Context | 8k tokens |\n"
+            "| Languages | 100+ |\n"
+            "| License | MIT |\n\n"
+            "Served by vLLM's pooling runner (`--runner pooling`) on `/v1/embeddings`. It is "
+            "not trained for Matryoshka truncation, so `dimensions` is refused.\n\n"
+            "Source: `BAAI/bge-m3`."
+        ),
+        # vLLM's pooling runner: https://docs.vllm.ai/en/latest/models/pooling_models/
+        "version": {
+            "version": "v1",
+            "runtime_args": {"max_model_len": 8192, "--runner": "pooling"},
+        },
+        # Embedding models are priced per input token; they generate none.
+        "token_price": ("0.010000", "0.000000"),
     },
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -206,6 +207,9 @@ def _runtime(value) -> ServingRuntime:
     return runtime
 
 
+_SERVER_FLAG = re.compile(r"^--[a-z0-9][a-z0-9-]*$")
+
+
 def _check_runtime_args(args, *, model: Model) -> None:
     if not isinstance(args, dict):
         raise ValidationFailed("runtime_args must be an object.", field="runtime_args")
@@ -213,6 +217,13 @@ def _check_runtime_args(args, *, model: Model) -> None:
         if not isinstance(value, str | int | float | bool) or value is None:
             raise ValidationFailed(
                 f"runtime_args.{key} must be a string, number or boolean.", field="runtime_args"
+            )
+        if key.startswith("-") and not _SERVER_FLAG.match(key):
+            # Rendered as a server flag of its own (deployments/provisioners/manifests.py).
+            raise ValidationFailed(
+                f"runtime_args key {key!r}: a server flag is written --lowercase-with-hyphens "
+                "(e.g. --runner).",
+                field="runtime_args",
             )
     try:
         gpu_memory_utilization(args)

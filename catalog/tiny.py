@@ -1,12 +1,14 @@
-"""The tiny MoE as a catalog model: `mixtral-tiny`, served by the builtin runtime on CPU.
+"""The tiny models as catalog models, served by the builtin runtime on CPU: `mixtral-tiny` (the
+tiny MoE, chat and completions) and `embed-tiny` (a tiny BERT embedding model).
 
-The checkpoint comes from runtime.tiny_moe.build_tiny_moe (the one builder) and goes into the
-store through the same import as `catalog_import`, so the runtime downloads and verifies it like
-any other model.
+Each checkpoint comes from its one builder (runtime.tiny_moe.build_tiny_moe,
+runtime.tiny_embedding.build_tiny_embedding) and goes into the store through the same import as
+`catalog_import`, so the runtime downloads and verifies it like any other model.
 """
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,20 @@ from controlplane.errors import ValidationFailed
 
 TINY_SLUG = "mixtral-tiny"
 TINY_TOKEN_PRICE = ("0.100000", "0.100000")
+TINY_EMBEDDING_SLUG = "embed-tiny"
+# An embedding model's price is per input token; it generates none.
+TINY_EMBEDDING_TOKEN_PRICE = ("0.020000", "0.000000")
+TINY_EMBEDDING_DESCRIPTION = """\
+# Embed tiny
+
+A real BERT-architecture embedding checkpoint in sentence-transformers' layout, only small: 2
+layers, hidden size 128, a 1,024-token byte-level BPE vocabulary, a 512-token context; mean
+pooling, unit-length vectors, Matryoshka `dimensions` 32, 64 or 128. Its weights are random
+(seeded), so its vectors carry no meaning — it exists so that `/v1/embeddings` (limits,
+budgets, usage, invoices) runs end to end on a laptop CPU.
+
+Built locally by `manage.py make_tiny_moe --embedding`; nothing is downloaded.
+"""
 TINY_DESCRIPTION = """\
 # Mixtral tiny
 
@@ -51,16 +67,28 @@ def ensure_tiny_moe(*, seed: int = 0, store: ArtifactStore | None = None, progre
         version = existing
     else:
         with tempfile.TemporaryDirectory(prefix="sirocco-tiny-moe-") as folder:
-            try:  # torch: imported only when building, and absent from the web image
-                from runtime.tiny_moe import build_tiny_moe
-            except ImportError as error:
-                raise ValidationFailed(
-                    f"Building the tiny MoE needs the runtime extra ({error.name} is missing): "
-                    "pip install '.[runtime]', or import a built folder with catalog_import."
-                ) from error
-
-            build_tiny_moe(Path(folder), seed=seed)
-            version = _import(Path(folder), seed=seed, store=store, progress=progress)
+            build = _builder("tiny_moe", "build_tiny_moe")
+            build(Path(folder), seed=seed)
+            checkpoint = inspect_checkpoint(Path(folder))
+            facts = {
+                "display_name": "Mixtral tiny (CPU demo)",
+                "publisher": "Sirocco",
+                "family": "Mixtral",
+                "description": TINY_DESCRIPTION,
+                "tasks": [Model.Task.CHAT, Model.Task.COMPLETION],
+                "languages": ["en"],
+                "license": "Apache-2.0",
+                "context_length": checkpoint.context_length,
+                "architecture": Model.Architecture.MOE,
+                "num_experts": checkpoint.num_experts,
+                "experts_per_token": checkpoint.experts_per_token,
+                "total_parameters": checkpoint.total_parameters,
+                "active_parameters": checkpoint.active_parameters,
+                "tags": ["moe", "tiny", "cpu", "demo"],
+            }
+            version = _import(
+                checkpoint, TINY_SLUG, facts, seed=seed, store=store, progress=progress
+            )
     cpu = HardwareProfile.objects.get(name=seeds.CPU_PROFILE)
     seeds.ensure_prices(
         version=version,
@@ -69,6 +97,61 @@ def ensure_tiny_moe(*, seed: int = 0, store: ArtifactStore | None = None, progre
         dedicated=lambda profile: profile.price_per_hour,
     )
     return version
+
+
+def ensure_tiny_embedding(*, seed: int = 0, store: ArtifactStore | None = None, progress=None):
+    """Build, import and publish `embed-tiny` unless it is there already (as ensure_tiny_moe)."""
+    store = store or get_store()
+    seeds.ensure_runtimes_and_profiles()
+    existing = ModelVersion.objects.filter(
+        model__slug=TINY_EMBEDDING_SLUG,
+        version=tiny_version_name(seed),
+        status=ModelVersion.Status.PUBLISHED,
+    ).first()
+    if existing is not None and _stored_whole(existing, store):
+        version = existing
+    else:
+        with tempfile.TemporaryDirectory(prefix="sirocco-tiny-embedding-") as folder:
+            build = _builder("tiny_embedding", "build_tiny_embedding")
+            build(Path(folder), seed=seed)
+            checkpoint = inspect_checkpoint(Path(folder))
+            facts = {
+                "display_name": "Embed tiny (CPU demo)",
+                "publisher": "Sirocco",
+                "family": "BERT",
+                "description": TINY_EMBEDDING_DESCRIPTION,
+                "tasks": [Model.Task.EMBEDDINGS],
+                "languages": ["en"],
+                "license": "Apache-2.0",
+                "context_length": checkpoint.context_length,
+                "architecture": Model.Architecture.DENSE,
+                "num_experts": None,
+                "experts_per_token": None,
+                "total_parameters": checkpoint.total_parameters,
+                "active_parameters": checkpoint.total_parameters,
+                "tags": ["embeddings", "tiny", "cpu", "demo"],
+            }
+            version = _import(
+                checkpoint, TINY_EMBEDDING_SLUG, facts, seed=seed, store=store, progress=progress
+            )
+    cpu = HardwareProfile.objects.get(name=seeds.CPU_PROFILE)
+    seeds.ensure_prices(
+        version=version,
+        token_price=TINY_EMBEDDING_TOKEN_PRICE,
+        profiles=[cpu],
+        dedicated=lambda profile: profile.price_per_hour,
+    )
+    return version
+
+
+def _builder(module: str, name: str):
+    try:  # torch: imported only when building, and absent from the web image
+        return getattr(importlib.import_module(f"runtime.{module}"), name)
+    except ImportError as error:
+        raise ValidationFailed(
+            f"Building a tiny model needs the runtime extra ({error.name} is missing): "
+            "pip install '.[runtime]', or import a built folder with catalog_import."
+        ) from error
 
 
 def _stored_whole(version: ModelVersion, store: ArtifactStore) -> bool:
@@ -83,29 +166,15 @@ def _stored_whole(version: ModelVersion, store: ArtifactStore) -> bool:
     return True
 
 
-def _import(folder: Path, *, seed: int, store: ArtifactStore, progress) -> ModelVersion:
+def _import(
+    checkpoint, slug: str, facts: dict, *, seed: int, store: ArtifactStore, progress
+) -> ModelVersion:
     actor = operator_system_actor()
-    checkpoint = inspect_checkpoint(folder)
-    facts = {
-        "display_name": "Mixtral tiny (CPU demo)",
-        "publisher": "Sirocco",
-        "family": "Mixtral",
-        "description": TINY_DESCRIPTION,
-        "tasks": [Model.Task.CHAT, Model.Task.COMPLETION],
-        "languages": ["en"],
-        "license": "Apache-2.0",
-        "context_length": checkpoint.context_length,
-        "architecture": Model.Architecture.MOE,
-        "num_experts": checkpoint.num_experts,
-        "experts_per_token": checkpoint.experts_per_token,
-        "total_parameters": checkpoint.total_parameters,
-        "active_parameters": checkpoint.active_parameters,
-        "tags": ["moe", "tiny", "cpu", "demo"],
-    }
+    folder = checkpoint.folder
     with transaction.atomic():
-        model = Model.objects.filter(slug=TINY_SLUG).first()
+        model = Model.objects.filter(slug=slug).first()
         if model is None:
-            model = services.model_create(actor=actor, slug=TINY_SLUG, **facts)
+            model = services.model_create(actor=actor, slug=slug, **facts)
         else:
             model = services.model_update(actor=actor, model=model, **facts)
         version = model.versions.filter(version=tiny_version_name(seed)).first()
@@ -124,4 +193,4 @@ def _import(folder: Path, *, seed: int, store: ArtifactStore, progress) -> Model
     return services.model_version_publish(actor=actor, version=version)
 
 
-__all__ = ["TINY_SLUG", "ensure_tiny_moe"]
+__all__ = ["TINY_EMBEDDING_SLUG", "TINY_SLUG", "ensure_tiny_embedding", "ensure_tiny_moe"]

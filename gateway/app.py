@@ -5,7 +5,8 @@ whole proxying does (docs/benchmarks.md). Django is used only for the ORM, from 
 fill small caches, and from the usage writer.
 
 Each request becomes one object that owns it (gateway/exchange.py): a `Completion`
-(gateway/completion.py) for /v1/chat/completions and /v1/completions, a `ModelList`
+(gateway/completion.py) for /v1/chat/completions and /v1/completions, an `Embedding`
+(gateway/embedding.py) for /v1/embeddings, a `ModelList`
 (gateway/model_list.py) for /v1/models. What the whole process shares lives in a `Gateway`
 (gateway/process.py), made at startup.
 """
@@ -21,6 +22,7 @@ import redis
 from controlplane.ops import metrics_refusal
 from gateway.completion import Completion
 from gateway.conf import GatewaySettings
+from gateway.embedding import Embedding
 from gateway.errors import GatewayError, upstream_error
 from gateway.exchange import Exchange, Receive, Scope, Send
 from gateway.model_list import ModelList
@@ -99,6 +101,12 @@ class GatewayApp:
                 if method == "POST"
                 else _Refusal(scope, receive, send, _method_not_allowed(method, "POST", path))
             )
+        elif path == "/v1/embeddings":
+            exchange = (
+                Embedding(gateway, scope, receive, send)
+                if method == "POST"
+                else _Refusal(scope, receive, send, _method_not_allowed(method, "POST", path))
+            )
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             exchange = (
                 ModelList(gateway, scope, receive, send, model_id=path[len("/v1/models/") :])
@@ -115,7 +123,7 @@ class GatewayApp:
                 GatewayError(
                     404,
                     f"Invalid URL ({method} {path}). The API serves /v1/models, "
-                    "/v1/chat/completions and /v1/completions.",
+                    "/v1/chat/completions, /v1/completions and /v1/embeddings.",
                 ),
             )
         await exchange.run()

@@ -243,14 +243,7 @@ class Completion(Exchange):
         """Hold the request's worst case against the key's and organization's rate limits and
         the organization's spend limit, in one atomic step; 429 when any is short (and 400
         when it cannot fit the model's context)."""
-        request = self.request
-        reserve, prompt_most, completion_most = _worst_case(
-            request,
-            request.prompt_tokens,
-            self.prompt_exact,
-            self.route.max_model_len,
-            self.body_bytes,
-        )
+        reserve, prompt_most, completion_most = self.worst_case()
         self.price = await self.gateway.spend.price(self.route.model_version_id)
         hold = self.gateway.spend.hold(
             self.position, self.price, prompt_tokens=prompt_most, completion_tokens=completion_most
@@ -266,6 +259,17 @@ class Completion(Exchange):
             ]
         admission = await self._admit(limits, hold)
         self.admission = admission if bound is None else combined(bound, admission)
+
+    def worst_case(self) -> tuple[int, int, int]:
+        """(tokens to reserve, most prompt tokens, most completion tokens) for admission."""
+        request = self.request
+        return _worst_case(
+            request,
+            request.prompt_tokens,
+            self.prompt_exact,
+            self.route.max_model_len,
+            self.body_bytes,
+        )
 
     async def settle(self) -> None:
         """Give back what admission held beyond the tokens really used, and release the spend
@@ -443,7 +447,7 @@ class Completion(Exchange):
         request id; when none accepts, the GatewayError is raised and nothing is billed."""
         gateway, route, request = self.gateway, self.route, self.request
         config = gateway.config
-        path = "/v1/chat/completions" if request.chat else "/v1/completions"
+        path = self.upstream_path()
         body = request.upstream_body(route.served_model_name)
         headers = {"content-type": "application/json", "x-request-id": self.request_id}
         tried: set[str] = set()
@@ -560,6 +564,9 @@ class Completion(Exchange):
         gateway.load.started(self.route.deployment_id)
         metrics.for_deployment(str(self.route.deployment_id)).in_flight.inc()
         return response, failure
+
+    def upstream_path(self) -> str:
+        return "/v1/chat/completions" if self.request.chat else "/v1/completions"
 
     async def relay(self, response, failure: GatewayError | None) -> None:
         """Pass the replica's answer on, all but its last bytes (`last_messages`); the replica

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 
+from gateway.embedding_input import EmbeddingRequest, count_inputs, parse_embedding_request
 from gateway.errors import GatewayError
 from gateway.protocol import CompletionRequest, parse_request
 from gateway.tokens import ModelTokenizer
@@ -49,6 +50,23 @@ def count_prompt(raw: bytes, chat: bool, tokenizer_folder: str) -> int:
     if chat:
         return tokenizer.count_chat(payload["messages"], payload.get("tools"))
     return tokenizer.count_prompt(payload["prompt"])
+
+
+def read_embedding_request(raw: bytes) -> EmbeddingRequest | tuple:
+    """parse_embedding_request in a worker, its inputs estimated; as read_request."""
+    _lower_priority()
+    try:
+        request = parse_embedding_request(raw)
+    except GatewayError as error:
+        return ("error", error.status, error.message, error.type, error.code, error.param)
+    request.prompt_tokens, request.longest_input = request.count_inputs(None)
+    request.payload = None
+    return request
+
+
+def count_embedding_inputs(raw: bytes, tokenizer_folder: str) -> tuple[int, int]:
+    """(all inputs' tokens, the longest input's) with the model's own tokenizer."""
+    return count_inputs(orjson.loads(raw)["input"], _tokenizer(tokenizer_folder))
 
 
 def count_text(text: str, tokenizer_folder: str) -> int:

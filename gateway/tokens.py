@@ -75,6 +75,11 @@ class ModelTokenizer:
     def count_text(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
 
+    def count_input(self, text: str) -> int:
+        """`text` as an encoder (embedding) model sees it: with the tokenizer's own special
+        tokens around it ([CLS] … [SEP]), as vLLM and the builtin runtime encode it."""
+        return len(self._tokenizer.encode(text, add_special_tokens=True))
+
     def count_chat(self, messages: list[dict], tools: list | None = None) -> int:
         """The prompt as the replica renders it: the messages in the shape the builtin runtime
         gives its template (runtime/chat.py: tool calls, tool results), and the tools'

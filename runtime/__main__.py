@@ -3,6 +3,7 @@
 python -m runtime serve --model PATH_OR_S3_URI ...     the OpenAI-compatible server
 python -m runtime download --model S3_URI --out DIR    fetch and verify a model folder
 python -m runtime make-tiny-moe --out DIR              write the tiny MoE checkpoint
+python -m runtime make-tiny-embedding --out DIR        write the tiny embedding checkpoint
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve a Mixtral-format model over the OpenAI API")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a Mixtral-format model (or a BERT-format embedding model) over the OpenAI API",
+    )
     serve.add_argument("--model", required=True, help="model folder, or s3://bucket/prefix")
     serve.add_argument("--served-model-name", help="name clients pass as `model` (default: folder)")
     serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 (the pod's port is the API)
@@ -80,12 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("make-tiny-moe", help="write the tiny Mixtral-format MoE checkpoint")
     tiny.add_argument("--out", type=Path, required=True, help="folder to write (created if needed)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny_embedding = commands.add_parser(
+        "make-tiny-embedding", help="write the tiny BERT-format embedding checkpoint"
+    )
+    tiny_embedding.add_argument("--out", type=Path, required=True, help="folder to write")
+    tiny_embedding.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
     if args.command == "make-tiny-moe":
         from runtime.tiny_moe import build_tiny_moe
 
         print(build_tiny_moe(args.out, seed=args.seed))
+        return 0
+    if args.command == "make-tiny-embedding":
+        from runtime.tiny_embedding import build_tiny_embedding
+
+        print(build_tiny_embedding(args.out, seed=args.seed))
         return 0
 
     if args.command == "download":

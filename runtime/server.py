@@ -26,6 +26,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from runtime.embeddings import (
+    LoadedEncoder,
+    is_embedding_checkpoint,
+    load_embedding_model,
+    serve_embeddings,
+)
 from runtime.engine import FINISH_ERROR, Engine, GenerationEvent
 from runtime.metrics import PrometheusListener
 from runtime.protocol import (
@@ -59,6 +65,12 @@ class LoadedModel:
     engine: Engine
     tokenization: Tokenization
     grammars: Grammars | None = None  # None: this model refuses tools and response_format
+
+    task = "generate"  # an embedding model is a runtime.embeddings.LoadedEncoder ("embed")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.tokenization.max_model_len
 
 
 class EventRelay:
@@ -170,7 +182,7 @@ def create_app(
                         "object": "model",
                         "created": state.created,
                         "owned_by": "sirocco",
-                        "max_model_len": model.tokenization.max_model_len,
+                        "max_model_len": model.max_model_len,
                     }
                 ],
             }
@@ -181,6 +193,22 @@ def create_app(
 
     async def completions(request: Request) -> Response:
         return await _generate(request, state, parse_completion_request)
+
+    async def embeddings(request: Request) -> Response:
+        model = state.model
+        if model is None:
+            return _unavailable(state)
+        if model.task != "embed":
+            return _wrong_task(state, "Embeddings", "/v1/chat/completions or /v1/completions")
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse(
+                error_body("the request body is not valid JSON", "invalid_request_error"),
+                status_code=400,
+            )
+        status, payload = await serve_embeddings(body, model, state.served_model_name)
+        return JSONResponse(payload, status_code=status)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -198,6 +226,7 @@ def create_app(
             Route("/v1/models", list_models),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: server_error},
@@ -219,10 +248,24 @@ def _unavailable(state: RuntimeState) -> Response:
     )
 
 
+def _wrong_task(state: RuntimeState, api: str, instead: str) -> Response:
+    return JSONResponse(
+        error_body(
+            f"The model `{state.served_model_name}` does not support the {api} API; use {instead}.",
+            "invalid_request_error",
+            param="model",
+            code="unsupported_model_task",
+        ),
+        status_code=400,
+    )
+
+
 async def _generate(request: Request, state: RuntimeState, parse) -> Response:
     model = state.model
     if model is None:
         return _unavailable(state)
+    if model.task != "generate":
+        return _wrong_task(state, "Completions", "/v1/embeddings (it is an embedding model)")
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -428,7 +471,7 @@ def load_model(
     block_size: int = 16,
     num_blocks: int | None = None,
     enable_prefix_caching: bool = True,
-) -> LoadedModel:
+) -> LoadedModel | LoadedEncoder:
     import torch
 
     from runtime.block_manager import SCRATCH_BLOCK
@@ -439,6 +482,14 @@ def load_model(
     torch_device = torch.device(device)
     torch_dtype = _torch_dtype(dtype, torch_device)
     folder = resolve_model(model, cache_dir=download_dir)
+    if is_embedding_checkpoint(folder):
+        return load_embedding_model(
+            folder,
+            device=torch_device,
+            dtype=torch_dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+        )
     spec, weights = load_mixtral(folder, dtype=torch_dtype, device=torch_device)
     tokenizer = ChatTokenizer(folder)  # not transformers: its import alone costs a second
     context = max_model_len or spec.max_position_embeddings

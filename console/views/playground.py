@@ -1,4 +1,5 @@
-"""The playground: chat with a deployment from the browser, tokens streaming into the page.
+"""The playground: chat with a deployment from the browser, tokens streaming into the page, or
+embed texts with an embedding model (the Embeddings tab: vectors and their cosine similarities).
 
 The page calls the platform's own gateway (`/v1/chat/completions`, stream=true) exactly as a
 customer's code does, with a short-lived key: inference scope only, expiring an hour after it
@@ -22,6 +23,7 @@ from django.utils import timezone
 from accounts import services as account_services
 from accounts.models import APIKey
 from accounts.roles import Permission, Role
+from catalog.models import Model
 from console.views.base import ConsoleView
 from console.views.deployments import DeploymentMixin
 from deployments import selectors
@@ -109,12 +111,27 @@ class PlaygroundView(DeploymentMixin, ConsoleView):
 
     def get(self, request, deployment_id):
         deployment = self.get_deployment(deployment_id)
-        context = {"deployment": deployment, "chattable": deployment.status in CHATTABLE}
+        embeds = _serves_embeddings(deployment)
+        tab = request.GET.get("tab")
+        if tab not in ("chat", "embeddings"):
+            tab = "embeddings" if embeds else "chat"
+        context = {
+            "deployment": deployment,
+            "chattable": deployment.status in CHATTABLE,
+            "embeds": embeds,
+            "tab": tab,
+        }
         if context["chattable"]:
             context["key"] = playground_key(request)
-        response = self.render("console/playground/chat.html", context)
+        template = "embeddings.html" if tab == "embeddings" else "chat.html"
+        response = self.render(f"console/playground/{template}", context)
         response["Cache-Control"] = "no-store"  # the page holds a (short-lived) key
         return response
+
+
+def _serves_embeddings(deployment: Deployment) -> bool:
+    tasks = deployment.model_version.model.tasks
+    return Model.Task.EMBEDDINGS in tasks and Model.Task.CHAT not in tasks
 
 
 def _is_uuid(value: str) -> bool:

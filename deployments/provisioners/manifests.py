@@ -172,10 +172,18 @@ def model_path(spec: DeploymentSpec) -> str:
 
 
 def render_args(spec: DeploymentSpec) -> list[str]:
-    """The server's arguments: the runtime's template with this deployment's values."""
+    """The server's arguments: the runtime's template with this deployment's values, then the
+    version's own flags (runtime_args keys that start with "--", in name order: `true` alone,
+    `false` left out, any other value after its flag), such as vLLM's `--runner pooling` for
+    an embedding model."""
     runtime_args = dict(spec.runtime_args)
+    flags = {key: value for key, value in runtime_args.items() if key.startswith("--")}
     values = {
-        **{key: value for key, value in runtime_args.items() if value is not None},
+        **{
+            key: value
+            for key, value in runtime_args.items()
+            if value is not None and key not in flags
+        },
         "model": model_path(spec),
         "model_path": model_path(spec),
         "served_model_name": spec.served_model_name,
@@ -197,6 +205,11 @@ def render_args(spec: DeploymentSpec) -> list[str]:
                 f"The {spec.runtime.name} runtime's argument template uses {missing} which has "
                 "no value for this model version; the platform team must fix the catalog."
             ) from None
+    for flag, value in sorted(flags.items()):
+        if value is True:
+            args.append(flag)
+        elif value is not False and value is not None:
+            args += [flag, str(value)]
     return args
 
 

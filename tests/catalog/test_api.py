@@ -41,16 +41,20 @@ def slugs(response):
 def test_the_seeded_catalog_lists_with_facts_and_from_prices(api, seeded):
     response = api.get("/api/v1/models")
     assert slugs(response) == [
+        "bge-m3",
         "mistral-7b-instruct-v0.3",
         "mistral-large",
         "mixtral-8x22b-instruct-v0.1",
         "mixtral-8x7b-instruct-v0.1",
     ]
-    item = response.json()["results"][3]
+    item = response.json()["results"][4]
     assert item["hosting"] == "self_hosted"
-    partner = response.json()["results"][1]
+    partner = response.json()["results"][2]
     assert partner["hosting"] == "partner" and partner["runtimes"] == []
     assert partner["price_from"]["input_per_million"] == "2.400000"
+    embedding = response.json()["results"][0]
+    assert (embedding["tasks"], embedding["license"]) == (["embeddings"], "MIT")
+    assert embedding["price_from"]["output_per_million"] == "0.000000"
     assert item["architecture"] == "moe"
     assert (item["num_experts"], item["experts_per_token"]) == (8, 2)
     assert item["total_parameters"] == 46_700_000_000
@@ -111,18 +115,22 @@ def test_search_and_filters(api, seeded):
         "mixtral-8x7b-instruct-v0.1",
     ]
     assert slugs(api.get("/api/v1/models?architecture=dense")) == [
+        "bge-m3",
         "mistral-7b-instruct-v0.3",
         "mistral-large",
     ]
+    assert slugs(api.get("/api/v1/models?task=embeddings")) == ["bge-m3"]
     assert slugs(api.get("/api/v1/models?publisher=mistral ai&license=apache-2.0&tag=moe")) == [
         "mixtral-8x22b-instruct-v0.1",
         "mixtral-8x7b-instruct-v0.1",
     ]
     assert slugs(api.get("/api/v1/models?runtime=builtin")) == []
     assert slugs(api.get("/api/v1/models?deployable_on=h100-80gb-x1")) == [
-        "mistral-7b-instruct-v0.3"
+        "bge-m3",
+        "mistral-7b-instruct-v0.3",
     ]
     assert slugs(api.get("/api/v1/models?deployable_on=h200-141gb-x1")) == [
+        "bge-m3",
         "mistral-7b-instruct-v0.3",
         "mixtral-8x7b-instruct-v0.1",
     ]
@@ -131,6 +139,7 @@ def test_search_and_filters(api, seeded):
         "mistral-large",
         "mixtral-8x7b-instruct-v0.1",
         "mistral-7b-instruct-v0.3",
+        "bge-m3",
     ]
 
 
@@ -339,6 +348,12 @@ def test_operator_input_is_checked(operator, seeded):
         format="json",
     )
     assert util.status_code == 400
+    flag = operator.post(
+        base,
+        {"version": "v2", "serving_runtime": "vllm", "runtime_args": {"--Runner": "pooling"}},
+        format="json",
+    )
+    assert flag.status_code == 400 and "--lowercase-with-hyphens" in flag.json()["detail"]
     no_fit = operator.post(
         f"{base}/v0.1/dedicated-prices",
         {"hardware_profile": "h100-80gb-x1", "per_hour": "1.0000"},

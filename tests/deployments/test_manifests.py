@@ -259,3 +259,31 @@ def test_a_403_just_after_the_binding_is_retried_not_a_failure():
         _apply_organization_objects(
             _AuthorizerCatchingUp(), render_organization_objects(spec(), ClusterOptions())
         )
+
+
+def test_the_embedding_model_runs_on_vllms_pooling_runner():
+    """The version's own flags (runtime_args keys starting with "--") follow the template;
+    `--runner pooling` is vLLM's documented way to serve an embedding model
+    (https://docs.vllm.ai/en/latest/models/pooling_models/)."""
+    args = render(model="bge-m3", profile="h100-80gb-x1", name="vectors")[-1]["spec"]["template"][
+        "spec"
+    ]["containers"][0]["args"]
+    assert args[args.index("--runner") + 1] == "pooling"
+    assert args[args.index("--max-model-len") + 1] == "8192"
+    assert args[args.index("--served-model-name") + 1] == "bge-m3"
+    assert args.count("--runner") == 1
+    chat = render()[-1]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--runner" not in chat
+
+
+def test_version_flags_render_after_the_template_in_name_order():
+    from deployments.provisioners.base import ProfileSpec, RuntimeSpec
+
+    flagged = spec(
+        runtime=RuntimeSpec(
+            name="vllm", image="vllm", port=8000, args_template=("--model", "{model}")
+        ),
+        profile=ProfileSpec(name="h100", cpu_request="2", memory_request="4Gi", gpu_count=1),
+        runtime_args={"--runner": "pooling", "--enforce-eager": True, "--trust-remote-code": False},
+    )
+    assert render_args(flagged)[2:] == ["--enforce-eager", "--runner", "pooling"]

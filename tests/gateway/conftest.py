@@ -22,12 +22,14 @@ import uvicorn
 
 from accounts.models import APIKey
 from gateway.app import GatewayApp
+from runtime.tiny_embedding import build_tiny_embedding
 from runtime.tiny_moe import build_tiny_moe
 from tests.deployments.factories import DeploymentFactory, ReplicaFactory
 from tests.gateway.upstream import Upstream
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_SERVED_NAME = "tiny-moe"
+EMBEDDING_SERVED_NAME = "tiny-embed"
 
 
 class ServerThread:
@@ -76,9 +78,26 @@ def upstream_server():
 def runtime_process(tiny_moe_dir, tmp_path_factory):
     """One real runtime serving the tiny MoE, shared by the gateway tests."""
     log_path = tmp_path_factory.mktemp("gateway-runtime") / "runtime.log"
+    yield from _serve(tiny_moe_dir, RUNTIME_SERVED_NAME, log_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_dir(tmp_path_factory) -> Path:
+    return build_tiny_embedding(tmp_path_factory.mktemp("tiny-embedding"))
+
+
+@pytest.fixture(scope="session")
+def embedding_runtime(tiny_embedding_dir, tmp_path_factory):
+    """One real runtime serving the tiny embedding model."""
+    log_path = tmp_path_factory.mktemp("gateway-embedding-runtime") / "runtime.log"
+    yield from _serve(tiny_embedding_dir, EMBEDDING_SERVED_NAME, log_path)
+
+
+def _serve(model_dir: Path, served_name: str, log_path: Path):
+    """`python -m runtime serve` on a free port; yields its URL once /health says ready."""
     command = [
         sys.executable, "-m", "runtime", "serve",
-        "--model", str(tiny_moe_dir), "--served-model-name", RUNTIME_SERVED_NAME,
+        "--model", str(model_dir), "--served-model-name", served_name,
         "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--max-num-seqs", "16",
         # One thread, as the runtime tests run it: OpenMP threads spinning on a shared 2-core
         # machine make a loaded machine's runtime ten times slower.

@@ -172,7 +172,8 @@ def test_the_request_id_is_minted_and_a_client_id_is_echoed_apart(setup):
 def test_wrong_method_and_unknown_path(setup):
     client, _key, _secret = setup
     assert_error(client.get("/chat/completions"), 405, says="use POST")
-    assert_error(client.post("/embeddings", json={}), 404, says="Invalid URL")
+    assert_error(client.get("/embeddings"), 405, says="use POST")
+    assert_error(client.post("/images/generations", json={}), 404, says="Invalid URL")
 
 
 def test_upstream_down_is_502_and_html_errors_are_wrapped(
