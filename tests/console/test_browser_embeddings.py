@@ -17,14 +17,13 @@ from tests.console.conftest import screenshot
 from tests.console.test_browser_foundation import log_in
 from tests.deployments.factories import DeploymentFactory, ReplicaFactory
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
-from tests.gateway.conftest import (  # noqa: F401 - fixtures
-    EMBEDDING_SERVED_NAME,
-    ServerThread,
-    embedding_runtime,
-    tiny_embedding_dir,
-)
+from tests.gateway import conftest as gateway_fixtures
+from tests.gateway.conftest import EMBEDDING_SERVED_NAME, ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+# The gateway tests' session fixtures: the tiny embedding model and its runtime process.
+tiny_embedding_dir = gateway_fixtures.tiny_embedding_dir
+embedding_runtime = gateway_fixtures.embedding_runtime
 
 
 @pytest.fixture
@@ -49,7 +48,7 @@ def test_the_embeddings_tab_embeds_through_the_gateway(
     page,
     platform,
     embedding_runtime,
-    tiny_embedding_dir,  # noqa: F811
+    tiny_embedding_dir,
 ):
     organization = OrganizationFactory(slug="acme", name="Acme")
     user = UserFactory(email="dev@acme.example")
