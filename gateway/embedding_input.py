@@ -36,6 +36,9 @@ class EmbeddingRequest:
     upstream_tail: bytes = b""
     prompt_tokens: int = 0  # all inputs together, as admission counted them
     longest_input: int = 0  # the longest input's tokens: each must fit the context
+    # No prompt prefix to route by (gateway/routing.py): an encoder keeps no KV cache, so the
+    # replica least in flight takes it.
+    prefix_keys: tuple[bytes, ...] = ()
     stream = False  # the gateway's common steps ask; an embedding is one JSON answer
 
     def count_inputs(self, tokenizer: ModelTokenizer | None) -> tuple[int, int]:
