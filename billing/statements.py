@@ -211,7 +211,7 @@ def statement_drafts(*, period: Period) -> list[DraftStatement]:
     ).select_related("invoice"):
         sums = usage[(line.model_version_id, line.invoice.currency)]
         sums["revenue"] += line.amount
-        if line.kind == InvoiceLine.Kind.INPUT_TOKENS:
+        if line.kind in (InvoiceLine.Kind.INPUT_TOKENS, InvoiceLine.Kind.EMBEDDING_TOKENS):
             sums["in"] += line.ledger_quantity
         elif line.kind == InvoiceLine.Kind.OUTPUT_TOKENS:
             sums["out"] += line.ledger_quantity

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('billing', '0004_ledger_keyed_by_request_id'),
+        ('billing', '0005_publisher_statements'),
     ]
 
     operations = [
