@@ -12,7 +12,7 @@ from rest_framework.response import Response
 
 from accounts.roles import Permission
 from accounts.services import require
-from billing import documents, statements
+from billing import documents, payouts, statements
 from billing.models import PublisherStatement, RevenueShare, StatementLine
 from billing.money import format_money
 from catalog.permissions import is_operator
@@ -180,3 +180,57 @@ class StatementCsvApi(StatementApi):
         response = HttpResponse(documents.statement_csv(statement), content_type="text/csv")
         response["Content-Disposition"] = f'attachment; filename="{statement.number}.csv"'
         return response
+
+
+class PayoutAccountSerializer(StrictSerializer):
+    account_id = serializers.CharField(
+        max_length=64,
+        required=False,
+        help_text="Operators: pay into this existing connected account (acct_…).",
+    )
+    refresh_url = serializers.URLField(
+        required=False, help_text="Where Stripe sends the publisher if the link expired."
+    )
+    return_url = serializers.URLField(
+        required=False, help_text="Where Stripe sends the publisher once onboarded."
+    )
+
+    def validate(self, data):
+        if "account_id" in data or {"refresh_url", "return_url"} <= set(data):
+            return data
+        raise serializers.ValidationError(
+            "Give account_id (operators), or refresh_url and return_url for an onboarding link."
+        )
+
+
+class PayoutAccountAnswerSerializer(serializers.Serializer):
+    payouts_linked = serializers.BooleanField()
+    onboarding_url = serializers.CharField(allow_blank=True)
+
+
+class PayoutAccountApi(PublisherApi):
+    """Link the publisher's Stripe Connect account that its statements are paid into: the
+    platform makes an Express account and answers an onboarding link for the publisher's
+    people (billing.write), or an operator names an existing account."""
+
+    serializer_class = PayoutAccountAnswerSerializer
+    queryset = PublisherStatement.objects.none()
+
+    @extend_schema(request=PayoutAccountSerializer, responses=PayoutAccountAnswerSerializer)
+    def post(self, request, slug):
+        serializer = PayoutAccountSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        publisher, fields = self.get_publisher(), serializer.validated_data
+        url = ""
+        if "account_id" in fields:
+            payouts.publisher_account_link(
+                actor=request.actor, publisher=publisher, account_id=fields["account_id"]
+            )
+        else:
+            url = payouts.publisher_connect_account(
+                actor=request.actor,
+                publisher=publisher,
+                refresh_url=fields["refresh_url"],
+                return_url=fields["return_url"],
+            )
+        return Response({"payouts_linked": True, "onboarding_url": url})

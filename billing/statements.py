@@ -287,7 +287,8 @@ def _statement_number(year: int, value: int) -> str:
 @transaction.atomic
 def statements_finalize(*, period: Period, now: datetime | None = None) -> list[PublisherStatement]:
     """Write the period's statements (its invoices are all final by now); those written
-    already are skipped, so a rerun after a crash writes each once."""
+    already are skipped, so a rerun after a crash writes each once. Statements with money
+    to pay have their payout queued after the commit (billing.payouts)."""
     now = now or timezone.now()
     name = f"statement-{now.year}"
     NumberSequence.objects.bulk_create([NumberSequence(name=name)], ignore_conflicts=True)
@@ -352,6 +353,11 @@ def statements_finalize(*, period: Period, now: datetime | None = None) -> list[
             for s in written
         ]
     )
+    due = [s.pk for s in written if s.payout_status == PublisherStatement.PayoutStatus.PENDING]
+    if due:
+        from billing.tasks import statement_payout
+
+        transaction.on_commit(lambda: [statement_payout.delay(pk) for pk in due])
     return written
 
 

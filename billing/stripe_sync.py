@@ -1,4 +1,5 @@
-"""Stripe, optional (STRIPE_API_KEY empty = off): customers, invoices, payment webhooks.
+"""Stripe, optional (STRIPE_API_KEY empty = off): customers, invoices, payment webhooks (and the
+transfer webhooks of publishers' payouts, applied by billing.payouts).
 
 Finalization never waits on Stripe: it commits locally, then a Celery task pushes the invoice:
 a customer per organization, a draft Stripe invoice, one invoice item per line (tax and
@@ -208,6 +209,11 @@ def stripe_event_handle(*, event_id: str, event_type: str, data_object: dict) ->
             StripeEvent.objects.create(event_id=event_id, type=event_type, invoice=invoice)
     except IntegrityError:
         return False
+    if event_type.startswith("transfer."):  # a payout to a publisher (billing.payouts)
+        from billing.payouts import transfer_event_apply
+
+        transfer_event_apply(event_type=event_type, data_object=data_object)
+        return True
     if invoice is None:
         return True
     old_status = invoice.payment_status

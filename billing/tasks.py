@@ -7,7 +7,7 @@ import time
 from celery import shared_task
 from django.conf import settings
 
-from billing import budgets, invoicing, ledger, stripe_sync
+from billing import budgets, invoicing, ledger, payouts, stripe_sync
 
 # Leave the worker to other tasks after this long; the next beat tick continues the backlog.
 _INGEST_TIME_BUDGET_SECONDS = 50
@@ -57,3 +57,22 @@ def invoices_stripe_sync_due() -> int:
 @shared_task
 def budget_alert_email(alert_id: int) -> bool:
     return budgets.budget_alert_email(alert_id=alert_id)
+
+
+@shared_task
+def statement_payout(statement_id: int) -> str | None:
+    """Transfer a publisher statement's total to its connected account (once: the idempotency
+    key derives from the statement)."""
+    statement = payouts.statement_payout(statement_id=statement_id)
+    return statement.payout_status if statement else None
+
+
+@shared_task
+def statements_payout_due() -> int:
+    """Retry payouts whose back-off has passed (and any that waited for an account)."""
+    if not stripe_sync.stripe_enabled():
+        return 0
+    ids = list(payouts.statements_payout_due().values_list("id", flat=True)[:500])
+    for statement_id in ids:
+        statement_payout.delay(statement_id)
+    return len(ids)

@@ -15,6 +15,11 @@ urlpatterns = [
         name="revenue-share-list",
     ),
     path(
+        "publishers/<str:slug>/payout-account",
+        publisher_apis.PayoutAccountApi.as_view(),
+        name="publisher-payout-account",
+    ),
+    path(
         "publishers/<str:slug>/statements",
         publisher_apis.StatementListApi.as_view(),
         name="statement-list",

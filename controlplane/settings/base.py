@@ -519,6 +519,10 @@ CELERY_BEAT_SCHEDULE.update(
             "task": "billing.tasks.invoices_stripe_sync_due",
             "schedule": 120.0,
         },
+        "billing-statements-payout-due": {
+            "task": "billing.tasks.statements_payout_due",
+            "schedule": 300.0,
+        },
     }
 )
 

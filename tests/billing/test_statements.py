@@ -26,57 +26,15 @@ from billing.periods import Period, period_containing
 from billing.reconcile import reconcile_period
 from billing.services import credit_note_create
 from billing.statements import revenue_share_set, statements_finalize
-from catalog.models import Listing
 from catalog.permissions import operator_system_actor
-from catalog.publishers import publisher_create
 from controlplane.errors import Conflict, ValidationFailed
-from tests.billing.conftest import NOW, at
-from tests.billing.factories import UsageEventFactory
+from tests.billing.conftest import NOW, at, use
 from tests.catalog.factories import ModelVersionFactory, TokenPriceFactory
 from tests.factories import OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 FEB = at(2026, 2, 1)
 MAR = at(2026, 3, 1)
-
-
-@pytest.fixture
-def operator_actor():
-    return operator_system_actor()
-
-
-@pytest.fixture
-def listed(db, operator_actor):
-    """Acme's listed model (one version, $0.50/$1.50 per 1M), 30 % to Acme from February."""
-    acme = OrganizationFactory(slug="acme")
-    publisher = publisher_create(actor=operator_actor, organization=acme, display_name="Acme AI")
-    version = ModelVersionFactory()
-    TokenPriceFactory(
-        model_version=version,
-        input_per_million=Decimal("0.500000"),
-        output_per_million=Decimal("1.500000"),
-        effective_from=at(2026, 1, 1),
-    )
-    listing = Listing.objects.create(
-        publisher=publisher, slug=version.model.slug, model=version.model
-    )
-    revenue_share_set(
-        actor=operator_actor, listing=listing, percent=Decimal("30"), effective_from=FEB
-    )
-    return publisher, listing, version
-
-
-FEB_10 = at(2026, 2, 10)
-
-
-def use(organization, version, *, prompt, completion, when=FEB_10):
-    UsageEventFactory(
-        organization=organization,
-        model_version_id=version.pk,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        finished_at=when,
-    )
 
 
 def test_the_statement_is_the_invoices_lines_of_the_publishers_models(listed):

@@ -3,12 +3,8 @@
 import hashlib
 import hmac
 import json
-import socket
-import subprocess
-import sys
 import time
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,55 +16,11 @@ from billing.ledger import usage_events_ingest
 from billing.models import Invoice, StripeEvent
 from billing.services import credit_grant_create
 from billing.stripe_sync import invoice_stripe_sync, invoices_stripe_due
-from tests.billing.conftest import NOW, at
+from tests.billing.conftest import NOW, WEBHOOK_SECRET, at, free_port
 from tests.billing.factories import UsageEventFactory
 from tests.catalog.factories import ModelVersionFactory, TokenPriceFactory
 
 pytestmark = [pytest.mark.django_db]
-WEBHOOK_SECRET = "whsec_test_secret"
-SERVER = Path(__file__).with_name("localstripe_server.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def localstripe():
-    """The Stripe stand-in, on a free loopback port, for this module's tests."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(SERVER), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{base}/v1/customers", headers={"Authorization": "Bearer sk_test_x"})
-            break
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"localstripe did not start: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-    yield base
-    process.terminate()
-    process.wait(timeout=10)
-
-
-@pytest.fixture
-def stripe_on(localstripe):
-    with override_settings(
-        STRIPE_API_KEY="sk_test_sirocco",
-        STRIPE_API_BASE=localstripe,
-        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        STRIPE_TIMEOUT_SECONDS=1.0,
-    ):
-        yield localstripe
 
 
 def remote(base, path, **params):
