@@ -120,6 +120,13 @@ def replica_kill(platform: Platform, args) -> dict:
     time.sleep(1.0)  # the passes of its start are over
     [pid] = platform.replica_pids(deployment_id)
     folder = platform.folder / "replicas" / deployment_id
+    # A replica that has run a while: its warm standby has imported the runtime (see
+    # deployments/provisioners/local.py; a crash in its first seconds meets a cold one).
+    deadline = time.monotonic() + 120
+    while "standby: imported" not in "".join(p.read_text() for p in folder.glob("*.log")):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the replica's standby never finished its imports")
+        time.sleep(0.1)
     codes: dict[int, int] = {}
     ready_again_early = replacement_at = None
     status = _StatusWatch(platform, deployment_id)
@@ -137,7 +144,8 @@ def replica_kill(platform: Platform, args) -> dict:
         if replacement_at is None:
             replacement = [p for p in platform.replica_pids(deployment_id) if p != pid]
             if replacement:
-                replacement_at = (process_started_at(replacement[0]) or time.time()) - killed_wall
+                # When the replacement got its turn (a standby's process started earlier).
+                replacement_at = time.time() - killed_wall
         if (
             status.not_ready_at is not None
             and state["status"] == "ready"
@@ -173,9 +181,12 @@ def replica_kill(platform: Platform, args) -> dict:
             "restart_pass_began": since_kill(
                 _logged_at(worker_log, r"reconcile \S+: replica .* exited", after=killed_wall)
             ),
-            "replacement_process_started": round(replacement_at, 3)
+            "replacement_seen_in_state": round(replacement_at, 3)
             if replacement_at is not None
             else None,
+            "replacement_started": since_kill(
+                _logged_at(worker_log, r"started replica", after=killed_wall)
+            ),
             "runtime_listening": since_kill(
                 _logged_at(replica_log, r"INFO runtime.server: serving", after=killed_wall)
             ),

@@ -231,6 +231,8 @@ def _reconcile(deployment: Deployment, provisioner: Provisioner, *, force: bool)
     try:
         if deployment.status == Deployment.Status.DELETING:
             spec = build_spec(deployment, replicas=0, headroom=0)
+            if spec.billed_per_second:
+                _record_last_runs(deployment, spec, provisioner.observe(spec))
             if provisioner.delete(spec):
                 _finish_delete(deployment)
                 return None
@@ -535,6 +537,16 @@ def _running_versions(
 
 
 @transaction.atomic
+@transaction.atomic
+def _record_last_runs(deployment: Deployment, spec: DeploymentSpec, observation: Observation):
+    """Before a delete stops them, the replicas' runs that no pass saw (a replica restarted
+    just before the delete): GPU time follows them, not the last run a pass recorded."""
+    row = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    _sync_usage(
+        row, observation, timezone.now(), spec=spec, spec_version_id=deployment.model_version_id
+    )
+
+
 def _finish_delete(deployment: Deployment) -> None:
     row = Deployment.objects.select_for_update().get(pk=deployment.pk)
     if row.status != Deployment.Status.DELETED:

@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -74,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.add_argument(
+        "--standby",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a warm standby: wait for a line on stdin before serving (end of input: exit 0), "
+        "and after SECONDS import the server's modules (torch) meanwhile, so that serving then "
+        "costs only the model's load (the local provisioner restarts a crashed replica so)",
+    )
 
     download = commands.add_parser(
         "download", help="copy a model folder from s3:// and verify it against its manifest"
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
+    if args.standby is not None and not _wait_as_standby(args.standby):
+        return 0
     from runtime.loader import DEFAULT_CACHE_DIR
     from runtime.server import serve as run_server
 
@@ -140,6 +153,34 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.cpu_threads or _available_cpus())
     args.download_dir = args.download_dir or DEFAULT_CACHE_DIR
     return run_server(args)
+
+
+def _wait_as_standby(import_after: float) -> bool:
+    """Block until a line comes on stdin (True: serve now) or it ends (False: not needed any
+    more; the process that holds the other end exited or let go). The imports wait
+    `import_after` seconds first, so that they do not compete for the CPU with the replica this
+    one stands by for while it loads."""
+    told = threading.Event()
+    heard: list[tuple[str, float]] = []
+
+    def listen() -> None:
+        line = sys.stdin.readline()
+        heard.append((line, time.time()))
+        told.set()
+
+    threading.Thread(target=listen, name="standby", daemon=True).start()
+    if not told.wait(import_after):
+        import runtime.server  # noqa: F401  (torch, starlette, uvicorn, the engine)
+
+        print("standby: imported, waiting", file=sys.stderr, flush=True)
+    told.wait()
+    [(line, at)] = heard
+    if not line:
+        return False
+    # When it was told (its imports may have gone on a little after), for whoever checks the
+    # GPU time billed from then.
+    print(f"standby: serving now (pid {os.getpid()}, at {at:.3f})", file=sys.stderr, flush=True)
+    return True
 
 
 def _available_cpus() -> int:

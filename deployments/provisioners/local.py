@@ -14,7 +14,9 @@ Unless the exit was ours (whoever stops a replica on purpose first writes `<repl
 naming its pid, so the watcher in any worker process knows), that thread restarts the replica
 at once on the same port (so the gateway's cached route stays right), as the kubelet restarts
 a container, then calls `on_change`, which runs a pass (it records the exit: event, status,
-GPU time), and calls it again the moment the new process answers. A replica that keeps dying
+GPU time), and calls it again the moment the new process answers. A single replica has a warm
+standby (see STANDBY_IMPORT_AFTER_SECONDS) that takes the restart's turn, so the replacement
+skips the runtime's imports. A replica that keeps dying
 quickly is restarted by the passes instead, with exponential backoff; one that keeps dying
 fails the deployment with the last lines of its log. The replicas of a deployment change only
 under an flock of its folder's `state.lock` (a pass, an exit watch, a delete), and the state
@@ -81,6 +83,12 @@ PROBE_TIMEOUT_SECONDS = 1.0
 # this long, and reports the moment it answers (the passes' own polling goes on regardless).
 READY_PROBE_SECONDS = 0.05
 READY_WATCH_SECONDS = 120.0
+# A single-replica deployment's replica has a warm standby: a `runtime serve --standby` process
+# started beside it by the worker process that owns it, which imports the runtime (torch: 1 to 4
+# s of a start on this kind of machine) after this many seconds and then waits on its stdin. A
+# restart after a crash hands it the turn, so the replacement only loads the weights. It exits
+# when its stdin ends: with the worker process that owns it, or when it is let go.
+STANDBY_IMPORT_AFTER_SECONDS = 10.0
 STATE_FILE = "state.json"
 # A deployment's replicas change only under an flock of this file (see LocalProvisioner.locked).
 LOCK_FILE = "state.lock"
@@ -219,6 +227,26 @@ def _process_state(pid: int) -> str | None:
 # The replicas this process started, so their exit status can be collected (and no zombie
 # lingers). Replicas adopted from another worker process are watched through a pidfd instead.
 _children: dict[int, subprocess.Popen] = {}
+# The warm standbys this process started, by (deployment id, replica name).
+_standbys: dict[tuple[str, str], subprocess.Popen] = {}
+
+
+def _let_go(standby: subprocess.Popen) -> None:
+    """End a standby that is not needed and reap it (it holds nothing: SIGTERM ends it)."""
+    with contextlib.suppress(OSError):
+        standby.stdin.close()
+    standby.terminate()
+    try:
+        standby.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        standby.kill()
+        standby.wait()
+
+
+def _let_go_of_standby(deployment_id: str, name: str) -> None:
+    standby = _standbys.pop((deployment_id, name), None)
+    if standby is not None:
+        _let_go(standby)
 
 
 class ExitWatch:
@@ -501,7 +529,10 @@ class LocalProvisioner(Provisioner):
         state = self._load(spec)
         replica = next((r for r in state.replicas if r.name == name), None)
         if replica is None or replica.pid != pid:
-            return None  # a pass noticed the exit first, under this lock, and dealt with it
+            # A pass noticed the exit first, under this lock, and dealt with it (without the
+            # standby, which only this process can hand the turn to: it is let go).
+            _let_go_of_standby(spec.deployment_id, name)
+            return None
         self._check(spec, replica)
         restarted = None
         if (
@@ -534,27 +565,58 @@ class LocalProvisioner(Provisioner):
         self._save(spec, state)
         log = self.log_path(spec, replica)
         log.parent.mkdir(parents=True, exist_ok=True)
+        process = self._take_standby(spec, replica, command)
         with log.open("ab") as output:
-            output.write(f"--- starting on port {port}: {' '.join(command)}\n".encode())
+            how = f"its warm standby (pid {process.pid})" if process else " ".join(command)
+            output.write(f"--- starting on port {port}: {how}\n".encode())
             output.flush()
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=self.base_dir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
-            )
+            if process is None:
+                process = self._spawn(command, output)
         _children[process.pid] = process
         replica.pid, replica.launched_at = process.pid, 0.0
         # Our own child: the clock now is within a millisecond of its start (finer than the
-        # kernel's start time, which _check uses for a process a killed pass left).
+        # kernel's start time, which _check uses for a process a killed pass left); for a
+        # standby, of its turn to serve (before, it held nothing but imported modules).
         replica.started_at = time.time()
         replica.stopped = False
         self._save(spec, state)
         self._watch(spec, replica)
         logger.info("started replica %s (pid %s, port %s)", replica.name, process.pid, port)
+        if spec.replicas == 1:
+            with log.open("ab") as output:
+                _standbys[(spec.deployment_id, replica.name)] = self._spawn(
+                    [*command, "--standby", str(STANDBY_IMPORT_AFTER_SECONDS)],
+                    output,
+                    stdin=subprocess.PIPE,
+                )
+
+    def _spawn(self, command: list[str], output, *, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+        return subprocess.Popen(
+            command,
+            stdin=stdin,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=self.base_dir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+
+    def _take_standby(
+        self, spec: DeploymentSpec, replica: LocalReplica, command: list[str]
+    ) -> subprocess.Popen | None:
+        """The replica's warm standby, told to serve, if it has one for this very command."""
+        standby = _standbys.pop((spec.deployment_id, replica.name), None)
+        if standby is None:
+            return None
+        if standby.args[: len(command)] == command and standby.poll() is None:
+            try:
+                standby.stdin.write(b"serve\n")
+                standby.stdin.close()
+                return standby
+            except OSError:
+                pass
+        _let_go(standby)  # another port, another spec, or gone
+        return None
 
     def _read_exit_record(self, spec: DeploymentSpec, replica: LocalReplica) -> dict:
         return read_exit_record(self.exit_record_path(spec, replica), replica.pid)
@@ -575,6 +637,9 @@ class LocalProvisioner(Provisioner):
         exit_code = _reap(replica.pid)
         if _is_our_replica(replica.pid, replica.port):
             self._watch(spec, replica)  # adopted from another worker process: watch it too
+            if replica.pid not in _children:
+                # Another process restarted it: a standby of ours could never take a turn.
+                _let_go_of_standby(spec.deployment_id, replica.name)
             return
         record = self._read_exit_record(spec, replica)
         deadline = time.monotonic() + EXIT_RECORD_WAIT_SECONDS
@@ -614,6 +679,7 @@ class LocalProvisioner(Provisioner):
         )
 
     def _stop(self, state: LocalState, replica: LocalReplica) -> None:
+        _let_go_of_standby(state.deployment_id, replica.name)
         if replica.pid is not None and _is_our_replica(replica.pid, replica.port):
             mark_stopping(self.root / state.deployment_id, replica.name, replica.pid)
             stop_process(replica.pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -80,12 +81,29 @@ class ProcessLife:
                     for replica in json.loads(path.read_text())["replicas"]:
                         pid = replica.get("pid")
                         if pid and pid not in self.runs and alive(pid):
-                            self.runs[pid] = Run(pid, self._started_at(pid) or time.time())
+                            standby, turn = self._standby_turn(pid)
+                            if standby and turn is None:
+                                continue  # told to serve; it logs when, in a moment
+                            started = turn or self._started_at(pid)
+                            self.runs[pid] = Run(pid, started or time.time())
             now = time.time()
             for run in self.runs.values():
                 if run.ended is None and not alive(run.pid):
                     run.ended = now
             self._stop.wait(self.interval)
+
+    def _standby_turn(self, pid: int) -> tuple[bool, float | None]:
+        """Whether the process is a warm standby that took a replica's turn, and when it began
+        to serve, as the runtime itself logged it (it started earlier, holding nothing)."""
+        turn = re.compile(rf"standby: serving now \(pid {pid}, at ([0-9.]+)\)")
+        for log in self.folder.glob("*.log"):
+            with contextlib.suppress(OSError):
+                text = log.read_text(errors="replace")
+                if found := turn.search(text):
+                    return True, float(found[1])
+                if f"its warm standby (pid {pid})" in text:
+                    return True, None
+        return False, None
 
     def stop(self) -> None:
         self._stop.set()

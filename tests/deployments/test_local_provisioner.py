@@ -150,6 +150,9 @@ def test_a_killed_replica_is_restarted_at_once_by_its_watcher_on_its_port(local,
         assert replica.last_exit.startswith("signal 9 (SIGKILL)")
         assert replica.port == port  # the gateway's cached route stays right
         assert pid_of(local, spec) != killed_pid
+        # A single replica has a warm standby (the runtime imported), which took the turn.
+        log = (local.folder(spec) / "tiny-000.log").read_text()
+        assert f"--- starting on port {port}: its warm standby (pid {pid_of(local, spec)})" in log
         started_run, ended_run = replica.last_run
         assert abs(started_run.timestamp() - started) < 0.05
         assert abs(ended_run.timestamp() - record["exited_at"]) < 0.05
