@@ -182,6 +182,25 @@ HARDWARE_PROFILES = [
 
 _MIXTRAL_LANGUAGES = ["en", "fr", "it", "de", "es"]
 
+# vLLM's own structured-output backend for response_format json_schema and for tool calls it
+# forces (required, a named function): guidance (llguidance), the library the builtin runtime
+# constrains with, so a schema the gateway accepts (runtime/schemas.py) compiles alike on both.
+# https://docs.vllm.ai/en/stable/features/structured_outputs.html
+VLLM_STRUCTURED_OUTPUTS = {"--structured-outputs-config": '{"backend": "guidance"}'}
+# Mistral models whose tokenizer has the tool-call control tokens (v3 and later): vLLM's
+# recommended serving (Mistral's own tokenizer, config and weight formats, read from the
+# tokenizer.model.v3, params.json and consolidated.safetensors files their repositories ship)
+# and automatic tool choice with its mistral tool-call parser.
+# https://docs.vllm.ai/en/stable/features/tool_calling.html#mistral-models-mistral
+VLLM_MISTRAL_TOOLS = {
+    "--tokenizer-mode": "mistral",
+    "--config-format": "mistral",
+    "--load-format": "mistral",
+    "--enable-auto-tool-choice": True,
+    "--tool-call-parser": "mistral",
+    **VLLM_STRUCTURED_OUTPUTS,
+}
+
 MODELS = [
     {
         "slug": "mixtral-8x7b-instruct-v0.1",
@@ -212,7 +231,12 @@ MODELS = [
             "In bf16 the weights take about 93 GB: two 80 GB GPUs or one H200.\n\n"
             "Source: `mistralai/Mixtral-8x7B-Instruct-v0.1`."
         ),
-        "version": {"version": "v0.1", "runtime_args": {"max_model_len": 32768}},
+        # Its v1 tokenizer has no [TOOL_CALLS] token, so vLLM's mistral parser cannot read calls
+        # (auto tool choice stays off); forced calls and JSON still go through the backend.
+        "version": {
+            "version": "v0.1",
+            "runtime_args": {"max_model_len": 32768, **VLLM_STRUCTURED_OUTPUTS},
+        },
         "token_price": ("0.700000", "0.700000"),
     },
     {
@@ -243,7 +267,10 @@ MODELS = [
             "In bf16 the weights take about 282 GB: more than four 80 GB GPUs hold.\n\n"
             "Source: `mistralai/Mixtral-8x22B-Instruct-v0.1`."
         ),
-        "version": {"version": "v0.1", "runtime_args": {"max_model_len": 65536}},
+        "version": {
+            "version": "v0.1",
+            "runtime_args": {"max_model_len": 65536, **VLLM_MISTRAL_TOOLS},
+        },
         "token_price": ("2.000000", "6.000000"),
     },
     {
@@ -271,7 +298,10 @@ MODELS = [
             "| License | Apache 2.0 |\n\n"
             "Source: `mistralai/Mistral-7B-Instruct-v0.3`."
         ),
-        "version": {"version": "v0.3", "runtime_args": {"max_model_len": 32768}},
+        "version": {
+            "version": "v0.3",
+            "runtime_args": {"max_model_len": 32768, **VLLM_MISTRAL_TOOLS},
+        },
         "token_price": ("0.250000", "0.250000"),
     },
     {

@@ -1,6 +1,7 @@
 """Rendered manifests: what a GPU operator would write, valid against Kubernetes 1.31 in strict
 mode, and `render_manifests` prints them without a database or a cluster."""
 
+import json
 from io import StringIO
 
 import kubernetes_validate
@@ -12,6 +13,7 @@ from catalog import seeds
 from catalog.fit import fit
 from catalog.models import HardwareProfile, Model, ModelVersion, ServingRuntime
 from deployments.provisioners import PermanentError
+from deployments.provisioners.base import RuntimeSpec
 from deployments.provisioners.manifests import ClusterOptions, render_all, render_args
 from tests.deployments.test_kubernetes_provisioner import MIXTRAL, spec
 
@@ -287,3 +289,86 @@ def test_version_flags_render_after_the_template_in_name_order():
         runtime_args={"--runner": "pooling", "--enforce-eager": True, "--trust-remote-code": False},
     )
     assert render_args(flagged)[2:] == ["--enforce-eager", "--runner", "pooling"]
+
+
+# The flags of `vllm serve` these pods use, with their accepted values, as the pinned image's
+# vLLM (catalog/seeds.py: VLLM_IMAGE) defines them: EngineArgs/ModelConfig (`--tokenizer-mode`
+# auto|hf|slow|mistral|deepseek_v32, `--config-format` auto|hf|mistral, `--load-format` with
+# mistral), FrontendArgs (`--enable-auto-tool-choice`, `--tool-call-parser`, whose built-in
+# parsers include mistral), StructuredOutputsConfig (`--structured-outputs-config` JSON, backend
+# auto|xgrammar|guidance|outlines|lm-format-enforcer). None: a flag without a value.
+VLLM_FLAGS = {
+    "--model": str,
+    "--served-model-name": str,
+    "--tensor-parallel-size": int,
+    "--max-model-len": int,
+    "--gpu-memory-utilization": float,
+    "--enable-prefix-caching": None,
+    "--host": str,
+    "--port": int,
+    "--tokenizer-mode": {"auto", "hf", "slow", "mistral", "deepseek_v32"},
+    "--config-format": {"auto", "hf", "mistral"},
+    "--load-format": {"auto", "pt", "safetensors", "npcache", "dummy", "mistral"},
+    "--enable-auto-tool-choice": None,
+    "--tool-call-parser": {"mistral", "hermes", "llama3_json", "pythonic"},
+    "--structured-outputs-config": "json",
+}
+STRUCTURED_OUTPUT_BACKENDS = {"auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"}
+
+
+def _vllm_flags(args: list[str]) -> dict[str, str | None]:
+    """The args as {flag: value}, each checked against VLLM_FLAGS."""
+    parsed, index = {}, 0
+    while index < len(args):
+        flag = args[index]
+        assert flag in VLLM_FLAGS, f"{flag} is not a vLLM flag this chart knows"
+        kind = VLLM_FLAGS[flag]
+        if kind is None:
+            parsed[flag], index = None, index + 1
+            continue
+        value = args[index + 1]
+        if isinstance(kind, set):
+            assert value in kind, f"{flag} {value}"
+        elif kind == "json":
+            config = json.loads(value)
+            assert config["backend"] in STRUCTURED_OUTPUT_BACKENDS
+        else:
+            kind(value)
+        parsed[flag], index = value, index + 2
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("model", "tools"),
+    [
+        ("mistral-7b-instruct-v0.3", True),
+        ("mixtral-8x22b-instruct-v0.1", True),
+        ("mixtral-8x7b-instruct-v0.1", False),
+    ],
+)
+def test_each_seeded_mistral_pod_has_its_tool_and_structured_output_flags(model, tools):
+    seed = next(m for m in seeds.MODELS if m["slug"] == model)
+    vllm = next(r for r in seeds.RUNTIMES if r["name"] == "vllm")
+    runtime = RuntimeSpec(
+        name="vllm", image=vllm["image"], port=8000, args_template=tuple(vllm["args_template"])
+    )
+    args = render_args(
+        spec(model_slug=model, runtime=runtime, runtime_args=seed["version"]["runtime_args"])
+    )
+    flags = _vllm_flags(args)
+    assert json.loads(flags["--structured-outputs-config"]) == {"backend": "guidance"}
+    if tools:
+        assert "--enable-auto-tool-choice" in flags
+        assert flags["--tool-call-parser"] == "mistral"
+        assert flags["--tokenizer-mode"] == "mistral"
+        assert flags["--config-format"] == flags["--load-format"] == "mistral"
+    else:  # a v1 tokenizer has no [TOOL_CALLS]: vLLM's mistral parser would refuse to start
+        assert "--tool-call-parser" not in flags and "--enable-auto-tool-choice" not in flags
+
+
+def test_the_rendered_mistral_pod_passes_the_flags():
+    server = render(model="mistral-7b-instruct-v0.3", profile="h100-80gb-x1")[-1]["spec"][
+        "template"
+    ]["spec"]["containers"][0]
+    flags = _vllm_flags(server["args"])
+    assert flags["--tool-call-parser"] == "mistral" and "--enable-auto-tool-choice" in flags
