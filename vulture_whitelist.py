@@ -64,6 +64,8 @@ _.next_reconcile_at
 _.paid_at
 _.published_at
 _.ready_replicas
+_.approved_at
+_.approved_by_label
 _.required_memory_gb
 _.reviewed_at
 _.reviewed_by_label

@@ -86,6 +86,25 @@ def lock_periods(periods: Iterable[Period], *, now: datetime) -> dict[datetime, 
     }
 
 
+def private_offer_book(pairs: Iterable[tuple[int, int]]) -> PriceBook:
+    """The approved private offers of these (organization, version) pairs, by start; an
+    offer past its expiry is a None entry, so `at` falls back to the list price."""
+    from catalog.models import PrivateOffer
+
+    pairs = set(pairs)
+    book = PriceBook()
+    for offer in PrivateOffer.objects.filter(
+        status=PrivateOffer.Status.APPROVED,
+        organization_id__in={org for org, _ in pairs},
+        model_version_id__in={version for _, version in pairs},
+    ).order_by("starts_at"):
+        key = (offer.organization_id, offer.model_version_id)
+        book.add(key, offer.starts_at, offer)
+        if offer.expires_at is not None:
+            book.add(key, offer.expires_at, None)
+    return book
+
+
 def token_price_book(version_ids: Iterable[int]) -> PriceBook:
     """Every token price of these versions, for catalog.selectors.token_price_at's rule."""
     book = PriceBook()
@@ -140,6 +159,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
         Organization.objects.filter(id__in={e[2] for e in events}).values_list("id", "currency")
     )
     book = token_price_book(e[5] for e in events if e[5] is not None)
+    offers = private_offer_book((e[2], e[5]) for e in events if e[5] is not None)
     # Periods and days per UTC date, not per event: a batch spans a few days at most.
     periods_by_date = {}
     for event in events:
@@ -179,6 +199,10 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
             price = None
         input_price = price.input_per_million if price else ZERO
         output_price = price.output_per_million if price else ZERO
+        # The customer's private offer, in force then, replaces the list price.
+        offer = offers.at((organization_id, version_id), finished_at) if price else None
+        if offer is not None and offer.currency == currency:
+            input_price, output_price = offer.input_per_million, offer.output_per_million
         amount = rate_tokens(
             input_tokens=prompt_tokens,
             output_tokens=completion_tokens,
@@ -319,6 +343,16 @@ prices AS (
         SELECT DISTINCT model_version_id FROM gateway_usageevent WHERE id = ANY(%(ids)s)
     )
 ),
+-- Approved private offers of the batch's organizations (at most one in force at a time per
+-- organization and version: catalog.offers): the customer's own rate replaces the list price.
+offers AS (
+    SELECT organization_id, model_version_id, currency, input_per_million,
+        output_per_million, starts_at, COALESCE(expires_at, 'infinity') AS until
+    FROM catalog_privateoffer
+    WHERE status = 'approved' AND (organization_id, model_version_id) IN (
+        SELECT organization_id, model_version_id FROM gateway_usageevent WHERE id = ANY(%(ids)s)
+    )
+),
 inserted AS (
     INSERT INTO billing_usagerecord (request_id, organization_id, period_start, occurred_at,
         api_key_id, deployment_id, model_version_id, deployment_type, model, input_tokens,
@@ -332,9 +366,11 @@ inserted AS (
         e.finished_at, e.api_key_id,
         e.deployment_id, e.model_version_id, e.deployment_type, e.model, e.prompt_tokens,
         e.completion_tokens, e.cached_tokens, o.currency, p.id,
-        COALESCE(p.input_per_million, 0), COALESCE(p.output_per_million, 0),
-        (e.prompt_tokens::numeric * COALESCE(p.input_per_million, 0)
-            + e.completion_tokens::numeric * COALESCE(p.output_per_million, 0)) / 1000000,
+        COALESCE(q.input_per_million, p.input_per_million, 0),
+        COALESCE(q.output_per_million, p.output_per_million, 0),
+        (e.prompt_tokens::numeric * COALESCE(q.input_per_million, p.input_per_million, 0)
+            + e.completion_tokens::numeric
+                * COALESCE(q.output_per_million, p.output_per_million, 0)) / 1000000,
         %(now)s
     FROM gateway_usageevent e
     JOIN accounts_organization o ON o.id = e.organization_id
@@ -342,6 +378,11 @@ inserted AS (
         ON p.model_version_id = e.model_version_id
         AND p.effective_from <= e.finished_at AND e.finished_at < p.until
         AND p.currency = o.currency
+    LEFT JOIN offers q
+        ON p.id IS NOT NULL AND q.organization_id = e.organization_id
+        AND q.model_version_id = e.model_version_id
+        AND q.starts_at <= e.finished_at AND e.finished_at < q.until
+        AND q.currency = o.currency
     WHERE e.id = ANY(%(ids)s)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING *

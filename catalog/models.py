@@ -798,3 +798,71 @@ class ReviewComment(models.Model):
 
     def __str__(self):
         return f"{self.author_label} on change {self.change_id}"
+
+
+class PrivateOffer(models.Model):
+    """One customer organization's own price for a model version: its own rate per million
+    tokens (a discount is turned into a rate from the list price when the offer is made) from
+    `starts_at` until `expires_at`. Rating uses it in place of the list price while it is in
+    force (billing.ledger); usage before its start keeps the price it was rated at. An
+    operator's offer is approved as made; a publisher's (for its own models) waits for one."""
+
+    class Status(models.TextChoices):
+        PROPOSED = "proposed", "Waiting for approval"
+        APPROVED = "approved", "Approved"
+        WITHDRAWN = "withdrawn", "Withdrawn"
+
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="private_offers"
+    )
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="private_offers"
+    )
+    publisher = models.ForeignKey(
+        Publisher,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="private_offers",
+        help_text="The publisher that proposed it; empty for an operator's offer.",
+    )
+    currency = models.CharField(max_length=3, validators=[currency_validator])
+    input_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    output_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    discount_percent = models.DecimalField(
+        max_digits=5,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="The discount the rate was made from, off the list price then; empty for a "
+        "rate given as such.",
+    )
+    starts_at = models.DateTimeField()
+    expires_at = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PROPOSED)
+    proposed_by_label = models.CharField(max_length=200)
+    approved_by_label = models.CharField(max_length=200, blank=True)
+    approved_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-starts_at", "-id"]
+        # Rating looks offers up per organization and version.
+        indexes = [
+            models.Index(
+                fields=["organization", "model_version", "status"], name="private_offer_lookup"
+            )
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(expires_at__isnull=True) | Q(expires_at__gt=models.F("starts_at")),
+                name="private_offer_expires_after_start",
+            )
+        ]
+
+    def __str__(self):
+        return f"offer {self.pk}: {self.organization_id} on {self.model_version_id}"

@@ -12,9 +12,16 @@ from accounts.actors import Actor
 from accounts.models import Organization
 from accounts.permissions import IsOrganizationMember, actor_for_request
 from accounts.roles import Role
-from catalog import publishers
-from catalog.models import Listing, ListingChange, Publisher, ReviewComment
-from controlplane.errors import ValidationFailed
+from catalog import offers, publishers
+from catalog.models import (
+    Listing,
+    ListingChange,
+    ModelVersion,
+    PrivateOffer,
+    Publisher,
+    ReviewComment,
+)
+from controlplane.errors import NotFound, ValidationFailed
 from controlplane.rest.renderers import CSVRenderer
 from controlplane.rest.serializers import StrictSerializer
 
@@ -365,3 +372,102 @@ class TermsAcceptanceExportApi(PublisherApi):
         context = super().get_renderer_context()
         context["csv_columns"] = list(TermsAcceptanceRowSerializer().fields)
         return context
+
+
+# --- private offers --------------------------------------------------------------------------
+
+
+class PrivateOfferSerializer(serializers.ModelSerializer):
+    organization = serializers.CharField(source="organization.slug", read_only=True)
+    model = serializers.CharField(source="model_version.model.slug", read_only=True)
+    version = serializers.CharField(source="model_version.version", read_only=True)
+    publisher = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PrivateOffer
+        fields = [
+            "id",
+            "organization",
+            "model",
+            "version",
+            "publisher",
+            "currency",
+            "input_per_million",
+            "output_per_million",
+            "discount_percent",
+            "starts_at",
+            "expires_at",
+            "status",
+            "proposed_by_label",
+            "approved_by_label",
+            "approved_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_publisher(self, offer) -> str | None:
+        """The publisher that proposed it (its organization's slug); null for an operator's."""
+        return offer.publisher.organization.slug if offer.publisher_id else None
+
+
+class PrivateOfferCreateSerializer(StrictSerializer):
+    organization = serializers.CharField(max_length=40, help_text="The customer's slug.")
+    model = serializers.CharField(max_length=100)
+    version = serializers.CharField(max_length=50)
+    input_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, required=False)
+    output_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, required=False)
+    discount_percent = serializers.DecimalField(max_digits=5, decimal_places=2, required=False)
+    starts_at = serializers.DateTimeField(required=False)
+    expires_at = serializers.DateTimeField(required=False)
+
+
+class PrivateOfferListApi(PublisherApi):
+    """Private offers: operators see all; an organization those made to it and, for a
+    publisher, those it proposed. Operators make offers (in force as made); a publisher's
+    members propose them for their models (in force once an operator approves)."""
+
+    serializer_class = PrivateOfferSerializer
+    queryset = PrivateOffer.objects.none()
+
+    @extend_schema(operation_id="private_offers_list", responses=PrivateOfferSerializer(many=True))
+    def get(self, request):
+        return Response(
+            PrivateOfferSerializer(offers.private_offer_list(actor=request.actor), many=True).data
+        )
+
+    @extend_schema(request=PrivateOfferCreateSerializer, responses={201: PrivateOfferSerializer})
+    def post(self, request):
+        serializer = PrivateOfferCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        fields = dict(serializer.validated_data)
+        organization = Organization.objects.filter(slug=fields.pop("organization")).first()
+        if organization is None:
+            raise ValidationFailed("No such organization.", field="organization")
+        version = ModelVersion.objects.filter(
+            model__slug=fields.pop("model"), version=fields.pop("version")
+        ).first()
+        if version is None:
+            raise ValidationFailed("No such model version.", field="model")
+        offer = offers.private_offer_create(
+            actor=request.actor, organization=organization, version=version, **fields
+        )
+        return Response(PrivateOfferSerializer(offer).data, status=status.HTTP_201_CREATED)
+
+
+class PrivateOfferActionApi(PublisherApi):
+    """approve (operators) or withdraw (operators, or the publisher that proposed it)."""
+
+    serializer_class = PrivateOfferSerializer
+    queryset = PrivateOffer.objects.none()
+    decision = ""
+
+    @extend_schema(request=None, responses=PrivateOfferSerializer)
+    def post(self, request, offer_id):
+        offer = offers.private_offer_list(actor=request.actor).filter(pk=offer_id).first()
+        if offer is None:
+            raise NotFound("No such offer.")
+        if self.decision == "approve":
+            offer = offers.private_offer_approve(actor=request.actor, offer=offer)
+        else:
+            offer = offers.private_offer_withdraw(actor=request.actor, offer=offer)
+        return Response(PrivateOfferSerializer(offer).data)

@@ -76,5 +76,14 @@ urlpatterns = [
         publisher_apis.ReviewCommentListApi.as_view(),
         name="listing-change-comments",
     ),
+    path("private-offers", publisher_apis.PrivateOfferListApi.as_view(), name="private-offer-list"),
+    *[
+        path(
+            f"private-offers/<int:offer_id>/{decision}",
+            publisher_apis.PrivateOfferActionApi.as_view(decision=decision),
+            name=f"private-offer-{decision}",
+        )
+        for decision in ("approve", "withdraw")
+    ],
     path("hardware-profiles", apis.HardwareProfileListApi.as_view(), name="hardware-profile-list"),
 ]

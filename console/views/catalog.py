@@ -6,6 +6,7 @@ from django.http import Http404
 from rest_framework.exceptions import ValidationError
 
 from catalog import selectors
+from catalog.offers import private_offer_in_force
 from console import estimates
 from console.filters import ConsoleModelFilter
 from console.views.base import ConsoleView
@@ -79,6 +80,9 @@ class ModelDetailView(ConsoleView):
                 "versions": [(v, token_price(v)) for v in versions],
                 "version": chosen,
                 "token_price": token_price(chosen),
+                "your_price": private_offer_in_force(
+                    organization_id=request.actor.organization.pk, version_id=chosen.pk
+                ),
                 "fitting": [o for o in options if o.deployable],
                 "not_fitting": [o for o in options if not o.deployable],
             },
