@@ -16,6 +16,7 @@ from catalog.models import (
     HardwareProfile,
     Model,
     ModelVersion,
+    ServingRuntime,
     TokenPrice,
 )
 from controlplane.errors import NotFound
@@ -172,3 +173,35 @@ def models_deployable_on(models: QuerySet[Model], profile: HardwareProfile) -> Q
     if profile.is_cpu:
         return models.filter(least_cpu_memory_gb__lte=fit_rules.profile_memory_gb(profile))
     return models.filter(least_gpu_memory_gb__lte=profile.total_gpu_memory_gb)
+
+
+def version_features(version: ModelVersion) -> list[str]:
+    """What a version serves through /v1, as its runtime and arguments make it: the builtin
+    runtime constrains tools and JSON itself; vLLM by its structured-output backend, and picks
+    tool calls out of free text (tool_choice auto) only with a tool-call parser
+    (catalog/seeds.py)."""
+    model = version.model
+    if Model.Task.EMBEDDINGS in (model.tasks or []):
+        return ["embeddings"]
+    if version.is_partner:
+        features = ["chat", "streaming"]
+        if Model.Task.FUNCTION_CALLING in (model.tasks or []):
+            features.append("tool calling (the provider's)")
+        return features
+    features = ["chat", "completions", "streaming"]
+    runtime = version.serving_runtime
+    if runtime is not None and runtime.name == ServingRuntime.Name.BUILTIN:
+        return [
+            *features,
+            "tool calling: auto, required, named, parallel",
+            "JSON mode (json_object)",
+            "structured outputs (json_schema, strict)",
+        ]
+    args = version.runtime_args or {}
+    if args.get("--enable-auto-tool-choice") and args.get("--tool-call-parser"):
+        features.append(
+            f"tool calling: auto ({args['--tool-call-parser']} parser), required, named"
+        )
+    else:
+        features.append("tool calling: required, named (no auto: no tool-call parser)")
+    return [*features, "JSON mode (json_object)", "structured outputs (json_schema, strict)"]

@@ -77,8 +77,9 @@ class ModelDetailView(ConsoleView):
             "console/catalog/model_detail.html",
             {
                 "model": model,
-                "versions": [(v, token_price(v)) for v in versions],
+                "versions": [(v, token_price(v), selectors.version_features(v)) for v in versions],
                 "version": chosen,
+                "features": selectors.version_features(chosen),
                 "token_price": token_price(chosen),
                 "your_price": private_offer_in_force(
                     organization_id=request.actor.organization.pk, version_id=chosen.pk
