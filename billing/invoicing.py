@@ -18,7 +18,8 @@ from uuid import UUID
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
-from django.db.models import Count, F, Sum
+from django.db.models import Case, Count, F, Sum, Value, When
+from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
 from accounts.actors import Actor
@@ -127,22 +128,37 @@ class DraftInvoice:
 
 
 def token_groups(*, period_start: datetime, organization_id: int | None = None) -> list[dict]:
-    """Token sums per organization x model version x price for a period (one GROUP BY)."""
+    """Token sums per organization x model version x price for a period (one GROUP BY). A
+    row without a cached price groups with the input price as its cached price (its cached
+    tokens cost the input price)."""
     records = UsageRecord.objects.filter(period_start=period_start)
     if organization_id is not None:
         records = records.filter(organization_id=organization_id)
     return list(
-        records.values(
+        records.annotate(
+            cached_price=Coalesce("cached_input_price_per_million", "input_price_per_million"),
+            # Cached tokens billed at the cached price (never more than the request's input).
+            cached_billed=Case(
+                When(
+                    cached_input_price_per_million__isnull=False,
+                    then=Least("cached_tokens", "input_tokens"),
+                ),
+                default=Value(0),
+            ),
+        )
+        .values(
             "organization_id",
             "model_version_id",
             "currency",
             "input_price_per_million",
             "output_price_per_million",
+            "cached_price",
         )
         .annotate(
             requests=Count("pk"),
             input_tokens=Sum("input_tokens"),
             output_tokens=Sum("output_tokens"),
+            cached_tokens=Sum("cached_billed"),
         )
         .order_by()
     )
@@ -226,6 +242,10 @@ def usage_lines(
     """Invoice lines for one organization's groups, in a stable order. Groups in another
     currency than the invoice's are left out (billing_reconcile reports them)."""
     lines = []
+    # One line per (kind, version, unit price): groups that differ only in another price (the
+    # output or cached price) add to the same input line.
+    counts: dict[tuple, int] = {}
+    labels: dict[int | None, str] = {}
     for group in sorted(
         (g for g in tokens if g["currency"] == currency),
         key=lambda g: (
@@ -233,47 +253,55 @@ def usage_lines(
             g["model_version_id"] or 0,
             g["input_price_per_million"],
             g["output_price_per_million"],
+            g["cached_price"],
         ),
     ):
-        version = g_version = group["model_version_id"]
+        version = group["model_version_id"]
         label = names.versions.get(version) or (f"model version {version}" if version else "")
-        label = label or "unknown model"
+        labels[version] = label or "unknown model"
+        # Cached tokens have their own line when they have their own price.
+        cached = group["cached_tokens"] or 0
+        if group["cached_price"] == group["input_price_per_million"]:
+            cached = 0
         for kind, count, price in (
             (
                 InvoiceLine.Kind.EMBEDDING_TOKENS
                 if version in names.embedding_versions
                 else InvoiceLine.Kind.INPUT_TOKENS,
-                group["input_tokens"],
+                group["input_tokens"] - cached,
                 group["input_price_per_million"],
             ),
+            (InvoiceLine.Kind.CACHED_INPUT_TOKENS, cached, group["cached_price"]),
             (
                 InvoiceLine.Kind.OUTPUT_TOKENS,
                 group["output_tokens"],
                 group["output_price_per_million"],
             ),
         ):
-            if not count:
-                continue
-            exact = rate_tokens(
-                input_tokens=count,
-                output_tokens=0,
-                input_per_million=price,
-                output_per_million=Decimal(0),
+            if count:
+                key = (kind, version, price)
+                counts[key] = counts.get(key, 0) + count
+    for (kind, version, price), count in counts.items():
+        exact = rate_tokens(
+            input_tokens=count,
+            output_tokens=0,
+            input_per_million=price,
+            output_per_million=Decimal(0),
+        )
+        lines.append(
+            DraftLine(
+                kind=kind,
+                description=f"{labels[version]} — {InvoiceLine.Kind(kind).label.lower()}"
+                + ("" if price else " (no price in force)"),
+                quantity=(Decimal(count) / MILLION).quantize(_QUANTITY),
+                unit="1M tokens",
+                unit_price=price,
+                amount_exact=stored_amount(exact),
+                amount=round_money(exact, currency),
+                ledger_quantity=count,
+                model_version_id=version,
             )
-            lines.append(
-                DraftLine(
-                    kind=kind,
-                    description=f"{label} — {InvoiceLine.Kind(kind).label.lower()}"
-                    + ("" if price else " (no price in force)"),
-                    quantity=(Decimal(count) / MILLION).quantize(_QUANTITY),
-                    unit="1M tokens",
-                    unit_price=price,
-                    amount_exact=stored_amount(exact),
-                    amount=round_money(exact, currency),
-                    ledger_quantity=count,
-                    model_version_id=g_version,
-                )
-            )
+        )
     for group in sorted(
         (g for g in dedicated if g["currency"] == currency),
         key=lambda g: (

@@ -133,6 +133,7 @@ _RECORD_COLUMNS = (
     "token_price_id",
     "input_price_per_million",
     "output_price_per_million",
+    "cached_input_price_per_million",
     "amount",
     "ingested_at",
 )
@@ -203,11 +204,17 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
         offer = offers.at((organization_id, version_id), finished_at) if price else None
         if offer is not None and offer.currency == currency:
             input_price, output_price = offer.input_per_million, offer.output_per_million
+        # Cached prompt tokens: the list's cached price, never over the input price in force.
+        cached_price = price.cached_input_per_million if price else None
+        if cached_price is not None:
+            cached_price = min(cached_price, input_price)
         amount = rate_tokens(
             input_tokens=prompt_tokens,
             output_tokens=completion_tokens,
             input_per_million=input_price,
             output_per_million=output_price,
+            cached_tokens=cached_tokens,
+            cached_input_per_million=cached_price,
         )
         day = finished_at.astimezone(UTC).date()
         period_start = destination[periods_by_date[day].start]
@@ -229,6 +236,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
                 price.pk if price else None,
                 input_price,
                 output_price,
+                cached_price,
                 stored_amount(amount),
                 now,
             )
@@ -243,6 +251,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
             currency,
             input_price,
             output_price,
+            input_price if cached_price is None else cached_price,
         )
         derived.append((rollup_key, prompt_tokens, completion_tokens, cached_tokens, amount))
 
@@ -334,7 +343,7 @@ WITH marked AS (
 -- the one with effective_from <= t < until (effective_from is unique per version).
 prices AS (
     SELECT id, model_version_id, currency, input_per_million, output_per_million,
-        effective_from,
+        cached_input_per_million, effective_from,
         lead(effective_from, 1, 'infinity') OVER (
             PARTITION BY model_version_id ORDER BY effective_from
         ) AS until
@@ -357,7 +366,7 @@ inserted AS (
     INSERT INTO billing_usagerecord (request_id, organization_id, period_start, occurred_at,
         api_key_id, deployment_id, model_version_id, deployment_type, model, input_tokens,
         output_tokens, cached_tokens, currency, token_price_id, input_price_per_million,
-        output_price_per_million, amount, ingested_at)
+        output_price_per_million, cached_input_price_per_million, amount, ingested_at)
     SELECT e.request_id, e.organization_id,
         (SELECT m.destination
          FROM unnest(%(natural)s::timestamptz[], %(destination)s::timestamptz[])
@@ -368,7 +377,12 @@ inserted AS (
         e.completion_tokens, e.cached_tokens, o.currency, p.id,
         COALESCE(q.input_per_million, p.input_per_million, 0),
         COALESCE(q.output_per_million, p.output_per_million, 0),
-        (e.prompt_tokens::numeric * COALESCE(q.input_per_million, p.input_per_million, 0)
+        c.cached_price,
+        -- billing.rating.rate_tokens: cached tokens (at most the prompt's) at the cached price
+        -- when the list price has one.
+        ((e.prompt_tokens - c.cached)::numeric
+                * COALESCE(q.input_per_million, p.input_per_million, 0)
+            + c.cached::numeric * COALESCE(c.cached_price, 0)
             + e.completion_tokens::numeric
                 * COALESCE(q.output_per_million, p.output_per_million, 0)) / 1000000,
         %(now)s
@@ -383,6 +397,15 @@ inserted AS (
         AND q.model_version_id = e.model_version_id
         AND q.starts_at <= e.finished_at AND e.finished_at < q.until
         AND q.currency = o.currency
+    -- The list's cached price, never over the input price in force (an offer's may be lower);
+    -- LEAST alone would ignore a NULL.
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN p.cached_input_per_million IS NULL THEN NULL
+            ELSE least(p.cached_input_per_million,
+                COALESCE(q.input_per_million, p.input_per_million)) END AS cached_price,
+            CASE WHEN p.cached_input_per_million IS NULL THEN 0
+            ELSE least(e.cached_tokens, e.prompt_tokens) END AS cached
+    ) c
     WHERE e.id = ANY(%(ids)s)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING *
@@ -390,16 +413,18 @@ inserted AS (
 rollups AS (
     INSERT INTO billing_usagerollup (period_start, day, organization_id, model_version_id,
         deployment_id, api_key_id, currency, input_price_per_million, output_price_per_million,
-        requests, input_tokens, output_tokens, cached_tokens)
+        cached_input_price_per_million, requests, input_tokens, output_tokens, cached_tokens)
     SELECT period_start, (occurred_at AT TIME ZONE 'UTC')::date, organization_id,
         COALESCE(model_version_id, 0), COALESCE(deployment_id::text, ''),
         COALESCE(api_key_id, 0), currency, input_price_per_million, output_price_per_million,
+        COALESCE(cached_input_price_per_million, input_price_per_million),
         count(*), sum(input_tokens), sum(output_tokens), sum(cached_tokens)
     FROM inserted
-    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
-    ORDER BY 3, 2, 1, 4, 5, 6, 7, 8, 9
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    ORDER BY 3, 2, 1, 4, 5, 6, 7, 8, 9, 10
     ON CONFLICT (organization_id, day, period_start, model_version_id, deployment_id,
-        api_key_id, currency, input_price_per_million, output_price_per_million)
+        api_key_id, currency, input_price_per_million, output_price_per_million,
+        cached_input_price_per_million)
     DO UPDATE SET requests = billing_usagerollup.requests + excluded.requests,
         input_tokens = billing_usagerollup.input_tokens + excluded.input_tokens,
         output_tokens = billing_usagerollup.output_tokens + excluded.output_tokens,
@@ -453,6 +478,7 @@ _ROLLUP_KEY = (
     "currency",
     "input_price_per_million",
     "output_price_per_million",
+    "cached_input_price_per_million",
 )
 _ROLLUP_SUMS = ("requests", "input_tokens", "output_tokens", "cached_tokens")
 
@@ -474,7 +500,7 @@ def rollups_add(rollups: dict[tuple, list[int]]) -> None:
     price_field = UsageRollup._meta.get_field("input_price_per_million")
 
     def adapt(key, sums):
-        period_start, day, org, version, deployment, key_id, currency, p_in, p_out = key
+        period_start, day, org, version, deployment, key_id, currency, p_in, p_out, p_cached = key
         return [
             ops.adapt_datetimefield_value(period_start),
             ops.adapt_datefield_value(day),
@@ -485,6 +511,9 @@ def rollups_add(rollups: dict[tuple, list[int]]) -> None:
             currency,
             ops.adapt_decimalfield_value(p_in, price_field.max_digits, price_field.decimal_places),
             ops.adapt_decimalfield_value(p_out, price_field.max_digits, price_field.decimal_places),
+            ops.adapt_decimalfield_value(
+                p_cached, price_field.max_digits, price_field.decimal_places
+            ),
             *sums,
         ]
 

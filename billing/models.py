@@ -121,6 +121,10 @@ class UsageRecord(_AppendOnlyModel):
     )
     input_price_per_million = _price_field()
     output_price_per_million = _price_field()
+    # The price of its cached prompt tokens; empty: they cost the input price (no discount in
+    # force, or rated before cached prices existed). amount = ((input - cached) x input price
+    # + cached x cached price + output x output price) / 1M.
+    cached_input_price_per_million = _price_field(null=True, blank=True)
     amount = _amount_field()
     ingested_at = models.DateTimeField()
 
@@ -213,6 +217,9 @@ class UsageRollup(models.Model):
     currency = models.CharField(max_length=3)
     input_price_per_million = _price_field()
     output_price_per_million = _price_field()
+    # The ledger's cached price, or its input price where it has none (never empty: a unique
+    # key column).
+    cached_input_price_per_million = _price_field(default=Decimal(0))
     requests = models.BigIntegerField(default=0)
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
@@ -232,6 +239,7 @@ class UsageRollup(models.Model):
                     "currency",
                     "input_price_per_million",
                     "output_price_per_million",
+                    "cached_input_price_per_million",
                 ],
                 name="unique_usage_rollup",
             )
@@ -416,6 +424,7 @@ class InvoiceLine(_AppendOnlyModel):
 
     class Kind(models.TextChoices):
         INPUT_TOKENS = "input_tokens", "Input tokens"
+        CACHED_INPUT_TOKENS = "cached_input", "Cached input tokens"
         OUTPUT_TOKENS = "output_tokens", "Output tokens"
         # An embedding model's input tokens (/v1/embeddings), at its version's input price.
         EMBEDDING_TOKENS = "embedding_tokens", "Embedding tokens"
@@ -423,7 +432,13 @@ class InvoiceLine(_AppendOnlyModel):
         TAX = "tax", "Tax"
         CREDITS = "credits", "Prepaid credits"
 
-    USAGE_KINDS = (Kind.INPUT_TOKENS, Kind.OUTPUT_TOKENS, Kind.EMBEDDING_TOKENS, Kind.DEDICATED)
+    USAGE_KINDS = (
+        Kind.INPUT_TOKENS,
+        Kind.CACHED_INPUT_TOKENS,
+        Kind.OUTPUT_TOKENS,
+        Kind.EMBEDDING_TOKENS,
+        Kind.DEDICATED,
+    )
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="lines")
     position = models.PositiveIntegerField()

@@ -2,8 +2,11 @@
 
 Pure functions over Decimal, with no database, so property tests can hammer them.
 
-- Tokens: amount = (input tokens x input price per 1M + output tokens x output price per 1M) / 1M.
-  Prices have finitely many decimal places, so this is exact; it is stored unrounded per request.
+- Tokens: amount = ((input - cached) x input price per 1M + cached x cached input price per 1M
+  + output tokens x output price per 1M) / 1M, where cached are the prompt tokens the replica
+  read from its prefix cache (at most the input tokens; at the input price when the price has no
+  cached price). Prices have finitely many decimal places, so this is exact; it is stored
+  unrounded per request.
 - Dedicated GPU time: amount = seconds x price per hour / 3600. That is rarely a finite decimal,
   so the ledger keeps seconds and the price, and the amount is computed once per invoice line.
 - Invoices: each line is rounded half-up to the currency's minor unit; the subtotal is the sum
@@ -36,14 +39,21 @@ def rate_tokens(
     output_tokens: int,
     input_per_million: Decimal,
     output_per_million: Decimal,
+    cached_tokens: int = 0,
+    cached_input_per_million: Decimal | None = None,
 ) -> Decimal:
-    """The exact cost of a request's tokens."""
-    if input_tokens < 0 or output_tokens < 0:
+    """The exact cost of a request's tokens (`cached_tokens` of its input tokens at the cached
+    price, when there is one)."""
+    if input_tokens < 0 or output_tokens < 0 or cached_tokens < 0:
         raise ValueError("token counts cannot be negative")
     ctx = _EXACT
+    cached = min(cached_tokens, input_tokens) if cached_input_per_million is not None else 0
     return ctx.divide(
         ctx.add(
-            ctx.multiply(Decimal(input_tokens), input_per_million),
+            ctx.add(
+                ctx.multiply(Decimal(input_tokens - cached), input_per_million),
+                ctx.multiply(Decimal(cached), cached_input_per_million or Decimal(0)),
+            ),
             ctx.multiply(Decimal(output_tokens), output_per_million),
         ),
         MILLION,

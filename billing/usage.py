@@ -57,7 +57,12 @@ def usage_report(
     }[group_by]
     token_rows = (
         UsageRollup.objects.filter(organization=organization, day__gte=start, day__lte=end)
-        .values(rollup_field, "input_price_per_million", "output_price_per_million")
+        .values(
+            rollup_field,
+            "input_price_per_million",
+            "output_price_per_million",
+            "cached_input_price_per_million",
+        )
         .annotate(
             requests=Sum("requests"),
             input_tokens=Sum("input_tokens"),
@@ -104,6 +109,8 @@ def usage_report(
             output_tokens=group["output_tokens"],
             input_per_million=group["input_price_per_million"],
             output_per_million=group["output_price_per_million"],
+            cached_tokens=group["cached_tokens"],
+            cached_input_per_million=group["cached_input_price_per_million"],
         )
     for group in dedicated_rows:
         row = row_for(group[dedicated_field] if dedicated_field else None)

@@ -104,7 +104,13 @@ class ModelArtifactInline(admin.TabularInline):
 class TokenPriceInline(admin.TabularInline):
     model = TokenPrice
     extra = 0
-    fields = ["currency", "input_per_million", "output_per_million", "effective_from"]
+    fields = [
+        "currency",
+        "input_per_million",
+        "cached_input_per_million",
+        "output_per_million",
+        "effective_from",
+    ]
     readonly_fields = fields
     can_delete = False
 

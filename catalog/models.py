@@ -459,6 +459,17 @@ class TokenPrice(models.Model):
     output_per_million = models.DecimalField(
         max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
     )
+    # Prompt tokens the replica read from its prefix cache (usage.prompt_tokens_details
+    # .cached_tokens), as OpenAI, Anthropic and Azure discount them; empty: no discount, cached
+    # tokens cost the input price.
+    cached_input_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Price of cached prompt tokens; empty means the input price.",
+    )
     effective_from = models.DateTimeField(default=timezone.now)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -467,7 +478,12 @@ class TokenPrice(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["model_version", "effective_from"], name="unique_token_price_start"
-            )
+            ),
+            models.CheckConstraint(
+                condition=models.Q(cached_input_per_million__isnull=True)
+                | models.Q(cached_input_per_million__lte=models.F("input_per_million")),
+                name="token_price_cached_at_most_input",
+            ),
         ]
 
     def __str__(self):

@@ -45,7 +45,13 @@ MODEL_FACT_FIELDS = [
 class TokenPriceSerializer(serializers.ModelSerializer):
     class Meta:
         model = TokenPrice
-        fields = ["currency", "input_per_million", "output_per_million", "effective_from"]
+        fields = [
+            "currency",
+            "input_per_million",
+            "cached_input_per_million",
+            "output_per_million",
+            "effective_from",
+        ]
         read_only_fields = fields
 
 
@@ -67,6 +73,11 @@ def price_data(price: TokenPrice) -> dict:
     return {
         "currency": price.currency,
         "input_per_million": _PER_MILLION.to_representation(price.input_per_million),
+        "cached_input_per_million": (
+            None
+            if price.cached_input_per_million is None
+            else _PER_MILLION.to_representation(price.cached_input_per_million)
+        ),
         "output_per_million": _PER_MILLION.to_representation(price.output_per_million),
         "effective_from": _TIMESTAMP.to_representation(price.effective_from),
     }
@@ -385,6 +396,15 @@ class ModelVersionUpdateSerializer(ModelVersionWriteSerializer):
 class TokenPriceCreateSerializer(StrictSerializer):
     currency = serializers.RegexField(r"^[A-Z]{3}$", default="USD")
     input_per_million = MoneyField(max_digits=12, decimal_places=6, min_value=0)
+    cached_input_per_million = MoneyField(
+        max_digits=12,
+        decimal_places=6,
+        min_value=0,
+        required=False,
+        allow_null=True,
+        help_text="Prompt tokens served from the prefix cache (a discount on the input price); "
+        "leave out for no discount.",
+    )
     output_per_million = MoneyField(max_digits=12, decimal_places=6, min_value=0)
     effective_from = serializers.DateTimeField(required=False)
 

@@ -361,19 +361,27 @@ def token_price_set(
     version: ModelVersion,
     input_per_million: Decimal,
     output_per_million: Decimal,
+    cached_input_per_million: Decimal | None = None,
     currency: str = "USD",
     effective_from: datetime | None = None,
     allow_past: bool = False,
 ) -> TokenPrice:
     """Add a serverless price, in force from `effective_from` (default now) on. Prices are
-    never edited: the old one stays for the usage rated while it was in force."""
+    never edited: the old one stays for the usage rated while it was in force. Cached prompt
+    tokens cost `cached_input_per_million` (at most the input price), or the input price."""
     require_operator(actor)
     for name, value in (
         ("input_per_million", input_per_million),
         ("output_per_million", output_per_million),
+        ("cached_input_per_million", cached_input_per_million),
     ):
-        if not isinstance(value, Decimal):
+        if value is not None and not isinstance(value, Decimal):
             raise ValidationFailed(f"{name} must be a Decimal, never a float.", field=name)
+    if cached_input_per_million is not None and cached_input_per_million > input_per_million:
+        raise ValidationFailed(
+            "cached_input_per_million is a discount: it cannot be over input_per_million.",
+            field="cached_input_per_million",
+        )
     effective_from = _check_effective_from(effective_from, allow_past=allow_past)
     if TokenPrice.objects.filter(model_version=version, effective_from=effective_from).exists():
         raise Conflict("A price starting at that moment exists already.", field="effective_from")
@@ -381,6 +389,7 @@ def token_price_set(
         model_version=version,
         currency=currency,
         input_per_million=input_per_million,
+        cached_input_per_million=cached_input_per_million,
         output_per_million=output_per_million,
         effective_from=effective_from,
     )
@@ -393,6 +402,7 @@ def token_price_set(
         {
             "currency": currency,
             "input_per_million": input_per_million,
+            "cached_input_per_million": cached_input_per_million,
             "output_per_million": output_per_million,
             "effective_from": effective_from,
         },
