@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    if args.standby is not None and not _wait_as_standby(args.standby):
+    if args.standby is not None and not _wait_as_standby(args.standby, lambda: _warm_cpu(args)):
         return 0
     from runtime.loader import DEFAULT_CACHE_DIR
     from runtime.server import serve as run_server
@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_server(args)
 
 
-def _wait_as_standby(import_after: float) -> bool:
+def _wait_as_standby(import_after: float, warm) -> bool:
     """Block until a line comes on stdin (True: serve now) or it ends (False: not needed any
-    more; the process that holds the other end exited or let go). The imports wait
-    `import_after` seconds first, so that they do not compete for the CPU with the replica this
-    one stands by for while it loads."""
+    more; the process that holds the other end exited or let go). The imports (and `warm()`)
+    wait `import_after` seconds first, so that they do not compete for the CPU with the replica
+    this one stands by for while it loads."""
     told = threading.Event()
     heard: list[tuple[str, float]] = []
 
@@ -172,6 +172,7 @@ def _wait_as_standby(import_after: float) -> bool:
     if not told.wait(import_after):
         import runtime.server  # noqa: F401  (torch, starlette, uvicorn, the engine)
 
+        warm()
         print("standby: imported, waiting", file=sys.stderr, flush=True)
     told.wait()
     [(line, at)] = heard
@@ -181,6 +182,19 @@ def _wait_as_standby(import_after: float) -> bool:
     # GPU time billed from then.
     print(f"standby: serving now (pid {os.getpid()}, at {at:.3f})", file=sys.stderr, flush=True)
     return True
+
+
+def _warm_cpu(args) -> None:
+    """On CPU, start torch's thread pool and its matrix kernels, which the model's first steps
+    would otherwise pay for (over a second of a standby's load on a busy machine). Nothing is
+    done for CUDA: a standby holds no GPU memory."""
+    import torch
+
+    if args.device not in (None, "cpu") or (args.device is None and torch.cuda.is_available()):
+        return
+    torch.set_num_threads(args.cpu_threads or _available_cpus())
+    sample = torch.randn(64, 64)
+    torch.softmax(torch.nn.functional.silu(sample @ sample), dim=-1)
 
 
 def _available_cpus() -> int:
