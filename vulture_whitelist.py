@@ -42,6 +42,7 @@ client_ip  # AXES_CLIENT_IP_CALLABLE
 # Run by Django's system check framework (`@register` in controlplane/checks.py).
 check_password_reset_mail
 check_metrics_token
+check_secrets_encryption_keys
 
 # drf-spectacular extensions register themselves by being subclassed.
 APIKeyScheme
@@ -60,6 +61,7 @@ _.deprecated_at
 _.emailed_at
 _.facets
 _.last_seen_at
+_.last_sign_in_at
 _.next_reconcile_at
 _.paid_at
 _.published_at
@@ -91,3 +93,6 @@ _._body
 
 # deployments/tasks.py: connected to Celery's worker_init signal.
 _note_worker_process
+
+# Read by console/templates/console/login.html (which organization's SSO to offer).
+_.sso_organization

@@ -1,9 +1,10 @@
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
 from rest_framework.response import Response
 
-from accounts import selectors, services
+from accounts import selectors, services, sso
 from accounts.filters import APIKeyFilter, AuditLogFilter, MembershipFilter
 from accounts.models import APIKey, AuditLogEntry, Membership
 from accounts.roles import Permission
@@ -17,6 +18,8 @@ from accounts.serializers import (
     MembershipUpdateSerializer,
     OrganizationSerializer,
     OrganizationUpdateSerializer,
+    SingleSignOnSerializer,
+    SingleSignOnWriteSerializer,
 )
 
 
@@ -141,3 +144,52 @@ class AuditLogListApi(generics.ListAPIView):
 
     def get_queryset(self):
         return selectors.audit_log_list(organization=self.request.actor.organization)
+
+
+class SingleSignOnApi(generics.GenericAPIView):
+    """The organization's single sign-on (OpenID Connect). Owners change it; owners and admins
+    read it. The client secret is write-only: no response carries it."""
+
+    serializer_class = SingleSignOnSerializer
+    required_permissions = {
+        "GET": Permission.SSO_READ,
+        "PUT": Permission.SSO_WRITE,
+        "PATCH": Permission.SSO_WRITE,
+        "DELETE": Permission.SSO_WRITE,
+    }
+
+    def get_object(self):
+        configuration = sso.sso_configuration_for(organization=self.request.actor.organization)
+        if configuration is None:
+            raise Http404("This organization has no single sign-on configured.")
+        return configuration
+
+    def get(self, request):
+        return Response(SingleSignOnSerializer(self.get_object()).data)
+
+    @extend_schema(
+        request=SingleSignOnWriteSerializer,
+        responses=SingleSignOnSerializer,
+        description="Configure single sign-on (the first time: issuer, client id, client secret "
+        "and allowed email domains). Enabling it reads the provider's discovery document.",
+    )
+    def put(self, request):
+        return self._write(request, partial=False)
+
+    @extend_schema(request=SingleSignOnWriteSerializer, responses=SingleSignOnSerializer)
+    def patch(self, request):
+        return self._write(request, partial=True)
+
+    @extend_schema(
+        responses={204: None},
+        description="Remove single sign-on: members sign in with passwords again.",
+    )
+    def delete(self, request):
+        sso.sso_remove(actor=request.actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _write(self, request, *, partial: bool):
+        serializer = SingleSignOnWriteSerializer(data=request.data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        configuration = sso.sso_configure(actor=request.actor, **serializer.validated_data)
+        return Response(SingleSignOnSerializer(configuration).data)

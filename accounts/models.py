@@ -206,3 +206,76 @@ class AuditLogEntry(models.Model):
         return (
             f"{self.created_at:%Y-%m-%d %H:%M} {self.actor_label} {self.action} {self.target_repr}"
         )
+
+
+class SingleSignOnConfiguration(models.Model):
+    """An organization's OpenID Connect identity provider (one per organization).
+
+    The client secret is stored encrypted (controlplane/secrets_at_rest.py) and read back only
+    to call the provider's token endpoint; no serializer, form or log line carries it.
+    """
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.CASCADE, related_name="sso_configuration"
+    )
+    enabled = models.BooleanField(default=False)
+    issuer = models.URLField(
+        max_length=500, help_text="The provider's issuer identifier, exactly as its discovery says."
+    )
+    client_id = models.CharField(max_length=255)
+    client_secret_encrypted = models.TextField(blank=True)
+    allowed_email_domains = models.JSONField(
+        default=list, help_text="Only people whose verified email is in one of these may sign in."
+    )
+    default_role = models.CharField(
+        max_length=16,
+        choices=Role.choices,
+        default=Role.VIEWER,
+        help_text="The role of a person who signs in for the first time (just-in-time).",
+    )
+    password_login_enabled = models.BooleanField(
+        default=True,
+        help_text="Off: members act for this organization only through single sign-on.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"single sign-on of {self.organization}"
+
+    @property
+    def enforced(self) -> bool:
+        """Whether single sign-on is the only way to act for the organization."""
+        return self.enabled and not self.password_login_enabled
+
+
+class SingleSignOnIdentity(models.Model):
+    """Which person an identity provider's subject is, in one organization.
+
+    People are found by (issuer, subject) after their first sign-in, never by email again: an
+    email address the provider later gives to someone else must not open the first person's
+    account. The issuer is part of the key because a new provider may reuse subjects.
+    """
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="sso_identities"
+    )
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="sso_identities")
+    issuer = models.CharField(max_length=500)
+    subject = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_sign_in_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "issuer", "subject"], name="unique_sso_subject"
+            ),
+            models.UniqueConstraint(
+                fields=["organization", "issuer", "user"], name="unique_sso_user"
+            ),
+        ]
+        verbose_name_plural = "single sign-on identities"
+
+    def __str__(self):
+        return f"{self.user} as {self.subject} at {self.issuer}"

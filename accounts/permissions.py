@@ -10,6 +10,9 @@ from accounts.roles import role_has_permission
 from accounts.selectors import membership_for_user
 
 SESSION_ORGANIZATION_KEY = "organization_id"
+# Set when the session was opened through an organization's identity provider: the session
+# acts for that organization only (accounts/selectors.py).
+SESSION_SSO_ORGANIZATION_KEY = "sso_organization_id"
 
 
 def actor_for_request(request) -> Actor | None:
@@ -26,7 +29,9 @@ def actor_for_request(request) -> Actor | None:
         )
     elif user is not None and user.is_authenticated:
         membership = membership_for_user(
-            user=user, organization_id=request.session.get(SESSION_ORGANIZATION_KEY)
+            user=user,
+            organization_id=request.session.get(SESSION_ORGANIZATION_KEY),
+            sso_organization_id=request.session.get(SESSION_SSO_ORGANIZATION_KEY),
         )
         if membership is not None:
             actor = Actor(

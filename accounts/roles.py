@@ -29,6 +29,9 @@ class Permission:
     AUDIT_READ = "audit.read"
     # A publisher organization's catalog listings (drafts of cards, versions, prices, terms).
     LISTINGS_WRITE = "listings.write"
+    # Single sign-on decides who can become a member: its settings are the owners' alone.
+    SSO_READ = "sso.read"
+    SSO_WRITE = "sso.write"
 
 
 _EVERYONE = {
@@ -49,7 +52,13 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     Role.OWNER: frozenset(
         _BUILDERS
         | _BILLING
-        | {Permission.ORGANIZATION_WRITE, Permission.MEMBERS_WRITE, Permission.AUDIT_READ}
+        | {
+            Permission.ORGANIZATION_WRITE,
+            Permission.MEMBERS_WRITE,
+            Permission.AUDIT_READ,
+            Permission.SSO_READ,
+            Permission.SSO_WRITE,
+        }
     ),
     Role.ADMIN: frozenset(
         _BUILDERS
@@ -58,6 +67,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
             Permission.ORGANIZATION_WRITE,
             Permission.MEMBERS_WRITE,
             Permission.AUDIT_READ,
+            Permission.SSO_READ,
         }
     ),
     Role.DEVELOPER: frozenset(_BUILDERS),

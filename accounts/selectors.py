@@ -1,26 +1,50 @@
 from django.db.models import QuerySet
 
-from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
+from accounts.models import (
+    APIKey,
+    AuditLogEntry,
+    Membership,
+    Organization,
+    SingleSignOnConfiguration,
+    User,
+)
 
 
 def membership_list(*, organization: Organization) -> QuerySet[Membership]:
     return Membership.objects.filter(organization=organization).select_related("user")
 
 
-def membership_list_for_user(*, user: User) -> QuerySet[Membership]:
-    """The organizations a person may act for (the console's organization switcher)."""
-    return (
-        Membership.objects.filter(user=user, organization__status=Organization.Status.ACTIVE)
-        .select_related("organization")
-        .order_by("organization__name", "organization_id")
-    )
-
-
-def membership_for_user(*, user: User, organization_id: int | None = None) -> Membership | None:
-    """The membership a session acts through: the chosen organization, else the oldest one."""
+def _session_memberships(*, user: User, sso_organization_id: int | None) -> QuerySet[Membership]:
+    """The memberships a console session may act through. A session signed in through an
+    organization's identity provider acts for that organization only (the provider speaks for
+    nobody else); a password session, for every organization that has not switched password
+    sign-in off (accounts/sso.py)."""
     memberships = Membership.objects.filter(
         user=user, organization__status=Organization.Status.ACTIVE
     ).select_related("organization")
+    if sso_organization_id is not None:
+        return memberships.filter(organization_id=sso_organization_id)
+    return memberships.exclude(
+        organization_id__in=SingleSignOnConfiguration.objects.filter(
+            enabled=True, password_login_enabled=False
+        ).values("organization_id")
+    )
+
+
+def membership_list_for_user(
+    *, user: User, sso_organization_id: int | None = None
+) -> QuerySet[Membership]:
+    """The organizations a session may act for (the console's organization switcher)."""
+    return _session_memberships(user=user, sso_organization_id=sso_organization_id).order_by(
+        "organization__name", "organization_id"
+    )
+
+
+def membership_for_user(
+    *, user: User, organization_id: int | None = None, sso_organization_id: int | None = None
+) -> Membership | None:
+    """The membership a session acts through: the chosen organization, else the oldest one."""
+    memberships = _session_memberships(user=user, sso_organization_id=sso_organization_id)
     if organization_id is not None:
         chosen = memberships.filter(organization_id=organization_id).first()
         if chosen:

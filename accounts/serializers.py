@@ -1,6 +1,13 @@
 from rest_framework import serializers
 
-from accounts.models import APIKey, AuditLogEntry, Membership, Organization
+from accounts import oidc
+from accounts.models import (
+    APIKey,
+    AuditLogEntry,
+    Membership,
+    Organization,
+    SingleSignOnConfiguration,
+)
 from accounts.roles import Role
 from controlplane.rest.serializers import MoneyField, StrictSerializer
 
@@ -124,3 +131,56 @@ class AuditLogEntrySerializer(serializers.ModelSerializer):
             "request_id",
         ]
         read_only_fields = fields
+
+
+class SingleSignOnSerializer(serializers.ModelSerializer):
+    """An organization's single sign-on, as anyone may read it: never the client secret."""
+
+    client_secret_set = serializers.SerializerMethodField(
+        help_text="Whether a client secret is stored. The secret itself is never returned."
+    )
+    redirect_uri = serializers.SerializerMethodField(
+        help_text="The redirect (callback) URI to register at the identity provider."
+    )
+
+    class Meta:
+        model = SingleSignOnConfiguration
+        fields = [
+            "enabled",
+            "issuer",
+            "client_id",
+            "client_secret_set",
+            "allowed_email_domains",
+            "default_role",
+            "password_login_enabled",
+            "redirect_uri",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_client_secret_set(self, configuration) -> bool:
+        return bool(configuration.client_secret_encrypted)
+
+    def get_redirect_uri(self, configuration) -> str:
+        return oidc.redirect_uri(configuration.organization.slug)
+
+
+class SingleSignOnWriteSerializer(StrictSerializer):
+    enabled = serializers.BooleanField(required=False)
+    issuer = serializers.URLField(max_length=500)
+    client_id = serializers.CharField(max_length=255)
+    client_secret = serializers.CharField(
+        write_only=True,
+        required=False,
+        max_length=2000,
+        style={"input_type": "password"},
+        help_text="Needed the first time; leave it out to keep the stored one. Never returned.",
+    )
+    allowed_email_domains = serializers.ListField(
+        child=serializers.CharField(max_length=253), allow_empty=False, max_length=50
+    )
+    default_role = serializers.ChoiceField(
+        choices=[choice for choice in Role.choices if choice[0] != Role.OWNER], required=False
+    )
+    password_login_enabled = serializers.BooleanField(required=False)

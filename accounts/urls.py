@@ -6,6 +6,7 @@ urlpatterns = [
     path(
         "organizations/current", apis.CurrentOrganizationApi.as_view(), name="organization-current"
     ),
+    path("organizations/current/sso", apis.SingleSignOnApi.as_view(), name="sso"),
     path("members", apis.MemberListApi.as_view(), name="member-list"),
     path("members/<int:pk>", apis.MemberDetailApi.as_view(), name="member-detail"),
     path("api-keys", apis.APIKeyListApi.as_view(), name="api-key-list"),

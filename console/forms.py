@@ -9,9 +9,11 @@ from decimal import Decimal
 from django import forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
+from django.core.exceptions import ValidationError
 
 from accounts.models import APIKey
 from accounts.roles import Role
+from accounts.sso import sso_required_for
 
 
 class LoginForm(AuthenticationForm):
@@ -21,7 +23,38 @@ class LoginForm(AuthenticationForm):
     error_messages = {
         **AuthenticationForm.error_messages,
         "invalid_login": "That email and password do not match an account. Check both and retry.",
+        "sso_required": "%(organization)s signs in through single sign-on only: use "
+        "“Sign in with SSO”.",
     }
+
+    # The organization whose single sign-on the person must use, when the form says so.
+    sso_organization = None
+
+    def clean(self):
+        # Before the password is checked: a password that could reach nothing is not worth
+        # checking (and a failure here must not count toward the account's lockout).
+        email = self.cleaned_data.get("username")
+        configuration = sso_required_for(email=email) if email else None
+        if configuration is not None:
+            self.sso_organization = configuration.organization
+            raise ValidationError(
+                self.error_messages["sso_required"],
+                code="sso_required",
+                params={"organization": configuration.organization.name},
+            )
+        return super().clean()
+
+
+class SingleSignOnStartForm(forms.Form):
+    """How the login page finds an organization's identity provider: by the email's domain, or
+    by the organization's slug."""
+
+    email_or_organization = forms.CharField(
+        label="Work email or organization",
+        max_length=254,
+        widget=forms.TextInput(attrs={"autofocus": True, "autocomplete": "email"}),
+        help_text="Your work email (ana@example.com) or your organization's short name.",
+    )
 
 
 class SetPasswordLinkForm(PasswordResetForm):
@@ -187,3 +220,51 @@ class DeployForm(forms.Form):
 class ScaleForm(forms.Form):
     min_replicas = forms.IntegerField(min_value=0, label="Minimum replicas")
     max_replicas = forms.IntegerField(min_value=1, label="Maximum replicas")
+
+
+class SingleSignOnForm(PageForm):
+    """An organization's single sign-on settings. The client secret field is never filled in
+    from the stored one (PasswordInput does not render a value)."""
+
+    id_prefix = "sso"
+
+    issuer = forms.URLField(
+        max_length=500,
+        assume_scheme="https",
+        help_text="The identity provider's issuer URL, e.g. https://login.example.com/realms/acme.",
+    )
+    client_id = forms.CharField(label="Client ID", max_length=255)
+    client_secret = forms.CharField(
+        label="Client secret",
+        required=False,
+        max_length=2000,
+        widget=forms.PasswordInput(attrs={"autocomplete": "off"}),
+        help_text="Stored encrypted and never shown again. Leave empty to keep the stored one.",
+    )
+    allowed_email_domains = forms.CharField(
+        label="Allowed email domains",
+        max_length=5000,
+        help_text="One or more, separated by spaces or commas: example.com, eu.example.com.",
+    )
+    default_role = forms.ChoiceField(
+        label="Role of new members",
+        choices=[choice for choice in Role.choices if choice[0] != Role.OWNER],
+        initial=Role.VIEWER,
+        help_text="People who sign in for the first time join with this role.",
+    )
+    enabled = forms.BooleanField(label="Enable single sign-on", required=False)
+    password_login_enabled = forms.BooleanField(
+        label="Members may also sign in with a password",
+        required=False,
+        initial=True,
+        help_text="Untick to make single sign-on the only way into this organization.",
+    )
+
+    def service_arguments(self) -> dict:
+        data = dict(self.cleaned_data)
+        data["allowed_email_domains"] = [
+            domain for domain in data["allowed_email_domains"].replace(",", " ").split() if domain
+        ]
+        if not data["client_secret"]:
+            del data["client_secret"]
+        return data

@@ -9,6 +9,7 @@ from console.views import (
     organization,
     overview,
     playground,
+    sso,
     usage,
 )
 
@@ -18,6 +19,9 @@ urlpatterns = [
     path("", overview.OverviewView.as_view(), name="overview"),
     path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth.LogoutView.as_view(), name="logout"),
+    path("login/sso/", sso.SingleSignOnStartView.as_view(), name="sso-login"),
+    path("login/sso/<slug:slug>/", sso.sso_begin, name="sso-begin"),
+    path("login/sso/<slug:slug>/callback", sso.sso_callback, name="sso-callback"),
     path("password-reset/", auth.PasswordResetView.as_view(), name="password-reset"),
     path("password-reset/sent", auth.PasswordResetDoneView.as_view(), name="password-reset-done"),
     path(
@@ -71,6 +75,8 @@ urlpatterns = [
     path(
         "settings/profile", organization.OrganizationProfileView.as_view(), name="settings-profile"
     ),
+    path("settings/sso", sso.SingleSignOnSettingsView.as_view(), name="settings-sso"),
+    path("settings/sso/remove", sso.SingleSignOnRemoveView.as_view(), name="settings-sso-remove"),
     path("settings/budget", organization.BudgetView.as_view(), name="settings-budget"),
     path("settings/members", organization.MemberAddView.as_view(), name="member-add"),
     path(

@@ -138,3 +138,39 @@ def emulated_cluster(settings, tmp_path):
         settings.SIROCCO_KUBECONFIG = str(running.kubeconfig(tmp_path / "kubeconfig"))
         settings.SIROCCO_K8S_REQUEST_TIMEOUT = 2.0
         yield running
+
+
+# People of the test identity provider (tests/oidc_provider): username → what it asserts.
+IDP_PEOPLE = [
+    {"username": "ana", "password": "ana-at-the-idp", "email": "ana@acme.example"},
+    {"username": "bruno", "password": "bruno-at-the-idp", "email": "bruno@acme.example"},
+    {"username": "mallory", "password": "mallory-at-the-idp", "email": "mallory@evil.example"},
+    {
+        "username": "ursula",
+        "password": "ursula-at-the-idp",
+        "email": "ursula@acme.example",
+        "first_name": "unverified",
+    },
+]
+IDP_CLIENT_ID = "sirocco-acme"
+IDP_CLIENT_SECRET = "idp-client-secret-8c1f0e6a2b"  # the secret no response may ever carry
+
+
+@pytest.fixture(scope="session")
+def oidc_provider():
+    """A real OpenID Connect provider process on loopback (django-oauth-toolkit), for the REST
+    tests: discovery and JWKS answer; its client has no usable redirect URI."""
+    from tests.oidc_provider.process import start_provider
+
+    provider = start_provider(
+        people=IDP_PEOPLE,
+        clients=[
+            {
+                "client_id": IDP_CLIENT_ID,
+                "client_secret": IDP_CLIENT_SECRET,
+                "redirect_uris": ["http://127.0.0.1:9/unused"],
+            }
+        ],
+    )
+    yield provider
+    provider.stop()

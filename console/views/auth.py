@@ -7,7 +7,7 @@ from django.urls import Resolver404, resolve, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from accounts.permissions import SESSION_ORGANIZATION_KEY
+from accounts.permissions import SESSION_ORGANIZATION_KEY, SESSION_SSO_ORGANIZATION_KEY
 from accounts.selectors import membership_list_for_user
 from console.forms import LoginForm, SetPasswordLinkForm
 from controlplane.mail import password_reset_by_mail_allowed
@@ -34,7 +34,9 @@ def switch_organization(request):
         organization_id = int(request.POST.get("organization", ""))
     except ValueError:
         return HttpResponseBadRequest("Choose an organization from the list.")
-    memberships = membership_list_for_user(user=request.user)
+    memberships = membership_list_for_user(
+        user=request.user, sso_organization_id=request.session.get(SESSION_SSO_ORGANIZATION_KEY)
+    )
     if not memberships.filter(organization_id=organization_id).exists():
         return HttpResponseBadRequest("You are not a member of that organization.")
     request.session[SESSION_ORGANIZATION_KEY] = organization_id

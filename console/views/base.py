@@ -12,7 +12,7 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views import View
 
-from accounts.permissions import actor_for_request
+from accounts.permissions import SESSION_SSO_ORGANIZATION_KEY, actor_for_request
 from accounts.roles import Permission, Role
 from accounts.selectors import membership_list_for_user
 from controlplane.errors import DomainError, NotFound
@@ -53,7 +53,9 @@ def page_context(request, section: str = "") -> dict:
         "can": {
             permission.replace(".", "_"): actor.can(permission) for permission in ALL_PERMISSIONS
         },
-        "memberships": membership_list_for_user(user=request.user),
+        "memberships": membership_list_for_user(
+            user=request.user, sso_organization_id=request.session.get(SESSION_SSO_ORGANIZATION_KEY)
+        ),
         "nav": [item for item in NAV if item.permission is None or actor.can(item.permission)],
         "section": section,
         "now": timezone.now(),

@@ -332,6 +332,15 @@ AXES_HTTP_RESPONSE_CODE = 429
 AXES_VERBOSE = False
 # How many proxies in front of the web process append to X-Forwarded-For (the Ingress: 1).
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
+# Single sign-on (OpenID Connect, per organization: accounts/sso.py). Issuers must use https
+# unless this is on (loopback providers in tests and development); discovery, JWKS and token
+# calls to a provider give up after SSO_HTTP_TIMEOUT seconds.
+SSO_ALLOW_HTTP_ISSUERS = env.bool("SSO_ALLOW_HTTP_ISSUERS", default=False)
+SSO_HTTP_TIMEOUT = env.float("SSO_HTTP_TIMEOUT", default=10.0)
+# Fernet keys for secrets stored encrypted (identity providers' client secrets, partner
+# credentials): comma-separated, the first encrypts, all decrypt. Unset: one derived from
+# SECRET_KEY (controlplane/secrets_at_rest.py; `check --deploy` warns).
+SECRETS_ENCRYPTION_KEYS = env.list("SECRETS_ENCRYPTION_KEYS", default=[])
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
