@@ -13,6 +13,8 @@ class Actor:
     user: User | None = None
     api_key: APIKey | None = None
     request_id: str = ""
+    # A console session opened through the organization's identity provider (not a password).
+    signed_in_through_sso: bool = False
 
     @classmethod
     def system(cls, organization: Organization) -> "Actor":

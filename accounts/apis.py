@@ -1,6 +1,6 @@
 from django.http import Http404
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.response import Response
 
@@ -146,6 +146,9 @@ class AuditLogListApi(generics.ListAPIView):
         return selectors.audit_log_list(organization=self.request.actor.organization)
 
 
+_NOT_CONFIGURED = OpenApiResponse(description="This organization has no single sign-on yet.")
+
+
 class SingleSignOnApi(generics.GenericAPIView):
     """The organization's single sign-on (OpenID Connect). Owners change it; owners and admins
     read it. The client secret is write-only: no response carries it."""
@@ -164,6 +167,7 @@ class SingleSignOnApi(generics.GenericAPIView):
             raise Http404("This organization has no single sign-on configured.")
         return configuration
 
+    @extend_schema(responses={200: SingleSignOnSerializer, 404: _NOT_CONFIGURED})
     def get(self, request):
         return Response(SingleSignOnSerializer(self.get_object()).data)
 
@@ -176,12 +180,16 @@ class SingleSignOnApi(generics.GenericAPIView):
     def put(self, request):
         return self._write(request, partial=False)
 
-    @extend_schema(request=SingleSignOnWriteSerializer, responses=SingleSignOnSerializer)
+    @extend_schema(
+        request=SingleSignOnWriteSerializer,
+        responses=SingleSignOnSerializer,
+        description="Change some settings; the client secret only when given.",
+    )
     def patch(self, request):
         return self._write(request, partial=True)
 
     @extend_schema(
-        responses={204: None},
+        responses={204: None, 404: _NOT_CONFIGURED},
         description="Remove single sign-on: members sign in with passwords again.",
     )
     def delete(self, request):

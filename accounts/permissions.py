@@ -28,10 +28,11 @@ def actor_for_request(request) -> Actor | None:
             organization=key.organization, role=key.role, api_key=key, request_id=request_id
         )
     elif user is not None and user.is_authenticated:
+        sso_organization_id = request.session.get(SESSION_SSO_ORGANIZATION_KEY)
         membership = membership_for_user(
             user=user,
             organization_id=request.session.get(SESSION_ORGANIZATION_KEY),
-            sso_organization_id=request.session.get(SESSION_SSO_ORGANIZATION_KEY),
+            sso_organization_id=sso_organization_id,
         )
         if membership is not None:
             actor = Actor(
@@ -39,6 +40,7 @@ def actor_for_request(request) -> Actor | None:
                 role=membership.role,
                 user=user,
                 request_id=request_id,
+                signed_in_through_sso=sso_organization_id == membership.organization_id,
             )
     request._sirocco_actor = actor
     return actor

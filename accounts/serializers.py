@@ -178,7 +178,12 @@ class SingleSignOnWriteSerializer(StrictSerializer):
         help_text="Needed the first time; leave it out to keep the stored one. Never returned.",
     )
     allowed_email_domains = serializers.ListField(
-        child=serializers.CharField(max_length=253), allow_empty=False, max_length=50
+        child=serializers.RegexField(
+            r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$", max_length=253
+        ),
+        min_length=1,
+        max_length=50,
+        help_text="Only people whose verified email is in one of these domains may sign in.",
     )
     default_role = serializers.ChoiceField(
         choices=[choice for choice in Role.choices if choice[0] != Role.OWNER], required=False

@@ -136,7 +136,8 @@ def sso_configure(*, actor: Actor, **fields) -> SingleSignOnConfiguration:
     A first configuration needs the issuer, client id and client secret; later calls change
     what they name (the secret only when given). Enabling it reads the provider's discovery
     document first, so a wrong issuer is refused here rather than at everyone's next sign-in.
-    Password sign-in can be switched off only while single sign-on is enabled.
+    Password sign-in can be switched off only while single sign-on is enabled, and by a person
+    only from a session signed in through it.
     """
     require(actor, Permission.SSO_WRITE)
     unknown = set(fields) - _SETTINGS
@@ -159,6 +160,17 @@ def sso_configure(*, actor: Actor, **fields) -> SingleSignOnConfiguration:
             field="client_secret",
         )
     current = sso_configuration_for(organization=actor.organization)
+    switching_passwords_off = fields.get("password_login_enabled") is False and (
+        current is None or current.password_login_enabled
+    )
+    if switching_passwords_off and actor.user is not None and not actor.signed_in_through_sso:
+        # The person would lose the organization with their next click, before anyone has
+        # shown that the provider lets people in. (Keys and the platform may: not sessions.)
+        raise ValidationFailed(
+            "Sign in with single sign-on first (log out, then “Sign in with SSO”), then switch "
+            "password sign-in off: that proves the provider lets you in.",
+            field="password_login_enabled",
+        )
     issuer = fields.get("issuer", current.issuer if current else "")
     enabled = fields.get("enabled", current.enabled if current else False)
     if enabled:

@@ -23,8 +23,8 @@ class LoginForm(AuthenticationForm):
     error_messages = {
         **AuthenticationForm.error_messages,
         "invalid_login": "That email and password do not match an account. Check both and retry.",
-        "sso_required": "%(organization)s signs in through single sign-on only: use "
-        "“Sign in with SSO”.",
+        "sso_required": "%(organization)s signs in through single sign-on only: continue "
+        "with its identity provider below.",
     }
 
     # The organization whose single sign-on the person must use, when the form says so.

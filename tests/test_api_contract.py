@@ -93,6 +93,8 @@ SEMANTIC_400 = {
     "POST /api/v1/deployments": "model, version and hardware profile must exist and fit",
     "PATCH /api/v1/deployments/{id}": "version and hardware profile must exist and fit",
     "POST /api/v1/members": "the email must be a user's",
+    "PUT /api/v1/organizations/current/sso": "enabling reads the issuer's discovery document",
+    "PATCH /api/v1/organizations/current/sso": "a first configuration needs every setting",
     "GET /api/v1/usage": "end must not be before start; neither in the future",
     "GET /api/v1/models": "language is an ISO 639 code",
     "POST /api/v1/models": "the organization must exist",

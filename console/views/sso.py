@@ -2,6 +2,7 @@
 the owners' settings page. The protocol is accounts/oidc.py; the rules are accounts/sso.py."""
 
 import logging
+from urllib.parse import urlencode, urlsplit
 
 from django.contrib import messages
 from django.contrib.auth import login
@@ -48,7 +49,22 @@ class SingleSignOnStartView(View):
                 "organization's short name, or log in with your password.",
             )
             return self.show(form, status=400)
-        return _begin(request, configuration, login_hint=given if "@" in given else "")
+        # A page with a link, not a redirect: the console's Content-Security-Policy
+        # (form-action 'self') rightly stops a form's submission from landing on another
+        # origin, and the page says where the person is about to type their password.
+        query = {"next": request.POST.get("next", "")}
+        if "@" in given:
+            query["login_hint"] = given
+        begin = reverse("console:sso-begin", kwargs={"slug": configuration.organization.slug})
+        return render(
+            request,
+            "console/sso/continue.html",
+            {
+                "organization": configuration.organization,
+                "provider_host": urlsplit(configuration.issuer).netloc,
+                "begin_url": f"{begin}?{urlencode({k: v for k, v in query.items() if v})}",
+            },
+        )
 
     def show(self, form, *, status=200):
         next_url = self.request.POST.get("next") or self.request.GET.get("next", "")
@@ -65,14 +81,12 @@ def sso_begin(request, slug):
     configuration = sso.sso_configuration_enabled(slug=slug)
     if configuration is None:
         return _failed(request, "not_configured", "This organization has no single sign-on.")
-    return _begin(request, configuration)
-
-
-def _begin(request, configuration, *, login_hint: str = ""):
-    next_url = request.POST.get("next") or request.GET.get("next", "")
+    next_url = request.GET.get("next", "")
     request.session[_NEXT_KEY] = next_url if _safe(request, next_url) else ""
     try:
-        return oidc.authorization_redirect(request, configuration, login_hint=login_hint)
+        return oidc.authorization_redirect(
+            request, configuration, login_hint=request.GET.get("login_hint", "")[:254]
+        )
     except DomainError as error:
         return _failed(request, "discovery_failed", error.message, configuration=configuration)
     except SecretUnreadable as error:

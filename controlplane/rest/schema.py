@@ -169,4 +169,9 @@ def add_problem_responses(result, generator, request, public):
                 operation["responses"].setdefault(
                     code, {"description": _DESCRIPTIONS[code], "content": problem}
                 )
+            # An error a view declares itself (`OpenApiResponse(description=...)`, no body)
+            # is answered as problem JSON like the others.
+            for code, response in operation["responses"].items():
+                if code in _DESCRIPTIONS and "content" not in response:
+                    response["content"] = problem
     return result

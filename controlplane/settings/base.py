@@ -319,6 +319,10 @@ AXES_LOCKOUT_PARAMETERS = ["username"]
 # the Ingress's rate limits (docs/security.md).
 SILENCED_SYSTEM_CHECKS = ["axes.W006"]
 AXES_USERNAME_CALLABLE = "accounts.logins.login_username"
+# The login forms' field (console and admin). Axes' default is the user model's USERNAME_FIELD
+# ("email"), under which it files the name of a person who signed in without a form (single
+# sign-on), so their success would not clear their failures.
+AXES_USERNAME_FORM_FIELD = "username"
 AXES_CLIENT_IP_CALLABLE = "accounts.logins.client_ip"
 # A lockout lasts its cool-off, not "until the guessing stops": an attacker who keeps trying
 # must not keep the account's owner out for good.

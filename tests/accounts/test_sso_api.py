@@ -26,7 +26,7 @@ def configuration(issuer, **fields):
         "issuer": issuer,
         "client_id": IDP_CLIENT_ID,
         "client_secret": IDP_CLIENT_SECRET,
-        "allowed_email_domains": ["Acme.example", "@eu.acme.example"],
+        "allowed_email_domains": ["Acme.example", "eu.ACME.example"],
         **fields,
     }
 
@@ -135,7 +135,7 @@ def test_another_tenants_configuration_is_invisible(
         ({"issuer": "https://idp.example/?tenant=1"}, "issuer"),
         ({"allowed_email_domains": ["not a domain"]}, "allowed_email_domains"),
         ({"default_role": "owner"}, "default_role"),
-        ({"password_login_enabled": False}, "password_login_enabled"),  # while not enabled
+        ({"password_login_enabled": False}, "password_login_enabled"),  # a password session
         ({"client_secret": ""}, "client_secret"),
         ({"surprise": 1}, "surprise"),
     ],
@@ -202,3 +202,16 @@ def test_the_schema_documents_the_secret_as_write_only():
     assert IDP_CLIENT_SECRET not in json.dumps(schema, default=str)
     operations = schema["paths"]["/api/v1/organizations/current/sso"]
     assert set(operations) >= {"get", "put", "patch", "delete"}
+
+
+def test_a_key_may_switch_password_sign_in_off_but_only_with_sso_enabled(
+    organization, key_client, oidc_provider
+):
+    owner_key = key_client(organization, Role.OWNER)
+    body = configuration(oidc_provider.issuer, password_login_enabled=False)
+    response = owner_key.put(URL, body, format="json")
+    assert response.status_code == 400
+    assert "only while single sign-on is enabled" in response.json()["detail"]
+    response = owner_key.put(URL, {**body, "enabled": True}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["password_login_enabled"] is False
