@@ -113,7 +113,29 @@ def discover(issuer: str) -> dict:
     return metadata
 
 
+# ID tokens must be signed with the provider's published keys: asymmetric algorithms only (an
+# HMAC "signature" keyed with the client secret proves nothing the secret's holders, us
+# included, could not forge), and never "none".
+ID_TOKEN_ALGORITHMS = {
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+}
+
+
 def _client(configuration: SingleSignOnConfiguration, metadata: dict) -> DjangoOAuth2App:
+    offered = metadata.get("id_token_signing_alg_values_supported") or ["RS256"]
+    metadata = {
+        **metadata,
+        "id_token_signing_alg_values_supported": [a for a in offered if a in ID_TOKEN_ALGORITHMS],
+    }
     oauth = OAuth()
     client = oauth.register(
         # Authlib keys the session's state data by this name: one organization's state cannot

@@ -26,8 +26,9 @@ SLUGS = ["acme", "initech"]
 IDP_PASSWORDS = {person["username"]: person["password"] for person in IDP_PEOPLE}
 
 
-def _provider(live_server, *, code_seconds):
+def _provider(live_server, *, code_seconds, impostor_jwks=False):
     return start_provider(
+        impostor_jwks=impostor_jwks,
         people=IDP_PEOPLE,
         clients=[
             {
@@ -239,6 +240,21 @@ def test_an_expired_code_is_refused(page, live_server):
         assert not User.objects.filter(email="ana@acme.example").exists()
     finally:
         hasty.stop()
+
+
+def test_an_id_token_the_published_keys_did_not_sign_is_refused(page, live_server):
+    impostor = _provider(live_server, code_seconds=60, impostor_jwks=True)
+    try:
+        acme_with_sso(impostor, slug="initech")
+        page.goto(f"{live_server.url}/login/sso/initech/")
+        sign_in_at_the_provider(page, "ana")
+        expect(page.get_by_role("heading", name="Single sign-on failed")).to_be_visible()
+        alert = page.get_by_role("alert")
+        assert alert.get_attribute("data-reason") == "token_rejected"
+        assert "bad_signature" in alert.inner_text()
+        assert not User.objects.filter(email="ana@acme.example").exists()
+    finally:
+        impostor.stop()
 
 
 @pytest.mark.parametrize(

@@ -41,8 +41,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_provider(*, people: list[dict], clients: list[dict], code_seconds: int = 60) -> Provider:
-    """A running provider with these people and clients; waits until discovery answers."""
+def start_provider(
+    *, people: list[dict], clients: list[dict], code_seconds: int = 60, impostor_jwks=False
+) -> Provider:
+    """A running provider with these people and clients; waits until discovery answers. With
+    `impostor_jwks`, its JWKS publishes a key that did not sign its ID tokens."""
     workdir = Path(tempfile.mkdtemp(prefix="sirocco-test-idp-"))
     seed = workdir / "seed.json"
     seed.write_text(json.dumps({"people": people, "clients": clients}))
@@ -54,6 +57,7 @@ def start_provider(*, people: list[dict], clients: list[dict], code_seconds: int
         "IDP_DATABASE": str(workdir / "idp.sqlite3"),
         "IDP_ISSUER": issuer,
         "IDP_CODE_SECONDS": str(code_seconds),
+        "IDP_IMPOSTOR_JWKS": "1" if impostor_jwks else "",
         "IDP_SIGNING_KEY": key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
