@@ -25,8 +25,8 @@ from django.urls import reverse
 from joserfc.errors import JoseError
 
 from accounts.models import SingleSignOnConfiguration
-from controlplane import secrets_at_rest
 from controlplane.errors import ValidationFailed
+from controlplane.secrets_at_rest import decrypt
 
 SCOPES = "openid email profile"
 # How long a started sign-in may take at the provider before its state is refused (seconds).
@@ -142,7 +142,7 @@ def _client(configuration: SingleSignOnConfiguration, metadata: dict) -> DjangoO
         # complete another's sign-in.
         name=f"sso-{configuration.organization_id}",
         client_id=configuration.client_id,
-        client_secret=secrets_at_rest.decrypt(configuration.client_secret_encrypted),
+        client_secret=decrypt(configuration.client_secret_encrypted),
         client_kwargs={
             "scope": SCOPES,
             "code_challenge_method": "S256",

@@ -29,8 +29,8 @@ from accounts.models import (
 )
 from accounts.roles import Permission, Role
 from accounts.services import _check_grant, _jsonable, audit_record, require
-from controlplane import secrets_at_rest
 from controlplane.errors import NotFound, ValidationFailed
+from controlplane.secrets_at_rest import encrypt
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _sso_save(*, actor: Actor, fields: dict) -> SingleSignOnConfiguration:
     changes = {}
     secret = fields.pop("client_secret", None)
     if secret is not None:
-        configuration.client_secret_encrypted = secrets_at_rest.encrypt(secret)
+        configuration.client_secret_encrypted = encrypt(secret)
         changes["client_secret"] = "set" if creating else "replaced"  # never the value
     for name, value in fields.items():
         old = getattr(configuration, name)

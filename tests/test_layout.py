@@ -90,6 +90,7 @@ CONTROLPLANE_SHARED = {
     "controlplane.mail",
     "controlplane.ops",
     "controlplane.rest",
+    "controlplane.secrets_at_rest",  # secrets stored encrypted (identity providers', partners')
     "controlplane.spreadsheets",
 }
 
