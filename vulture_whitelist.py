@@ -42,7 +42,6 @@ client_ip  # AXES_CLIENT_IP_CALLABLE
 # Run by Django's system check framework (`@register` in controlplane/checks.py).
 check_password_reset_mail
 check_metrics_token
-check_secrets_encryption_keys
 
 # drf-spectacular extensions register themselves by being subclassed.
 APIKeyScheme

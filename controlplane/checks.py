@@ -36,20 +36,3 @@ def check_password_reset_mail(app_configs, **kwargs):
             id="sirocco.E001",
         )
     ]
-
-
-@register(Tags.security, deploy=True)
-def check_secrets_encryption_keys(app_configs, **kwargs):
-    if settings.SECRETS_ENCRYPTION_KEYS:
-        return []
-    return [
-        Warning(
-            "SECRETS_ENCRYPTION_KEYS is not set: secrets stored encrypted (identity providers' "
-            "client secrets) use a key derived from SECRET_KEY, so rotating SECRET_KEY would "
-            "make them unreadable.",
-            hint="Set SECRETS_ENCRYPTION_KEYS to a Fernet key (Fernet.generate_key()); to move "
-            "off the derived key, list the new key first and run "
-            "`manage.py rotate_encrypted_secrets` before removing anything (docs/operator-guide.md).",
-            id="sirocco.W002",
-        )
-    ]

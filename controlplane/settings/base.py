@@ -162,8 +162,9 @@ else:
 # --- Partner models -------------------------------------------------------------------------
 # Fernet keys (44 characters of url-safe base64 each: `python -c "from cryptography.fernet
 # import Fernet; print(Fernet.generate_key().decode())"`) that encrypt provider credentials
-# at rest; the first encrypts, all decrypt. To rotate: put a new key first, run
-# `manage.py provider_credentials_rotate`, then drop the old key (docs/security.md).
+# at rest, and identity providers' client secrets (single sign-on, controlplane/secrets_at_rest.py);
+# the first encrypts, all decrypt. To rotate: put a new key first, run
+# `manage.py rotate_encrypted_secrets` (both kinds), then drop the old key (docs/security.md).
 PROVIDER_CREDENTIAL_KEYS = env.list("PROVIDER_CREDENTIAL_KEYS", default=[])
 
 # --- Gateway (/v1) ---------------------------------------------------------------------------
@@ -341,10 +342,6 @@ TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
 # calls to a provider give up after SSO_HTTP_TIMEOUT seconds.
 SSO_ALLOW_HTTP_ISSUERS = env.bool("SSO_ALLOW_HTTP_ISSUERS", default=False)
 SSO_HTTP_TIMEOUT = env.float("SSO_HTTP_TIMEOUT", default=10.0)
-# Fernet keys for secrets stored encrypted (identity providers' client secrets, partner
-# credentials): comma-separated, the first encrypts, all decrypt. Unset: one derived from
-# SECRET_KEY (controlplane/secrets_at_rest.py; `check --deploy` warns).
-SECRETS_ENCRYPTION_KEYS = env.list("SECRETS_ENCRYPTION_KEYS", default=[])
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

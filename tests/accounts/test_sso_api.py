@@ -81,14 +81,14 @@ def test_secrets_survive_a_key_rotation(organization, session_client, oidc_provi
     from cryptography.fernet import Fernet
 
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
-    settings.SECRETS_ENCRYPTION_KEYS = [old]
+    settings.PROVIDER_CREDENTIAL_KEYS = [old]
     client, _owner = session_client(organization, Role.OWNER)
     client.put(URL, configuration(oidc_provider.issuer), format="json")
-    settings.SECRETS_ENCRYPTION_KEYS = [new, old]
+    settings.PROVIDER_CREDENTIAL_KEYS = [new, old]
     from django.core.management import call_command
 
     call_command("rotate_encrypted_secrets")
-    settings.SECRETS_ENCRYPTION_KEYS = [new]
+    settings.PROVIDER_CREDENTIAL_KEYS = [new]
     stored = SingleSignOnConfiguration.objects.get(organization=organization)
     assert secrets_at_rest.decrypt(stored.client_secret_encrypted) == IDP_CLIENT_SECRET
 
@@ -215,3 +215,12 @@ def test_a_key_may_switch_password_sign_in_off_but_only_with_sso_enabled(
     response = owner_key.put(URL, {**body, "enabled": True}, format="json")
     assert response.status_code == 200, response.content
     assert response.json()["password_login_enabled"] is False
+
+
+def test_without_encryption_keys_no_secret_is_stored(organization, session_client, settings):
+    settings.PROVIDER_CREDENTIAL_KEYS = []
+    client, _owner = session_client(organization, Role.OWNER)
+    response = client.put(URL, configuration("https://idp.example"), format="json")
+    assert response.status_code == 400
+    assert "PROVIDER_CREDENTIAL_KEYS" in response.json()["detail"]
+    assert not SingleSignOnConfiguration.objects.exists()
