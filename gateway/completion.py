@@ -37,6 +37,7 @@ from gateway import metrics, partner, prompt_work
 from gateway.budget import NANOS, SpendPosition, TokenPrice
 from gateway.errors import (
     GatewayError,
+    bad_request,
     error_body,
     model_not_found,
     terms_not_accepted,
@@ -263,6 +264,13 @@ class Completion(Exchange):
     def worst_case(self) -> tuple[int, int, int]:
         """(tokens to reserve, most prompt tokens, most completion tokens) for admission."""
         request = self.request
+        most = self.gateway.config.max_choices
+        if request.n > most:
+            raise bad_request(
+                f"`n` is {request.n}; this platform generates at most {most} choices per "
+                "request. Lower `n`, or send several requests.",
+                param="n",
+            )
         return _worst_case(
             request,
             request.prompt_tokens,

@@ -35,6 +35,7 @@ class GatewaySettings:
     inline_prompt_bytes: int
     prompt_workers: int
     prompt_queue_per_organization: int
+    max_choices: int
 
     @classmethod
     def from_django(cls, **overrides) -> GatewaySettings:
@@ -61,6 +62,7 @@ class GatewaySettings:
             "inline_prompt_bytes": settings.GATEWAY_INLINE_PROMPT_BYTES,
             "prompt_workers": settings.GATEWAY_PROMPT_WORKERS,
             "prompt_queue_per_organization": settings.GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION,
+            "max_choices": settings.GATEWAY_MAX_CHOICES,
         }
         values.update(overrides)
         return cls(**values)

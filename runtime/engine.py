@@ -52,6 +52,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None: no logprobs; else how many most likely alternatives each token reports (0-20).
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution (before
+    temperature, top-p and any grammar mask), and the `top` most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class GenerationEvent:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
+    # The tokens generated since the previous event, with their logprobs (when asked for).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class EngineListener:
@@ -114,6 +128,8 @@ class _Sequence:
     error: str | None = None
     # A grammar the output must follow (tools, response_format); None for free text.
     constraint: Constraint | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_emitted: int = 0
 
     @property
     def length(self) -> int:
@@ -357,10 +373,18 @@ class Engine:
     def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
         """Greedy where temperature is 0; else temperature and nucleus (top-p) sampling; a
         constrained sequence chooses among the tokens its grammar allows."""
+        raw = logits
         constrained = [row for row, s in enumerate(sequences) if s.constraint is not None]
         if constrained:
             logits = self._mask_disallowed(logits, sequences, constrained)
         chosen = logits.argmax(dim=-1).tolist()
+        chosen = self._sample_rows(logits, sequences, chosen)
+        _record_logprobs(raw, sequences, chosen)
+        return chosen
+
+    def _sample_rows(
+        self, logits: torch.Tensor, sequences: list[_Sequence], chosen: list[int]
+    ) -> list[int]:
         for row, sequence in enumerate(sequences):
             params = sequence.params
             if params.temperature == 0:
@@ -470,6 +494,8 @@ class Engine:
             return
         text = sequence.text[sequence.emitted : max(upto, sequence.emitted)]
         sequence.emitted = max(upto, sequence.emitted)
+        logprobs = tuple(sequence.logprobs[sequence.logprobs_emitted :])
+        sequence.logprobs_emitted = len(sequence.logprobs)
         sequence.sink(
             GenerationEvent(
                 text=text,
@@ -478,6 +504,7 @@ class Engine:
                 finish_reason=sequence.finish_reason,
                 cached_tokens=sequence.cached_tokens,
                 error=sequence.error,
+                logprobs=logprobs,
             )
         )
 
@@ -513,6 +540,23 @@ class Engine:
                 )
             except Exception:
                 logger.exception("could not tell request %s about the failure", sequence.request_id)
+
+
+def _record_logprobs(logits: torch.Tensor, sequences: list[_Sequence], chosen: list[int]) -> None:
+    """For the rows that asked: the chosen token's logprob and the top alternatives, from the
+    raw logits [rows, vocab] (vLLM's default `raw_logprobs`), so that with temperature 0 the
+    top alternative is the chosen token."""
+    for row, sequence in enumerate(sequences):
+        wanted = sequence.params.logprobs
+        if wanted is None:
+            continue
+        logprobs = torch.log_softmax(logits[row].float(), dim=-1).cpu()
+        token = chosen[row]
+        top = ()
+        if wanted:
+            values, ids = torch.topk(logprobs, wanted)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        sequence.logprobs.append(TokenLogprob(token, float(logprobs[token]), top))
 
 
 def _stop_prefix_holdback(sequence: _Sequence) -> int:

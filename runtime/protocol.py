@@ -17,6 +17,10 @@ from runtime.engine import SamplingParams
 from runtime.schemas import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
+# Choices per request (`n`), as the gateway's own ceiling (GATEWAY_MAX_CHOICES) allows at most.
+MAX_CHOICES = 128
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # the completions API's logprobs
 UNCONSTRAINED = OutputSpec()
 
 
@@ -60,6 +64,7 @@ class ParsedRequest:
     continuous_usage: bool = False
     # Tools and response_format: what the output must be (free text when unconstrained).
     output: OutputSpec = UNCONSTRAINED
+    n: int = 1  # choices, each generated on its own (seed + index when a seed is given)
 
 
 class Tokenization:
@@ -72,6 +77,10 @@ class Tokenization:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as logprobs name it (special tokens included, as vLLM shows them)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
@@ -163,6 +172,8 @@ def _finish_parsing(
     if top_p is not None and top_p == 0.0:
         raise RequestError("top_p must be greater than 0", param="top_p")
     seed = _optional_int(body, "seed", minimum=-(2**63), maximum=2**64 - 1)
+    n = _optional_int(body, "n", minimum=1, maximum=MAX_CHOICES) or 1
+    logprobs = _logprobs(body, chat=chat)
     stream = _optional_bool(body, "stream") or False
     include_usage = continuous_usage = False
     if body.get("stream_options") is not None:
@@ -188,11 +199,27 @@ def _finish_parsing(
             seed=None if seed is None else seed % 2**64,
             stop=_stop_sequences(body.get("stop")),
             ignore_eos=_optional_bool(body, "ignore_eos") or False,
+            logprobs=logprobs,
         ),
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous_usage,
+        n=n,
     )
+
+
+def _logprobs(body: dict, *, chat: bool) -> int | None:
+    """How many alternatives each token reports; None when logprobs are off. Chat takes
+    `logprobs: true` and `top_logprobs` (0-20); completions take `logprobs` (0-5), OpenAI's."""
+    if not chat:
+        return _optional_int(body, "logprobs", minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
+    wanted = _optional_bool(body, "logprobs")
+    top = _optional_int(body, "top_logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise RequestError(
+            "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value"
+        )
+    return (top or 0) if wanted else None
 
 
 _MISSING = object()
@@ -221,9 +248,6 @@ def _completion_prompt(prompt: Any, tokenization: Tokenization) -> list[int]:
 
 
 def _refuse_unsupported(body: dict, *, chat: bool) -> None:
-    n = _optional_int(body, "n", minimum=1)
-    if n not in (None, 1):
-        raise RequestError("n must be 1: this runtime returns one choice per request", param="n")
     best_of = _optional_int(body, "best_of", minimum=1)
     if best_of not in (None, 1):
         raise RequestError("best_of must be 1", param="best_of")
@@ -233,12 +257,7 @@ def _refuse_unsupported(body: dict, *, chat: bool) -> None:
             raise RequestError(f"{name} is not supported; leave it at 0", param=name)
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported", param="logit_bias")
-    if chat:
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise RequestError("logprobs are not supported", param="logprobs")
-    else:
-        if body.get("logprobs") is not None:
-            raise RequestError("logprobs are not supported", param="logprobs")
+    if not chat:
         if body.get("echo"):
             raise RequestError("echo is not supported", param="echo")
         if body.get("suffix"):
@@ -357,37 +376,81 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
-def full_response(
+def full_choice(
     request: ParsedRequest,
-    response_id: str,
-    model: str,
+    index: int,
     text: str,
     finish_reason: str,
-    usage_: dict,
     tool_calls: list[dict] | None = None,
+    logprobs: dict | None = None,
 ) -> dict:
-    """The whole answer; with `tool_calls` the message carries them and no content."""
+    """One choice of a whole answer; with `tool_calls` the message carries them and no
+    content."""
     if request.chat:
         message = {"role": "assistant", "content": text}
         if tool_calls:
             message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "message": message,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        kind = "text_completion"
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def full_response(
+    request: ParsedRequest, response_id: str, model: str, choices: list[dict], usage_: dict
+) -> dict:
+    """The whole answer: every choice (full_choice), and the usage of all of them."""
     return {
         "id": response_id,
-        "object": kind,
+        "object": "chat.completion" if request.chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage_,
+    }
+
+
+def chat_logprobs(entries, token_text) -> dict:
+    """Chat's `logprobs` for these tokens: {"content": [{token, logprob, bytes,
+    top_logprobs}], "refusal": None}, OpenAI's shape."""
+
+    def one(token_id: int, logprob: float) -> dict:
+        token = token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries, token_text, text_offset: int) -> dict:
+    """The completions API's `logprobs` for these tokens: parallel lists, `top_logprobs` a
+    token → logprob object per position (the sampled token always in it, as vLLM does), and
+    each token's character offset in the whole completion, counted from `text_offset`."""
+    tokens, offsets, top = [], [], []
+    for entry in entries:
+        token = token_text(entry.token_id)
+        tokens.append(token)
+        offsets.append(text_offset)
+        text_offset += len(token)
+        # Keyed by text: two tokens may read alike (byte pieces); the likelier one is kept.
+        alternatives: dict[str, float] = {}
+        for alternative, logprob in entry.top:
+            alternatives.setdefault(token_text(alternative), logprob)
+        alternatives.setdefault(token, entry.logprob)
+        top.append(alternatives)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
     }
 
 
@@ -403,6 +466,8 @@ def stream_chunk(
     finish_reason: str | None = None,
     usage_: dict | None = None,
     usage_so_far: dict | None = None,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
     """One SSE chunk; with `usage_` it is the final usage chunk, which has no choices. With
     continuous usage, a content chunk carries `usage_so_far` (cumulative counts)."""
@@ -416,10 +481,17 @@ def stream_chunk(
             delta["content"] = text
         if tool_call is not None:
             delta["tool_calls"] = [tool_call]
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        ]
     else:
         choices = [
-            {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         ]
     chunk = {
         "id": response_id,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import socket
@@ -16,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,15 +34,18 @@ from runtime.embeddings import (
     load_embedding_model,
     serve_embeddings,
 )
-from runtime.engine import FINISH_ERROR, Engine, GenerationEvent
+from runtime.engine import FINISH_ERROR, Engine, GenerationEvent, SamplingParams, TokenLogprob
 from runtime.metrics import PrometheusListener
 from runtime.protocol import (
     ParsedRequest,
     RequestError,
     Tokenization,
+    chat_logprobs,
     completion_id,
+    completion_logprobs,
     error_body,
     finish_reason,
+    full_choice,
     full_response,
     parse_chat_request,
     parse_completion_request,
@@ -288,28 +293,62 @@ async def _generate(request: Request, state: RuntimeState, parse) -> Response:
             ),
             status_code=404,
         )
-    constraint = None
+    constraints: list[Constraint | None] = [None] * parsed.n
     if parsed.output.constrained:
-        try:
-            constraint = await _compile(state, model, parsed)
+        try:  # one grammar state per choice
+            constraints = list(
+                await asyncio.gather(*(_compile(state, model, parsed) for _ in range(parsed.n)))
+            )
         except RequestError as error:
             return JSONResponse(error.body(), status_code=error.status)
     request_id = completion_id(parsed.chat)
+    choices = _choices(request_id, parsed, constraints)
     if parsed.stream:
-        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        model.engine.submit(
-            request_id,
-            parsed.prompt_ids,
-            parsed.params,
-            state.relay.sink(events.put_nowait),
-            constraint,
-        )
+        events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
+        for choice in choices:
+            deliver = functools.partial(_put_choice_event, events, choice.index)
+            model.engine.submit(
+                choice.engine_id,
+                parsed.prompt_ids,
+                choice.params,
+                state.relay.sink(deliver),
+                choice.constraint,
+            )
         return StreamingResponse(
-            _stream(model.engine, request_id, parsed, state.served_model_name, events, constraint),
+            _stream(model, request_id, parsed, state.served_model_name, events, choices),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
         )
-    return await _complete(request, state, model.engine, request_id, parsed, constraint)
+    return await _complete(request, state, model, request_id, parsed, choices)
+
+
+@dataclass
+class _Choice:
+    """One of a request's `n` choices: its own engine request, seed and grammar state."""
+
+    index: int
+    engine_id: str
+    params: SamplingParams
+    constraint: Constraint | None
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def _choices(request_id: str, parsed: ParsedRequest, constraints) -> list[_Choice]:
+    """The engine requests of a request's choices. With a seed, choice i samples with seed + i
+    (vLLM's rule), so the choices differ and the request stays reproducible."""
+    choices = []
+    for index, constraint in enumerate(constraints):
+        params = parsed.params
+        if index and params.seed is not None:
+            params = dataclasses.replace(params, seed=(params.seed + index) % 2**64)
+        engine_id = request_id if parsed.n == 1 else f"{request_id}-{index}"
+        choices.append(_Choice(index, engine_id, params, constraint))
+    return choices
+
+
+def _put_choice_event(events: asyncio.Queue, index: int, event: GenerationEvent) -> None:
+    events.put_nowait((index, event))
 
 
 async def _compile(state: RuntimeState, model: LoadedModel, parsed: ParsedRequest) -> Constraint:
@@ -335,112 +374,184 @@ async def _compile(state: RuntimeState, model: LoadedModel, parsed: ParsedReques
 async def _complete(
     request: Request,
     state: RuntimeState,
-    engine: Engine,
+    model: LoadedModel,
     request_id: str,
     parsed: ParsedRequest,
-    constraint: Constraint | None,
+    choices: list[_Choice],
 ) -> Response:
-    # Text accumulates on the engine thread; the event loop hears only of the end.
-    finished: asyncio.Future[GenerationEvent] = asyncio.get_running_loop().create_future()
-    parts: list[str] = []
-    relay_end = state.relay.sink(lambda event: _resolve(finished, event))
+    # Text accumulates on the engine thread; the event loop hears only of each choice's end.
+    loop = asyncio.get_running_loop()
+    ends: list[asyncio.Future[GenerationEvent]] = [loop.create_future() for _ in choices]
+    engine = model.engine
+    for choice, end in zip(choices, ends, strict=True):
+        relay_end = state.relay.sink(functools.partial(_resolve, end))
 
-    def sink(event: GenerationEvent) -> None:
-        parts.append(event.text)
-        if event.finish_reason is not None:
-            relay_end(event)
+        def sink(event: GenerationEvent, choice=choice, relay_end=relay_end) -> None:
+            choice.parts.append(event.text)
+            choice.logprobs.extend(event.logprobs)
+            if event.finish_reason is not None:
+                relay_end(event)
 
-    engine.submit(request_id, parsed.prompt_ids, parsed.params, sink, constraint)
+        engine.submit(choice.engine_id, parsed.prompt_ids, choice.params, sink, choice.constraint)
+    finished = asyncio.gather(*ends)
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({finished, disconnected}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnected.cancel()
     if not finished.done():
-        engine.cancel(request_id)  # the client went away: free its row now
+        for choice in choices:
+            engine.cancel(choice.engine_id)  # the client went away: free its rows now
+        finished.cancel()
         return Response(status_code=499)
-    event = finished.result()
-    if event.finish_reason == FINISH_ERROR:
+    events = finished.result()
+    failed = next((e for e in events if e.finish_reason == FINISH_ERROR), None)
+    if failed is not None:
         return JSONResponse(
-            error_body(f"generation failed: {event.error}", "server_error"), status_code=500
+            error_body(f"generation failed: {failed.error}", "server_error"), status_code=500
         )
-    reader = AnswerReader(parsed.output, constraint)
-    answer = reader.feed("".join(parts)) + reader.finish()
-    text = "".join(piece for kind, piece in answer if kind == "content")
-    tool_calls = reader.calls.tool_calls() if reader.called else None
+    token_text = model.tokenization.token_text
+    answers = []
+    for choice, event in zip(choices, events, strict=True):
+        reader = AnswerReader(parsed.output, choice.constraint)
+        answer = reader.feed("".join(choice.parts)) + reader.finish()
+        text = "".join(piece for kind, piece in answer if kind == "content")
+        tool_calls = reader.calls.tool_calls() if reader.called else None
+        logprobs = None
+        if choice.params.logprobs is not None:
+            logprobs = (
+                chat_logprobs(choice.logprobs, token_text)
+                if parsed.chat
+                else completion_logprobs(choice.logprobs, token_text, 0)
+            )
+        answers.append(
+            full_choice(
+                parsed,
+                choice.index,
+                text,
+                finish_reason(parsed.output, event.finish_reason, bool(tool_calls)),
+                tool_calls,
+                logprobs,
+            )
+        )
+    first = events[0]
+    total = usage(
+        first.prompt_tokens, sum(e.completion_tokens for e in events), first.cached_tokens
+    )
     return JSONResponse(
-        full_response(
-            parsed,
-            request_id,
-            state.served_model_name,
-            text,
-            finish_reason(parsed.output, event.finish_reason, bool(tool_calls)),
-            usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
-            tool_calls,
-        ),
+        full_response(parsed, request_id, state.served_model_name, answers, total),
         headers={"X-Request-Id": request_id},
     )
 
 
 async def _stream(
-    engine: Engine,
+    model: LoadedModel,
     request_id: str,
     parsed: ParsedRequest,
     model_name: str,
-    events: asyncio.Queue[GenerationEvent],
-    constraint: Constraint | None,
+    events: asyncio.Queue[tuple[int, GenerationEvent]],
+    choices: list[_Choice],
 ) -> AsyncIterator[str]:
     created = int(time.time())
-    finished = False
-    reader = AnswerReader(parsed.output, constraint)
+    readers = [AnswerReader(parsed.output, choice.constraint) for choice in choices]
+    # Logprobs of tokens whose text has not gone out yet, and each choice's text offset.
+    pending: list[list[TokenLogprob]] = [[] for _ in choices]
+    offsets = [0] * len(choices)
+    last: dict[int, GenerationEvent] = {}  # each finished choice's final event
+    token_text = model.tokenization.token_text
+    wants_logprobs = parsed.params.logprobs is not None
 
     def chunk(**fields) -> str:
         payload = stream_chunk(parsed, request_id, model_name, created, **fields)
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+    def take_logprobs(index: int) -> dict | None:
+        if not wants_logprobs or not pending[index]:
+            return None
+        entries, pending[index] = pending[index], []
+        if parsed.chat:
+            return chat_logprobs(entries, token_text)
+        logprobs = completion_logprobs(entries, token_text, offsets[index])
+        offsets[index] += sum(len(token) for token in logprobs["tokens"])
+        return logprobs
+
     try:
         if parsed.chat:
-            yield chunk(role=True, text="", usage_so_far=usage(len(parsed.prompt_ids), 0))
-        while True:
-            event = await events.get()
-            text = event.text
-            while event.finish_reason is None and not events.empty():
-                event = events.get_nowait()  # the client fell behind: send what piled up at once
-                text += event.text
-            if event.finish_reason == FINISH_ERROR:
-                finished = True
-                error = error_body(f"generation failed: {event.error}", "server_error")
-                yield f"data: {json.dumps(error)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            so_far = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            if parsed.chat:
-                pieces = reader.feed(text)
-                if event.finish_reason is not None:
-                    pieces += reader.finish()
-                for kind, piece in pieces:
-                    if kind == "content":
-                        yield chunk(text=piece, usage_so_far=so_far)
-                    else:  # one tool_calls delta per chunk, as OpenAI sends them
-                        yield chunk(tool_call=piece, usage_so_far=so_far)
-                if event.finish_reason is not None:
-                    reason = finish_reason(parsed.output, event.finish_reason, reader.called)
-                    yield chunk(finish_reason=reason, usage_so_far=so_far)
-            elif text or event.finish_reason is not None:
-                yield chunk(text=text, finish_reason=event.finish_reason, usage_so_far=so_far)
-            if event.finish_reason is not None:
-                finished = True
-                if parsed.include_usage:
-                    yield chunk(
-                        usage_=usage(
-                            event.prompt_tokens, event.completion_tokens, event.cached_tokens
+            for choice in choices:
+                yield chunk(
+                    role=True,
+                    text="",
+                    index=choice.index,
+                    usage_so_far=usage(len(parsed.prompt_ids), 0),
+                )
+        while len(last) < len(choices):
+            burst = [await events.get()]
+            while not events.empty():  # the client fell behind: send what piled up at once
+                burst.append(events.get_nowait())
+            for index, text, event in _merge_by_choice(burst):
+                pending[index].extend(e for e in _logprobs_of(burst, index))
+                if event.finish_reason == FINISH_ERROR:
+                    last[index] = event
+                    error = error_body(f"generation failed: {event.error}", "server_error")
+                    yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                so_far = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+                done = event.finish_reason is not None
+                if parsed.chat:
+                    reader = readers[index]
+                    pieces = reader.feed(text) + (reader.finish() if done else [])
+                    for kind, piece in pieces:
+                        field_name = "text" if kind == "content" else "tool_call"
+                        yield chunk(
+                            **{field_name: piece},  # one tool_calls delta per chunk, as OpenAI
+                            index=index,
+                            usage_so_far=so_far,
+                            logprobs=take_logprobs(index),
                         )
+                    if done:
+                        reason = finish_reason(parsed.output, event.finish_reason, reader.called)
+                        yield chunk(
+                            finish_reason=reason,
+                            index=index,
+                            usage_so_far=so_far,
+                            logprobs=take_logprobs(index),
+                        )
+                elif text or done:
+                    yield chunk(
+                        text=text,
+                        finish_reason=event.finish_reason,
+                        index=index,
+                        usage_so_far=so_far,
+                        logprobs=take_logprobs(index),
                     )
-                yield "data: [DONE]\n\n"
-                return
+                if done:
+                    last[index] = event
+        if parsed.include_usage:
+            first = last[0]
+            completion_tokens = sum(event.completion_tokens for event in last.values())
+            yield chunk(usage_=usage(first.prompt_tokens, completion_tokens, first.cached_tokens))
+        yield "data: [DONE]\n\n"
     finally:
-        if not finished:
-            engine.cancel(request_id)  # the client disconnected mid-stream
+        for choice in choices:
+            if choice.index not in last:
+                model.engine.cancel(choice.engine_id)  # the client disconnected mid-stream
+
+
+def _merge_by_choice(burst: list[tuple[int, GenerationEvent]]):
+    """(index, text, last event) per choice in a burst of events, in order of first arrival:
+    a choice's events since the previous burst become one."""
+    merged: dict[int, tuple[str, GenerationEvent]] = {}
+    for index, event in burst:
+        text = merged[index][0] if index in merged else ""
+        merged[index] = (text + event.text, event)
+    return [(index, text, event) for index, (text, event) in merged.items()]
+
+
+def _logprobs_of(burst: list[tuple[int, GenerationEvent]], index: int):
+    for event_index, event in burst:
+        if event_index == index:
+            yield from event.logprobs
 
 
 async def _wait_for_disconnect(request: Request) -> None:

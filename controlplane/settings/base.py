@@ -207,6 +207,9 @@ GATEWAY_DB_THREADS = env.int("GATEWAY_DB_THREADS", default=4)
 # GATEWAY_PROMPT_WORKERS worker processes, shared round-robin between organizations; an
 # organization with GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION of them queued or running gets 429.
 GATEWAY_INLINE_PROMPT_BYTES = env.int("GATEWAY_INLINE_PROMPT_BYTES", default=8192)
+# The most choices (`n`) one request may ask for: each reserves max_tokens against the limits
+# and the spend limit, and each is generated (and billed); above it, 400 naming `n`.
+GATEWAY_MAX_CHOICES = env.int("GATEWAY_MAX_CHOICES", default=16)
 GATEWAY_PROMPT_WORKERS = env.int("GATEWAY_PROMPT_WORKERS", default=2)
 GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int("GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8)
 
