@@ -2,11 +2,13 @@
 the publisher reads it) and its statements (JSON, PDF, CSV). Members of the publisher read
 them with `billing.read`; operators read every publisher's; anyone else gets 404."""
 
+from datetime import timedelta
 from decimal import Decimal
 
 from django.http import HttpResponse
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -15,10 +17,11 @@ from accounts.services import require
 from billing import documents, payouts, statements
 from billing.models import PublisherStatement, RevenueShare, StatementLine
 from billing.money import format_money
+from billing.publisher_analytics import publisher_analytics
 from catalog.permissions import is_operator
 from catalog.publisher_apis import PublisherApi
 from catalog.publishers import require_publisher_member
-from controlplane.errors import NotFound
+from controlplane.errors import NotFound, ValidationFailed
 from controlplane.rest.serializers import StrictSerializer
 
 
@@ -234,3 +237,67 @@ class PayoutAccountApi(PublisherApi):
                 return_url=fields["return_url"],
             )
         return Response({"payouts_linked": True, "onboarding_url": url})
+
+
+class AnalyticsModelSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    requests = serializers.IntegerField(source="total.requests")
+    input_tokens = serializers.IntegerField(source="total.input_tokens")
+    output_tokens = serializers.IntegerField(source="total.output_tokens")
+    gpu_seconds = serializers.IntegerField(source="total.gpu_seconds")
+    revenue = serializers.DecimalField(
+        source="total.revenue", max_digits=34, decimal_places=6, coerce_to_string=True
+    )
+    customers = serializers.IntegerField()
+    days = serializers.SerializerMethodField()
+
+    def get_days(self, model) -> list[dict]:
+        """Per UTC day with use: requests, tokens, GPU-seconds, revenue (6 places)."""
+        return [
+            {
+                "day": day.isoformat(),
+                "requests": figures.requests,
+                "input_tokens": figures.input_tokens,
+                "output_tokens": figures.output_tokens,
+                "gpu_seconds": figures.gpu_seconds,
+                "revenue": f"{figures.revenue.quantize(Decimal('0.000001')):f}",
+            }
+            for day, figures in sorted(model.days.items())
+        ]
+
+
+class AnalyticsSerializer(serializers.Serializer):
+    start = serializers.DateField()
+    end = serializers.DateField()
+    currency = serializers.CharField()
+    customers = serializers.IntegerField(help_text="Customer organizations, counted.")
+    models = AnalyticsModelSerializer(many=True)
+    named_customers = serializers.SerializerMethodField()
+
+    def get_named_customers(self, report) -> list[str]:
+        """The customers who accepted terms letting the publisher know them."""
+        return [slug for slug, _figures in report.named]
+
+
+class PublisherAnalyticsApi(StatementApi):
+    """Use of the publisher's models per model and day over the last `days` (7 to 400),
+    aggregated over customers; named only where a customer agreed in the terms."""
+
+    serializer_class = AnalyticsSerializer
+
+    @extend_schema(
+        parameters=[OpenApiParameter("days", int, required=False, description="Default 30.")]
+    )
+    def get(self, request, slug):
+        self.statements()  # the same readers as the statements
+        try:
+            days = int(request.query_params.get("days", 30))
+        except ValueError:
+            days = 0
+        if not 1 <= days <= 400:
+            raise ValidationFailed("days is a whole number from 1 to 400.", field="days")
+        today = timezone.now().date()
+        report = publisher_analytics(
+            publisher=self.get_publisher(), start=today - timedelta(days=days - 1), end=today
+        )
+        return Response(AnalyticsSerializer(report).data)

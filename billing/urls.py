@@ -15,6 +15,11 @@ urlpatterns = [
         name="revenue-share-list",
     ),
     path(
+        "publishers/<str:slug>/analytics",
+        publisher_apis.PublisherAnalyticsApi.as_view(),
+        name="publisher-analytics",
+    ),
+    path(
         "publishers/<str:slug>/payout-account",
         publisher_apis.PayoutAccountApi.as_view(),
         name="publisher-payout-account",

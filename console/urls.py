@@ -9,6 +9,7 @@ from console.views import (
     organization,
     overview,
     playground,
+    publisher,
     sso,
     usage,
 )
@@ -35,6 +36,17 @@ urlpatterns = [
         name="password-reset-complete",
     ),
     path("organization/switch", auth.switch_organization, name="switch-organization"),
+    path("publisher/", publisher.PublisherListingsView.as_view(), name="publisher"),
+    path(
+        "publisher/statements/",
+        publisher.PublisherStatementsView.as_view(),
+        name="publisher-statements",
+    ),
+    path(
+        "publisher/analytics/",
+        publisher.PublisherAnalyticsView.as_view(),
+        name="publisher-analytics",
+    ),
     path("models/", catalog.ModelListView.as_view(), name="models"),
     path("models/<str:slug>/", catalog.ModelDetailView.as_view(), name="model"),
     path("models/<str:slug>/deploy", deployments.DeployView.as_view(), name="deploy"),

@@ -40,6 +40,8 @@ NAV = [
     NavItem("invoices", "Invoices", "console:invoices", Permission.BILLING_READ),
     NavItem("api-keys", "API keys", "console:api-keys", Permission.API_KEYS_READ),
     NavItem("settings", "Organization", "console:settings", Permission.ORGANIZATION_READ),
+    # Shown to publisher organizations only (page_context).
+    NavItem("publisher", "Publisher", "console:publisher"),
 ]
 
 
@@ -56,10 +58,21 @@ def page_context(request, section: str = "") -> dict:
         "memberships": membership_list_for_user(
             user=request.user, sso_organization_id=request.session.get(SESSION_SSO_ORGANIZATION_KEY)
         ),
-        "nav": [item for item in NAV if item.permission is None or actor.can(item.permission)],
+        "nav": [
+            item
+            for item in NAV
+            if (item.permission is None or actor.can(item.permission))
+            and (item.section != "publisher" or _is_publisher(actor))
+        ],
         "section": section,
         "now": timezone.now(),
     }
+
+
+def _is_publisher(actor) -> bool:
+    from catalog.models import Publisher
+
+    return Publisher.objects.filter(organization=actor.organization).exists()
 
 
 class ConsoleView(View):

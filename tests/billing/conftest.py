@@ -1,3 +1,4 @@
+import contextlib
 import socket
 import subprocess
 import sys
@@ -60,9 +61,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def localstripe():
-    """The Stripe stand-in, on a free loopback port, for this module's tests."""
+@contextlib.contextmanager
+def running_localstripe():
+    """The Stripe stand-in on a free loopback port; yields its base URL."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(SERVER), "--port", str(port)],
@@ -80,9 +81,18 @@ def localstripe():
                 process.kill()
                 pytest.fail(f"localstripe did not start: {process.stderr.read().decode()[-2000:]}")
             time.sleep(0.1)
-    yield base
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def localstripe():
+    """The Stripe stand-in for this module's tests."""
+    with running_localstripe() as base:
+        yield base
 
 
 @pytest.fixture
