@@ -15,7 +15,7 @@ The protocol itself is in accounts/oidc.py (Authlib). The rules here:
 import logging
 import re
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -242,8 +242,18 @@ def sso_remove(*, actor: Actor) -> None:
     configuration.delete()
 
 
-@transaction.atomic
 def sso_sign_in(*, configuration: SingleSignOnConfiguration, claims: dict) -> User:
+    """The person a verified ID token names (`_sso_sign_in`). Two first sign-ins of one person
+    at once (two tabs) race to link them: the loser's unique constraint fails, and its second
+    try finds what the winner made."""
+    try:
+        return _sso_sign_in(configuration=configuration, claims=claims)
+    except IntegrityError:
+        return _sso_sign_in(configuration=configuration, claims=claims)
+
+
+@transaction.atomic
+def _sso_sign_in(*, configuration: SingleSignOnConfiguration, claims: dict) -> User:
     """The person a verified ID token names, provisioned just in time if new.
 
     `claims` come from accounts/oidc.py, which verified the token's signature, issuer,

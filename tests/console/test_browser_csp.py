@@ -43,7 +43,7 @@ def test_no_page_breaks_the_content_security_policy(page, live_server, organizat
         ),
     )
 
-    anonymous = ["/login/", "/password-reset/", "/admin/login/", "/api/docs/"]
+    anonymous = ["/login/", "/login/sso/", "/password-reset/", "/admin/login/", "/api/docs/"]
     for path in anonymous:
         current["url"] = live_server.url + path
         visit(page, current["url"], problems)

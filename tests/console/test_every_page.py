@@ -71,6 +71,7 @@ def pages(organization):
         f"/invoices/{invoice.number}/": Permission.BILLING_READ,
         "/api-keys/": Permission.API_KEYS_READ,
         "/settings/": Permission.ORGANIZATION_READ,
+        "/settings/sso": Permission.SSO_READ,
     }
 
 
