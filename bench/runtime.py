@@ -10,8 +10,13 @@ time to the first new token of each call). The systems take turns, never running
 --rounds interleaved rounds; tokens/s is the median over rounds. The HTTP clients share the CPU
 with the server. The last rows run the runtime's engine in this process, without HTTP: each
 batch of `concurrency` requests submitted at once. All use --cpu-threads torch threads
-(default 1). Prints a table and writes
-bench/results/runtime.json.
+(default 1).
+
+Constrained decoding: at the highest concurrency, chat requests answering under a JSON schema
+(ORDER_SCHEMA: nested objects, arrays, enums; response_format json_schema, strict) against the
+same chat requests unconstrained (ignore_eos, so both run to about --tokens tokens), through
+the server and through the engine alone; tokens/s counts the tokens each answer really had.
+Prints a table and writes bench/results/runtime.json.
 """
 
 from __future__ import annotations
@@ -45,6 +50,39 @@ TOPICS = [
     "a letter to a friend",
     "the life of bees",
 ]
+
+
+ORDER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "customer": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "tier": {"enum": ["free", "pro"]}},
+            "required": ["name", "tier"],
+            "additionalProperties": False,
+        },
+        "lines": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string"},
+                    "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
+                    "tags": {"type": "array", "items": {"enum": ["gift", "fragile", "bulk"]}},
+                },
+                "required": ["sku", "quantity", "tags"],
+                "additionalProperties": False,
+            },
+        },
+        "note": {"type": "string"},
+    },
+    "required": ["customer", "lines", "note"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "order", "strict": True, "schema": ORDER_SCHEMA},
+}
 
 
 def prompts(count: int) -> list[str]:
@@ -106,31 +144,43 @@ def serial_baseline(model_dir: Path, tokens: int):
     return measure
 
 
-async def one_request(client: httpx.AsyncClient, url: str, text: str, tokens: int):
+async def one_request(
+    client: httpx.AsyncClient, url: str, text: str, tokens: int, mode: str = "completion"
+):
+    """mode: "completion" (/v1/completions), "chat", or "schema" (chat under ORDER_SCHEMA)."""
     body = {
         "model": SERVED_NAME,
-        "prompt": text,
         "max_tokens": tokens,
         "temperature": 0,
-        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if mode == "completion":
+        body.update(prompt=text, ignore_eos=True)
+    else:
+        body["messages"] = [{"role": "user", "content": text}]
+        if mode == "schema":
+            body["response_format"] = RESPONSE_FORMAT
+        else:
+            body["ignore_eos"] = True
+    path = "/v1/completions" if mode == "completion" else "/v1/chat/completions"
     started = time.perf_counter()
     first_at, generated = None, 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    async with client.stream("POST", f"{url}{path}", json=body) as response:
         response.raise_for_status()
         # The client shares the CPU with the server: it parses only the first chunk (TTFT) and
         # the usage chunk, the one without choices.
         async for line in response.aiter_lines():
             if first_at is None and line.startswith("data: {"):
                 first_at = time.perf_counter()
-            elif '"choices": []' in line:
+            elif '"choices": []' in line or '"choices":[]' in line:
                 generated = json.loads(line[6:])["usage"]["completion_tokens"]
     return first_at - started, generated
 
 
-async def closed_loop(url: str, texts: list[str], concurrency: int, tokens: int) -> dict:
+async def closed_loop(
+    url: str, texts: list[str], concurrency: int, tokens: int, mode: str = "completion"
+) -> dict:
     pending = list(texts)
     ttfts, generated = [], 0
 
@@ -138,13 +188,13 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, tokens: int)
         nonlocal generated
         while pending:
             text = pending.pop()
-            ttft, count = await one_request(client, url, text, tokens)
+            ttft, count = await one_request(client, url, text, tokens, mode)
             ttfts.append(ttft)
             generated += count
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await one_request(client, url, texts[0], 4)  # warm-up
+        await one_request(client, url, texts[0], 4, mode)  # warm-up
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
@@ -155,6 +205,7 @@ def engine_in_process(model_dir: Path, max_num_seqs: int, tokens: int):
     """A function running the runtime's engine directly (no HTTP): `batch` requests at once."""
     from prometheus_client import CollectorRegistry
 
+    from runtime.chat import output_spec
     from runtime.engine import SamplingParams
     from runtime.metrics import PrometheusListener
     from runtime.server import load_model
@@ -169,23 +220,32 @@ def engine_in_process(model_dir: Path, max_num_seqs: int, tokens: int):
         download_dir=Path(tempfile.gettempdir()),
     )
     engine = loaded.engine
+    spec = output_spec({"response_format": RESPONSE_FORMAT})
 
-    def measure(texts: list[str]) -> dict:
-        arrived, first = {}, {}
-        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    def measure(texts: list[str], schema: bool = False) -> dict:
+        """Chat prompts under ORDER_SCHEMA when `schema` (compiling each request's grammar
+        is part of the time), else plain prompts run to exactly `tokens` tokens."""
+        arrived, first, counts = {}, {}, {}
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=not schema)
         started = time.perf_counter()
         for index, text in enumerate(texts):
             arrived[index] = time.perf_counter()
 
             def sink(event, index=index):
                 first.setdefault(index, time.perf_counter())
+                counts[index] = event.completion_tokens
 
-            engine.submit(str(index), loaded.tokenization.encode(text), params, sink)
+            if schema:
+                prompt_ids = loaded.tokenization.render_chat([{"role": "user", "content": text}])
+                constraint = loaded.grammars.constraint(spec)
+            else:
+                prompt_ids, constraint = loaded.tokenization.encode(text), None
+            engine.submit(str(index), prompt_ids, params, sink, constraint)
         while engine.step():
             pass
         elapsed = time.perf_counter() - started
         ttfts = [first[i] - arrived[i] for i in range(len(texts))]
-        return _measurement(len(texts) * tokens, elapsed, ttfts)
+        return _measurement(sum(counts.values()), elapsed, ttfts)
 
     return measure
 
@@ -266,6 +326,13 @@ def main() -> None:
     engine = engine_in_process(model_dir, max(args.concurrency), args.tokens)
     measured: dict[int, list[dict]] = {0: []} | {c: [] for c in args.concurrency}
     in_process: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+    widest = max(args.concurrency)
+    structured: dict[str, list[dict]] = {
+        "chat": [],
+        "schema": [],
+        "engine_chat": [],
+        "engine_schema": [],
+    }
     try:
         for round_number in range(args.rounds):
             print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
@@ -276,6 +343,14 @@ def main() -> None:
                     asyncio.run(closed_loop(url, texts, concurrency, args.tokens))
                 )
                 in_process[concurrency].append(engine(prompts(concurrency)))
+            texts = prompts(widest * args.requests_per_client)
+            for mode in ("chat", "schema"):
+                structured[mode].append(
+                    asyncio.run(closed_loop(url, texts, widest, args.tokens, mode))
+                )
+                structured[f"engine_{mode}"].append(
+                    engine(prompts(widest), schema=mode == "schema")
+                )
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -284,6 +359,12 @@ def main() -> None:
         [summarize("transformers generate, serial", 1, measured[0])]
         + [summarize("runtime server", c, measured[c]) for c in args.concurrency]
         + [summarize("runtime engine, no HTTP", c, in_process[c]) for c in args.concurrency]
+        + [
+            summarize("server chat", widest, structured["chat"]),
+            summarize("server chat, JSON schema", widest, structured["schema"]),
+            summarize("engine chat, no HTTP", widest, structured["engine_chat"]),
+            summarize("engine JSON schema, no HTTP", widest, structured["engine_schema"]),
+        ]
     )
     baseline = results[0]["tokens_per_second"]
     print(f"{'system':32} {'conc':>4} {'reqs':>4} {'tok/s':>8} {'x serial':>8} "
@@ -295,6 +376,18 @@ def main() -> None:
             f"{row['tokens_per_second']:>8.1f} {row['speedup_vs_serial']:>8.2f} "
             f"{row['ttft_p50_ms']:>11.1f} {row['ttft_p99_ms']:>11.1f}"
         )
+    by_name = {row["system"]: row["tokens_per_second"] for row in results}
+    constrained_cost = {
+        "server": round(1 - by_name["server chat, JSON schema"] / by_name["server chat"], 3),
+        "engine": round(
+            1 - by_name["engine JSON schema, no HTTP"] / by_name["engine chat, no HTTP"], 3
+        ),
+    }
+    print(
+        f"JSON schema vs unconstrained at concurrency {widest}: "
+        f"{100 * constrained_cost['server']:.1f}% slower through the server, "
+        f"{100 * constrained_cost['engine']:.1f}% in the engine alone"
+    )
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -302,6 +395,8 @@ def main() -> None:
         "rounds": args.rounds,
         "cpu_threads": args.cpu_threads,
         "results": results,
+        "json_schema_slowdown_at_widest_concurrency": constrained_cost,
+        "load_average": os.getloadavg(),
     }
     out = REPO_ROOT / "bench" / "results" / "runtime.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,13 @@ import torch
 
 from runtime.block_manager import BlockManager, block_hashes
 from runtime.model import MixtralRunner
-from runtime.structured import Constraint, apply_bitmask, bitmask_width, closing_reserve
+from runtime.structured import (
+    Constraint,
+    MaskPool,
+    PendingMasks,
+    apply_bitmask,
+    closing_reserve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +174,7 @@ class Engine:
         self._stopping = threading.Event()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # in admission order (the newest is preempted)
+        self._masks = MaskPool()
         self._unseeded = torch.Generator()
         self._unseeded.seed()  # requests without a seed get non-reproducible samples
 
@@ -338,6 +345,9 @@ class Engine:
         sequences = list(self._running)
         if not sequences:
             return
+        # Grammar masks depend only on the tokens so far: computed on another core while the
+        # forward pass runs (llguidance releases the GIL), so constraints cost the step little.
+        masks = self._masks.start(sequences)
         logits = self.runner.decode(
             [s.output_ids[-1] for s in sequences],
             [s.length - 1 for s in sequences],
@@ -346,7 +356,7 @@ class Engine:
         if self._publish_decoded_blocks:
             for sequence in sequences:
                 self._publish_full_blocks(sequence)
-        tokens = self._sample(logits, sequences)
+        tokens = self._sample(logits, sequences, masks)
         for sequence, token in zip(sequences, tokens, strict=True):
             self._accept(sequence, token)
         for sequence in sequences:
@@ -370,13 +380,16 @@ class Engine:
         self.blocks.free(sequence.block_table)
         sequence.block_table = []
 
-    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
+    def _sample(
+        self, logits: torch.Tensor, sequences: list[_Sequence], masks: PendingMasks | None = None
+    ) -> list[int]:
         """Greedy where temperature is 0; else temperature and nucleus (top-p) sampling; a
         constrained sequence chooses among the tokens its grammar allows."""
         raw = logits
-        constrained = [row for row, s in enumerate(sequences) if s.constraint is not None]
-        if constrained:
-            logits = self._mask_disallowed(logits, sequences, constrained)
+        if masks is None:
+            masks = self._masks.start(sequences)
+        if masks.rows:
+            logits = self._mask_disallowed(logits, sequences, masks)
         chosen = logits.argmax(dim=-1).tolist()
         chosen = self._sample_rows(logits, sequences, chosen)
         _record_logprobs(raw, sequences, chosen)
@@ -402,14 +415,10 @@ class Engine:
         return chosen
 
     def _mask_disallowed(
-        self, logits: torch.Tensor, sequences: list[_Sequence], rows: list[int]
+        self, logits: torch.Tensor, sequences: list[_Sequence], masks: PendingMasks
     ) -> torch.Tensor:
-        # One bit per token for each constrained row: [len(rows), ceil(vocab / 32)] int32.
-        bitmask = torch.full((len(rows), bitmask_width(logits.shape[-1])), -1, dtype=torch.int32)
-        for index, row in enumerate(rows):
-            sequences[row].constraint.fill_bitmask(bitmask[index])
-        logits = logits.clone()
-        logits[rows] = apply_bitmask(logits[rows], bitmask)
+        rows = masks.rows
+        logits = apply_bitmask(logits, masks.wait(), rows)
         for row in rows:
             sequence = sequences[row]
             left = min(

@@ -19,6 +19,7 @@ import json
 import secrets
 import string
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llguidance
@@ -225,6 +226,7 @@ class ClosingScores:
         eos: int | None,
         vocab_size: int,
     ):
+        self.vocab_size = vocab_size  # the logits' width
         count = min(llg_tokenizer.vocab_size, vocab_size)
         self.token_bytes = [
             b"" if token in special else llg_tokenizer.decode_bytes([token])
@@ -252,14 +254,62 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+class PendingMasks:
+    """The allowed-token bitmasks of one step's constrained rows, being computed."""
+
+    def __init__(self, rows: list[int], bitmask: torch.Tensor | None, future: Future | None):
+        self.rows = rows  # the batch rows with a constraint
+        self._bitmask = bitmask  # [len(rows), words] int32, one bit per token
+        self._future = future
+
+    def wait(self) -> torch.Tensor:
+        if self._future is not None:
+            self._future.result()
+        return self._bitmask
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set the logits of forbidden tokens to -inf. logits [n, vocab]; bitmask [n, words] int32."""
-    allowed = ((bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1).bool().flatten(1)  # [n, words * 32]
-    allowed = allowed[:, : logits.shape[-1]].to(logits.device)
-    return logits.masked_fill(~allowed, float("-inf"))
+class MaskPool:
+    """Computes a step's grammar masks on a thread of its own (the engine thread meanwhile
+    runs the forward pass; llguidance releases the GIL)."""
+
+    def __init__(self):
+        self._executor: ThreadPoolExecutor | None = None
+
+    def start(self, sequences) -> PendingMasks:
+        rows = [row for row, s in enumerate(sequences) if s.constraint is not None]
+        if not rows:
+            return PendingMasks(rows, None, None)
+        constraints = [sequences[row].constraint for row in rows]
+        width = bitmask_width(constraints[0].closing.vocab_size)
+        bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)
+
+        def fill() -> None:
+            for index, constraint in enumerate(constraints):
+                constraint.fill_bitmask(bitmask[index])
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        return PendingMasks(rows, bitmask, self._executor.submit(fill))
+
+
+# Each byte value's 8 bits, low bit first: [256, 8] bool. A bitmask's bytes, looked up here in
+# order, are its tokens in order (little-endian words).
+_BYTE_BITS = (
+    (torch.arange(256, dtype=torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+).bool()
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Logits with the forbidden tokens of `rows` at -inf. logits [n, vocab]; bitmask
+    [len(rows), words] int32, bit i of word j allowing token 32 j + i."""
+    vocab = logits.shape[-1]
+    allowed = _BYTE_BITS[bitmask.view(torch.uint8).long()].flatten(1)[:, :vocab]
+    allowed = allowed.to(logits.device)  # [len(rows), vocab]
+    if len(rows) == logits.shape[0]:
+        return torch.where(allowed, logits, float("-inf"))
+    logits = logits.clone()
+    logits[rows] = torch.where(allowed, logits[rows], float("-inf"))
+    return logits
 
 
 # ---- reading the output back -----------------------------------------------------------------
