@@ -194,7 +194,13 @@ def _versions(ids) -> tuple[dict[int, str], set[int]]:
     for version in ModelVersion.objects.filter(pk__in={i for i in ids if i}).select_related(
         "model"
     ):
-        names[version.pk] = str(version)
+        # A partner-hosted model's lines say who serves it: "mistral-large:24.11 (hosted by
+        # Mistral AI)", lines of their own beside the self-hosted models'.
+        names[version.pk] = (
+            f"{version} (hosted by {version.model.publisher})"
+            if version.model.is_partner
+            else str(version)
+        )
         tasks = version.model.tasks
         if Model.Task.EMBEDDINGS in tasks and Model.Task.CHAT not in tasks:
             embedding.add(version.pk)

@@ -29,7 +29,7 @@ from billing.models import (
 )
 from billing.periods import Period, period_containing, period_kind, split_interval
 from billing.rating import PriceBook, rate_gpu_seconds, rate_tokens, stored_amount
-from catalog.models import DedicatedPrice, TokenPrice
+from catalog.models import DedicatedPrice, ProviderCost, TokenPrice
 from deployments.models import Deployment, ReplicaUsage
 from metering.models import UsageEvent
 
@@ -49,6 +49,7 @@ _EVENT_FIELDS = (
     "completion_tokens",
     "cached_tokens",
     "finished_at",
+    "provider_connection_id",
 )
 
 
@@ -105,6 +106,16 @@ def private_offer_book(pairs: Iterable[tuple[int, int]]) -> PriceBook:
     return book
 
 
+def provider_cost_book(version_ids: Iterable[int]) -> PriceBook:
+    """Every provider cost of these (partner) versions, by the same in-force rule as prices."""
+    book = PriceBook()
+    for cost in ProviderCost.objects.filter(model_version_id__in=set(version_ids)).order_by(
+        "effective_from", "id"
+    ):
+        book.add(cost.model_version_id, cost.effective_from, cost)
+    return book
+
+
 def token_price_book(version_ids: Iterable[int]) -> PriceBook:
     """Every token price of these versions, for catalog.selectors.token_price_at's rule."""
     book = PriceBook()
@@ -135,6 +146,10 @@ _RECORD_COLUMNS = (
     "output_price_per_million",
     "cached_input_price_per_million",
     "amount",
+    "provider_connection_id",
+    "provider_cost_id",
+    "provider_currency",
+    "provider_cost",
     "ingested_at",
 )
 
@@ -161,6 +176,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
     )
     book = token_price_book(e[5] for e in events if e[5] is not None)
     offers = private_offer_book((e[2], e[5]) for e in events if e[5] is not None)
+    costs = provider_cost_book(e[5] for e in events if e[5] is not None and e[12] is not None)
     # Periods and days per UTC date, not per event: a batch spans a few days at most.
     periods_by_date = {}
     for event in events:
@@ -183,6 +199,7 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
         completion_tokens,
         cached_tokens,
         finished_at,
+        provider_connection_id,
     ) in events:
         currency = currencies.get(organization_id)
         if currency is None:
@@ -216,6 +233,17 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
             cached_tokens=cached_tokens,
             cached_input_per_million=cached_price,
         )
+        cost = None
+        if provider_connection_id is not None and version_id is not None:
+            cost = costs.at(version_id, finished_at)
+        provider_cost = ZERO
+        if cost is not None:
+            provider_cost = rate_tokens(
+                input_tokens=prompt_tokens,
+                output_tokens=completion_tokens,
+                input_per_million=cost.input_per_million,
+                output_per_million=cost.output_per_million,
+            )
         day = finished_at.astimezone(UTC).date()
         period_start = destination[periods_by_date[day].start]
         rows.append(
@@ -238,6 +266,10 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
                 output_price,
                 cached_price,
                 stored_amount(amount),
+                provider_connection_id,
+                cost.pk if cost else None,
+                cost.currency if cost else "",
+                stored_amount(provider_cost),
                 now,
             )
         )
@@ -362,11 +394,25 @@ offers AS (
         SELECT organization_id, model_version_id FROM gateway_usageevent WHERE id = ANY(%(ids)s)
     )
 ),
+-- What partner versions' providers charge us, by the same in-force rule.
+costs AS (
+    SELECT id, model_version_id, currency, input_per_million, output_per_million,
+        effective_from,
+        lead(effective_from, 1, 'infinity') OVER (
+            PARTITION BY model_version_id ORDER BY effective_from
+        ) AS until
+    FROM catalog_providercost
+    WHERE model_version_id IN (
+        SELECT DISTINCT model_version_id FROM gateway_usageevent
+        WHERE id = ANY(%(ids)s) AND provider_connection_id IS NOT NULL
+    )
+),
 inserted AS (
     INSERT INTO billing_usagerecord (request_id, organization_id, period_start, occurred_at,
         api_key_id, deployment_id, model_version_id, deployment_type, model, input_tokens,
         output_tokens, cached_tokens, currency, token_price_id, input_price_per_million,
-        output_price_per_million, cached_input_price_per_million, amount, ingested_at)
+        output_price_per_million, cached_input_price_per_million, amount,
+        provider_connection_id, provider_cost_id, provider_currency, provider_cost, ingested_at)
     SELECT e.request_id, e.organization_id,
         (SELECT m.destination
          FROM unnest(%(natural)s::timestamptz[], %(destination)s::timestamptz[])
@@ -385,6 +431,9 @@ inserted AS (
             + c.cached::numeric * COALESCE(c.cached_price, 0)
             + e.completion_tokens::numeric
                 * COALESCE(q.output_per_million, p.output_per_million, 0)) / 1000000,
+        e.provider_connection_id, pc.id, COALESCE(pc.currency, ''),
+        (e.prompt_tokens::numeric * COALESCE(pc.input_per_million, 0)
+            + e.completion_tokens::numeric * COALESCE(pc.output_per_million, 0)) / 1000000,
         %(now)s
     FROM gateway_usageevent e
     JOIN accounts_organization o ON o.id = e.organization_id
@@ -406,6 +455,10 @@ inserted AS (
             CASE WHEN p.cached_input_per_million IS NULL THEN 0
             ELSE least(e.cached_tokens, e.prompt_tokens) END AS cached
     ) c
+    LEFT JOIN costs pc
+        ON e.provider_connection_id IS NOT NULL
+        AND pc.model_version_id = e.model_version_id
+        AND pc.effective_from <= e.finished_at AND e.finished_at < pc.until
     WHERE e.id = ANY(%(ids)s)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING *

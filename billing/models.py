@@ -126,6 +126,13 @@ class UsageRecord(_AppendOnlyModel):
     # + cached x cached price + output x output price) / 1M.
     cached_input_price_per_million = _price_field(null=True, blank=True)
     amount = _amount_field()
+    # A partner-hosted model's request: the provider connection that served it and what the
+    # provider charges us for it (the catalog's ProviderCost in force when it finished, in the
+    # provider's currency; 0 and "" when none was), for the operators' margin report.
+    provider_connection_id = models.BigIntegerField(null=True, blank=True)
+    provider_cost_id = models.BigIntegerField(null=True, blank=True)
+    provider_currency = models.CharField(max_length=3, blank=True, default="")
+    provider_cost = _amount_field(default=0)
     ingested_at = models.DateTimeField()
 
     class Meta:

@@ -11,6 +11,8 @@ from django.db.models import Count, Q, Sum
 
 from accounts.models import Organization
 from billing.invoicing import _Names, dedicated_groups, token_groups, usage_lines
+from billing.ledger import provider_cost_book
+from billing.margins import margin_report
 from billing.models import (
     DedicatedUsageRecord,
     Invoice,
@@ -22,8 +24,12 @@ from billing.models import (
 from billing.money import format_money, to_minor_units
 from billing.periods import Period
 from billing.statements import statement_differences
+from billing.rating import rate_tokens, stored_amount
 from billing.stripe_sync import stripe_amount_due, stripe_enabled
+from catalog.models import Model, ModelVersion
 from deployments.models import ReplicaUsage
+
+ZERO = Decimal(0)
 
 
 @dataclass
@@ -150,12 +156,70 @@ def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodRepo
     _check_gpu_time(period, report)
     # The publishers' statements agree with these invoices and the period's credit notes.
     report.differences += statement_differences(period=period)
+    _check_partner_margins(period, report, invoices.values())
     unpriced = UsageRecord.objects.filter(
         period_start=period.start, token_price_id__isnull=True
     ).count()
     if unpriced:
         report.notes.append(f"{unpriced} requests had no price in force and were not charged")
     return report
+
+
+def _check_partner_margins(period: Period, report: PeriodReport, invoices) -> None:
+    """Partner models: every ledger row's provider cost is its tokens at the cost in force
+    when it finished (recomputed now), and the margin report's revenue is what the invoices
+    charge for partner models, per currency."""
+    records = UsageRecord.objects.filter(
+        period_start=period.start, provider_connection_id__isnull=False
+    ).order_by("occurred_at")
+    versions = {record.model_version_id for record in records if record.model_version_id}
+    book = provider_cost_book(versions)
+    missing = 0
+    for record in records:
+        cost = book.at(record.model_version_id, record.occurred_at)
+        expected = ZERO
+        if cost is None:
+            missing += 1
+        else:
+            expected = stored_amount(
+                rate_tokens(
+                    input_tokens=record.input_tokens,
+                    output_tokens=record.output_tokens,
+                    input_per_million=cost.input_per_million,
+                    output_per_million=cost.output_per_million,
+                )
+            )
+        if (record.provider_cost, record.provider_currency) != (
+            expected,
+            cost.currency if cost else "",
+        ):
+            report.differences.append(
+                f"request {record.request_id}: provider cost {record.provider_cost} "
+                f"{record.provider_currency or '-'} on the ledger, {expected} "
+                f"{cost.currency if cost else '-'} at the cost in force"
+            )
+    if missing:
+        report.notes.append(f"{missing} partner requests had no provider cost in force")
+    revenue: dict[str, Decimal] = defaultdict(Decimal)
+    for row in margin_report(period_starts=[period.start]):
+        revenue[row.currency] += row.revenue
+    partner_versions = set(
+        ModelVersion.objects.filter(model__hosting=Model.Hosting.PARTNER).values_list(
+            "pk", flat=True
+        )
+    )
+    invoiced: dict[str, Decimal] = defaultdict(Decimal)
+    for invoice in invoices:
+        for line in invoice.lines.all():
+            if line.kind in InvoiceLine.USAGE_KINDS and line.model_version_id in partner_versions:
+                invoiced[invoice.currency] += line.amount
+    for currency in sorted(revenue.keys() | invoiced.keys()):
+        if revenue.get(currency, ZERO) != invoiced.get(currency, ZERO):
+            report.differences.append(
+                f"partner models {period.label}: the margin report's revenue "
+                f"{revenue.get(currency, ZERO)} {currency} differs from the invoices' partner "
+                f"lines {invoiced.get(currency, ZERO)} {currency}"
+            )
 
 
 def _check_rollups(period: Period, report: PeriodReport) -> None:

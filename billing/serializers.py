@@ -185,3 +185,34 @@ class UpcomingInvoiceSerializer(serializers.Serializer):
 
     def get_status(self, draft) -> str:
         return "draft"
+
+
+class MarginRowSerializer(serializers.Serializer):
+    period_start = serializers.DateTimeField()
+    provider = serializers.CharField(help_text="The provider connection's name.")
+    provider_connection_id = serializers.IntegerField()
+    currency = serializers.CharField(help_text="What customers paid in.")
+    requests = serializers.IntegerField()
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    # Amounts as strings in the currency's minor unit, like invoices.
+    revenue = serializers.CharField(help_text="As invoiced (per-line rounding), in currency.")
+    provider_currency = serializers.CharField()
+    provider_cost = serializers.CharField(help_text="In provider_currency.")
+    margin = serializers.CharField(
+        allow_null=True, help_text="revenue - provider_cost; null when their currencies differ."
+    )
+
+    def to_representation(self, row):
+        data = super().to_representation(row)
+        data["revenue"] = format_money(row.revenue, row.currency)
+        data["provider_cost"] = (
+            format_money(row.provider_cost, row.provider_currency) if row.provider_currency else "0"
+        )
+        data["margin"] = None if row.margin is None else format_money(row.margin, row.currency)
+        return data
+
+
+class MarginReportSerializer(serializers.Serializer):
+    month = serializers.CharField()
+    results = MarginRowSerializer(many=True)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import apis, publisher_apis
+from billing import apis, margin_apis, publisher_apis
 
 urlpatterns = [
     path("usage", apis.UsageApi.as_view(), name="usage"),
@@ -44,5 +44,6 @@ urlpatterns = [
         publisher_apis.StatementDetailApi.as_view(),
         name="statement-detail",
     ),
+    path("billing/margins", margin_apis.MarginReportApi.as_view(), name="billing-margins"),
     path("billing/stripe/webhook", apis.stripe_webhook, name="stripe-webhook"),
 ]

@@ -8,7 +8,7 @@ field for it but the write-only input, which the schema marks `writeOnly`."""
 
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, permissions, status
+from rest_framework import generics, status
 from rest_framework.response import Response
 
 from accounts.permissions import IsOrganizationMember
@@ -16,7 +16,7 @@ from accounts.roles import Permission
 from catalog import providers, terms
 from catalog.apis import CatalogApi
 from catalog.models import ProviderConnection, ProviderCost, TermsAcceptance, TermsOfUse
-from catalog.permissions import CatalogAccess, is_operator
+from catalog.permissions import OperatorsOnly
 from catalog.serializers import (
     ProviderConnectionCreateSerializer,
     ProviderConnectionSerializer,
@@ -30,17 +30,7 @@ from catalog.serializers import (
     TermsCreateSerializer,
     TermsSerializer,
 )
-from controlplane.errors import PermissionDenied, ValidationFailed
-
-
-class OperatorsOnly(CatalogAccess):
-    """Operators read and write; anyone else is refused (403), reads included."""
-
-    def has_permission(self, request, view):
-        super().has_permission(request, view)
-        if request.method in permissions.SAFE_METHODS and not is_operator(request.actor):
-            raise PermissionDenied("Only operators may see provider connections and costs.")
-        return True
+from controlplane.errors import ValidationFailed
 
 
 class ProviderConnectionListApi(generics.ListAPIView):

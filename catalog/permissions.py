@@ -67,3 +67,14 @@ class CatalogAccess(permissions.BasePermission):
                 "catalog."
             )
         return True
+
+
+class OperatorsOnly(CatalogAccess):
+    """Operators read and write; anyone else is refused (403), reads included: provider
+    connections, costs and margins are the platform's business."""
+
+    def has_permission(self, request, view):
+        super().has_permission(request, view)
+        if request.method in permissions.SAFE_METHODS and not is_operator(request.actor):
+            raise exceptions.PermissionDenied("Only operators may see this.")
+        return True

@@ -12,11 +12,16 @@ import pytest
 
 from accounts.actors import Actor
 from accounts.roles import Role
+from billing.invoicing import invoice_draft
+from billing.ledger import usage_events_ingest
+from billing.models import UsageRecord
 from catalog import terms
 from catalog.permissions import operator_system_actor
 from metering.models import UsageEvent
 from tests.factories import OrganizationFactory
 from tests.partner import (
+    OUR_PRICE,
+    PROVIDER_COST,
     PROVIDER_KEY,
     PROVIDER_MODEL_ID,
     enable_partner_model,
@@ -56,7 +61,9 @@ def events():
     return list(UsageEvent.objects.order_by("started_at"))
 
 
-def test_the_openai_sdk_calls_a_partner_model_like_any_model(gateway, provider, partner, caplog):
+def test_the_openai_sdk_calls_a_partner_model_like_any_model(
+    gateway, provider, partner, organization, caplog
+):
     caplog.set_level(logging.DEBUG)
     version, connection, client, _secret = partner
 
@@ -100,6 +107,22 @@ def test_the_openai_sdk_calls_a_partner_model_like_any_model(gateway, provider, 
     assert received[0]["body"]["random_seed"] == 7 and "seed" not in received[0]["body"]
     assert all("stream_options" not in r["body"] for r in received)
     assert PROVIDER_KEY not in caplog.text
+
+    # Billed per token at our price, on lines of its own, with the provider's cost recorded.
+    usage_events_ingest()
+    draft = invoice_draft(organization=organization)
+    lines = {line.description: line for line in draft.lines}
+    label = "mistral-large:24.11 (hosted by Mistral AI)"
+    assert lines[f"{label} — input tokens"].ledger_quantity == 15
+    assert lines[f"{label} — input tokens"].unit_price == OUR_PRICE[0]
+    assert lines[f"{label} — output tokens"].ledger_quantity == 12
+    assert lines[f"{label} — output tokens"].unit_price == OUR_PRICE[1]
+    recorded = UsageRecord.objects.filter(organization=organization)
+    assert {r.provider_connection_id for r in recorded} == {connection.pk}
+    assert (
+        sum(r.provider_cost for r in recorded)
+        == (15 * PROVIDER_COST[0] + 12 * PROVIDER_COST[1]) / 1_000_000
+    )
 
 
 def test_new_terms_must_be_accepted_before_calling_again(
