@@ -268,3 +268,18 @@ class SingleSignOnForm(PageForm):
         if not data["client_secret"]:
             del data["client_secret"]
         return data
+
+
+class EnableForm(forms.Form):
+    """Enabling a partner-hosted model: the name to call it by, and the terms accepted."""
+
+    name = forms.CharField(
+        max_length=63,
+        help_text="Lowercase letters, digits and hyphens. It is the model name you call.",
+    )
+    terms_version = forms.CharField(widget=forms.HiddenInput)
+    accept = forms.BooleanField(
+        required=True,
+        label="I accept these terms of use for my organization",
+        error_messages={"required": "Accept the terms to enable the model."},
+    )

@@ -8,6 +8,7 @@ from console.views import (
     keys,
     organization,
     overview,
+    partner,
     playground,
     publisher,
     sso,
@@ -50,6 +51,7 @@ urlpatterns = [
     path("models/", catalog.ModelListView.as_view(), name="models"),
     path("models/<str:slug>/", catalog.ModelDetailView.as_view(), name="model"),
     path("models/<str:slug>/deploy", deployments.DeployView.as_view(), name="deploy"),
+    path("models/<str:slug>/enable", partner.EnableModelView.as_view(), name="enable"),
     path(
         "models/<str:slug>/deploy/estimate",
         deployments.DeployEstimateView.as_view(),

@@ -53,6 +53,8 @@ ALLOWED_FIELDS = {
     "prompt_mode",
     "safe_prompt",
 }
+# The credential the tests and the bench give it (made up).
+TEST_API_KEY = "fake-mistral-key-0a9b8c7d6e5f4a3b"
 WORDS = ["Bonjour", "!", "Je", "suis", "un", "modèle", "servi", "par", "un", "faux", "fournisseur"]
 
 
@@ -179,19 +181,22 @@ class FakeProvider:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        await event(chunk({"role": "assistant", "content": ""}))
-        for index, piece in enumerate(pieces):
-            if mode == "cut" and index >= int(control.get("cut_after", 3)):
-                return response  # the connection ends with no usage and no [DONE]
-            if mode == "garbage" and index == 2:
-                await event("{not json")
-            last = index == len(pieces) - 1
-            data = chunk({"content": piece}, "stop" if last else None)
-            if last and mode != "no_usage":
-                data["usage"] = usage
-            await event(data)
-        await event("[DONE]")
-        await response.write_eof()
+        try:
+            await event(chunk({"role": "assistant", "content": ""}))
+            for index, piece in enumerate(pieces):
+                if mode == "cut" and index >= int(control.get("cut_after", 3)):
+                    return response  # the connection ends with no usage and no [DONE]
+                if mode == "garbage" and index == 2:
+                    await event("{not json")
+                last = index == len(pieces) - 1
+                data = chunk({"content": piece}, "stop" if last else None)
+                if last and mode != "no_usage":
+                    data["usage"] = usage
+                await event(data)
+            await event("[DONE]")
+            await response.write_eof()
+        except ConnectionResetError:  # the client left (aiohttp's error is one)
+            pass
         return response
 
 

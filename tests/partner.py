@@ -19,9 +19,10 @@ from catalog import providers, services, terms
 from catalog.models import Model
 from catalog.permissions import operator_system_actor
 from deployments.services import deployment_create
+from tests.fakeprovider import TEST_API_KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PROVIDER_KEY = "fake-mistral-key-0a9b8c7d6e5f4a3b"  # made up: the fake provider's credential
+PROVIDER_KEY = TEST_API_KEY  # the fake provider's credential
 PROVIDER_MODEL_ID = "mistral-large-2411"
 OUR_PRICE = (Decimal("3.000000"), Decimal("9.000000"))  # per million, USD
 PROVIDER_COST = (Decimal("2.000000"), Decimal("6.000000"))

@@ -7,6 +7,8 @@ from rest_framework.exceptions import ValidationError
 
 from catalog import selectors
 from catalog.offers import private_offer_in_force
+from catalog.providers import partner_status
+from catalog.terms import terms_accepted, terms_in_force
 from console import estimates
 from console.filters import ConsoleModelFilter
 from console.views.base import ConsoleView
@@ -73,6 +75,16 @@ class ModelDetailView(ConsoleView):
             if chosen is None:
                 raise Http404(f"{model.slug} has no version {wanted!r}.")
         options = hardware_options(chosen, selectors.hardware_profile_list())
+        partner = None
+        if model.is_partner:  # no hardware: its publisher's API serves it
+            options = []
+            partner = {
+                "availability": partner_status(chosen),
+                "terms": terms_in_force(version_id=chosen.pk),
+                "accepted": terms_accepted(
+                    organization_id=request.actor.organization.pk, version_id=chosen.pk
+                ),
+            }
         return self.render(
             "console/catalog/model_detail.html",
             {
@@ -84,6 +96,7 @@ class ModelDetailView(ConsoleView):
                 "your_price": private_offer_in_force(
                     organization_id=request.actor.organization.pk, version_id=chosen.pk
                 ),
+                "partner": partner,
                 "fitting": [o for o in options if o.deployable],
                 "not_fitting": [o for o in options if not o.deployable],
             },

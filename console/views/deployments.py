@@ -218,6 +218,8 @@ class DeployView(ConsoleView):
 
     def get(self, request, slug):
         self.setup_model(slug)
+        if self.model.is_partner:  # nothing to deploy: enabling is accepting its terms
+            return redirect("console:enable", slug=slug)
         version = self.version_named(request.GET.get("version"))
         form, options = self.make_form(version=version)
         return self.show(form, version, options)
