@@ -3,6 +3,13 @@ gateway with auth, rate limits and usage on (PostgreSQL + Redis), (c) through Li
 
     python bench/gateway.py [--duration 10] [--rate 200] [--workers 2] [--litellm-venv DIR]
     python bench/gateway.py --noisy-neighbour [--duration 10] [--rate 50] [--rounds 3]
+    python bench/gateway.py --partner [--duration 10] [--rate 50]
+
+`--partner` runs the partner-model rows: a partner-hosted model (catalog.providers) through the
+gateway (PostgreSQL + Redis) to the fake Mistral API process of the tests
+(tests/fakeprovider.py), against the same fake called directly with the same body; and, for
+comparison on the same machine at the same time, the self-hosted rows (direct to the stub, and
+through the gateway).
 
 Reports, for non-streaming and streaming requests: saturation requests/s (wrk, closed loop,
 64 connections), latency p50/p99 at a fixed rate (an open-loop asyncio client: one request
@@ -270,9 +277,34 @@ _key, secret = api_key_create(
 print(secret)
 """
 
+# A partner model connected to the fake provider at {base} (no provider-wide quota: the
+# rows measure the path, not a limit), enabled for the bench organization as {model}.
+PARTNER_SEED = """
+from accounts.actors import Actor
+from accounts.models import APIKey, Organization
+from accounts.services import api_key_create
+from tests.partner import enable_partner_model, make_partner_model
+version, _connection = make_partner_model({base!r})
+organization = Organization.objects.create(slug="bench", name="Bench")
+enable_partner_model(organization, version, name={model!r})
+_key, secret = api_key_create(
+    actor=Actor.system(organization), name="bench", scopes=[APIKey.Scope.INFERENCE],
+    rpm_limit={limit}, tpm_limit={limit},
+)
+print(secret)
+"""
+
 
 def sirocco(
-    stub: str, args, workdir: Path, *, embedded: bool = False, synchronous_commit: bool = True
+    stub: str,
+    args,
+    workdir: Path,
+    *,
+    embedded: bool = False,
+    synchronous_commit: bool = True,
+    seed: str | None = None,
+    name: str | None = None,
+    extra_env: dict | None = None,
 ) -> dict:
     """Production shape (PostgreSQL, Redis, several workers; usage flushed to disk before each
     response ends, or with synchronous_commit off), or the embedded default (SQLite file,
@@ -297,10 +329,11 @@ def sirocco(
         "CELERY_BROKER_URL": REDIS_URL,
         "LOG_LEVEL": "WARNING",
         "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+        **(extra_env or {}),
     }
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True)
-    seed = SEED.format(model=MODEL, stub=stub, limit=HUGE_LIMIT)
+    seed = seed or SEED.format(model=MODEL, stub=stub, limit=HUGE_LIMIT)
     secret = subprocess.run(
         [*manage, "shell", "-c", seed],
         cwd=ROOT,
@@ -329,9 +362,10 @@ def sirocco(
         env,
         workdir / f"sirocco-{'embedded' if embedded else synchronous_commit}.log",
     )
-    name = "sirocco_embedded" if embedded else "sirocco"
-    if not synchronous_commit:
-        name = "sirocco_async_commit"
+    if name is None:
+        name = "sirocco_embedded" if embedded else "sirocco"
+        if not synchronous_commit:
+            name = "sirocco_async_commit"
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", process=server)
         results = measure(name, f"http://127.0.0.1:{port}/v1", secret, args)
@@ -669,6 +703,36 @@ def noisy_neighbour(args, workdir: Path) -> dict:
             stop(stub)
 
 
+def partner_comparison(args, workdir: Path) -> dict:
+    """The partner-model rows: the fake Mistral API directly, and through the gateway."""
+    from cryptography.fernet import Fernet
+
+    sys.path.insert(0, str(ROOT))
+    from tests.fakeprovider import TEST_API_KEY as PROVIDER_KEY
+
+    provider = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakeprovider", "--port", "0", "--api-key", PROVIDER_KEY],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    base = provider.stdout.readline().split()[-1]
+    try:
+        results = {"partner_direct": measure("partner_direct", base + "/v1", PROVIDER_KEY, args)}
+        results["partner_sirocco"] = sirocco(
+            "",
+            args,
+            workdir,
+            seed=PARTNER_SEED.format(base=base + "/v1", model=MODEL, limit=HUGE_LIMIT),
+            name="partner_sirocco",
+            extra_env={"PROVIDER_CREDENTIAL_KEYS": Fernet.generate_key().decode()},
+        )
+        return results
+    finally:
+        stop(provider)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per measurement")
@@ -680,6 +744,7 @@ def main() -> None:
         "--noisy-neighbour", action="store_true", help="only the noisy-neighbour run"
     )
     parser.add_argument("--rounds", type=int, default=3, help="noisy-neighbour rounds")
+    parser.add_argument("--partner", action="store_true", help="only the partner-model rows")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -697,6 +762,37 @@ def main() -> None:
         return
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
+    if args.partner:
+        report = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{os.cpu_count()} CPUs, {platform_name()}",
+            "load_average_before": os.getloadavg(),
+            "duration_s": args.duration,
+            "rate": args.rate,
+            "gateway_workers": args.workers,
+        }
+        stub_process = subprocess.Popen(
+            [sys.executable, "bench/upstream_stub.py", "--port", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        stub = stub_process.stdout.readline().split()[-1]
+        try:
+            report["direct"] = measure("direct", stub + "/v1", "none", args)
+            report["sirocco"] = sirocco(stub, args, workdir)
+            report.update(partner_comparison(args, workdir))
+        finally:
+            stop(stub_process)
+        report["load_average_after"] = os.getloadavg()
+        summarize(report, names=("direct", "sirocco"))
+        summarize(report, direct="partner_direct", names=("partner_direct", "partner_sirocco"))
+        output = args.output.with_name("gateway-partner.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {output} (logs in {workdir})")
+        return
     stub_process = subprocess.Popen(
         [sys.executable, "bench/upstream_stub.py", "--port", "0"],
         cwd=ROOT,
@@ -722,9 +818,11 @@ def main() -> None:
         report["sirocco_embedded"] = sirocco(stub, args, workdir, embedded=True)
         if not args.skip_litellm:
             report["litellm"] = litellm(stub, args, workdir)
+        report.update(partner_comparison(args, workdir))
     finally:
         stop(stub_process)
     summarize(report)
+    summarize(report, direct="partner_direct", names=("partner_direct", "partner_sirocco"))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.output} (logs in {workdir})")
@@ -736,13 +834,19 @@ def platform_name() -> str:
     return f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
 
 
-def summarize(report: dict) -> None:
+def summarize(
+    report: dict,
+    *,
+    direct: str = "direct",
+    names=("direct", "sirocco", "sirocco_async_commit", "sirocco_embedded", "litellm"),
+) -> None:
     rate = f"at_{report['rate']:.0f}_rps"
     print()
+    baseline = direct
     for mode in ("non_streaming", "streaming"):
-        direct = report["direct"][mode][rate]
+        direct = report[baseline][mode][rate]
         print(f"{mode}:")
-        for name in ("direct", "sirocco", "sirocco_async_commit", "sirocco_embedded", "litellm"):
+        for name in names:
             data = report.get(name, {}).get(mode)
             if not data:
                 continue
@@ -751,7 +855,7 @@ def summarize(report: dict) -> None:
                 f"  {name:20} saturation {data['saturation']['requests_per_second']:>6} req/s"
                 f"   p50 {at_rate['latency_p50_ms']:7.2f} ms  p99 {at_rate['latency_p99_ms']:7.2f} ms"
             )
-            if name != "direct":
+            if name != baseline:
                 line += (
                     f"   added p50 {at_rate['latency_p50_ms'] - direct['latency_p50_ms']:+.2f} ms"
                     f"  p99 {at_rate['latency_p99_ms'] - direct['latency_p99_ms']:+.2f} ms"

@@ -163,7 +163,10 @@ class FakeProvider:
                 answer["usage"] = usage
             return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:  # the client left before the headers went
+            return response
         delay = float(control.get("delay_seconds", 0))
 
         async def event(data) -> None:
