@@ -23,8 +23,8 @@ from billing.models import (
 )
 from billing.money import format_money, to_minor_units
 from billing.periods import Period
-from billing.statements import statement_differences
 from billing.rating import rate_tokens, stored_amount
+from billing.statements import statement_differences
 from billing.stripe_sync import stripe_amount_due, stripe_enabled
 from catalog.models import Model, ModelVersion
 from deployments.models import ReplicaUsage
