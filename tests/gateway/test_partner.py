@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from accounts.actors import Actor
@@ -268,3 +269,54 @@ def test_the_provider_quota_is_shared_fairly_between_organizations(
     polite_codes = [raw_chat(gateway, secrets[polite.pk]).status_code for _ in range(5)]
     assert polite_codes == [200] * 5
     assert len(provider.received()) == 10
+
+
+def test_our_key_limits_apply_to_partner_models_too(gateway, provider, organization, inference_key):
+    version, _connection = make_partner_model(provider.base_url)
+    enable_partner_model(organization, version)
+    _key, secret = inference_key(organization, rpm_limit=2)
+    codes = [raw_chat(gateway, secret).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    refused = raw_chat(gateway, secret)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "API key" in refused.json()["error"]["message"]
+    assert len(provider.received()) == 2
+
+
+@pytest.mark.nodb
+def test_what_each_kind_of_provider_is_sent():
+    from catalog.credentials import Secret
+    from catalog.providers import PartnerTarget
+    from gateway import partner
+    from gateway.protocol import parse_request
+
+    def target(kind):
+        return PartnerTarget(
+            connection_id=1,
+            connection_name="p",
+            kind=kind,
+            base_url="https://provider.test/v1",
+            provider_model_id="their-model",
+            credential=Secret("s3cr3t-value"),
+            requests_per_minute=None,
+            tokens_per_minute=None,
+            tenant_share_percent=50,
+            timeout_seconds=10,
+        )
+
+    body = (
+        b'{"model": "large", "messages": [{"role": "user", "content": "hi"}], "stream": true,'
+        b' "stream_options": {"include_usage": false}, "seed": 3, "user": "u1",'
+        b' "max_completion_tokens": 5}'
+    )
+    request = parse_request(body, chat=True)
+    mistral = orjson.loads(partner.request_body(request, target("mistral")))
+    assert mistral["model"] == "their-model" and mistral["random_seed"] == 3
+    assert mistral["max_tokens"] == 5
+    assert not {"stream_options", "seed", "user", "max_completion_tokens"} & set(mistral)
+    compatible = orjson.loads(partner.request_body(request, target("openai_compatible")))
+    # Asked for usage on the last chunk (what gets billed), never vLLM's continuous extension.
+    assert compatible["stream_options"] == {"include_usage": True}
+    assert compatible["seed"] == 3 and compatible["model"] == "their-model"
+    assert partner.request_headers(target("mistral"))["authorization"] == "Bearer s3cr3t-value"
+    assert "s3cr3t" not in repr(target("mistral"))
