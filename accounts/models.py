@@ -91,6 +91,64 @@ class Organization(models.Model):
         return self.status == self.Status.ACTIVE
 
 
+class Project(models.Model):
+    """A team's corner of an organization: its own keys, members with a project role,
+    rpm/tpm limits, a monthly budget and an allow-list of model names. Every organization has
+    exactly one default project (made with the organization, see accounts.signals), which
+    holds every key and deployment made without naming a project.
+
+    `allowed_models` empty means every model the organization may call; otherwise only the
+    named ones (the `model` a request sends: a deployment's name), and anything else is a 404
+    for the project's keys.
+    """
+
+    DEFAULT_NAME = "Default"
+    MAX_ALLOWED_MODELS = 100
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="projects"
+    )
+    name = models.CharField(max_length=100)
+    description = models.CharField(max_length=300, blank=True)
+    is_default = models.BooleanField(default=False, editable=False)
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    monthly_budget = models.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Hard limit in the organization's currency; empty means no project limit.",
+    )
+    allowed_models = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-is_default", "name", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "name"], name="unique_project_name"),
+            models.UniqueConstraint(
+                fields=["organization"],
+                condition=models.Q(is_default=True),
+                name="one_default_project",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.organization_id}/{self.name}"
+
+
+def default_project_id(organization_id: int) -> int:
+    """The organization's default project (made with the organization)."""
+    return (
+        Project.objects.filter(organization_id=organization_id, is_default=True)
+        .values_list("id", flat=True)
+        .get()
+    )
+
+
 class Membership(models.Model):
     organization = models.ForeignKey(
         Organization, on_delete=models.CASCADE, related_name="memberships"
@@ -107,6 +165,25 @@ class Membership(models.Model):
 
     def __str__(self):
         return f"{self.user} in {self.organization} as {self.role}"
+
+
+class ProjectMembership(models.Model):
+    """A person's role in one project, from the same permission table as the organization's.
+    It adds to what their organization role grants, inside this project only."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="project_memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "user"], name="unique_project_membership")
+        ]
+        ordering = ["created_at", "id"]
+
+    def __str__(self):
+        return f"{self.user} in project {self.project_id} as {self.role}"
 
 
 class APIKey(models.Model):
@@ -128,6 +205,13 @@ class APIKey(models.Model):
     organization = models.ForeignKey(
         Organization, on_delete=models.CASCADE, related_name="api_keys"
     )
+    # The project the key's usage is attributed to, and whose limits, budget and allow-list
+    # apply. Filled with the organization's default project when a writer names none. Null
+    # only for a key the previous release wrote while this one migrated (it acts as the
+    # default project's); the column becomes NOT NULL a release later.
+    project = models.ForeignKey(
+        Project, on_delete=models.PROTECT, related_name="api_keys", null=True
+    )
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=PREFIX_LENGTH, unique=True)
     secret_hash = models.CharField(max_length=64)
@@ -140,6 +224,9 @@ class APIKey(models.Model):
     )
     rpm_limit = models.PositiveIntegerField(null=True, blank=True)
     tpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    # Empty: whatever the project allows; otherwise only these model names (within the
+    # project's own list).
+    allowed_models = models.JSONField(default=list, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -153,6 +240,11 @@ class APIKey(models.Model):
 
     def __str__(self):
         return f"{self.name} ({self.display_prefix}…)"
+
+    def save(self, *args, **kwargs):
+        if self.project_id is None and self.organization_id is not None:
+            self.project_id = default_project_id(self.organization_id)
+        super().save(*args, **kwargs)
 
     @property
     def display_prefix(self) -> str:

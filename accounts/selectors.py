@@ -64,7 +64,7 @@ def api_key_by_secret(secret: str) -> APIKey | None:
     ):
         return None
     prefix = secret[3 : 3 + APIKey.PREFIX_LENGTH]
-    key = APIKey.objects.select_related("organization").filter(prefix=prefix).first()
+    key = APIKey.objects.select_related("organization", "project").filter(prefix=prefix).first()
     if key is None or not key.matches(secret):
         return None
     return key

@@ -6,6 +6,8 @@ from accounts.models import (
     AuditLogEntry,
     Membership,
     Organization,
+    Project,
+    ProjectMembership,
     SingleSignOnConfiguration,
 )
 from accounts.roles import Role
@@ -45,6 +47,64 @@ class OrganizationUpdateSerializer(StrictSerializer):
     )
 
 
+def _allowed_models_field(help_text: str):
+    return serializers.ListField(
+        child=serializers.CharField(max_length=200),
+        required=False,
+        max_length=Project.MAX_ALLOWED_MODELS,
+        help_text=help_text,
+    )
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Project
+        fields = [
+            "id",
+            "name",
+            "description",
+            "is_default",
+            "rpm_limit",
+            "tpm_limit",
+            "monthly_budget",
+            "allowed_models",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class ProjectCreateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=100)
+    description = serializers.CharField(max_length=300, required=False, allow_blank=True)
+    rpm_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    tpm_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    monthly_budget = MoneyField(
+        max_digits=14,
+        decimal_places=2,
+        min_value=0,
+        required=False,
+        allow_null=True,
+        help_text="Hard monthly limit in the organization's currency (needs billing.write).",
+    )
+    allowed_models = _allowed_models_field(
+        "Model names the project's keys may call; empty: every model of the organization."
+    )
+
+
+class ProjectUpdateSerializer(ProjectCreateSerializer):
+    name = serializers.CharField(max_length=100, required=False)
+
+
+class ProjectMemberSerializer(serializers.ModelSerializer):
+    email = serializers.EmailField(source="user.email", read_only=True)
+    full_name = serializers.CharField(source="user.full_name", read_only=True)
+
+    class Meta:
+        model = ProjectMembership
+        fields = ["id", "email", "full_name", "role", "created_at"]
+        read_only_fields = fields
+
+
 class MembershipSerializer(serializers.ModelSerializer):
     email = serializers.EmailField(source="user.email", read_only=True)
     full_name = serializers.CharField(source="user.full_name", read_only=True)
@@ -78,6 +138,8 @@ class APIKeySerializer(serializers.ModelSerializer):
             "prefix",
             "scopes",
             "role",
+            "project",
+            "allowed_models",
             "rpm_limit",
             "tpm_limit",
             "expires_at",
@@ -112,6 +174,25 @@ class APIKeyCreateSerializer(StrictSerializer):
     rpm_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True)
     tpm_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    project = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="The project's id (GET /api/v1/projects); empty: the default project.",
+    )
+    allowed_models = _allowed_models_field(
+        "Model names this key may call, within its project's list; empty: all of them."
+    )
+
+
+class ProjectAPIKeyCreateSerializer(APIKeyCreateSerializer):
+    project = None  # the project is the URL's
+
+
+class APIKeyUpdateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=100, required=False)
+    allowed_models = _allowed_models_field(
+        "Model names this key may call, within its project's list; empty: all of them."
+    )
 
 
 class AuditLogEntrySerializer(serializers.ModelSerializer):

@@ -9,7 +9,7 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from accounts.actors import Actor
-from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
+from accounts.models import APIKey, AuditLogEntry, Membership, Organization, Project, User
 from accounts.roles import Permission, Role, role_can_grant, role_cap
 from accounts.signals import api_key_revoked
 from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
@@ -143,6 +143,9 @@ def member_remove(*, actor: Actor, membership: Membership) -> None:
         _ensure_another_owner(membership)
     audit_record(actor=actor, action="member.remove", target=membership)
     member_keys_bind(actor=actor, membership=membership, removed=True)
+    from accounts.projects import project_memberships_drop
+
+    project_memberships_drop(organization_id=membership.organization_id, user_id=membership.user_id)
     membership.delete()
 
 
@@ -226,16 +229,30 @@ def api_key_create(
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
     expires_at: datetime | None = None,
+    project: Project | None = None,
+    allowed_models: list[str] | None = None,
 ) -> tuple[APIKey, str]:
-    """Create a key and return it with its secret. The secret is never retrievable again."""
-    require(actor, Permission.API_KEYS_WRITE)
+    """Create a key in a project (the organization's default one unless named) and return it
+    with its secret. The secret is never retrievable again."""
+    from accounts import projects
+
+    if project is None:
+        require(actor, Permission.API_KEYS_WRITE)
+        project = projects.project_default(organization=actor.organization)
+        granter = actor.role
+    else:
+        if project.organization_id != actor.organization.pk:
+            raise NotFound("No such project in your organization.")
+        projects.require_in_project(actor, project, Permission.API_KEYS_WRITE)
+        granter = projects.best_role(actor, project)
+    allowed_models = projects.clean_allowed_models(allowed_models)
     scopes = sorted(set(scopes or [APIKey.Scope.INFERENCE]))
     bad = [s for s in scopes if s not in APIKey.Scope.values]
     if bad:
         raise ValidationFailed(
             f"Unknown scope {bad[0]!r}. Use {' and/or '.join(APIKey.Scope.values)}.", field="scopes"
         )
-    _check_grant(actor, role)
+    _check_grant(Actor(organization=actor.organization, role=granter), role)
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationFailed("expires_at must be in the future.", field="expires_at")
     name = name.strip()
@@ -250,8 +267,10 @@ def api_key_create(
             with transaction.atomic():
                 key = APIKey.objects.create(
                     organization=actor.organization,
+                    project=project,
                     name=name,
                     prefix=prefix,
+                    allowed_models=allowed_models,
                     secret_hash=APIKey.hash_secret(secret),
                     scopes=scopes,
                     role=role,
@@ -271,7 +290,14 @@ def api_key_create(
         actor=actor,
         action="api_key.create",
         target=key,
-        changes={"scopes": scopes, "role": role, "rpm_limit": rpm_limit, "tpm_limit": tpm_limit},
+        changes={
+            "scopes": scopes,
+            "role": role,
+            "rpm_limit": rpm_limit,
+            "tpm_limit": tpm_limit,
+            "project": project.name,
+            "allowed_models": allowed_models,
+        },
     )
     return key, secret
 

@@ -13,3 +13,23 @@ urlpatterns = [
     path("api-keys/<int:pk>", apis.APIKeyDetailApi.as_view(), name="api-key-detail"),
     path("audit-log", apis.AuditLogListApi.as_view(), name="audit-log"),
 ]
+
+urlpatterns += [
+    path("projects", apis.ProjectListApi.as_view(), name="project-list"),
+    path("projects/<int:project_id>", apis.ProjectDetailApi.as_view(), name="project-detail"),
+    path(
+        "projects/<int:project_id>/members",
+        apis.ProjectMemberListApi.as_view(),
+        name="project-member-list",
+    ),
+    path(
+        "projects/<int:project_id>/members/<int:pk>",
+        apis.ProjectMemberDetailApi.as_view(),
+        name="project-member-detail",
+    ),
+    path(
+        "projects/<int:project_id>/api-keys",
+        apis.ProjectAPIKeyListApi.as_view(),
+        name="project-api-key-list",
+    ),
+]

@@ -24,12 +24,13 @@ from billing.renderers import CSVRenderer
 from billing.serializers import (
     InvoiceDetailSerializer,
     InvoiceSerializer,
+    ProjectBudgetSerializer,
     UpcomingInvoiceSerializer,
     UsageQuerySerializer,
     UsageReportSerializer,
 )
 from billing.stripe_sync import stripe_event_handle
-from billing.usage import UsageRow, usage_report
+from billing.usage import GROUP_BY, UsageRow, usage_report
 
 # The longest span one usage request may cover.
 MAX_USAGE_DAYS = 400
@@ -76,7 +77,10 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
                 description="First day (default: the start of the current billing period).",
             ),
             OpenApiParameter("end", OpenApiTypes.DATE, description="Last day (default: today)."),
-            OpenApiParameter("group_by", str, enum=["day", "model", "deployment", "api_key"]),
+            OpenApiParameter("group_by", str, enum=list(GROUP_BY)),
+            OpenApiParameter(
+                "tag", str, description="With group_by=tag: the `metadata` key to group by."
+            ),
         ],
         responses={
             (200, "application/json"): UsageReportSerializer,
@@ -84,10 +88,10 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
         },
     )
     def get(self, request):
-        unknown = sorted(set(request.query_params) - {"start", "end", "group_by", "format"})
+        unknown = sorted(set(request.query_params) - {"start", "end", "group_by", "tag", "format"})
         if unknown:
             raise ValidationError(
-                {unknown[0]: ["Unknown query parameter. Use start, end, group_by or format."]}
+                {unknown[0]: ["Unknown query parameter. Use start, end, group_by, tag or format."]}
             )
         empty = [name for name, value in request.query_params.items() if value == ""]
         if empty:
@@ -103,7 +107,11 @@ class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
         rows = [
             row.as_dict(group_by)
             for row in usage_report(
-                organization=organization, start=start, end=end, group_by=group_by
+                organization=organization,
+                start=start,
+                end=end,
+                group_by=group_by,
+                tag_key=query.validated_data.get("tag"),
             )
         ]
         if isinstance(request.accepted_renderer, CSVRenderer):
@@ -134,6 +142,21 @@ def _check_range(start: date, end: date, today: date) -> None:
         )
     if end - start > timedelta(days=MAX_USAGE_DAYS):
         raise ValidationError({"start": [f"Ask for at most {MAX_USAGE_DAYS} days at a time."]})
+
+
+class ProjectBudgetApi(generics.GenericAPIView):
+    """A project's budget, its spend this period and the alerts it raised (50/80/100 %). Set
+    the budget with PATCH /api/v1/projects/{project_id} (monthly_budget)."""
+
+    serializer_class = ProjectBudgetSerializer
+    required_permissions = {"GET": Permission.USAGE_READ}
+    filter_backends: list = []
+
+    def get(self, request, project_id):
+        from accounts.projects import project_get
+
+        project = project_get(organization=request.actor.organization, project_id=project_id)
+        return Response(ProjectBudgetSerializer(selectors.project_budget(project=project)).data)
 
 
 class InvoiceListApi(generics.ListAPIView):

@@ -23,6 +23,7 @@ from billing.models import (
     BillingPeriod,
     DedicatedUsageRecord,
     PeriodSpend,
+    ProjectPeriodSpend,
     ReplicaUsageCursor,
     UsageRecord,
     UsageRollup,
@@ -50,6 +51,9 @@ _EVENT_FIELDS = (
     "cached_tokens",
     "finished_at",
     "provider_connection_id",
+    "project_id",
+    "end_user",
+    "tags",
 )
 
 
@@ -151,6 +155,9 @@ _RECORD_COLUMNS = (
     "provider_currency",
     "provider_cost",
     "ingested_at",
+    "project_id",
+    "end_user",
+    "tags",
 )
 
 
@@ -200,6 +207,9 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
         cached_tokens,
         finished_at,
         provider_connection_id,
+        project_id,
+        end_user,
+        tags,
     ) in events:
         currency = currencies.get(organization_id)
         if currency is None:
@@ -271,6 +281,9 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
                 cost.currency if cost else "",
                 stored_amount(provider_cost),
                 now,
+                project_id,
+                end_user,
+                tags,
             )
         )
         rollup_key = (
@@ -290,6 +303,9 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
     inserted = _insert_usage_records(rows)
     rollups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    project_spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    project_currencies: dict[int, str] = {}
+    project_index = _RECORD_COLUMNS.index("project_id")
     for row, (key, prompt_tokens, completion_tokens, cached_tokens, amount) in zip(
         rows, derived, strict=True
     ):
@@ -301,11 +317,16 @@ def usage_events_ingest(*, batch_size: int | None = None, now: datetime | None =
         sums[2] += completion_tokens
         sums[3] += cached_tokens
         spend[(row[1], row[2])] += amount
+        if row[project_index] is not None:
+            project_spend[(row[project_index], row[2])] += amount
+            project_currencies[row[project_index]] = currencies[row[1]]
     rollups_add(rollups)
     touched = spend_add(spend, currencies=currencies)
-    from billing.budgets import budget_alerts_raise
+    touched_projects = project_spend_add(project_spend, currencies=project_currencies)
+    from billing.budgets import budget_alerts_raise, project_budget_alerts_raise
 
     budget_alerts_raise(spend_rows=touched)
+    project_budget_alerts_raise(spend_rows=touched_projects)
     UsageEvent.objects.filter(id__in=[e[0] for e in events]).update(ingested_at=now)
     return len(events)
 
@@ -354,13 +375,24 @@ def _ingest_in_postgresql(*, batch_size: int, now: datetime) -> int:
                 "now": now,
             },
         )
-        spend_rows = [
-            PeriodSpend(id=pk, organization_id=org, period_start=start, currency=cur, amount=amt)
-            for pk, org, start, cur, amt in cursor.fetchall()
-        ]
-    from billing.budgets import budget_alerts_raise
+        spend_rows, project_rows = [], []
+        for kind, pk, owner, start, cur, amt in cursor.fetchall():
+            if kind == "o":
+                spend_rows.append(
+                    PeriodSpend(
+                        id=pk, organization_id=owner, period_start=start, currency=cur, amount=amt
+                    )
+                )
+            else:
+                project_rows.append(
+                    ProjectPeriodSpend(
+                        id=pk, project_id=owner, period_start=start, currency=cur, amount=amt
+                    )
+                )
+    from billing.budgets import budget_alerts_raise, project_budget_alerts_raise
 
     budget_alerts_raise(spend_rows=spend_rows)
+    project_budget_alerts_raise(spend_rows=project_rows)
     return len(ids)
 
 
@@ -412,7 +444,8 @@ inserted AS (
         api_key_id, deployment_id, model_version_id, deployment_type, model, input_tokens,
         output_tokens, cached_tokens, currency, token_price_id, input_price_per_million,
         output_price_per_million, cached_input_price_per_million, amount,
-        provider_connection_id, provider_cost_id, provider_currency, provider_cost, ingested_at)
+        provider_connection_id, provider_cost_id, provider_currency, provider_cost, ingested_at,
+        project_id, end_user, tags)
     SELECT e.request_id, e.organization_id,
         (SELECT m.destination
          FROM unnest(%(natural)s::timestamptz[], %(destination)s::timestamptz[])
@@ -434,7 +467,7 @@ inserted AS (
         e.provider_connection_id, pc.id, COALESCE(pc.currency, ''),
         (e.prompt_tokens::numeric * COALESCE(pc.input_per_million, 0)
             + e.completion_tokens::numeric * COALESCE(pc.output_per_million, 0)) / 1000000,
-        %(now)s
+        %(now)s, e.project_id, e.end_user, e.tags
     FROM gateway_usageevent e
     JOIN accounts_organization o ON o.id = e.organization_id
     LEFT JOIN prices p
@@ -482,16 +515,33 @@ rollups AS (
         input_tokens = billing_usagerollup.input_tokens + excluded.input_tokens,
         output_tokens = billing_usagerollup.output_tokens + excluded.output_tokens,
         cached_tokens = billing_usagerollup.cached_tokens + excluded.cached_tokens
+),
+organization_spend AS (
+    INSERT INTO billing_periodspend (organization_id, period_start, currency, amount, updated_at)
+    SELECT organization_id, period_start, currency, sum(amount), %(now)s
+    FROM inserted
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2
+    ON CONFLICT (organization_id, period_start)
+    DO UPDATE SET amount = billing_periodspend.amount + excluded.amount,
+        updated_at = excluded.updated_at
+    RETURNING id, organization_id, period_start, currency, amount
+),
+project_spend AS (
+    INSERT INTO billing_projectperiodspend (project_id, period_start, currency, amount, updated_at)
+    SELECT project_id, period_start, currency, sum(amount), %(now)s
+    FROM inserted
+    WHERE project_id IS NOT NULL
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2
+    ON CONFLICT (project_id, period_start)
+    DO UPDATE SET amount = billing_projectperiodspend.amount + excluded.amount,
+        updated_at = excluded.updated_at
+    RETURNING id, project_id, period_start, currency, amount
 )
-INSERT INTO billing_periodspend (organization_id, period_start, currency, amount, updated_at)
-SELECT organization_id, period_start, currency, sum(amount), %(now)s
-FROM inserted
-GROUP BY 1, 2, 3
-ORDER BY 1, 2
-ON CONFLICT (organization_id, period_start)
-DO UPDATE SET amount = billing_periodspend.amount + excluded.amount,
-    updated_at = excluded.updated_at
-RETURNING id, organization_id, period_start, currency, amount
+SELECT 'o', id, organization_id, period_start, currency, amount FROM organization_spend
+UNION ALL
+SELECT 'p', id, project_id, period_start, currency, amount FROM project_spend
 """
 
 
@@ -583,21 +633,33 @@ def spend_add(
     spend: dict[tuple[int, datetime], Decimal], *, currencies: dict[int, str]
 ) -> list[PeriodSpend]:
     """Add rated amounts to the organizations' period spend. Returns the updated rows."""
+    return _period_spend_add(PeriodSpend, "organization_id", spend, currencies)
+
+
+def project_spend_add(
+    spend: dict[tuple[int, datetime], Decimal], *, currencies: dict[int, str]
+) -> list[ProjectPeriodSpend]:
+    """Add rated amounts to the projects' period spend (key: project id, period start).
+    Returns the updated rows."""
+    return _period_spend_add(ProjectPeriodSpend, "project_id", spend, currencies)
+
+
+def _period_spend_add(model, owner: str, spend: dict, currencies: dict[int, str]) -> list:
     if not spend:
         return []
     keys = sorted(spend)
     now = timezone.now()
     if connection.vendor == "postgresql":
         # One upsert adding in the database (numeric: exact); rows lock in key order.
-        table = PeriodSpend._meta.db_table
+        table = model._meta.db_table
         with _pg_cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} (organization_id, period_start, currency, amount, "  # noqa: S608
+                f"INSERT INTO {table} ({owner}, period_start, currency, amount, "  # noqa: S608
                 "updated_at) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[], "
-                "%s::numeric[], %s::timestamptz[]) ON CONFLICT (organization_id, period_start) "
+                f"%s::numeric[], %s::timestamptz[]) ON CONFLICT ({owner}, period_start) "
                 f"DO UPDATE SET amount = {table}.amount + excluded.amount, "
                 "updated_at = excluded.updated_at "
-                "RETURNING id, organization_id, period_start, currency, amount",
+                f"RETURNING id, {owner}, period_start, currency, amount",
                 [
                     [org for org, _ in keys],
                     [start for _, start in keys],
@@ -607,26 +669,24 @@ def spend_add(
                 ],
             )
             return [
-                PeriodSpend(
-                    id=pk, organization_id=org, period_start=start, currency=cur, amount=amount
-                )
-                for pk, org, start, cur, amount in cursor.fetchall()
+                model(**{"id": pk, owner: ident}, period_start=start, currency=cur, amount=amount)
+                for pk, ident, start, cur, amount in cursor.fetchall()
             ]
-    PeriodSpend.objects.bulk_create(
+    model.objects.bulk_create(
         [
-            PeriodSpend(organization_id=org, period_start=start, currency=currencies[org])
-            for org, start in keys
+            model(**{owner: ident}, period_start=start, currency=currencies[ident])
+            for ident, start in keys
         ],
         ignore_conflicts=True,
     )
     rows = {
-        (row.organization_id, row.period_start): row
-        for row in PeriodSpend.objects.select_for_update()
+        (getattr(row, owner), row.period_start): row
+        for row in model.objects.select_for_update()
         .filter(
-            organization_id__in={org for org, _ in keys},
+            **{f"{owner}__in": {ident for ident, _ in keys}},
             period_start__in={start for _, start in keys},
         )
-        .order_by("organization_id", "period_start")
+        .order_by(owner, "period_start")
     }
     touched = []
     for key in keys:
@@ -634,7 +694,7 @@ def spend_add(
         row.amount = stored_amount(row.amount + spend[key])
         row.updated_at = now
         touched.append(row)
-    PeriodSpend.objects.bulk_update(touched, ["amount", "updated_at"])
+    model.objects.bulk_update(touched, ["amount", "updated_at"])
     return touched
 
 
@@ -715,7 +775,8 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
 
     records = []
     spend: dict[tuple, Decimal] = defaultdict(Decimal)
-    currencies = {}
+    project_spend: dict[tuple, Decimal] = defaultdict(Decimal)
+    currencies, project_currencies = {}, {}
     for usage, a, b in pieces:
         deployment, profile = usage.deployment, usage.hardware_profile
         organization = deployment.organization
@@ -743,6 +804,7 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
                 organization_id=organization.pk,
                 period_start=period_start,
                 deployment_id=deployment.pk,
+                project_id=deployment.project_id,
                 model_version_id=usage.model_version_id,
                 hardware_profile_id=profile.pk,
                 gpu_count=profile.gpu_count,
@@ -754,13 +816,17 @@ def replica_usage_ingest(*, now: datetime | None = None, limit: int = 2000) -> i
                 ingested_at=now,
             )
         )
-        spend[(organization.pk, period_start)] += rate_gpu_seconds(
-            seconds=seconds, per_hour=per_hour
-        )
+        cost = rate_gpu_seconds(seconds=seconds, per_hour=per_hour)
+        spend[(organization.pk, period_start)] += cost
+        if deployment.project_id is not None:
+            project_spend[(deployment.project_id, period_start)] += cost
+            project_currencies[deployment.project_id] = organization.currency
     DedicatedUsageRecord.objects.bulk_create(records, ignore_conflicts=True)
     ReplicaUsageCursor.objects.bulk_update(cursors.values(), ["billed_until", "complete"])
     touched = spend_add(spend, currencies=currencies)
-    from billing.budgets import budget_alerts_raise
+    touched_projects = project_spend_add(project_spend, currencies=project_currencies)
+    from billing.budgets import budget_alerts_raise, project_budget_alerts_raise
 
     budget_alerts_raise(spend_rows=touched)
+    project_budget_alerts_raise(spend_rows=touched_projects)
     return len(records)

@@ -108,6 +108,11 @@ class UsageRecord(_AppendOnlyModel):
     period_start = models.DateTimeField()
     occurred_at = models.DateTimeField(help_text="When the request finished.")
     api_key_id = models.BigIntegerField(null=True, blank=True)
+    # The caller's project; null on rows ingested before projects existed, which were all the
+    # default project's (reports read null as the organization's default project).
+    project_id = models.BigIntegerField(null=True, blank=True)
+    end_user = models.CharField(max_length=256, null=True, blank=True)
+    tags = models.JSONField(null=True, blank=True)
     deployment_id = models.UUIDField(null=True, blank=True)
     model_version_id = models.BigIntegerField(null=True, blank=True)
     deployment_type = models.CharField(max_length=16, blank=True)
@@ -162,6 +167,8 @@ class DedicatedUsageRecord(_AppendOnlyModel):
     )
     period_start = models.DateTimeField()
     deployment_id = models.UUIDField()
+    # The deployment's project (null on rows from before projects: the default project's).
+    project_id = models.BigIntegerField(null=True, blank=True)
     model_version_id = models.BigIntegerField(null=True, blank=True)
     hardware_profile_id = models.BigIntegerField()
     gpu_count = models.PositiveSmallIntegerField()
@@ -277,6 +284,56 @@ class PeriodSpend(models.Model):
 
     def __str__(self):
         return f"{self.organization_id} {self.period_start:%Y-%m-%d}: {self.amount}"
+
+
+class ProjectPeriodSpend(models.Model):
+    """A project's rated spend in a period so far (tokens its keys used, and its deployments'
+    dedicated time), kept current by ingestion like PeriodSpend: the gateway's project budget
+    check is one indexed read."""
+
+    project = models.ForeignKey("accounts.Project", on_delete=models.CASCADE, related_name="+")
+    period_start = models.DateTimeField()
+    currency = models.CharField(max_length=3)
+    amount = _amount_field(default=Decimal(0))
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "period_start"], name="unique_project_period_spend"
+            )
+        ]
+
+    def __str__(self):
+        return f"project {self.project_id} {self.period_start:%Y-%m-%d}: {self.amount}"
+
+
+class ProjectBudgetAlert(models.Model):
+    """A project's budget threshold (50, 80 or 100 %) crossed in a period: emailed once to the
+    organization's billing address and shown on the project's page."""
+
+    project = models.ForeignKey(
+        "accounts.Project", on_delete=models.CASCADE, related_name="budget_alerts"
+    )
+    period_start = models.DateTimeField()
+    threshold_percent = models.PositiveSmallIntegerField()
+    spend = _money_field()
+    limit = _money_field()
+    currency = models.CharField(max_length=3)
+    created_at = models.DateTimeField(auto_now_add=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-period_start", "-threshold_percent"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "period_start", "threshold_percent"],
+                name="unique_project_budget_alert",
+            )
+        ]
+
+    def __str__(self):
+        return f"project {self.project_id} reached {self.threshold_percent}% of its budget"
 
 
 class BudgetAlert(models.Model):

@@ -153,6 +153,7 @@ def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodRepo
                         f"the invoice {ours}"
                     )
     _check_rollups(period, report)
+    _check_attribution(period, report)
     _check_gpu_time(period, report)
     # The publishers' statements agree with these invoices and the period's credit notes.
     report.differences += statement_differences(period=period)
@@ -244,6 +245,77 @@ def _check_rollups(period: Period, report: PeriodReport) -> None:
             report.differences.append(
                 f"organization {org_id} {period.label}: rollups {b} differ from the ledger {a}"
             )
+
+
+def _check_attribution(period: Period, report: PeriodReport) -> None:
+    """Usage grouped by project, by user and by each tag key the organization used adds up to
+    the ledger: every request and every second counted once, in exactly one group."""
+    from billing.attribution import ledger_groups
+    from metering.models import UsageTag
+
+    token_totals = {
+        row["organization_id"]: row
+        for row in UsageRecord.objects.filter(period_start=period.start)
+        .values("organization_id")
+        .annotate(
+            requests=Count("pk"),
+            input_tokens=Sum("input_tokens"),
+            output_tokens=Sum("output_tokens"),
+            amount=Sum("amount"),
+        )
+        .order_by()
+    }
+    seconds = dict(
+        DedicatedUsageRecord.objects.filter(period_start=period.start)
+        .values("organization_id")
+        .annotate(seconds=Sum("seconds"))
+        .order_by()
+        .values_list("organization_id", "seconds")
+    )
+    for org_id in sorted(token_totals.keys() | seconds.keys()):
+        tokens = token_totals.get(org_id, {})
+        want = (
+            tokens.get("requests", 0),
+            tokens.get("input_tokens", 0),
+            tokens.get("output_tokens", 0),
+            seconds.get(org_id, 0),
+        )
+        dimensions = [("project", None), ("user", None)] + [
+            ("tag", key)
+            for key in UsageTag.objects.filter(organization_id=org_id)
+            .values_list("key", flat=True)
+            .distinct()
+            .order_by("key")
+        ]
+        for dimension, tag_key in dimensions:
+            groups = ledger_groups(
+                organization_id=org_id,
+                dimension=dimension,
+                tag_key=tag_key,
+                period_start=period.start,
+            ).values()
+            have = (
+                sum(g.requests for g in groups),
+                sum(g.input_tokens for g in groups),
+                sum(g.output_tokens for g in groups),
+                sum(g.gpu_seconds for g in groups),
+            )
+            token_amount = tokens.get("amount") or Decimal(0)
+            if have != want:
+                report.differences.append(
+                    f"organization {org_id} {period.label}: usage grouped by {dimension}"
+                    f"{'=' + tag_key if tag_key else ''} {have} differs from the ledger {want}"
+                    " (requests, input tokens, output tokens, GPU seconds)"
+                )
+            elif (
+                not seconds.get(org_id)
+                and sum((g.amount for g in groups), Decimal(0)) != token_amount
+            ):
+                report.differences.append(
+                    f"organization {org_id} {period.label}: usage grouped by {dimension} "
+                    f"costs {sum((g.amount for g in groups), Decimal(0))}, the ledger "
+                    f"{token_amount}"
+                )
 
 
 def _check_gpu_time(period: Period, report: PeriodReport) -> None:

@@ -7,8 +7,15 @@ from decimal import Decimal
 from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
-from accounts.models import Organization
-from billing.models import BudgetAlert, CreditGrant, Invoice, PeriodSpend
+from accounts.models import Organization, Project
+from billing.models import (
+    BudgetAlert,
+    CreditGrant,
+    Invoice,
+    PeriodSpend,
+    ProjectBudgetAlert,
+    ProjectPeriodSpend,
+)
 from billing.periods import period_containing
 from billing.rating import rate_tokens
 from catalog.models import TokenPrice
@@ -56,12 +63,86 @@ def organization_spend_position(
     return SpendPosition(limit, (spend or Decimal(0)) + pending, currency, period.start)
 
 
-def _pending_usage_cost(organization_id: int, *, currency: str, now: datetime) -> Decimal:
+def project_spend_position(*, project_id: int, now: datetime | None = None) -> SpendPosition | None:
+    """A project's period spend (ingested, plus its not-yet-ingested events) against its
+    monthly budget, in its organization's currency; None if the project is gone. The same
+    reading order and the same overshoot bound as the organization's (gateway/budget.py)."""
+    now = now or timezone.now()
+    period = period_containing(now)
+    project = (
+        Project.objects.filter(pk=project_id)
+        .values("monthly_budget", "organization_id", "organization__currency")
+        .first()
+    )
+    if project is None:
+        return None
+    limit, currency = project["monthly_budget"], project["organization__currency"]
+    pending = Decimal(0)
+    if limit is not None:
+        pending = _pending_usage_cost(
+            project["organization_id"], currency=currency, now=now, project_id=project_id
+        )
+    spend = (
+        ProjectPeriodSpend.objects.filter(project_id=project_id, period_start=period.start)
+        .values_list("amount", flat=True)
+        .first()
+    )
+    return SpendPosition(limit, (spend or Decimal(0)) + pending, currency, period.start)
+
+
+def project_period_spend(*, project: Project, now: datetime | None = None) -> Decimal:
+    period = period_containing(now or timezone.now())
+    amount = (
+        ProjectPeriodSpend.objects.filter(project=project, period_start=period.start)
+        .values_list("amount", flat=True)
+        .first()
+    )
+    return amount or Decimal(0)
+
+
+@dataclass(frozen=True)
+class ProjectBudget:
+    """A project's budget this period, as the console and GET projects/{id}/budget show it."""
+
+    project: Project
+    currency: str
+    monthly_budget: Decimal | None
+    spend: Decimal
+    percent: Decimal | None
+    alerts: list
+
+
+def project_budget(*, project: Project, now: datetime | None = None) -> ProjectBudget:
+    from billing.budgets import spend_percent
+
+    spend = project_period_spend(project=project, now=now)
+    return ProjectBudget(
+        project=project,
+        currency=project.organization.currency,
+        monthly_budget=project.monthly_budget,
+        spend=spend,
+        percent=spend_percent(spend, project.monthly_budget),
+        alerts=list(project_budget_alerts_current(project=project, now=now)),
+    )
+
+
+def project_budget_alerts_current(
+    *, project: Project, now: datetime | None = None
+) -> QuerySet[ProjectBudgetAlert]:
+    period = period_containing(now or timezone.now())
+    return ProjectBudgetAlert.objects.filter(project=project, period_start=period.start)
+
+
+def _pending_usage_cost(
+    organization_id: int, *, currency: str, now: datetime, project_id: int | None = None
+) -> Decimal:
     # Few rows while ingestion keeps up (it runs every few seconds): the partial index on
     # un-ingested events. Rated at the price in force now, as the events will be.
+    events = UsageEvent.objects.filter(ingested_at__isnull=True, organization_id=organization_id)
+    if project_id is not None:
+        events = events.filter(project_id=project_id)
     totals = (
-        UsageEvent.objects.filter(ingested_at__isnull=True, organization_id=organization_id)
-        .values("model_version_id")
+        events.values("model_version_id")
         .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
         .order_by()
     )

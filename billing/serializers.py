@@ -1,7 +1,9 @@
 from decimal import Decimal
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from billing.attribution import invoice_projects, valid_tag_key
 from billing.models import CreditNote, Invoice, InvoiceLine
 from billing.money import format_money
 from billing.periods import Period
@@ -29,6 +31,24 @@ class UsageQuerySerializer(serializers.Serializer):
         default="day",
         error_messages={"invalid_choice": f"Use one of: {', '.join(GROUP_BY)}."},
     )
+    tag = serializers.CharField(
+        required=False, help_text="With group_by=tag: the `metadata` key to group by."
+    )
+
+    def validate(self, attrs):
+        tag = attrs.get("tag")
+        if attrs.get("group_by") == "tag":
+            if not tag:
+                raise serializers.ValidationError(
+                    {"tag": ["group_by=tag needs tag=<metadata key>, e.g. tag=team."]}
+                )
+            if not valid_tag_key(tag):
+                raise serializers.ValidationError(
+                    {"tag": ["A metadata key has 1 to 64 letters, digits, '_', '-', '.' or ':'."]}
+                )
+        elif tag is not None:
+            raise serializers.ValidationError({"tag": ["tag goes with group_by=tag only."]})
+        return attrs
 
 
 class UsageRowSerializer(serializers.Serializer):
@@ -43,6 +63,17 @@ class UsageRowSerializer(serializers.Serializer):
     )
     api_key = serializers.CharField(
         required=False, allow_null=True, help_text="With group_by=api_key."
+    )
+    project = serializers.CharField(
+        required=False, allow_null=True, help_text="With group_by=project: the project id."
+    )
+    user = serializers.CharField(
+        required=False, allow_null=True, help_text="With group_by=user: the request's `user`."
+    )
+    tag = serializers.CharField(
+        required=False,
+        allow_null=True,
+        help_text="With group_by=tag: the value of the tag (null: requests without it).",
     )
     label = serializers.CharField()
     requests = serializers.IntegerField()
@@ -137,13 +168,38 @@ class InvoiceSerializer(serializers.ModelSerializer):
         return f"/api/v1/invoices/{invoice.pk}.csv"
 
 
+class InvoiceProjectSerializer(serializers.Serializer):
+    """One project's share of an invoice's usage (before tax and credits)."""
+
+    project = serializers.IntegerField(source="project_id")
+    name = serializers.CharField()
+    requests = serializers.IntegerField(source="group.requests")
+    input_tokens = serializers.IntegerField(source="group.input_tokens")
+    output_tokens = serializers.IntegerField(source="group.output_tokens")
+    gpu_seconds = serializers.IntegerField(source="group.gpu_seconds")
+    amount = serializers.CharField(help_text="Rounded to the currency's minor unit.")
+
+
 class InvoiceDetailSerializer(InvoiceSerializer):
     lines = InvoiceLineSerializer(many=True, read_only=True)
     credit_notes = CreditNoteSerializer(many=True, read_only=True)
+    projects = serializers.SerializerMethodField(
+        help_text="The usage per project, from the ledger of the invoice's period."
+    )
 
     class Meta(InvoiceSerializer.Meta):
-        fields = [*InvoiceSerializer.Meta.fields, "lines", "credit_notes"]
+        fields = [*InvoiceSerializer.Meta.fields, "lines", "credit_notes", "projects"]
         read_only_fields = fields
+
+    @extend_schema_field(InvoiceProjectSerializer(many=True))
+    def get_projects(self, invoice) -> list:
+        return [
+            {
+                **InvoiceProjectSerializer(share).data,
+                "amount": format_money(share.amount, invoice.currency),
+            }
+            for share in invoice_projects(invoice=invoice)
+        ]
 
 
 class DraftLineSerializer(serializers.Serializer):
@@ -216,3 +272,22 @@ class MarginRowSerializer(serializers.Serializer):
 class MarginReportSerializer(serializers.Serializer):
     month = serializers.CharField()
     results = MarginRowSerializer(many=True)
+
+
+class ProjectBudgetAlertSerializer(serializers.Serializer):
+    threshold_percent = serializers.IntegerField()
+    spend = serializers.DecimalField(max_digits=18, decimal_places=2)
+    limit = serializers.DecimalField(max_digits=18, decimal_places=2)
+    created_at = serializers.DateTimeField()
+
+
+class ProjectBudgetSerializer(serializers.Serializer):
+    """A project's monthly budget and its spend in the current billing period (ingested
+    usage; the gateway also counts what is not ingested yet)."""
+
+    project = serializers.IntegerField(source="project.pk")
+    currency = serializers.CharField()
+    monthly_budget = serializers.DecimalField(max_digits=14, decimal_places=2, allow_null=True)
+    spend = serializers.DecimalField(max_digits=18, decimal_places=6)
+    percent = serializers.DecimalField(max_digits=9, decimal_places=1, allow_null=True)
+    alerts = ProjectBudgetAlertSerializer(many=True)

@@ -76,3 +76,8 @@ def statements_payout_due() -> int:
     for statement_id in ids:
         statement_payout.delay(statement_id)
     return len(ids)
+
+
+@shared_task
+def project_budget_alert_email(alert_id: int) -> bool:
+    return budgets.project_budget_alert_email(alert_id=alert_id)

@@ -4,6 +4,11 @@ from billing import apis, margin_apis, publisher_apis
 
 urlpatterns = [
     path("usage", apis.UsageApi.as_view(), name="usage"),
+    path(
+        "projects/<int:project_id>/budget",
+        apis.ProjectBudgetApi.as_view(),
+        name="project-budget",
+    ),
     path("invoices", apis.InvoiceListApi.as_view(), name="invoice-list"),
     path("invoices/upcoming", apis.UpcomingInvoiceApi.as_view(), name="invoice-upcoming"),
     path("invoices/<int:pk>", apis.InvoiceDetailApi.as_view(), name="invoice-detail"),

@@ -11,11 +11,12 @@ from decimal import Decimal
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
-from accounts.models import APIKey, Organization
+from accounts.models import APIKey, Organization, Project
+from billing.attribution import DIMENSIONS, ledger_groups
 from billing.models import DedicatedUsageRecord, UsageRollup
 from billing.rating import rate_gpu_seconds, rate_tokens
 
-GROUP_BY = ("day", "model", "deployment", "api_key")
+GROUP_BY = ("day", "model", "deployment", "api_key", "project", "user", "tag")
 _DISPLAY = Decimal("0.000001")
 
 
@@ -44,11 +45,19 @@ class UsageRow:
 
 
 def usage_report(
-    *, organization: Organization, start: date, end: date, group_by: str
+    *,
+    organization: Organization,
+    start: date,
+    end: date,
+    group_by: str,
+    tag_key: str | None = None,
 ) -> list[UsageRow]:
-    """Usage from `start` to `end` (both inclusive, UTC days) per `group_by` value."""
+    """Usage from `start` to `end` (both inclusive, UTC days) per `group_by` value (with
+    group_by "tag": per value of the tag `tag_key`)."""
     if group_by not in GROUP_BY:
         raise ValueError(group_by)
+    if group_by in DIMENSIONS:
+        return _attribution_report(organization, start, end, group_by, tag_key)
     rollup_field = {
         "day": "day",
         "model": "model_version_id",
@@ -120,6 +129,33 @@ def usage_report(
     return sorted(rows.values(), key=lambda r: (r.key is None, r.key or ""))
 
 
+def _attribution_report(
+    organization: Organization, start: date, end: date, group_by: str, tag_key: str | None
+) -> list[UsageRow]:
+    groups = ledger_groups(
+        organization_id=organization.pk,
+        dimension=group_by,
+        tag_key=tag_key,
+        since=datetime.combine(start, time.min, tzinfo=UTC),
+        until=datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC),
+    )
+    rows: dict[str | None, UsageRow] = {}
+    for value, group in groups.items():
+        key = _key(value)
+        rows[key] = UsageRow(
+            key=key,
+            label="",
+            requests=group.requests,
+            input_tokens=group.input_tokens,
+            output_tokens=group.output_tokens,
+            cached_tokens=group.cached_tokens,
+            gpu_seconds=group.gpu_seconds,
+            amount=group.amount,
+        )
+    _label(rows, group_by, organization)
+    return sorted(rows.values(), key=lambda r: (r.key is None, r.key or ""))
+
+
 def _key(value) -> str | None:
     if value in (None, "", 0):
         return None
@@ -145,6 +181,13 @@ def _label(rows: dict[str, UsageRow], group_by: str, organization: Organization)
                 organization=organization, pk__in=ids
             ).values_list("pk", "name")
         }
+    elif group_by == "project" and ids:
+        names = {
+            str(pk): name
+            for pk, name in Project.objects.filter(
+                organization=organization, pk__in=ids
+            ).values_list("pk", "name")
+        }
     elif group_by == "api_key" and ids:
         names = {
             str(key.pk): f"{key.name} ({key.display_prefix}…)"
@@ -152,8 +195,11 @@ def _label(rows: dict[str, UsageRow], group_by: str, organization: Organization)
         }
     for row in rows.values():
         if row.key is None:
-            row.label = {"api_key": "no key (dedicated or console)", "day": ""}.get(
-                group_by, "unknown"
-            )
+            row.label = {
+                "api_key": "no key (dedicated or console)",
+                "day": "",
+                "user": "no user",
+                "tag": "untagged",
+            }.get(group_by, "unknown")
         else:
             row.label = names.get(row.key, row.key)

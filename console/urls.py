@@ -10,6 +10,7 @@ from console.views import (
     overview,
     partner,
     playground,
+    projects,
     publisher,
     sso,
     usage,
@@ -85,6 +86,33 @@ urlpatterns = [
     path("invoices/<str:number>/", invoices.InvoiceDetailView.as_view(), name="invoice"),
     path("api-keys/", keys.APIKeyListView.as_view(), name="api-keys"),
     path("api-keys/<int:pk>/revoke", keys.APIKeyRevokeView.as_view(), name="api-key-revoke"),
+    path("projects/", projects.ProjectListView.as_view(), name="projects"),
+    path("projects/<int:project_id>/", projects.ProjectView.as_view(), name="project"),
+    path(
+        "projects/<int:project_id>/settings",
+        projects.ProjectSettingsView.as_view(),
+        name="project-settings",
+    ),
+    path(
+        "projects/<int:project_id>/budget",
+        projects.ProjectBudgetView.as_view(),
+        name="project-budget",
+    ),
+    path(
+        "projects/<int:project_id>/members",
+        projects.ProjectMemberAddView.as_view(),
+        name="project-members",
+    ),
+    path(
+        "projects/<int:project_id>/members/<int:pk>",
+        projects.ProjectMemberChangeView.as_view(),
+        name="project-member",
+    ),
+    path(
+        "projects/<int:project_id>/keys",
+        projects.ProjectKeyCreateView.as_view(),
+        name="project-key-create",
+    ),
     path("settings/", organization.OrganizationSettingsView.as_view(), name="settings"),
     path(
         "settings/profile", organization.OrganizationProfileView.as_view(), name="settings-profile"

@@ -64,6 +64,16 @@ class Deployment(models.Model):
     organization = models.ForeignKey(
         "accounts.Organization", on_delete=models.CASCADE, related_name="deployments"
     )
+    # The project that owns it (its dedicated time is attributed there). A shared deployment
+    # may be called by every project of the organization; one that is not, only by its own.
+    # Filled with the default project by save(); null only for a row the previous release
+    # wrote during the upgrade (read as the default project's; NOT NULL a release later).
+    project = models.ForeignKey(
+        "accounts.Project", on_delete=models.PROTECT, related_name="deployments", null=True
+    )
+    shared = models.BooleanField(
+        default=True, help_text="Callable by the organization's other projects too."
+    )
     name = models.CharField(max_length=NAME_MAX_LENGTH, validators=[dns_name_validator])
     model_version = models.ForeignKey(
         "catalog.ModelVersion", on_delete=models.PROTECT, related_name="deployments"
@@ -162,6 +172,13 @@ class Deployment(models.Model):
 
     def __str__(self):
         return self.name
+
+    def save(self, *args, **kwargs):
+        if self.project_id is None and self.organization_id is not None:
+            from accounts.models import default_project_id
+
+            self.project_id = default_project_id(self.organization_id)
+        super().save(*args, **kwargs)
 
     @property
     def is_converged(self) -> bool:

@@ -48,10 +48,17 @@ class Route:
     def prefix_aware(self) -> bool:
         return self.routing_policy == RoutingPolicy.PREFIX_AWARE
 
+    # Which project's keys may call it: the owner's, and every project's when shared.
+    project_id: int | None = None
+    shared: bool = True
+
 
 class CallableModel(NamedTuple):
     name: str
     created: int  # Unix seconds, as OpenAI's GET /v1/models shows it
+    # Who may call it (the gateway filters per key): the owning project, or every project.
+    project_id: int
+    shared: bool
 
 
 def deployment_list(*, organization: Organization) -> QuerySet[Deployment]:
@@ -93,6 +100,8 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
         .only(
             "id",
             "organization_id",
+            "project_id",
+            "shared",
             "type",
             "status",
             "min_replicas",
@@ -150,6 +159,8 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
             and serving.status != Deployment.Status.FAILED
             and deployment.status != Deployment.Status.FAILED
         ),
+        project_id=deployment.project_id,
+        shared=deployment.shared,
     )
 
 
@@ -171,6 +182,8 @@ def _partner_route(deployment: Deployment) -> Route:
         provider=partner_target(version_id=version.pk),
         terms_pending=_terms_pending(deployment),
         terms_accept_path=_terms_accept_path(version),
+        project_id=deployment.project_id,
+        shared=deployment.shared,
     )
 
 
@@ -193,9 +206,12 @@ def callable_models(*, organization_id: int) -> list[CallableModel]:
     rows = (
         Deployment.objects.filter(organization_id=organization_id, status__in=CALLABLE_STATUSES)
         .order_by("name")
-        .values_list("name", "created_at")
+        .values_list("name", "created_at", "project_id", "shared")
     )
-    return [CallableModel(name, int(created.timestamp())) for name, created in rows]
+    return [
+        CallableModel(name, int(created.timestamp()), project_id, shared)
+        for name, created, project_id, shared in rows
+    ]
 
 
 def max_model_len(version) -> int | None:

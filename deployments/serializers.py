@@ -60,6 +60,8 @@ class DeploymentSerializer(serializers.ModelSerializer):
             "version",
             "served_model_name",
             "type",
+            "project",
+            "shared",
             "hardware_profile",
             "runtime",
             "min_replicas",
@@ -118,6 +120,17 @@ class DeploymentCreateSerializer(StrictSerializer):
     type = serializers.ChoiceField(choices=Deployment.Type.choices, default="dedicated")
     hardware_profile = serializers.CharField(
         max_length=64, required=False, help_text="Required for dedicated deployments."
+    )
+    project = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="The owning project's id (its dedicated time is attributed there); "
+        "default: the organization's default project.",
+    )
+    shared = serializers.BooleanField(
+        default=True,
+        help_text="Callable by the organization's other projects too; false: only by the "
+        "owning project's keys.",
     )
     min_replicas = serializers.IntegerField(min_value=0, default=1)
     max_replicas = serializers.IntegerField(min_value=1, required=False)

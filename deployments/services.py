@@ -209,11 +209,21 @@ def deployment_create(
     target_in_flight_per_replica: int = 8,
     scale_to_zero_after_seconds: int | None = None,
     routing_policy: str = RoutingPolicy.PREFIX_AWARE,
+    project: int | None = None,
+    shared: bool = True,
 ) -> Deployment:
     """Ask for a deployment. Checks name, model, profile fit, price and quotas; the reconciler
-    makes it real after the transaction commits."""
-    require(actor, Permission.DEPLOYMENTS_WRITE)
+    makes it real after the transaction commits. It belongs to `project` (an id; default: the
+    organization's default project) and, when `shared`, every project may call it."""
+    from accounts import projects
+
     organization = actor.organization
+    if project is None:
+        require(actor, Permission.DEPLOYMENTS_WRITE)
+        owner = projects.project_default(organization=organization)
+    else:
+        owner = projects.project_named_in_input(organization=organization, project_id=project)
+        projects.require_in_project(actor, owner, Permission.DEPLOYMENTS_WRITE)
     _check_name(organization, name)
     model_version = _resolve_version(organization=organization, model=model, version=version)
     if type not in Deployment.Type.values:
@@ -245,6 +255,8 @@ def deployment_create(
         _check_price(deployment_type=type, version=model_version, profile=None)
         deployment = Deployment(
             organization=organization,
+            project=owner,
+            shared=shared,
             name=name,
             model_version=model_version,
             type=type,
@@ -276,6 +288,8 @@ def deployment_create(
         )
         deployment = Deployment(
             organization=organization,
+            project=owner,
+            shared=shared,
             name=name,
             model_version=model_version,
             type=type,
@@ -306,6 +320,8 @@ def deployment_create(
             "model": model,
             "version": model_version.version,
             "type": type,
+            "project": owner.name,
+            "shared": shared,
             "hardware_profile": hardware_profile,
             "min_replicas": deployment.min_replicas,
             "max_replicas": deployment.max_replicas,

@@ -50,6 +50,21 @@ class Caller:
     expires_at: float | None  # unix time
     revoked: bool
     organization_active: bool
+    # The key's project: its limits, and what it and the key may call (None: anything the
+    # organization may call; otherwise only these model names).
+    project_id: int | None = None
+    project_rpm: int | None = None
+    project_tpm: int | None = None
+    allowed_models: frozenset[str] | None = None
+
+    def may_call(self, model: str, route) -> bool:
+        """Whether this key may call `model`, routed to `route`: it is on the allow-lists,
+        and the deployment is the key's project's own or shared with the organization.
+        A refusal reads exactly like an unknown model (404), so nothing leaks."""
+        if self.allowed_models is not None and model not in self.allowed_models:
+            return False
+        owner = getattr(route, "project_id", None)
+        return owner is None or owner == self.project_id or getattr(route, "shared", True)
 
 
 @dataclass(slots=True)
@@ -60,6 +75,7 @@ class _Entry:
 
 
 def _caller_from_key(key: APIKey) -> Caller:
+    project = key.project  # None only for a key written by the previous release mid-upgrade
     return Caller(
         key_id=key.pk,
         organization_id=key.organization_id,
@@ -70,7 +86,22 @@ def _caller_from_key(key: APIKey) -> Caller:
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None,
         organization_active=key.organization.is_active,
+        project_id=key.project_id,
+        project_rpm=project.rpm_limit if project else None,
+        project_tpm=project.tpm_limit if project else None,
+        allowed_models=_allowed(project.allowed_models if project else [], key.allowed_models),
     )
+
+
+def _allowed(project_list: list[str], key_list: list[str]) -> frozenset[str] | None:
+    """The names both lists allow (an empty list allows everything)."""
+    if not project_list and not key_list:
+        return None
+    if not project_list:
+        return frozenset(key_list)
+    if not key_list:
+        return frozenset(project_list)
+    return frozenset(project_list) & frozenset(key_list)
 
 
 def _load(secret: str) -> Caller | None:

@@ -15,12 +15,18 @@ GATEWAY_SPEND_CACHE_SECONDS, and the gateway's own `settled` counter is read jus
 it, so a request settled around the read is counted twice rather than missed. The overshoot
 bound this gives is stated in docs/architecture.md ("Spend limits").
 
+A project's monthly budget is a second counter held in the same step: its position
+(billing.selectors.project_spend_position) is read and cached the same way, under the key
+"s:p<project id>:<period start>", and a request is admitted only if its worst case fits both
+the organization's limit and its project's budget (gateway/limits.py: all or none).
+
 Amounts are integer nano-units (1e-9) of the organization's currency, rounded up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -44,6 +50,9 @@ class SpendPosition:
     key: str  # the organization's period: "s:<organization id>:<period start, unix>"
     allowance: int | None  # nano-units; None: no limit
     currency: str
+    scope: str = "organization"  # whose limit `key` is
+    # A further counter held with the same cost: the project's (key, allowance, scope).
+    also: tuple[tuple[str, int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +82,7 @@ class SpendLimits:
         ttl: float,
         spend_position: Callable,
         token_price: Callable,
+        project_spend_position: Callable | None = None,
         period_start: Callable[[datetime], datetime],
     ):
         self._db = db
@@ -81,21 +91,37 @@ class SpendLimits:
         self._spend_position = spend_position
         self._token_price = token_price
         self._period_start = period_start
-        self._positions: dict[int, tuple[SpendPosition | None, float]] = {}
+        self._project_spend_position = project_spend_position
+        self._positions: dict[tuple[str, int], tuple[SpendPosition | None, float]] = {}
         self._prices: dict[int, tuple[TokenPrice | None, float]] = {}
         self._refreshing: set[tuple[str, int]] = set()
         self._fetching: dict[tuple[str, int], asyncio.Future] = {}
 
-    async def position(self, organization_id: int) -> SpendPosition | None:
-        """Where the organization stands (cached; re-read in the background); None when it
-        has no limit."""
-        cached = self._positions.get(organization_id)
+    async def position(
+        self, organization_id: int, project_id: int | None = None
+    ) -> SpendPosition | None:
+        """Where the organization, and the caller's project, stand (cached; re-read in the
+        background); None when the organization is gone."""
+        organization = await self._cached_position("position", organization_id)
+        if project_id is None or self._project_spend_position is None or organization is None:
+            return organization
+        project = await self._cached_position("project", project_id)
+        if project is None or project.allowance is None:
+            return organization
+        if organization.allowance is None:
+            return SpendPosition(project.key, project.allowance, organization.currency, "project")
+        return dataclasses.replace(
+            organization, also=((project.key, project.allowance, "project"),)
+        )
+
+    async def _cached_position(self, kind: str, ident: int) -> SpendPosition | None:
+        cached = self._positions.get((kind, ident))
         if cached is None or (
-            cached[0] is not None and cached[0].key != self._key(organization_id)
+            cached[0] is not None and cached[0].key != self._key(ident, kind=kind)
         ):  # a new period started: its figure is needed now
-            return await self._fetch_position(organization_id)
+            return await self._fetch_position(kind, ident)
         position, fetched = cached
-        self._refresh_later(("position", organization_id), fetched, self._fetch_position)
+        self._refresh_later((kind, ident), fetched, lambda ident: self._fetch_position(kind, ident))
         return position
 
     async def price(self, version_id: int | None) -> TokenPrice | None:
@@ -124,7 +150,9 @@ class SpendLimits:
         if price is not None and price.currency == position.currency:
             cost = price.cost(prompt_tokens, completion_tokens)
         # Even an unpriced request needs some headroom: a limit reached refuses everything.
-        return SpendHold(position.key, position.allowance, max(cost, 1))
+        return SpendHold(
+            position.key, position.allowance, max(cost, 1), position.scope, position.also
+        )
 
     @staticmethod
     def spent(
@@ -140,9 +168,10 @@ class SpendLimits:
             return 0
         return price.cost(prompt_tokens, completion_tokens)
 
-    def _key(self, organization_id: int, now: datetime | None = None) -> str:
+    def _key(self, ident: int, now: datetime | None = None, *, kind: str = "position") -> str:
         start = self._period_start(now or datetime.now(UTC))
-        return f"s:{organization_id}:{int(start.timestamp())}"
+        owner = f"p{ident}" if kind == "project" else str(ident)
+        return f"s:{owner}:{int(start.timestamp())}"
 
     def _refresh_later(self, what: tuple[str, int], fetched: float, fetch) -> None:
         if time.monotonic() - fetched >= self._ttl and what not in self._refreshing:
@@ -157,8 +186,8 @@ class SpendLimits:
         finally:
             self._refreshing.discard(what)
 
-    async def _fetch_position(self, organization_id: int) -> SpendPosition | None:
-        return await self._once(("position", organization_id), self._read_position)
+    async def _fetch_position(self, kind: str, ident: int) -> SpendPosition | None:
+        return await self._once((kind, ident), lambda ident: self._read_position(ident, kind=kind))
 
     async def _fetch_price(self, version_id: int) -> TokenPrice | None:
         return await self._once(("price", version_id), self._read_price)
@@ -172,11 +201,18 @@ class SpendLimits:
             pending.add_done_callback(lambda _: self._fetching.pop(what, None))
         return await asyncio.shield(pending)
 
-    async def _read_position(self, organization_id: int) -> SpendPosition | None:
+    async def _read_position(self, ident: int, *, kind: str) -> SpendPosition | None:
+        """The organization's (kind "position") or a project's ("project") position."""
         fetched = time.monotonic()
         now = datetime.now(UTC)
-        key = self._key(organization_id, now)
-        row = await self._db.call(self._spend_position, organization_id=organization_id, now=now)
+        key = self._key(ident, now, kind=kind)
+        if kind == "project":
+            read = self._project_spend_position
+            arguments = {"project_id": ident}
+        else:
+            read = self._spend_position
+            arguments = {"organization_id": ident}
+        row = await self._db.call(read, now=now, **arguments)
         position = None
         if row is not None and row.limit is None:
             position = SpendPosition(key, None, row.currency)
@@ -185,15 +221,13 @@ class SpendLimits:
             # docstring): a request settled between the two reads is counted twice, never
             # missed. Organizations without a limit never need the counter.
             settled = await self._limiter.spend_settled(key)
-            row = await self._db.call(
-                self._spend_position, organization_id=organization_id, now=now
-            )
+            row = await self._db.call(read, now=now, **arguments)
             if row is not None:
                 allowance = None
                 if row.limit is not None:
                     allowance = to_nanos(row.limit) - to_nanos(row.spend) + settled
                 position = SpendPosition(key, allowance, row.currency)
-        self._positions[organization_id] = (position, fetched)
+        self._positions[(kind, ident)] = (position, fetched)
         return position
 
     async def _read_price(self, version_id: int) -> TokenPrice | None:

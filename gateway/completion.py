@@ -198,10 +198,9 @@ class Completion(Exchange):
             for limit in self._limits(prompt_token_bound(body_bytes))
             if limit.kind == "requests" or limit.cost <= limit.limit
         ]
-        position = self.position
-        hold = None
-        if position is not None and position.allowance is not None:
-            hold = SpendHold(position.key, position.allowance, 1)
+        # Some headroom on every spend counter (organization, project): cost 1 when priced at
+        # nothing.
+        hold = self.gateway.spend.hold(self.position, None, prompt_tokens=0, completion_tokens=0)
         self.admission = await self._admit(limits, hold)
 
     async def read_prompt(self, raw: bytes) -> None:
@@ -218,8 +217,8 @@ class Completion(Exchange):
             request = parse_request(raw, chat=self.chat)
         self.request = request
         self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
-        if self.route is None:
-            raise model_not_found(request.model)
+        if self.route is None or not self.caller.may_call(request.model, self.route):
+            raise model_not_found(request.model)  # outside the key's allow-list reads the same
         if self.route.terms_pending is not None:  # a partner's or a publisher's model
             raise terms_not_accepted(
                 request.model,
@@ -229,6 +228,7 @@ class Completion(Exchange):
         if self.route.partner_publisher is not None:
             partner.check_route(self.route, request.model)
             self.upstream = partner.PROVIDER
+        await self.gateway.tags.admit(self.caller.organization_id, request.tags)
         tokenizer = self.gateway.tokenizers.get_nowait(self.route.model_version_id)
         if not pooled:
             request.prompt_tokens = request.count_prompt(tokenizer)
@@ -305,7 +305,9 @@ class Completion(Exchange):
 
     async def _spend_position(self) -> SpendPosition | None:
         try:
-            return await self.gateway.spend.position(self.caller.organization_id)
+            return await self.gateway.spend.position(
+                self.caller.organization_id, self.caller.project_id
+            )
         except (redis.RedisError, OSError):
             logger.exception("the spend counters in Redis are unreachable")
             raise _limiter_unavailable("Spend limits") from None
@@ -326,6 +328,9 @@ class Completion(Exchange):
             org_rpm=config.org_rpm_limit,
             org_tpm=config.org_tpm_limit,
             tokens=tokens,
+            project_id=caller.project_id,
+            project_rpm=caller.project_rpm,
+            project_tpm=caller.project_tpm,
         )
 
     async def _admit(self, limits: list[Limit], hold: SpendHold | None) -> Admission:
@@ -848,6 +853,10 @@ class Completion(Exchange):
             ),
             "organization_id": self.caller.organization_id,
             "api_key_id": self.caller.key_id,
+            "project_id": self.caller.project_id,
+            # Embeddings carry no `metadata`; `user` where the request class reads it.
+            "end_user": getattr(request, "end_user", None),
+            "tags": getattr(request, "tags", None),
             "deployment_id": route.deployment_id,
             "model_version_id": route.model_version_id,
             "deployment_type": route.deployment_type,
@@ -928,17 +937,21 @@ def _worst_case(request, prompt_tokens: int, exact: bool, max_model_len, body_by
 
 def _spend_refused(admission: Admission) -> GatewayError:
     left = admission.spend_left or 0
+    whose = (
+        "your project's monthly budget"
+        if admission.spend_scope == "project"
+        else "your organization's spending limit"
+    )
     if left <= 0:
         message = (
-            "You exceeded your organization's spending limit. Raise the limit (billing "
-            "settings in the console) or wait for the next billing period."
+            f"You exceeded {whose}. Raise the limit (billing settings in the console) or "
+            "wait for the next billing period."
         )
     else:
         message = (
             f"This request could cost up to {_amount(admission.spend.cost)}, more than the "
-            f"{_amount(left)} left under your organization's spending limit for this period "
-            "(requests in flight included). Lower max_tokens or n, shorten the prompt, or "
-            "raise the limit."
+            f"{_amount(left)} left under {whose} for this period (requests in flight "
+            "included). Lower max_tokens or n, shorten the prompt, or raise the limit."
         )
     return GatewayError(429, message, type="insufficient_quota", code="insufficient_quota")
 
@@ -951,6 +964,7 @@ def _rate_limited(admission: Admission, caller: Caller) -> GatewayError:
     refused = admission.refused
     whose = {
         "key": f"API key {caller.display_prefix}…",
+        "project": "your project",
         "provider": "the platform's shared quota with this model's provider",
         "provider_share": "your organization's share of the platform's quota with this "
         "model's provider",

@@ -36,6 +36,7 @@ class GatewaySettings:
     prompt_workers: int
     prompt_queue_per_organization: int
     max_choices: int
+    tag_values_per_organization: int
 
     @classmethod
     def from_django(cls, **overrides) -> GatewaySettings:
@@ -63,6 +64,7 @@ class GatewaySettings:
             "prompt_workers": settings.GATEWAY_PROMPT_WORKERS,
             "prompt_queue_per_organization": settings.GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION,
             "max_choices": settings.GATEWAY_MAX_CHOICES,
+            "tag_values_per_organization": settings.GATEWAY_TAG_VALUES_PER_ORGANIZATION,
         }
         values.update(overrides)
         return cls(**values)

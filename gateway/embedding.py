@@ -45,8 +45,8 @@ class Embedding(Completion):
             request = parse_embedding_request(raw)
         self.request = request
         self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
-        if self.route is None:
-            raise model_not_found(request.model)
+        if self.route is None or not self.caller.may_call(request.model, self.route):
+            raise model_not_found(request.model)  # outside the key's allow-list reads the same
         if self.route.partner_publisher is not None:
             raise bad_request(
                 f"`{request.model}` is hosted by {self.route.partner_publisher}: the platform "

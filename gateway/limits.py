@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -50,11 +51,17 @@ class Limit:
 
 @dataclass(frozen=True, slots=True)
 class SpendHold:
-    """A worst-case cost to hold against an organization's spend limit (nano-units)."""
+    """A worst-case cost to hold against an organization's spend limit (nano-units), and
+    against its project's budget (`also`): the same cost on every counter, all or none."""
 
     key: str  # the organization's period, e.g. "s:7:1764547200"
     allowance: int  # what settled + held may reach, this hold included
     cost: int
+    scope: str = "organization"  # whose limit `key` is: "organization" or "project"
+    also: tuple[tuple[str, int, str], ...] = ()  # further (key, allowance, scope) counters
+
+    def counters(self) -> tuple[tuple[str, int, str], ...]:
+        return ((self.key, self.allowance, self.scope), *self.also)
 
 
 @dataclass(slots=True)
@@ -68,6 +75,8 @@ class Admission:
     spend: SpendHold | None = None
     spend_refused: bool = False
     spend_left: int | None = None  # allowance - settled - held, before this hold
+    # The counter `spend_left` is of: the one that refused, else the tightest.
+    spend_scope: str | None = None
 
     @property
     def cause(self) -> str | None:
@@ -116,11 +125,15 @@ def limits_for(
     org_tpm: int,
     tokens: int,
     requests: int = 1,
+    project_id: int | None = None,
+    project_rpm: int | None = None,
+    project_tpm: int | None = None,
 ) -> list[Limit]:
     """The buckets one request draws from; a missing or zero limit means none."""
     limits = []
     for scope, ident, rpm, tpm in (
         ("key", f"k:{key_id}", key_rpm, key_tpm),
+        ("project", f"p:{project_id}", project_rpm, project_tpm),
         ("organization", f"o:{organization_id}", org_rpm, org_tpm),
     ):
         if rpm:
@@ -146,7 +159,7 @@ def combined(first: Admission, second: Admission) -> Admission:
     holds = [hold for hold in (first.spend, second.spend) if hold is not None]
     spend = None
     if holds:
-        spend = SpendHold(holds[-1].key, holds[-1].allowance, sum(hold.cost for hold in holds))
+        spend = dataclasses.replace(holds[-1], cost=sum(hold.cost for hold in holds))
     return Admission(True, list(costs.values()), [levels[b] for b in costs], spend=spend)
 
 
@@ -168,11 +181,18 @@ class LocalRateLimiter:
         now_ms = time.time() * 1000
         levels = [self._level(limit, now_ms) for limit in limits]
         refused, wait_seconds = _refusal(limits, levels)
-        spend_left = None
+        spend_left = spend_scope = None
+        spend_short = False
         if spend is not None:
-            settled, held = self._spend.get(spend.key, (0, 0))
-            spend_left = spend.allowance - settled - held
-        if refused is not None or (spend is not None and spend.cost > spend_left):
+            for key, allowance, scope in spend.counters():
+                settled, held = self._spend.get(key, (0, 0))
+                left = allowance - settled - held
+                if spend.cost > left:
+                    spend_short, spend_left, spend_scope = True, left, scope
+                    break
+                if spend_left is None or left < spend_left:
+                    spend_left, spend_scope = left, scope
+        if refused is not None or spend_short:
             return Admission(
                 False,
                 limits,
@@ -182,6 +202,7 @@ class LocalRateLimiter:
                 spend=spend,
                 spend_refused=refused is None,
                 spend_left=spend_left,
+                spend_scope=spend_scope,
             )
         after = []
         for limit, level in zip(limits, levels, strict=True):
@@ -189,10 +210,13 @@ class LocalRateLimiter:
             self._buckets[limit.bucket] = (level, now_ms)
             after.append(level)
         if spend is not None:
-            self._spend.setdefault(spend.key, [0, 0])[1] += spend.cost
+            for key, _allowance, _scope in spend.counters():
+                self._spend.setdefault(key, [0, 0])[1] += spend.cost
         if len(self._buckets) > 100_000:
             self._forget_full(now_ms)
-        return Admission(True, limits, after, spend=spend, spend_left=spend_left)
+        return Admission(
+            True, limits, after, spend=spend, spend_left=spend_left, spend_scope=spend_scope
+        )
 
     async def settle(self, admission: Admission, used_tokens: int, spent: int = 0) -> None:
         """Give back the tokens not used and release the spend hold, adding `spent`."""
@@ -205,9 +229,10 @@ class LocalRateLimiter:
                 level = self._level(limit, now_ms) + (limit.cost - used_tokens)
                 self._buckets[limit.bucket] = (min(float(limit.limit), level), now_ms)
         if admission.spend is not None:
-            entry = self._spend.setdefault(admission.spend.key, [0, 0])
-            entry[0] += spent
-            entry[1] -= admission.spend.cost
+            for key, _allowance, _scope in admission.spend.counters():
+                entry = self._spend.setdefault(key, [0, 0])
+                entry[0] += spent
+                entry[1] -= admission.spend.cost
 
     async def spend_settled(self, key: str) -> int:
         """What this gateway's settled requests cost in the period `key` so far."""
@@ -242,11 +267,13 @@ def _refusal(limits: list[Limit], levels: list[float]) -> tuple[Limit | None, fl
 
 # One script per request. ARGV[1] is the plan, in JSON: "d" the (limit, cost) of each bucket to
 # draw from (KEYS[1..#d]); "s" the (limit, give_back) of buckets to settle first (the next
-# #s KEYS; give_back < 0 takes more); "p" an optional (allowance, cost) spend hold on the
-# next KEY; "r" the (release, spent) of spend settlements on the KEYS after it; "i" this
-# gateway process. ARGV[2] prefixes the processes' heartbeat keys. Everything is drawn or
-# nothing. Returns strings (Lua numbers returned to Redis are truncated to integers):
-# {allowed, spend allowed, spend left before this hold, levels...}.
+# #s KEYS; give_back < 0 takes more); "p" an optional list of (allowance, cost) spend holds,
+# one per counter (the organization's, the project's), on the next #p KEYS; "r" the
+# (release, spent) of spend settlements on the KEYS after them; "i" this gateway process.
+# ARGV[2] prefixes the processes' heartbeat keys. Everything is drawn or nothing. Returns
+# strings (Lua numbers returned to Redis are truncated to integers): {allowed, spend allowed,
+# spend left before this hold (of the refusing counter, else the tightest), that counter's
+# index, levels...}.
 _ADMIT_AND_SETTLE = """
 local plan = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
@@ -269,9 +296,10 @@ for i = 1, #settles do
   store(key, limit, current(key, limit) + settles[i][2])
 end
 local next_key = #draws + #settles + 1
-local spend_key = nil
-if plan.p then
-  spend_key = KEYS[next_key]
+local holds = plan.p or {}
+local spend_keys = {}
+for c = 1, #holds do
+  spend_keys[c] = KEYS[next_key]
   next_key = next_key + 1
 end
 for i = 1, #settle_spend do
@@ -292,16 +320,17 @@ for i = 1, #draws do
   levels[i] = current(KEYS[i], draws[i][1])
   if levels[i] < draws[i][2] then allowed = 0 end
 end
-local spend_allowed, spend_left = 1, ''
-if spend_key then
-  local function used()
-    local total = 0
-    local fields = redis.call('HGETALL', spend_key)
-    for j = 2, #fields, 2 do total = total + tonumber(fields[j]) end
-    return total, fields
-  end
-  local total, fields = used()
-  if total + plan.p[2] > plan.p[1] then
+local spend_allowed, spend_left, spend_index = 1, nil, ''
+local function used(spend_key)
+  local total = 0
+  local fields = redis.call('HGETALL', spend_key)
+  for j = 2, #fields, 2 do total = total + tonumber(fields[j]) end
+  return total, fields
+end
+for c = 1, #holds do
+  local spend_key, allowance, cost = spend_keys[c], holds[c][1], holds[c][2]
+  local total, fields = used(spend_key)
+  if total + cost > allowance then
     -- Before refusing: drop the holds of gateway processes that stopped (no heartbeat).
     for j = 1, #fields, 2 do
       local name = fields[j]
@@ -310,12 +339,21 @@ if spend_key then
         redis.call('HDEL', spend_key, name)
       end
     end
-    total = used()
-    if total + plan.p[2] > plan.p[1] then spend_allowed = 0 end
+    total = used(spend_key)
   end
-  spend_left = int(plan.p[1] - total)
+  local left = allowance - total
+  if total + cost > allowance then
+    spend_allowed, spend_left, spend_index = 0, left, tostring(c)
+    break
+  end
+  if spend_left == nil or left < spend_left then
+    spend_left, spend_index = left, tostring(c)
+  end
 end
-local result = {tostring(allowed * spend_allowed), tostring(spend_allowed), spend_left}
+local result = {
+  tostring(allowed * spend_allowed), tostring(spend_allowed),
+  spend_left and int(spend_left) or '', spend_index
+}
 for i = 1, #draws do
   local level = levels[i]
   if allowed == 1 and spend_allowed == 1 then
@@ -324,9 +362,13 @@ for i = 1, #draws do
   end
   result[#result + 1] = tostring(level)
 end
-if spend_key and allowed == 1 and spend_allowed == 1 and plan.p[2] ~= 0 then
-  redis.call('HINCRBY', spend_key, held_field, int(plan.p[2]))
-  redis.call('PEXPIRE', spend_key, plan.ttl)
+if allowed == 1 and spend_allowed == 1 then
+  for c = 1, #holds do
+    if holds[c][2] ~= 0 then
+      redis.call('HINCRBY', spend_keys[c], held_field, int(holds[c][2]))
+      redis.call('PEXPIRE', spend_keys[c], plan.ttl)
+    end
+  end
 end
 return result
 """
@@ -377,9 +419,10 @@ class RedisRateLimiter:
         settlements, spend_settlements = self._take_settlements()
         plan["s"] = [[limit, give_back] for limit, give_back in settlements.values()]
         keys += settlements
-        if spend is not None:
-            plan["p"] = [spend.allowance, spend.cost]
-            keys.append(self._prefix + spend.key)
+        counters = spend.counters() if spend is not None else ()
+        if counters:
+            plan["p"] = [[allowance, spend.cost] for _key, allowance, _scope in counters]
+            keys += [self._prefix + key for key, _allowance, _scope in counters]
         plan["r"] = list(spend_settlements.values())
         keys += spend_settlements
         plan["ttl"] = SPEND_KEY_TTL_MS
@@ -388,10 +431,13 @@ class RedisRateLimiter:
         except BaseException:
             self._restore(settlements, spend_settlements)
             raise
-        levels = [float(value) for value in result[3:]]
+        levels = [float(value) for value in result[4:]]
         spend_left = int(result[2]) if result[2] else None
+        spend_scope = counters[int(result[3]) - 1][2] if result[3] else None
         if result[0] == b"1":
-            return Admission(True, limits, levels, spend=spend, spend_left=spend_left)
+            return Admission(
+                True, limits, levels, spend=spend, spend_left=spend_left, spend_scope=spend_scope
+            )
         refused, wait_seconds = _refusal(limits, levels)
         return Admission(
             False,
@@ -402,6 +448,7 @@ class RedisRateLimiter:
             spend=spend,
             spend_refused=result[1] == b"0",
             spend_left=spend_left,
+            spend_scope=spend_scope,
         )
 
     async def settle(self, admission: Admission, used_tokens: int, spent: int = 0) -> None:
@@ -415,9 +462,10 @@ class RedisRateLimiter:
                 entry = self._settlements.setdefault(self._prefix + limit.bucket, [limit.limit, 0])
                 entry[1] += limit.cost - used_tokens
         if admission.spend is not None:
-            entry = self._spend_settlements.setdefault(self._prefix + admission.spend.key, [0, 0])
-            entry[0] += admission.spend.cost
-            entry[1] += spent
+            for key, _allowance, _scope in admission.spend.counters():
+                entry = self._spend_settlements.setdefault(self._prefix + key, [0, 0])
+                entry[0] += admission.spend.cost
+                entry[1] += spent
         if (self._settlements or self._spend_settlements) and self._flush_timer is None:
             loop = asyncio.get_running_loop()
             self._flush_timer = loop.call_later(

@@ -25,9 +25,16 @@ class ModelList(Exchange):
     async def handle(self) -> None:
         caller = await self.gateway.keys.authenticate(self.authorization_header())
         models = await self.gateway.routes.models(caller.organization_id)
+        # Only what this key may call: the rest does not exist for it (allow-lists, projects).
         entries = [
-            {"id": name, "object": "model", "created": int(created), "owned_by": "organization"}
-            for name, created in models
+            {
+                "id": model.name,
+                "object": "model",
+                "created": int(model.created),
+                "owned_by": "organization",
+            }
+            for model in models
+            if caller.may_call(model.name, model)
         ]
         if self.model_id:
             entry = next((e for e in entries if e["id"] == self.model_id), None)

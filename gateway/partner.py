@@ -104,6 +104,7 @@ def request_body(request, provider) -> bytes:
     if payload is None:  # read in a prompt worker: the body it made, with our name spliced in
         payload = orjson.loads(request.upstream_body(""))
     body = dict(payload)
+    body.pop("metadata", None)  # the platform's cost-attribution tags (gateway/attribution.py)
     body["model"] = provider.provider_model_id
     if provider.kind == "mistral":
         for name in _MISTRAL_DROPPED:

@@ -10,6 +10,7 @@ import logging
 import aiohttp
 
 from gateway import revocation, sources
+from gateway.attribution import TagRegistry
 from gateway.auth import KeyCache, touch_keys, touch_keys_forever
 from gateway.budget import SpendLimits
 from gateway.conf import GatewaySettings
@@ -56,8 +57,14 @@ class Gateway:
             self.limiter,
             ttl=config.spend_cache_seconds,
             spend_position=sources.organization_spend_position,
+            project_spend_position=sources.project_spend_position,
             token_price=sources.token_price_ceiling,
             period_start=sources.spend_period_start,
+        )
+        self.tags = TagRegistry(
+            self.db,
+            register=sources.usage_tags_register,
+            max_values=config.tag_values_per_organization,
         )
         # Large prompts are read in worker processes, fairly between organizations.
         self.prompts = FairPool(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from gateway.attribution import read_attribution, without_metadata
 from gateway.errors import bad_request
 from gateway.routing import prefix_keys
 from gateway.tokens import ModelTokenizer, estimate_chat, estimate_prompt, message_text
@@ -48,6 +49,9 @@ class CompletionRequest:
     wants_continuous_usage: bool = False
     # Keys of the prompt's leading blocks, for prefix-aware routing (gateway/routing.py).
     prefix_keys: tuple[bytes, ...] = ()
+    # Cost attribution (gateway/attribution.py): OpenAI's `user`, and `metadata` tags.
+    end_user: str | None = None
+    tags: dict[str, str] | None = None
 
     def count_prompt(self, tokenizer: ModelTokenizer | None) -> int:
         if self.payload is None:  # read in a worker: counted there at admission
@@ -172,8 +176,11 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
         raise bad_request(f"`n` must be an integer from 1 to {MAX_CHOICES}.", param="n")
     request = CompletionRequest(chat, payload, model, stream, wants_usage, max_tokens, param, n)
     request.wants_continuous_usage = wants_continuous_usage
+    request.end_user, request.tags = read_attribution(payload)
     # Made now, while refusing is cheap: a body the gateway cannot pass on is a 400 here.
-    request.upstream_tail = upstream_tail(payload, stream=stream)
+    # The tags are the platform's (attribution), not the replica's.
+    upstream = payload if "metadata" not in payload else without_metadata(payload)
+    request.upstream_tail = upstream_tail(upstream, stream=stream)
     request.prefix_keys = prefix_keys(payload, chat=chat)
     return request
 

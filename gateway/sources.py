@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from billing.periods import period_containing
-from billing.selectors import organization_spend_position
+from billing.selectors import organization_spend_position, project_spend_position
 from catalog.models import ModelArtifact, ModelVersion
 from catalog.selectors import token_price_ceiling
 from deployments.selectors import callable_models, route_for
@@ -16,17 +16,20 @@ from deployments.services import deployment_request_scale_up as request_scale_up
 from deployments.services import load_report
 from deployments.services import replica_unhealthy_report as report_unhealthy
 from gateway.tokenizer_files import TOKENIZER_FILES, TokenizerSource
+from metering.tags import usage_tags_register
 
 __all__ = [
     "callable_models",
     "load_report",
     "organization_spend_position",
+    "project_spend_position",
     "report_unhealthy",
     "request_scale_up",
     "route_for",
     "spend_period_start",
     "token_price_ceiling",
     "tokenizer_source",
+    "usage_tags_register",
 ]
 
 

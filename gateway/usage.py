@@ -50,7 +50,7 @@ from metering.models import UsageEvent
 
 logger = logging.getLogger(__name__)
 
-# Rows per INSERT, 18 parameters each: under PostgreSQL's 65535 and SQLite's 32766.
+# Rows per INSERT, 22 parameters each: under PostgreSQL's 65535 and SQLite's 32766.
 MAX_BATCH = 500
 MAX_RETRY_DELAY = 2.0
 # The shipper's bound on one database write; also what shutdown gives it to drain the spool.
@@ -82,13 +82,13 @@ def row_converter(connection):
     """A function from an event to its column values as the database stores them.
 
     Django's own conversions (`get_db_prep_save`), applied only to the fields that need one
-    (datetimes, UUIDs); ints, floats and strings are bound as they are. Conversions need the
+    (datetimes, UUIDs, JSON); ints, floats and strings are bound as they are. Conversions need the
     connection's operations, never a query; looking the connection up per field would cost
     more than the insert.
     """
     converters = []
     for field, default in _COLUMNS:
-        if field.get_internal_type() in ("DateTimeField", "UUIDField"):
+        if field.get_internal_type() in ("DateTimeField", "UUIDField", "JSONField"):
             converters.append(
                 (field.attname, default, partial(field.get_db_prep_save, connection=connection))
             )

@@ -66,6 +66,12 @@ class UsageEvent(models.Model):
         db_index=False,
         related_name="usage_events",
     )
+    # The caller's project (its key's), for attribution; a plain id like the deployment's.
+    project_id = models.BigIntegerField(null=True, blank=True)
+    # OpenAI's `user` field and the request's `metadata` tags, bounded by the gateway
+    # (gateway/attribution.py); null when the request carried none.
+    end_user = models.CharField(max_length=256, null=True, blank=True)
+    tags = models.JSONField(null=True, blank=True)
     deployment_id = models.UUIDField(null=True, blank=True)
     model_version_id = models.BigIntegerField(null=True, blank=True)
     deployment_type = models.CharField(max_length=16, blank=True)
@@ -108,3 +114,27 @@ class UsageEvent(models.Model):
 
     def __str__(self):
         return f"{self.request_id} {self.model} {self.prompt_tokens}+{self.completion_tokens}"
+
+
+class UsageTag(models.Model):
+    """A `metadata` tag (key and value) an organization's requests have carried. The gateway
+    registers a pair the first time it sees it and refuses a request whose new pairs would
+    take the organization past its cardinality bound (GATEWAY_TAG_VALUES_PER_ORGANIZATION), so
+    that grouping usage by tag stays a bounded report."""
+
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="usage_tags"
+    )
+    key = models.CharField(max_length=64)
+    value = models.CharField(max_length=512)
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "key", "value"], name="usage_tag_unique"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.organization_id} {self.key}={self.value}"

@@ -39,6 +39,7 @@ NAV = [
     NavItem("usage", "Usage", "console:usage", Permission.USAGE_READ),
     NavItem("invoices", "Invoices", "console:invoices", Permission.BILLING_READ),
     NavItem("api-keys", "API keys", "console:api-keys", Permission.API_KEYS_READ),
+    NavItem("projects", "Projects", "console:projects", Permission.ORGANIZATION_READ),
     NavItem("settings", "Organization", "console:settings", Permission.ORGANIZATION_READ),
     # Shown to publisher organizations only (page_context).
     NavItem("publisher", "Publisher", "console:publisher"),

@@ -2,6 +2,7 @@ from django.http import Http404
 
 from accounts.roles import Permission
 from billing import selectors as billing_selectors
+from billing.attribution import invoice_projects
 from billing.invoicing import invoice_draft
 from console.views.base import ConsoleView
 
@@ -47,5 +48,9 @@ class InvoiceDetailView(InvoiceMixin, ConsoleView):
         invoice = self.get_invoice(number)
         return self.render(
             "console/invoices/detail.html",
-            {"invoice": invoice, "lines": invoice.lines.all()},
+            {
+                "invoice": invoice,
+                "lines": invoice.lines.all(),
+                "projects": invoice_projects(invoice=invoice),
+            },
         )

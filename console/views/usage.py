@@ -11,6 +11,7 @@ from billing.usage import UsageRow, usage_report
 from console import charts
 from console.templatetags.console import money
 from console.views.base import ConsoleView
+from metering.models import UsageTag
 
 RANGES = {7: "7 days", 30: "30 days", 90: "90 days"}
 DEFAULT_RANGE = 30
@@ -41,8 +42,9 @@ class UsageView(ConsoleView):
             group_by: usage_report(
                 organization=organization, start=start, end=end, group_by=group_by
             )
-            for group_by in ("day", "model", "deployment")
+            for group_by in ("day", "model", "deployment", "project")
         }
+        attribution, attribution_label, tag_keys = self.attribution(organization, start, end)
         # The report lists days with usage; the chart shows every day of the range.
         used = {row.key: row for row in report["day"]}
         by_day = [
@@ -91,6 +93,21 @@ class UsageView(ConsoleView):
                 rows=[(r.label, r.amount) for r in report["deployment"]],
                 shown=lambda value: money(value, currency),
             ),
+            "by_project": by_cost(report["project"]),
+            "project_chart": charts.share_bars(
+                title="Cost by project",
+                rows=[(r.label, r.amount) for r in by_cost(report["project"])],
+                shown=lambda value: money(value, currency),
+            ),
+            "attribution": by_cost(attribution),
+            "attribution_label": attribution_label,
+            "attribution_chart": charts.share_bars(
+                title=f"Cost by {attribution_label}",
+                rows=[(r.label, r.amount) for r in by_cost(attribution)],
+                shown=lambda value: money(value, currency),
+            ),
+            "tag_keys": tag_keys,
+            "by": request.GET.get("by", "user"),
             "exports": {
                 label: f"{reverse('usage')}?"
                 + urlencode({"format": "csv", "group_by": group_by, "start": start, "end": end})
@@ -99,6 +116,8 @@ class UsageView(ConsoleView):
                     ("by model", "model"),
                     ("by deployment", "deployment"),
                     ("by API key", "api_key"),
+                    ("by project", "project"),
+                    ("by user", "user"),
                 )
             },
             "period_spend": spend,
@@ -106,3 +125,22 @@ class UsageView(ConsoleView):
             "alerts": billing_selectors.budget_alerts_current(organization=organization),
         }
         return self.render("console/usage/dashboard.html", context)
+
+    def attribution(self, organization, start, end):
+        """The report by end user (`?by=user`, the default) or by one tag (`?by=tag:team`),
+        among the tag keys the organization's requests used."""
+        tag_keys = list(
+            UsageTag.objects.filter(organization=organization)
+            .values_list("key", flat=True)
+            .distinct()
+            .order_by("key")
+        )
+        by = self.request.GET.get("by", "user")
+        tag_key = by.removeprefix("tag:") if by.startswith("tag:") else None
+        if tag_key in tag_keys:
+            rows = usage_report(
+                organization=organization, start=start, end=end, group_by="tag", tag_key=tag_key
+            )
+            return rows, f"tag “{tag_key}”", tag_keys
+        rows = usage_report(organization=organization, start=start, end=end, group_by="user")
+        return rows, "end user", tag_keys

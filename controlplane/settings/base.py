@@ -212,6 +212,9 @@ GATEWAY_INLINE_PROMPT_BYTES = env.int("GATEWAY_INLINE_PROMPT_BYTES", default=819
 GATEWAY_MAX_CHOICES = env.int("GATEWAY_MAX_CHOICES", default=16)
 GATEWAY_PROMPT_WORKERS = env.int("GATEWAY_PROMPT_WORKERS", default=2)
 GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int("GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8)
+# Distinct `metadata` key=value pairs an organization's requests may use in all (a request
+# adding a pair past it is a 400): keeps usage grouped by tag a bounded report.
+GATEWAY_TAG_VALUES_PER_ORGANIZATION = env.int("GATEWAY_TAG_VALUES_PER_ORGANIZATION", default=10_000)
 
 # --- Operations endpoints ---------------------------------------------------------------------
 # /metrics (web and the standalone gateway) lists every tenant's deployments. Set: a scrape must

@@ -84,5 +84,6 @@ def test_callable_models_lists_the_organizations_names(
     with django_assert_num_queries(1):
         models = callable_models(organization_id=organization.pk)
     assert [m.name for m in models] == ["a-model", "b-model"]
-    name, created = models[1]
+    name, created, project_id, shared = models[1]
     assert (name, created) == ("b-model", int(first.created_at.timestamp()))
+    assert (project_id, shared) == (first.project_id, True)

@@ -85,7 +85,13 @@ class Command(BaseCommand):
         try:
             # Field checks only: uniqueness would need the database.
             deployment.clean_fields(
-                exclude=["organization", "model_version", "hardware_profile", "serving_runtime"]
+                exclude=[
+                    "organization",
+                    "project",
+                    "model_version",
+                    "hardware_profile",
+                    "serving_runtime",
+                ]
             )
         except ValidationError as error:
             raise CommandError(f"Invalid deployment: {'; '.join(error.messages)}") from error
