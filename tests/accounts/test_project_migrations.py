@@ -19,7 +19,7 @@ BEFORE = [
     ("accounts", "0002_single_sign_on"),
     ("deployments", "0005_deployment_routing_policy"),
     ("metering", "0003_usage_provider_connection"),
-    ("billing", "0007_cached_input_price"),
+    ("billing", "0008_usage_record_provider_cost"),
 ]
 
 

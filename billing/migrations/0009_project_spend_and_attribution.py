@@ -33,7 +33,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0003_projects'),
-        ('billing', '0007_cached_input_price'),
+        ('billing', '0008_usage_record_provider_cost'),
     ]
 
     operations = [
