@@ -461,8 +461,16 @@ def embedded_worker_kill(folder: Path, args) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError("the demo replica never served")
             time.sleep(0.5)
-        replica = json.loads(next(folder.glob("replicas/*/state.json")).read_text())
-        replica_pid = replica["replicas"][0]["pid"]
+        # The chat model's replica (the demo may run others: an embedding model's).
+        [state_path] = [
+            path
+            for path in folder.glob("replicas/*/state.json")
+            if any(
+                r["name"].startswith("mixtral-tiny")
+                for r in json.loads(path.read_text())["replicas"]
+            )
+        ]
+        replica_pid = json.loads(state_path.read_text())["replicas"][0]["pid"]
         log(f"embedded-worker-kill: serving on :{port}, replica pid {replica_pid}")
 
         for kill in range(args.kills):
@@ -488,7 +496,7 @@ def embedded_worker_kill(folder: Path, args) -> dict:
             time.sleep(2.0)  # keep calling a little past the worker's return
             stop.set()
             caller.join(30)
-            state = json.loads(next(folder.glob("replicas/*/state.json")).read_text())
+            state = json.loads(state_path.read_text())
             entry = {
                 "restarted_s": round(restarted - killed, 2) if restarted else None,
                 "worker_ready_s": round(ready - killed, 2) if ready else None,
