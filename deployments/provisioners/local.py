@@ -87,7 +87,8 @@ READY_WATCH_SECONDS = 120.0
 # started beside it by the worker process that owns it, which imports the runtime (torch: 1 to 4
 # s of a start on this kind of machine) after this many seconds and then waits on its stdin. A
 # restart after a crash hands it the turn, so the replacement only loads the weights. It exits
-# when its stdin ends: with the worker process that owns it, or when it is let go.
+# when its stdin ends: with the worker process that owns it, or when it is let go. (A replica
+# adopted after its worker process died has none until its next restart.)
 STANDBY_IMPORT_AFTER_SECONDS = 10.0
 STATE_FILE = "state.json"
 # A deployment's replicas change only under an flock of this file (see LocalProvisioner.locked).
