@@ -340,7 +340,13 @@ MODELS = [
         # vLLM's pooling runner: https://docs.vllm.ai/en/latest/models/pooling_models/
         "version": {
             "version": "v1",
-            "runtime_args": {"max_model_len": 8192, "--runner": "pooling"},
+            # An encoder attends both ways, so no prefix of its keys and values can be reused:
+            # prefix caching off (after the template's --enable-prefix-caching; the last wins).
+            "runtime_args": {
+                "max_model_len": 8192,
+                "--runner": "pooling",
+                "--no-enable-prefix-caching": True,
+            },
         },
         # Embedding models are priced per input token; they generate none.
         "token_price": ("0.010000", "0.000000"),

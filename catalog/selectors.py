@@ -188,7 +188,8 @@ def version_features(version: ModelVersion) -> list[str]:
         if Model.Task.FUNCTION_CALLING in (model.tasks or []):
             features.append("tool calling (the provider's)")
         return features
-    features = ["chat", "completions", "streaming"]
+    # logprobs / top_logprobs, n choices and seed: both runtimes (runtime/protocol.py; vLLM's).
+    features = ["chat", "completions", "streaming", "logprobs", "n choices", "seed"]
     runtime = version.serving_runtime
     if runtime is not None and runtime.name == ServingRuntime.Name.BUILTIN:
         return [

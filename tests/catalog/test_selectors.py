@@ -30,6 +30,7 @@ def test_each_version_lists_the_features_its_runtime_and_flags_give():
     builtin = ModelVersionFactory(serving_runtime=BuiltinRuntimeFactory())
     assert "tool calling: auto, required, named, parallel" in version_features(builtin)
     assert "structured outputs (json_schema, strict)" in version_features(builtin)
+    assert {"logprobs", "n choices", "seed"} <= set(version_features(builtin))
 
     mistral = ModelVersionFactory(runtime_args={"max_model_len": 4096, **seeds.VLLM_MISTRAL_TOOLS})
     assert "tool calling: auto (mistral parser), required, named" in version_features(mistral)

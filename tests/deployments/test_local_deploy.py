@@ -80,3 +80,35 @@ def test_mixtral_tiny_deploys_locally_answers_and_is_deleted(organization, local
     assert not log.parent.exists()
     usage.refresh_from_db()
     assert usage.ended_at is not None
+
+
+def test_the_tiny_embedding_model_deploys_locally_and_embeds(organization, local, settings):
+    """embed-tiny (bootstrap_demo's embedding model) on the builtin runtime: the catalog's
+    import and the provisioner's arguments make a replica that serves /v1/embeddings."""
+    from catalog.tiny import ensure_tiny_embedding
+
+    ensure_tiny_embedding()
+    deployment = services.deployment_create(
+        actor=Actor.system(organization),
+        name="vectors",
+        model="embed-tiny",
+        hardware_profile="cpu-small",
+    )
+    deployment = converge(deployment)
+    assert deployment.status == "ready"
+    route = route_for(organization_id=organization.pk, model="vectors")
+    assert route.max_model_len == 512
+    [(_name, endpoint)] = route.replicas
+    request = urllib.request.Request(
+        f"{endpoint}/v1/embeddings",
+        data=json.dumps(
+            {"model": route.served_model_name, "input": ["Hello", "Bonjour"], "dimensions": 32}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.load(response)
+    assert [len(item["embedding"]) for item in body["data"]] == [32, 32]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    services.deployment_delete(actor=Actor.system(organization), deployment=deployment)
+    assert converge(deployment).status == "deleted"

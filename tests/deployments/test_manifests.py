@@ -274,6 +274,9 @@ def test_the_embedding_model_runs_on_vllms_pooling_runner():
     assert args[args.index("--max-model-len") + 1] == "8192"
     assert args[args.index("--served-model-name") + 1] == "bge-m3"
     assert args.count("--runner") == 1
+    # vLLM's boolean flags take the last occurrence: the template's --enable-prefix-caching
+    # comes first, the version's --no-enable-prefix-caching after it.
+    assert args.index("--no-enable-prefix-caching") > args.index("--enable-prefix-caching")
     chat = render()[-1]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--runner" not in chat
 
