@@ -7,10 +7,13 @@ says what to send instead, and everything unsupported is refused rather than sil
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from tokenizers import decoders
 
 from runtime.chat import OutputSpec, output_spec, template_messages, template_tools
 from runtime.engine import SamplingParams
@@ -22,6 +25,23 @@ MAX_CHOICES = 128
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # the completions API's logprobs
 UNCONSTRAINED = OutputSpec()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte → printable character map (what ByteLevel pre-tokenizers write), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    characters = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, characters, strict=True)}
+
+
+_BYTE_LEVEL_DECODER = _byte_level_alphabet()
 
 
 class RequestError(Exception):
@@ -81,6 +101,25 @@ class Tokenization:
     def token_text(self, token_id: int) -> str:
         """One token as logprobs name it (special tokens included, as vLLM shows them)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own UTF-8 bytes (logprobs' `bytes`): a token holding part of a
+        character decodes to U+FFFD alone, but its bytes joined with its neighbours' give the
+        text back. Byte-level BPE pieces map back through GPT-2's byte alphabet, SentencePiece
+        byte-fallback pieces (`<0xE2>`) are their byte, `▁` is a space."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        piece = backend.id_to_token(token_id) if backend is not None else None
+        if piece is not None:
+            if isinstance(backend.decoder, decoders.ByteLevel) and all(
+                char in _BYTE_LEVEL_DECODER for char in piece
+            ):
+                return bytes(_BYTE_LEVEL_DECODER[char] for char in piece)
+            fallback = _BYTE_FALLBACK.fullmatch(piece)
+            if fallback:
+                return bytes([int(fallback.group(1), 16)])
+            if "\u2581" in piece:
+                return piece.replace("\u2581", " ").encode()
+        return self.token_text(token_id).encode()
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
@@ -413,13 +452,16 @@ def full_response(
     }
 
 
-def chat_logprobs(entries, token_text) -> dict:
+def chat_logprobs(entries, tokenization: Tokenization) -> dict:
     """Chat's `logprobs` for these tokens: {"content": [{token, logprob, bytes,
     top_logprobs}], "refusal": None}, OpenAI's shape."""
 
     def one(token_id: int, logprob: float) -> dict:
-        token = token_text(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {
+            "token": tokenization.token_text(token_id),
+            "logprob": logprob,
+            "bytes": list(tokenization.token_bytes(token_id)),
+        }
 
     return {
         "content": [

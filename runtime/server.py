@@ -420,7 +420,7 @@ async def _complete(
         logprobs = None
         if choice.params.logprobs is not None:
             logprobs = (
-                chat_logprobs(choice.logprobs, token_text)
+                chat_logprobs(choice.logprobs, model.tokenization)
                 if parsed.chat
                 else completion_logprobs(choice.logprobs, token_text, 0)
             )
@@ -470,7 +470,7 @@ async def _stream(
             return None
         entries, pending[index] = pending[index], []
         if parsed.chat:
-            return chat_logprobs(entries, token_text)
+            return chat_logprobs(entries, model.tokenization)
         logprobs = completion_logprobs(entries, token_text, offsets[index])
         offsets[index] += sum(len(token) for token in logprobs["tokens"])
         return logprobs

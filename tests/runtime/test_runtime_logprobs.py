@@ -35,8 +35,9 @@ def test_chat_logprobs_are_consistent_with_the_greedy_tokens(client):
             (t.logprob for t in entry.top_logprobs), reverse=True
         )
         assert entry.logprob <= 0
-        assert bytes(entry.bytes).decode("utf-8") == entry.token
-    assert "".join(entry.token for entry in content) == choice.message.content
+    # A token may hold part of a character; the tokens' bytes together are the text.
+    text = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    assert text == choice.message.content  # (a random model makes stray bytes too)
 
     plain = client.chat.completions.create(
         model=SERVED_NAME, messages=MESSAGES, max_tokens=10, **GREEDY
