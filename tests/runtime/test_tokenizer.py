@@ -92,6 +92,10 @@ def test_the_tiny_model_parses_a_request_to_the_same_prompt_ids(tiny_moe_dir):
     assert len(ours) == len(reference) and ours.eos_token_id == reference.eos_token_id
     ids = ours.encode("Bonjour <|im_end|> à tous")
     assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    for token in range(len(ours)):  # one token at a time, as logprobs name them
+        assert ours.decode([token], skip_special_tokens=False) == reference.decode(
+            [token], skip_special_tokens=False
+        )
 
 
 def test_named_templates_pick_tool_use_with_tools_and_default_otherwise(tiny_moe_dir, tmp_path):
