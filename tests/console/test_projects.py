@@ -173,3 +173,29 @@ def test_projects_in_chromium(page, live_server):
     screenshot(page, "projects-list")
     project = Project.objects.get(name="search")
     assert (project.rpm_limit, project.monthly_budget) == (120, Decimal("250.00"))
+
+    # Cost attribution on the usage page: by project, by end user, by a tag.
+    version = ModelVersionFactory()
+    TokenPriceFactory(model_version=version, effective_from=timezone.now() - timedelta(days=30))
+    default = organization.projects.get(is_default=True)
+    for owner, user_id, team, tokens in [
+        (project, "alice", "ads", 4_000_000),
+        (project, "bob", "ads", 1_000_000),
+        (default, "carol", "core", 2_000_000),
+    ]:
+        UsageEventFactory(
+            organization=organization,
+            model_version_id=version.pk,
+            project_id=owner.pk,
+            end_user=user_id,
+            tags={"team": team},
+            prompt_tokens=tokens,
+        )
+        UsageTag.objects.get_or_create(organization=organization, key="team", value=team)
+    usage_events_ingest()
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_role("heading", name="By project").wait_for()
+    expect(page.get_by_role("heading", name="By end user")).to_be_visible()
+    page.get_by_role("link", name="Tag team").click()
+    expect(page.get_by_role("heading", name="By tag “team”")).to_be_visible()
+    screenshot(page, "usage-by-project-and-tag")

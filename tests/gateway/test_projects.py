@@ -162,3 +162,15 @@ def test_an_organizations_tag_cardinality_is_bounded(setup, gateway):
     # Known pairs still pass; the refused one was not registered.
     assert chat(client, metadata={"run": "a"}).status_code == 200
     assert UsageTag.objects.count() == 3
+
+
+def test_embeddings_honour_the_allow_list(setup):
+    search, client_for = setup
+    client = client_for(search)
+    outside = client.post("/embeddings", json={"model": "other", "input": "hi"})
+    unknown = client.post("/embeddings", json={"model": "nonexistent", "input": "hi"})
+    assert_error(outside, 404, code="model_not_found")
+    assert outside.json()["error"]["message"] == unknown.json()["error"]["message"].replace(
+        "nonexistent", "other"
+    )
+    assert not UsageEvent.objects.exists()
