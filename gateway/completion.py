@@ -913,7 +913,15 @@ def _choice_text(choice) -> str:
     delta = choice.get("delta") or choice.get("message")
     if isinstance(delta, dict):
         content = delta.get("content")
-        return message_text(content) if content else ""
+        text = message_text(content) if content else ""
+        # A tool call's name and arguments are generated tokens too (counted when a stream
+        # breaks before the replica reported its usage).
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                for part in (function.get("name"), function.get("arguments")):
+                    text += part if isinstance(part, str) else ""
+        return text
     text = choice.get("text")
     return text if isinstance(text, str) else ""
 

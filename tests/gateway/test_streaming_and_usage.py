@@ -140,6 +140,31 @@ def test_a_stream_that_breaks_before_any_usage_is_counted_with_the_models_tokeni
     assert row.prompt_tokens == tokenizer.count_chat(CHAT)
 
 
+def test_a_broken_stream_of_tool_calls_bills_the_calls_it_relayed(
+    gateway, tenant, organization, make_deployment, upstream_server, tiny_moe_dir
+):
+    deployment = make_deployment(
+        organization,
+        name="chat",
+        endpoints=[upstream_server.url],
+        served_model_name="stub-tools-legacy-break",
+    )
+    version = deployment.model_version
+    version.artifact_uri = str(tiny_moe_dir)
+    version.save(update_fields=["artifact_uri"])
+    response = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={"model": "chat", "messages": CHAT, "stream": True},
+        headers=tenant,
+    )
+    assert '"tool_calls"' in response.text
+    row = UsageEvent.objects.get()
+    assert row.usage_source == UsageEvent.Source.COUNTED
+    # The call's name and the arguments streamed before the break are generated tokens.
+    tokenizer = ModelTokenizer(tiny_moe_dir)
+    assert row.completion_tokens == tokenizer.count_text("lookupHello, world")
+
+
 def test_client_disconnect_mid_stream_cancels_upstream_and_leaves_one_row(
     gateway, tenant, organization, make_deployment, runtime_process
 ):

@@ -13,6 +13,8 @@ Streams report usage as vLLM does: with `stream_options.include_usage` a final u
 and with `continuous_usage_stats` as well the counts so far on every content chunk. A name
 with "-legacy" (e.g. "stub-legacy-break") behaves the same but, like a replica that reports
 usage only at the end, ignores continuous_usage_stats; so does "stub-usage-in-choices".
+"stub-tools-break" streams its tokens as the arguments of a tool call named "lookup" (OpenAI's
+`tool_calls` deltas) and breaks off after three, as "stub-break" does.
 """
 
 from __future__ import annotations
@@ -93,13 +95,20 @@ class Upstream:
                 if disconnected.is_set():
                     self.cancelled += 1
                     return
-                if model == "stub-break" and index == 3:
+                if model in ("stub-break", "stub-tools-break") and index == 3:
                     return
                 last = index == len(tokens) - 1
+                delta = {"content": token}
+                if model == "stub-tools-break":
+                    call = {"index": 0, "function": {"arguments": token}}
+                    if index == 0:
+                        call.update(id="call0", type="function")
+                        call["function"]["name"] = "lookup"
+                    delta = {"tool_calls": [call]}
                 choice = (
                     {
                         "index": 0,
-                        "delta": {"content": token},
+                        "delta": delta,
                         "finish_reason": "stop" if last else None,
                     }
                     if chat
