@@ -320,3 +320,12 @@ def test_what_each_kind_of_provider_is_sent():
     assert compatible["seed"] == 3 and compatible["model"] == "their-model"
     assert partner.request_headers(target("mistral"))["authorization"] == "Bearer s3cr3t-value"
     assert "s3cr3t" not in repr(target("mistral"))
+
+
+def test_embeddings_of_a_partner_model_are_refused_before_anything_is_sent(provider, partner):
+    _version, _connection, client, _secret = partner
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="large", input="Bonjour")
+    assert refused.value.body["param"] == "model"
+    assert refused.value.body["code"] == "unsupported_model_task"
+    assert events() == []
