@@ -3,6 +3,7 @@ MoE, through the official openai SDK: constrained decoding makes every call and 
 answer parse and validate, whatever the weights say."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -374,3 +375,46 @@ def test_the_reader_splits_calls_with_tricky_strings():
     assert json.loads(calls[0]["function"]["arguments"]) == {"s": '}" ,{', "n": [1, {"x": "]"}]}
     assert calls[1]["function"]["arguments"] == "{}"
     assert [d["index"] for d in deltas if "id" in d] == [0, 1]
+
+
+def test_adversarial_schemas_do_not_stall_other_requests(client):
+    """Patterns whose automata would explode compile lazily within llguidance's fuel, on the
+    grammar threads: a plain request beside them is answered at once."""
+    hostile = [
+        {"type": "string", "pattern": "(a{1000}){1000}"},
+        {"type": "string", "pattern": "([a-z]{0,50}[0-9]{0,50}){0,50}x"},
+        {
+            "type": "object",
+            "properties": {
+                f"p{i}": {"type": "string", "pattern": "[a-z]{1,200}"} for i in range(300)
+            },
+            "required": [f"p{i}" for i in range(300)],
+        },
+    ]
+
+    def hostile_request(schema):
+        try:
+            reply = client.chat.completions.create(
+                model=SERVED_NAME,
+                messages=QUESTION,
+                max_tokens=16,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "h", "schema": schema},
+                },
+            )
+            return reply.choices[0].finish_reason
+        except openai.BadRequestError as error:
+            return error.body["param"]
+
+    def plain_request():
+        started = time.monotonic()
+        client.chat.completions.create(model=SERVED_NAME, messages=QUESTION, max_tokens=4)
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(7) as pool:
+        hostile_futures = [pool.submit(hostile_request, schema) for schema in hostile * 2]
+        plain = pool.submit(plain_request).result()  # while the hostile ones are in flight
+        outcomes = [future.result() for future in hostile_futures]
+    assert all(o in ("length", "stop", "response_format") for o in outcomes), outcomes
+    assert plain < 10
