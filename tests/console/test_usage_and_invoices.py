@@ -90,7 +90,8 @@ def test_the_usage_page_shows_tokens_and_cost_by_day_model_and_deployment(
     assert total.gpu_seconds == 1800
     body = response.content.decode()
     assert 'Cost (30 days)</div><div class="stat">$2.01</div>' in body
-    assert body.count('<svg class="chart"') == 4
+    # Tokens, cost, by model, by deployment; and (since projects) by project and by end user.
+    assert body.count('<svg class="chart"') == 6
     deployments = {row.label: row.amount for row in response.context["by_deployment"]}
     assert deployments == {"chat": Decimal("0.006"), "big": Decimal("2")}
     assert [row.label for row in response.context["by_model"]] == [f"{usage.model.slug}:v1"]
@@ -99,7 +100,14 @@ def test_the_usage_page_shows_tokens_and_cost_by_day_model_and_deployment(
 def test_the_csv_exports_are_the_usage_apis_in_the_same_session(console, organization, usage):
     client = console(organization, Role.VIEWER)
     exports = client.get("/usage/?days=7").context["exports"]
-    assert set(exports) == {"by day", "by model", "by deployment", "by API key"}
+    assert set(exports) == {
+        "by day",
+        "by model",
+        "by deployment",
+        "by API key",
+        "by project",
+        "by user",
+    }
     response = client.get(exports["by deployment"])
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/csv")
