@@ -2,7 +2,7 @@ from datetime import UTC, date, timedelta
 
 import stripe
 from django.conf import settings
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics
-from rest_framework.exceptions import NotAcceptable, ValidationError
+from rest_framework.exceptions import ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
@@ -31,30 +31,13 @@ from billing.serializers import (
 )
 from billing.stripe_sync import stripe_event_handle
 from billing.usage import GROUP_BY, UsageRow, usage_report
+from controlplane.rest.renderers import ErrorsAsJSONMixin
 
 # The longest span one usage request may cover.
 MAX_USAGE_DAYS = 400
 
 
-class _ErrorsAsJSONMixin:
-    """Errors stay problem JSON even when the caller asked for CSV; an unknown `format` is a
-    406 that names the formats (DRF's own answer would be a puzzling 404)."""
-
-    def perform_content_negotiation(self, request, force=False):
-        try:
-            return super().perform_content_negotiation(request, force)
-        except Http404:
-            raise NotAcceptable("Unknown format: use format=json or format=csv.") from None
-
-    def finalize_response(self, request, response, *args, **kwargs):
-        response = super().finalize_response(request, response, *args, **kwargs)
-        if response.status_code >= 400 and isinstance(response.accepted_renderer, CSVRenderer):
-            response.accepted_renderer = JSONRenderer()
-            response.accepted_media_type = "application/problem+json"
-        return response
-
-
-class UsageApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
+class UsageApi(ErrorsAsJSONMixin, generics.GenericAPIView):
     """Usage and its cost per day, model, deployment or API key, as JSON or CSV
     (`?format=csv` or `Accept: text/csv`). Days are UTC; both ends are inclusive."""
 

@@ -18,7 +18,7 @@ from uuid import UUID
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
-from django.db.models import Case, Count, F, Sum, Value, When
+from django.db.models import Case, Count, F, Q, Sum, Value, When
 from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
@@ -350,6 +350,60 @@ def usage_lines(
     return lines
 
 
+def commitments_for(*, period: Period, organization_ids=None) -> dict[int, list]:
+    """Approved private offers with a committed spend that cover `period` whole, per
+    organization (one query)."""
+    from catalog.models import PrivateOffer
+
+    offers = (
+        PrivateOffer.objects.filter(
+            status=PrivateOffer.Status.APPROVED,
+            committed_monthly_spend__gt=0,
+            starts_at__lte=period.start,
+        )
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gte=period.end))
+        .select_related("model_version__model")
+        .order_by("model_version_id", "starts_at")
+    )
+    if organization_ids is not None:
+        offers = offers.filter(organization_id__in=list(organization_ids))
+    result = defaultdict(list)
+    for offer in offers:
+        result[offer.organization_id].append(offer)
+    return result
+
+
+def commitment_lines(*, currency: str, lines: list[DraftLine], offers: list) -> list[DraftLine]:
+    """A line per committed offer whose model's usage lines this period add up to less than
+    the commitment: the difference, so the model's lines total the commitment."""
+    extra = []
+    for offer in offers:
+        if offer.currency != currency:
+            continue
+        spent = sum(
+            (line.amount for line in lines if line.model_version_id == offer.model_version_id),
+            Decimal(0),
+        )
+        shortfall = round_money(offer.committed_monthly_spend - spent, currency)
+        if shortfall <= 0:
+            continue
+        commitment = format_money(offer.committed_monthly_spend, currency)
+        extra.append(
+            DraftLine(
+                kind=InvoiceLine.Kind.COMMITMENT,
+                description=f"{offer.model_version} — committed spend {commitment} {currency} "
+                "a period, shortfall",
+                quantity=Decimal(1),
+                unit="",
+                unit_price=shortfall,
+                amount_exact=shortfall,
+                amount=shortfall,
+                model_version_id=offer.model_version_id,
+            )
+        )
+    return extra
+
+
 def _draft(
     *,
     organization: Organization,
@@ -358,11 +412,16 @@ def _draft(
     dedicated: list[dict],
     names: _Names,
     grants: list[CreditGrant],
+    commitments: list | None = None,
 ) -> DraftInvoice:
-    """What the invoice says, given the usage groups and the credit grants it may draw on
-    (in the order it draws)."""
+    """What the invoice says, given the usage groups, the committed offers and the credit
+    grants it may draw on (in the order it draws)."""
     currency = organization.currency
     lines = usage_lines(currency=currency, tokens=tokens, dedicated=dedicated, names=names)
+    if commitments is None:
+        commitments = commitments_for(period=period, organization_ids=[organization.pk])
+        commitments = commitments.get(organization.pk, [])
+    lines += commitment_lines(currency=currency, lines=lines, offers=commitments)
     rate = tax_rate()
     totals = invoice_totals(
         line_amounts=[line.amount for line in lines],
@@ -445,9 +504,11 @@ def billing_period_close(
     done = set(
         Invoice.objects.filter(period_start=period.start).values_list("organization_id", flat=True)
     )
+    # An organization with a committed spend is invoiced even without usage.
+    committed = commitments_for(period=period).keys()
     pending = list(
         Organization.objects.filter(
-            pk__in=(by_org_tokens.keys() | by_org_dedicated.keys()) - done
+            pk__in=(by_org_tokens.keys() | by_org_dedicated.keys() | committed) - done
         ).order_by("pk")
     )
     created = []
@@ -546,6 +607,7 @@ def invoices_finalize(
     ):
         grants[grant.organization_id].append(grant)
     stripe_on = bool(settings.STRIPE_API_KEY)
+    commitments = commitments_for(period=period, organization_ids=[o.pk for o in organizations])
     drafts, invoices = [], []
     for organization in organizations:
         draft = _draft(
@@ -555,6 +617,7 @@ def invoices_finalize(
             dedicated=dedicated.get(organization.pk, []),
             names=names,
             grants=[g for g in grants[organization.pk] if g.currency == organization.currency],
+            commitments=commitments.get(organization.pk, []),
         )
         sequence.last_value += 1
         drafts.append(draft)

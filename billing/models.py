@@ -493,6 +493,8 @@ class InvoiceLine(_AppendOnlyModel):
         # An embedding model's input tokens (/v1/embeddings), at its version's input price.
         EMBEDDING_TOKENS = "embedding_tokens", "Embedding tokens"
         DEDICATED = "dedicated", "Dedicated GPU time"
+        # What a private offer's committed spend asks beyond the period's use of the model.
+        COMMITMENT = "commitment", "Committed spend shortfall"
         TAX = "tax", "Tax"
         CREDITS = "credits", "Prepaid credits"
 
@@ -502,6 +504,7 @@ class InvoiceLine(_AppendOnlyModel):
         Kind.OUTPUT_TOKENS,
         Kind.EMBEDDING_TOKENS,
         Kind.DEDICATED,
+        Kind.COMMITMENT,
     )
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="lines")

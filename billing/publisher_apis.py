@@ -18,11 +18,11 @@ from billing import documents, payouts, statements
 from billing.models import PublisherStatement, RevenueShare, StatementLine
 from billing.money import format_money
 from billing.publisher_analytics import publisher_analytics
-from catalog.permissions import is_operator
+from catalog.permissions import is_operator, require_operator
 from catalog.publisher_apis import PublisherApi
 from catalog.publishers import require_publisher_member
 from controlplane.errors import NotFound, ValidationFailed
-from controlplane.rest.serializers import StrictSerializer
+from controlplane.rest.serializers import MoneyField, StrictSerializer
 
 
 class RevenueShareSerializer(serializers.ModelSerializer):
@@ -33,7 +33,7 @@ class RevenueShareSerializer(serializers.ModelSerializer):
 
 
 class RevenueShareCreateSerializer(StrictSerializer):
-    percent = serializers.DecimalField(max_digits=5, decimal_places=2, coerce_to_string=True)
+    percent = MoneyField(max_digits=5, decimal_places=2)
     effective_from = serializers.DateTimeField(help_text="The start of an open billing period.")
 
 
@@ -116,10 +116,12 @@ class RevenueShareListApi(PublisherApi):
 
     @extend_schema(request=RevenueShareCreateSerializer, responses={201: RevenueShareSerializer})
     def post(self, request, slug, listing):
+        target = self.get_listing()
+        require_operator(request.actor)
         serializer = RevenueShareCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         share = statements.revenue_share_set(
-            actor=request.actor, listing=self.get_listing(), **serializer.validated_data
+            actor=request.actor, listing=target, **serializer.validated_data
         )
         return Response(RevenueShareSerializer(share).data, status=status.HTTP_201_CREATED)
 
@@ -221,9 +223,10 @@ class PayoutAccountApi(PublisherApi):
 
     @extend_schema(request=PayoutAccountSerializer, responses=PayoutAccountAnswerSerializer)
     def post(self, request, slug):
+        publisher = self.get_publisher()
         serializer = PayoutAccountSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        publisher, fields = self.get_publisher(), serializer.validated_data
+        fields = serializer.validated_data
         url = ""
         if "account_id" in fields:
             payouts.publisher_account_link(

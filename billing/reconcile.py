@@ -10,7 +10,14 @@ from decimal import Decimal
 from django.db.models import Count, Q, Sum
 
 from accounts.models import Organization
-from billing.invoicing import _Names, dedicated_groups, token_groups, usage_lines
+from billing.invoicing import (
+    _Names,
+    commitment_lines,
+    commitments_for,
+    dedicated_groups,
+    token_groups,
+    usage_lines,
+)
 from billing.ledger import provider_cost_book
 from billing.margins import margin_report
 from billing.models import (
@@ -75,7 +82,10 @@ def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodRepo
         invoice.organization_id: invoice
         for invoice in Invoice.objects.filter(period_start=period.start).prefetch_related("lines")
     }
-    organizations = Organization.objects.in_bulk(by_org.keys() | invoices.keys())
+    commitments = commitments_for(period=period)
+    organizations = Organization.objects.in_bulk(
+        by_org.keys() | invoices.keys() | commitments.keys()
+    )
     for org_id in sorted(organizations):
         organization = organizations[org_id]
         invoice = invoices.get(org_id)
@@ -83,6 +93,9 @@ def reconcile_period(period: Period, *, check_stripe: bool = True) -> PeriodRepo
         org_tokens, org_dedicated = by_org.get(org_id, ([], []))
         expected = usage_lines(
             currency=currency, tokens=org_tokens, dedicated=org_dedicated, names=names
+        )
+        expected += commitment_lines(
+            currency=currency, lines=expected, offers=commitments.get(org_id, [])
         )
         row = OrganizationReport(
             organization=organization.slug,

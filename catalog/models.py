@@ -857,6 +857,16 @@ class PrivateOffer(models.Model):
         help_text="The discount the rate was made from, off the list price then; empty for a "
         "rate given as such.",
     )
+    # A commitment: the least the customer pays for the model in each billing period the offer
+    # covers whole (at its rate); the invoice adds the shortfall (billing.invoicing).
+    committed_monthly_spend = models.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="The least the customer pays for the model a billing period, in currency.",
+    )
     starts_at = models.DateTimeField()
     expires_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PROPOSED)

@@ -3,7 +3,8 @@
 An operator makes an offer for any model (approved as made); a publisher's members propose one
 for their own models, which an operator approves. The offer is a rate per million tokens —
 given as such, or as a discount off the list price in force at its start, turned into a rate
-then (rounded half-up to the six places prices have) — from `starts_at` (never in the past:
+then (rounded half-up to the six places prices have), optionally with a committed spend per
+billing period (the invoice adds the shortfall: billing.invoicing) — from `starts_at` (never in the past:
 usage already rated keeps its price) until `expires_at`. Two approved offers of one
 organization and version never overlap, so rating finds at most one. Every write is audited
 in the customer's log and, for a publisher's offer, the publisher's.
@@ -74,11 +75,13 @@ def private_offer_create(
     input_per_million: Decimal | None = None,
     output_per_million: Decimal | None = None,
     discount_percent: Decimal | None = None,
+    committed_monthly_spend: Decimal | None = None,
     starts_at: datetime | None = None,
     expires_at: datetime | None = None,
 ) -> PrivateOffer:
     """An offer to `organization` for `version`: a rate (input and output per million) or a
-    discount in percent off the list price in force at its start."""
+    discount in percent off the list price in force at its start; with a commitment, the
+    least the customer pays for the model in each billing period the offer covers whole."""
     operator = is_operator(actor)
     publisher = None if operator else _publisher_of(actor, version)
     starts_at = _check_start(starts_at)
@@ -122,8 +125,17 @@ def private_offer_create(
             raise ValidationFailed(f"{name} is a Decimal of 0 or more.", field=name)
         if value != value.quantize(_PRICE_PLACES):
             raise ValidationFailed(f"{name} has at most six decimal places.", field=name)
+    if committed_monthly_spend is not None and (
+        committed_monthly_spend < 0
+        or committed_monthly_spend != committed_monthly_spend.quantize(Decimal("0.01"))
+    ):
+        raise ValidationFailed(
+            "committed_monthly_spend is an amount of 0 or more, in cents.",
+            field="committed_monthly_spend",
+        )
     offer = PrivateOffer(
         organization=organization,
+        committed_monthly_spend=committed_monthly_spend,
         model_version=version,
         publisher=publisher,
         currency=organization.currency,
@@ -213,6 +225,9 @@ def _audit(actor: Actor, action: str, offer: PrivateOffer) -> None:
         "input_per_million": str(offer.input_per_million),
         "output_per_million": str(offer.output_per_million),
         "currency": offer.currency,
+        "committed_monthly_spend": (
+            str(offer.committed_monthly_spend) if offer.committed_monthly_spend else None
+        ),
         "starts_at": offer.starts_at.isoformat(),
         "expires_at": offer.expires_at.isoformat() if offer.expires_at else None,
         "status": offer.status,

@@ -21,8 +21,9 @@ from catalog.models import (
     Publisher,
     ReviewComment,
 )
-from controlplane.errors import NotFound, ValidationFailed
-from controlplane.rest.renderers import CSVRenderer
+from catalog.permissions import is_operator, require_operator
+from controlplane.errors import NotFound, PermissionDenied, ValidationFailed
+from controlplane.rest.renderers import CSVRenderer, ErrorsAsJSONMixin
 from controlplane.rest.serializers import StrictSerializer
 
 
@@ -190,6 +191,7 @@ class PublisherListApi(PublisherApi):
 
     @extend_schema(request=PublisherCreateSerializer, responses={201: PublisherSerializer})
     def post(self, request):
+        require_operator(request.actor)
         serializer = PublisherCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         organization = Organization.objects.filter(
@@ -227,11 +229,12 @@ class ListingListApi(PublisherApi):
 
     @extend_schema(request=ListingCreateSerializer, responses={201: ListingSerializer})
     def post(self, request, slug):
+        publisher = self.get_publisher()
         serializer = ListingCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         listing = publishers.listing_create(
             actor=request.actor,
-            publisher=self.get_publisher(),
+            publisher=publisher,
             slug=serializer.validated_data["slug"],
         )
         return Response(ListingSerializer(listing).data, status=status.HTTP_201_CREATED)
@@ -258,10 +261,11 @@ class ListingChangeListApi(PublisherApi):
 
     @extend_schema(request=ListingChangeCreateSerializer, responses={201: ListingChangeSerializer})
     def post(self, request, slug, listing):
+        target = self.get_listing()
         serializer = ListingChangeCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         change = publishers.listing_change_create(
-            actor=request.actor, listing=self.get_listing(), **serializer.validated_data
+            actor=request.actor, listing=target, **serializer.validated_data
         )
         return self.change_response(change, status.HTTP_201_CREATED)
 
@@ -279,7 +283,7 @@ class ReviewQueueApi(PublisherApi):
         responses=ListingChangeSerializer(many=True),
     )
     def get(self, request):
-        wanted = request.query_params.get("status") or None
+        wanted = request.query_params.get("status")
         if wanted is not None and wanted not in ListingChange.Status.values:
             raise ValidationFailed(
                 f"status must be one of {', '.join(ListingChange.Status.values)}.", field="status"
@@ -299,10 +303,11 @@ class ListingChangeDetailApi(PublisherApi):
 
     @extend_schema(request=ListingChangeUpdateSerializer, responses=ListingChangeSerializer)
     def patch(self, request, change_id):
+        change = self.get_change()
         serializer = ListingChangeUpdateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         change = publishers.listing_change_update(
-            actor=request.actor, change=self.get_change(), **serializer.validated_data
+            actor=request.actor, change=change, **serializer.validated_data
         )
         return self.change_response(change)
 
@@ -317,10 +322,10 @@ class ListingChangeActionApi(PublisherApi):
 
     @extend_schema(request=ReviewDecisionSerializer, responses=ListingChangeSerializer)
     def post(self, request, change_id):
+        change, actor = self.get_change(), request.actor
         serializer = ReviewDecisionSerializer(data=request.data or {})
         serializer.is_valid(raise_exception=True)
         comment = serializer.validated_data.get("comment", "")
-        change, actor = self.get_change(), request.actor
         if self.decision == "submit":
             change = publishers.listing_change_submit(actor=actor, change=change)
         elif self.decision == "withdraw":
@@ -340,15 +345,16 @@ class ReviewCommentListApi(PublisherApi):
 
     @extend_schema(request=ReviewCommentCreateSerializer, responses={201: ReviewCommentSerializer})
     def post(self, request, change_id):
+        change = self.get_change()
         serializer = ReviewCommentCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         comment = publishers.review_comment_add(
-            actor=request.actor, change=self.get_change(), body=serializer.validated_data["body"]
+            actor=request.actor, change=change, body=serializer.validated_data["body"]
         )
         return Response(ReviewCommentSerializer(comment).data, status=status.HTTP_201_CREATED)
 
 
-class TermsAcceptanceExportApi(PublisherApi):
+class TermsAcceptanceExportApi(ErrorsAsJSONMixin, PublisherApi):
     """Who accepted which terms of the publisher's models, oldest first; `?format=csv` (or
     Accept: text/csv) for a spreadsheet. Customers appear by name where the terms they
     accepted say so (operators see every name), as a stable pseudonym otherwise."""
@@ -395,6 +401,7 @@ class PrivateOfferSerializer(serializers.ModelSerializer):
             "input_per_million",
             "output_per_million",
             "discount_percent",
+            "committed_monthly_spend",
             "starts_at",
             "expires_at",
             "status",
@@ -417,6 +424,13 @@ class PrivateOfferCreateSerializer(StrictSerializer):
     input_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, required=False)
     output_per_million = serializers.DecimalField(max_digits=12, decimal_places=6, required=False)
     discount_percent = serializers.DecimalField(max_digits=5, decimal_places=2, required=False)
+    committed_monthly_spend = serializers.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        required=False,
+        help_text="The least the customer pays for the model in each billing period the offer "
+        "covers whole; the invoice adds the shortfall.",
+    )
     starts_at = serializers.DateTimeField(required=False)
     expires_at = serializers.DateTimeField(required=False)
 
@@ -437,6 +451,11 @@ class PrivateOfferListApi(PublisherApi):
 
     @extend_schema(request=PrivateOfferCreateSerializer, responses={201: PrivateOfferSerializer})
     def post(self, request):
+        if (
+            not is_operator(request.actor)
+            and not Publisher.objects.filter(organization=request.actor.organization).exists()
+        ):
+            raise PermissionDenied("Only operators and publishers make private offers.")
         serializer = PrivateOfferCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         fields = dict(serializer.validated_data)

@@ -10,7 +10,9 @@ import csv
 import io
 
 from csp.constants import UNSAFE_INLINE
-from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer
+from django.http import Http404
+from rest_framework.exceptions import NotAcceptable
+from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer, JSONRenderer
 
 from controlplane.spreadsheets import csv_cell
 
@@ -43,3 +45,21 @@ class CSVRenderer(BaseRenderer):
             writer.writeheader()
             writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         return out.getvalue().encode(self.charset)
+
+
+class ErrorsAsJSONMixin:
+    """Errors stay problem JSON even when the caller asked for CSV; an unknown `format` is a
+    406 that names the formats (DRF's own answer would be a puzzling 404)."""
+
+    def perform_content_negotiation(self, request, force=False):
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            raise NotAcceptable("Unknown format: use format=json or format=csv.") from None
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if response.status_code >= 400 and isinstance(response.accepted_renderer, CSVRenderer):
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = "application/problem+json"
+        return response

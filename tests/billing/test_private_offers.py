@@ -11,9 +11,11 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.roles import Role
-from billing.invoicing import invoice_draft
+from billing.invoicing import billing_period_close, invoice_draft
 from billing.ledger import usage_events_ingest
-from billing.models import UsageRecord
+from billing.models import Invoice, PublisherStatement, UsageRecord
+from billing.periods import period_containing, period_starting
+from billing.reconcile import reconcile_period
 from catalog.models import PrivateOffer
 from catalog.offers import private_offer_approve, private_offer_create, private_offer_withdraw
 from controlplane.errors import Conflict, NotFound, ValidationFailed
@@ -152,3 +154,38 @@ def test_offers_over_rest_and_your_price_on_the_model_page(listed, key_client, s
     elsewhere, _user = session_client(OrganizationFactory(), Role.VIEWER)
     assert "Your price" not in elsewhere.get(f"/models/{version.model.slug}/").content.decode()
     assert PrivateOffer.objects.count() == 1
+
+
+def test_a_committed_spend_invoices_the_shortfall_and_the_publisher_shares_it(
+    listed, operator_actor
+):
+    _publisher, _listing, version = listed
+    current = period_containing(timezone.now())
+    following = period_starting(current.end)
+    buyer, idle = OrganizationFactory(), OrganizationFactory()
+    for organization, commitment in ((buyer, "10.00"), (idle, "5.00")):
+        private_offer_create(
+            actor=operator_actor,
+            organization=organization,
+            version=version,
+            input_per_million=Decimal("0.25"),
+            output_per_million=Decimal("0.75"),
+            committed_monthly_spend=Decimal(commitment),
+            starts_at=following.start,
+        )
+    use(buyer, version, prompt=4_000_000, completion=4_000_000, when=following.start)  # 1 + 3
+    usage_events_ingest(now=following.start + timedelta(hours=1))
+    billing_period_close(period_start=following.start, now=following.end + timedelta(minutes=1))
+
+    invoice = Invoice.objects.get(organization=buyer)
+    assert [(line.kind, line.amount) for line in invoice.lines.all()] == [
+        ("input_tokens", Decimal("1.00")),
+        ("output_tokens", Decimal("3.00")),
+        ("commitment", Decimal("6.00")),
+    ]
+    assert invoice.subtotal == Decimal("10.00")
+    # Committed and unused: invoiced all the same.
+    assert Invoice.objects.get(organization=idle).subtotal == Decimal("5.00")
+    statement = PublisherStatement.objects.get(period_start=following.start)
+    assert (statement.revenue, statement.share) == (Decimal("15.00"), Decimal("4.50"))
+    assert reconcile_period(following, check_stripe=False).differences == []
