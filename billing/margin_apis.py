@@ -7,15 +7,15 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from billing.apis import _ErrorsAsJSONMixin
 from billing.margins import MarginRow, margin_report
 from billing.periods import periods_in_month
 from billing.renderers import CSVRenderer
 from billing.serializers import MarginReportSerializer
 from catalog.permissions import OperatorsOnly
+from controlplane.rest.renderers import ErrorsAsJSONMixin
 
 
-class MarginReportApi(_ErrorsAsJSONMixin, generics.GenericAPIView):
+class MarginReportApi(ErrorsAsJSONMixin, generics.GenericAPIView):
     """Partner models per provider and billing period: revenue (as invoiced), the provider's
     cost and the margin, from the ledger. Operators only; `?format=csv` for a spreadsheet."""
 
