@@ -293,9 +293,12 @@ class Engine:
             # A preempted sequence is recomputed from all its tokens (the prompt and the output
             # so far); the logits of the last one give its next token, as a decode step would.
             tokens = sequence.prompt_ids + sequence.output_ids
-            if admitted and len(tokens) > budget:
-                break
             keys = block_hashes(tokens, self.blocks.block_size)
+            # The budget counts the tokens to compute: a prompt mostly in the prefix cache is
+            # cheap, so many such newcomers join in one step (as vLLM's scheduler counts them).
+            cached_blocks = len(self.blocks.cached_prefix(keys, len(tokens)))
+            if admitted and len(tokens) - cached_blocks * self.blocks.block_size > budget:
+                break
             allocation = self.blocks.allocate(keys, len(tokens))
             if allocation is None:
                 break  # wait until running sequences finish (or are preempted) and free blocks

@@ -363,9 +363,11 @@ class MixtralRunner:
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(hidden, new, layer, positions)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[:, new_slots] = k.transpose(0, 1)
-            v_cache[:, new_slots] = v.transpose(0, 1)
-            keys, values = k_cache[:, slots], v_cache[:, slots]  # [kv_heads, blocks * size, dim]
+            # index_copy_/index_select: several times faster than advanced indexing on dim 1.
+            k_cache.index_copy_(1, new_slots, k.transpose(0, 1))
+            v_cache.index_copy_(1, new_slots, v.transpose(0, 1))
+            keys = k_cache.index_select(1, slots)  # [kv_heads, blocks * size, dim]
+            values = v_cache.index_select(1, slots)
             if self.batch_invariant:
                 attention = self._blockwise_attention(q, keys, values, start)
             else:
@@ -557,13 +559,13 @@ class MixtralRunner:
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(hidden, batch, layer, position_tensor)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[:, write_slots] = k.transpose(0, 1)
-            v_cache[:, write_slots] = v.transpose(0, 1)
+            k_cache.index_copy_(1, write_slots, k.transpose(0, 1))
+            v_cache.index_copy_(1, write_slots, v.transpose(0, 1))
             for row in range(batch):
                 attention[row] = F.scaled_dot_product_attention(
                     q[row, :, None, :][None],
-                    k_cache[None, :, slots[row]],
-                    v_cache[None, :, slots[row]],
+                    k_cache.index_select(1, slots[row])[None],
+                    v_cache.index_select(1, slots[row])[None],
                     scale=self.scale,
                     enable_gqa=True,
                 ).reshape(-1)
