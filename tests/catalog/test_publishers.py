@@ -384,3 +384,29 @@ def test_a_price_start_that_passed_during_review_starts_at_approval(acme, acme_m
     before = timezone.now()
     approve(operator, change)
     assert TokenPrice.objects.get().effective_from >= before
+
+
+def test_a_partner_hosted_listing_is_published_with_its_provider_model(acme, acme_member, operator):
+    acme_member.post("/api/v1/publishers/acme/listings", {"slug": "acme-large"}, format="json")
+    approve(operator, propose(acme_member, "acme-large", "card", {**CARD, "hosting": "partner"}))
+    # Without the provider's model id the operator cannot approve it: it stays in the queue.
+    incomplete = propose(acme_member, "acme-large", "version", {"version": "1"})
+    refused = operator.post(
+        f"/api/v1/listing-changes/{incomplete['id']}/approve", {}, format="json"
+    )
+    assert refused.status_code == 400 and "provider_model_id" in refused.json()["detail"]
+    assert ListingChange.objects.get(pk=incomplete["id"]).status == "submitted"
+    assert not ModelVersion.objects.filter(model__slug="acme-large").exists()
+    approve(
+        operator,
+        propose(
+            acme_member,
+            "acme-large",
+            "version",
+            {"version": "2", "provider_model_id": "acme-large-2", "provider_kind": "mistral"},
+        ),
+    )
+    version = ModelVersion.objects.get(model__slug="acme-large", version="2")
+    assert version.status == ModelVersion.Status.PUBLISHED
+    assert version.provider_model.provider_model_id == "acme-large-2"
+    assert version.provider_model.needs_connection  # until an operator picks a connection
