@@ -25,8 +25,10 @@ def test_route_for_a_dedicated_deployment_lists_its_ready_replicas(
     ReplicaFactory(deployment=deployment, name="chat-b", endpoint="http://10.0.0.2:8000")
     ReplicaFactory(deployment=deployment, name="chat-a", endpoint="http://10.0.0.1:8000")
     ReplicaFactory(deployment=deployment, name="chat-c", ready=False, phase="loading_weights")
-    with django_assert_num_queries(2):
+    # The deployment with its version, its ready replicas, and the terms in force (none here).
+    with django_assert_num_queries(3):
         route = route_for(organization_id=organization.pk, model="chat")
+    assert route.terms_pending is None
     assert route.deployment_id == deployment.pk
     assert route.organization_id == organization.pk
     assert route.model_version_id == deployment.model_version_id
