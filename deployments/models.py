@@ -320,3 +320,63 @@ class LoadReport(models.Model):
 
     def __str__(self):
         return f"{self.deployment_id} from {self.source}: {self.in_flight} in flight"
+
+
+class Fallback(models.Model):
+    """One of a deployment's fallback targets, in order: another deployment of the same
+    organization (self-hosted, serverless, or a partner model's entry) the gateway sends a
+    request to when the deployment's own upstream fails before the first byte (gateway/
+    fallback.py). Validated by deployments.services (same organization, callable, no cycles,
+    at most DEPLOYMENTS_MAX_FALLBACKS)."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="fallbacks")
+    target = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="fallback_for")
+    position = models.PositiveSmallIntegerField()
+
+    class Meta:
+        ordering = ["deployment", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment", "position"], name="fallback_position_unique"
+            ),
+            models.UniqueConstraint(fields=["deployment", "target"], name="fallback_target_unique"),
+            models.CheckConstraint(
+                condition=~Q(deployment=models.F("target")), name="fallback_not_itself"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.deployment_id} → {self.target_id} (#{self.position})"
+
+
+class UpstreamCircuit(models.Model):
+    """What one gateway process last said about the circuit breaker of an upstream a
+    deployment's requests go to (a replica's endpoint, or a provider connection): the state
+    changes a gateway reports, as it reports unhealthy replicas. Breakers are per gateway
+    process (gateway/circuit.py), so each process has its own row; the deployment page shows
+    them. Rows are replaced, never accumulated (one per deployment, upstream and source)."""
+
+    class State(models.TextChoices):
+        CLOSED = "closed", "Closed"
+        OPEN = "open", "Open"
+        HALF_OPEN = "half_open", "Half-open"
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="circuits")
+    upstream = models.CharField(
+        max_length=255, help_text="A replica's endpoint, or provider:<connection name>."
+    )
+    source = models.CharField(max_length=200, help_text="Which gateway process reported.")
+    state = models.CharField(max_length=16, choices=State.choices)
+    failures = models.PositiveIntegerField(default=0)
+    changed_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["upstream", "source"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment", "upstream", "source"], name="upstream_circuit_one_per_source"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.upstream} from {self.source}: {self.state}"

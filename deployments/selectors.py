@@ -7,7 +7,14 @@ from uuid import UUID
 from django.db.models import Prefetch, QuerySet
 
 from accounts.models import Organization
-from deployments.models import Deployment, DeploymentEvent, Replica, RoutingPolicy
+from deployments.models import (
+    Deployment,
+    DeploymentEvent,
+    Fallback,
+    Replica,
+    RoutingPolicy,
+    UpstreamCircuit,
+)
 
 PLATFORM_ORGANIZATION_SLUG = "platform"
 
@@ -43,6 +50,8 @@ class Route:
     terms_pending: str | None = None
     terms_accept_path: str = ""
     routing_policy: str = RoutingPolicy.PREFIX_AWARE
+    # The names of the deployment's fallback targets, in order (gateway/fallback.py).
+    fallbacks: tuple[str, ...] = ()
 
     @property
     def prefix_aware(self) -> bool:
@@ -68,7 +77,16 @@ def deployment_list(*, organization: Organization) -> QuerySet[Deployment]:
         .select_related(
             "model_version__model", "hardware_profile", "serving_runtime", "pool__hardware_profile"
         )
-        .prefetch_related(Prefetch("replicas", queryset=Replica.objects.order_by("name")))
+        .prefetch_related(
+            Prefetch("replicas", queryset=Replica.objects.order_by("name")),
+            Prefetch(
+                "fallbacks",
+                queryset=Fallback.objects.select_related("target__model_version__model").order_by(
+                    "position"
+                ),
+            ),
+            Prefetch("circuits", queryset=UpstreamCircuit.objects.order_by("upstream", "source")),
+        )
     )
 
 
@@ -126,8 +144,9 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
     )
     if deployment is None:
         return None
+    fallbacks = fallback_targets(deployment_id=deployment.pk)
     if deployment.model_version.is_partner:
-        return _partner_route(deployment)
+        return _partner_route(deployment, fallbacks)
     serving = deployment.pool if deployment.pool_id else deployment
     replicas = list(
         Replica.objects.filter(deployment_id=serving.pk, ready=True)
@@ -153,6 +172,7 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
         else deployment.status,
         replicas=[tuple(r) for r in replicas],
         routing_policy=serving.routing_policy,
+        fallbacks=fallbacks,
         can_scale_from_zero=(
             serving.min_replicas == 0
             and serving.max_replicas > 0
@@ -164,7 +184,7 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
     )
 
 
-def _partner_route(deployment: Deployment) -> Route:
+def _partner_route(deployment: Deployment, fallbacks: tuple[str, ...]) -> Route:
     """A partner model's entry: no replicas; its provider (credential decrypted for the
     gateway) and whether the organization accepted the terms in force. Three queries."""
     from catalog.providers import partner_target
@@ -184,6 +204,17 @@ def _partner_route(deployment: Deployment) -> Route:
         terms_accept_path=_terms_accept_path(version),
         project_id=deployment.project_id,
         shared=deployment.shared,
+        fallbacks=fallbacks,
+    )
+
+
+def fallback_targets(*, deployment_id) -> tuple[str, ...]:
+    """The names of a deployment's fallback targets that can take requests, in order."""
+    return tuple(
+        Fallback.objects.filter(deployment_id=deployment_id, target__status__in=CALLABLE_STATUSES)
+        .exclude(target__status=Deployment.Status.FAILED)
+        .order_by("position")
+        .values_list("target__name", flat=True)
     )
 
 

@@ -8,6 +8,7 @@ from deployments.models import (
     DeploymentEvent,
     Replica,
     RoutingPolicy,
+    UpstreamCircuit,
     dns_name_validator,
 )
 
@@ -40,6 +41,35 @@ class ProgressSerializer(serializers.Serializer):
     percent = serializers.IntegerField()
 
 
+class FallbackSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="The target deployment (the model name you call).")
+    model = serializers.CharField(help_text="Its catalog model slug.")
+    status = serializers.CharField(help_text="Its status; only callable targets are tried.")
+
+
+class CircuitSerializer(serializers.ModelSerializer):
+    """A circuit breaker of one of the deployment's upstreams, as one gateway process last
+    reported it. Upstreams are named without addresses: `replica <name>` or `provider`."""
+
+    upstream = serializers.SerializerMethodField()
+
+    class Meta:
+        model = UpstreamCircuit
+        fields = ["upstream", "source", "state", "failures", "changed_at"]
+        read_only_fields = fields
+
+    def get_upstream(self, circuit) -> str:
+        return circuit_label(circuit, self.context.get("replica_names", {}))
+
+
+def circuit_label(circuit, replica_names: dict) -> str:
+    """A tenant-facing name of an upstream: its replica's name, or its provider (endpoints
+    and connection names are the platform's business)."""
+    if circuit.upstream.startswith("provider:"):
+        return "provider"
+    return f"replica {replica_names.get(circuit.upstream, '(gone)')}"
+
+
 class DeploymentSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model_version.model.slug", read_only=True)
     version = serializers.CharField(source="model_version.version", read_only=True)
@@ -50,6 +80,8 @@ class DeploymentSerializer(serializers.ModelSerializer):
     runtime = serializers.CharField(source="serving_runtime.name", read_only=True, default=None)
     progress = serializers.SerializerMethodField()
     replicas = serializers.SerializerMethodField()
+    fallbacks = serializers.SerializerMethodField()
+    circuits = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
@@ -71,6 +103,8 @@ class DeploymentSerializer(serializers.ModelSerializer):
             "target_in_flight_per_replica",
             "scale_to_zero_after_seconds",
             "routing_policy",
+            "fallbacks",
+            "circuits",
             "generation",
             "observed_generation",
             "status",
@@ -93,6 +127,24 @@ class DeploymentSerializer(serializers.ModelSerializer):
     @extend_schema_field(ProgressSerializer)
     def get_progress(self, deployment):
         return {"phase": deployment.progress_phase, "percent": deployment.progress_percent}
+
+    @extend_schema_field(FallbackSerializer(many=True))
+    def get_fallbacks(self, deployment):
+        return [
+            {
+                "name": fallback.target.name,
+                "model": fallback.target.model_version.model.slug,
+                "status": fallback.target.status,
+            }
+            for fallback in deployment.fallbacks.all()  # prefetched by deployment_list
+        ]
+
+    @extend_schema_field(CircuitSerializer(many=True))
+    def get_circuits(self, deployment):
+        names = {replica.endpoint: replica.name for replica in deployment.replicas.all()}
+        return CircuitSerializer(
+            deployment.circuits.all(), many=True, context={"replica_names": names}
+        ).data
 
     @extend_schema_field(ReplicaSerializer(many=True))
     def get_replicas(self, deployment):
@@ -144,6 +196,14 @@ class DeploymentCreateSerializer(StrictSerializer):
         help_text="prefix_aware: the replica likely to hold the prompt's prefix in its cache, "
         "within a load bound; least_in_flight: the least loaded replica.",
     )
+    fallbacks = serializers.ListField(
+        child=serializers.CharField(max_length=NAME_MAX_LENGTH),
+        required=False,
+        help_text="Other deployments of your organization (or partner models you enabled), by "
+        "name, tried in order when this deployment's upstream refuses the connection, answers "
+        "429 or 5xx, or sends nothing before the first-byte timeout; never once the answer has "
+        "started. At most DEPLOYMENTS_MAX_FALLBACKS (3 by default), no cycles.",
+    )
 
 
 class DeploymentUpdateSerializer(StrictSerializer):
@@ -158,6 +218,14 @@ class DeploymentUpdateSerializer(StrictSerializer):
         min_value=60, required=False, allow_null=True
     )
     routing_policy = serializers.ChoiceField(choices=RoutingPolicy.choices, required=False)
+    fallbacks = serializers.ListField(
+        child=serializers.CharField(max_length=NAME_MAX_LENGTH),
+        required=False,
+        help_text="Other deployments of your organization (or partner models you enabled), by "
+        "name, tried in order (replacing the list; [] for none) when this deployment's upstream refuses the connection, answers "
+        "429 or 5xx, or sends nothing before the first-byte timeout; never once the answer has "
+        "started. At most DEPLOYMENTS_MAX_FALLBACKS (3 by default), no cycles.",
+    )
 
 
 class DeploymentEventSerializer(serializers.ModelSerializer):

@@ -25,9 +25,11 @@ from deployments import transitions
 from deployments.models import (
     NAME_MAX_LENGTH,
     Deployment,
+    Fallback,
     LoadReport,
     Replica,
     RoutingPolicy,
+    UpstreamCircuit,
     dns_name_validator,
 )
 from deployments.selectors import PLATFORM_ORGANIZATION_SLUG, organization_gpu_usage, pool_for
@@ -211,10 +213,13 @@ def deployment_create(
     routing_policy: str = RoutingPolicy.PREFIX_AWARE,
     project: int | None = None,
     shared: bool = True,
+    fallbacks: list[str] | None = None,
 ) -> Deployment:
     """Ask for a deployment. Checks name, model, profile fit, price and quotas; the reconciler
     makes it real after the transaction commits. It belongs to `project` (an id; default: the
-    organization's default project) and, when `shared`, every project may call it."""
+    organization's default project) and, when `shared`, every project may call it. `fallbacks`
+    names other deployments of the organization to try, in order, when this one's upstream
+    fails before the first byte."""
     from accounts import projects
 
     organization = actor.organization
@@ -312,22 +317,107 @@ def deployment_create(
             code="name_taken",
         ) from None
     transitions.created(deployment, message=f"{actor.label} asked for {_describe(deployment)}.")
-    audit_record(
-        actor=actor,
-        action="deployment.create",
-        target=deployment,
-        changes={
-            "model": model,
-            "version": model_version.version,
-            "type": type,
-            "project": owner.name,
-            "shared": shared,
-            "hardware_profile": hardware_profile,
-            "min_replicas": deployment.min_replicas,
-            "max_replicas": deployment.max_replicas,
-        },
-    )
+    changes = {
+        "model": model,
+        "version": model_version.version,
+        "type": type,
+        "project": owner.name,
+        "shared": shared,
+        "hardware_profile": hardware_profile,
+        "min_replicas": deployment.min_replicas,
+        "max_replicas": deployment.max_replicas,
+    }
+    if fallbacks:
+        changes["fallbacks"] = _set_fallbacks(deployment, fallbacks)
+    audit_record(actor=actor, action="deployment.create", target=deployment, changes=changes)
     return deployment
+
+
+def fallback_names(deployment: Deployment) -> list[str]:
+    """The names of a deployment's fallback targets, in order."""
+    return list(
+        Fallback.objects.filter(deployment=deployment)
+        .order_by("position")
+        .values_list("target__name", flat=True)
+    )
+
+
+def _set_fallbacks(deployment: Deployment, names) -> list[str]:
+    """Replace a deployment's fallback targets with the organization's deployments `names`,
+    in order. A name is looked up in the deployment's own organization only, so another
+    organization's deployment is "unknown" exactly like a name nobody has (nothing leaks).
+    Refused: itself, twice the same, more than DEPLOYMENTS_MAX_FALLBACKS, a target being
+    deleted or failed, and a cycle (a target whose own fallbacks lead back here)."""
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValidationFailed("fallbacks must be a list of deployment names.", field="fallbacks")
+    limit = settings.DEPLOYMENTS_MAX_FALLBACKS
+    if len(names) > limit:
+        raise ValidationFailed(
+            f"A deployment may name at most {limit} fallbacks ({len(names)} given).",
+            field="fallbacks",
+        )
+    if len(set(names)) != len(names):
+        raise ValidationFailed("fallbacks names a deployment twice.", field="fallbacks")
+    targets = []
+    for name in names:
+        if name == deployment.name:
+            raise ValidationFailed(
+                f"{name} cannot be its own fallback.", field="fallbacks", code="fallback_cycle"
+            )
+        target = (
+            Deployment.objects.filter(organization_id=deployment.organization_id, name=name)
+            .exclude(status=Deployment.Status.DELETED)
+            .first()
+        )
+        if target is None:
+            raise ValidationFailed(
+                f"Your organization has no deployment named {name!r} (a fallback is another "
+                "of your deployments, or a partner model you enabled).",
+                field="fallbacks",
+                code="unknown_fallback",
+            )
+        if target.status in (
+            Deployment.Status.DELETING,
+            Deployment.Status.DELETED,
+            Deployment.Status.FAILED,
+        ):
+            raise ValidationFailed(
+                f"{name} is {target.status}: it cannot serve as a fallback.",
+                field="fallbacks",
+                code="fallback_not_enabled",
+            )
+        targets.append(target)
+    _check_no_cycle(deployment, targets)
+    Fallback.objects.filter(deployment=deployment).delete()
+    Fallback.objects.bulk_create(
+        Fallback(deployment=deployment, target=target, position=position)
+        for position, target in enumerate(targets)
+    )
+    return [target.name for target in targets]
+
+
+def _check_no_cycle(deployment: Deployment, targets: list[Deployment]) -> None:
+    """No target reaches `deployment` through fallbacks (walked breadth-first over the
+    organization's fallback rows, which are few)."""
+    edges: dict = {}
+    for source, target in Fallback.objects.filter(
+        deployment__organization_id=deployment.organization_id
+    ).values_list("deployment_id", "target_id"):
+        edges.setdefault(source, []).append(target)
+    edges[deployment.pk] = [target.pk for target in targets]
+    seen, frontier = set(), list(edges[deployment.pk])
+    while frontier:
+        current = frontier.pop()
+        if current == deployment.pk:
+            raise ValidationFailed(
+                f"These fallbacks make a cycle: one of them falls back (directly or not) to "
+                f"{deployment.name}.",
+                field="fallbacks",
+                code="fallback_cycle",
+            )
+        if current not in seen:
+            seen.add(current)
+            frontier.extend(edges.get(current, ()))
 
 
 def _partner_entry(*, actor: Actor, name: str, model_version, type: str, profile) -> Deployment:
@@ -399,6 +489,7 @@ def _describe(deployment: Deployment) -> str:
 
 
 UPDATABLE_FIELDS = {
+    "fallbacks",
     "routing_policy",
     "version",
     "hardware_profile",
@@ -426,6 +517,12 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
         raise NotFound("No such deployment in your organization.")
     if deployment.status in (Deployment.Status.DELETING, Deployment.Status.DELETED):
         raise Conflict("This deployment is being deleted; it cannot be changed.")
+    changes: dict = {}
+    if "fallbacks" in fields:  # any deployment, a partner entry or a serverless one included
+        before = fallback_names(deployment)
+        after = _set_fallbacks(deployment, fields.pop("fallbacks"))
+        if after != before:
+            changes["fallbacks"] = [before, after]
     if deployment.is_partner_entry and fields:
         raise ValidationFailed(
             f"{deployment.model_version.model.slug} is served by its provider: there is nothing "
@@ -439,7 +536,6 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
             field=sorted(fields)[0],
         )
 
-    changes: dict = {}
     rollout = False
     if "version" in fields and fields["version"] != deployment.model_version.version:
         new_version = _resolve_version(
@@ -473,6 +569,16 @@ def deployment_update(*, actor: Actor, deployment: Deployment, **fields) -> Depl
         ]
         deployment.scale_to_zero_after_seconds = fields["scale_to_zero_after_seconds"]
     if not changes:
+        return deployment
+    if set(changes) == {"fallbacks"}:  # the gateway reads them with the route: no new spec
+        before, after = changes["fallbacks"]
+        transitions.event_record(
+            deployment,
+            "FallbacksChanged",
+            f"{actor.label} set the fallbacks to {', '.join(after) or 'none'} "
+            f"(were {', '.join(before) or 'none'}).",
+        )
+        audit_record(actor=actor, action="deployment.update", target=deployment, changes=changes)
         return deployment
 
     # A rollout is checked whole (fit and price on the new version or profile); a scale only
@@ -668,6 +774,59 @@ def replica_unhealthy_report(*, deployment_id, endpoint: str, why: str) -> None:
 
             why = f"the gateway says the replica at {endpoint} {why}"[:500]
             transaction.on_commit(lambda: reconcile_deployment.delay(str(serving_id), why=why))
+
+
+def upstream_circuit_report(
+    *, deployment_id, upstream: str, source: str, state: str, failures: int, changed_at: datetime
+) -> None:
+    """A gateway process's circuit breaker for an upstream of this deployment changed state at
+    `changed_at` (gateway/circuit.py): kept, one row per deployment, upstream and gateway
+    process, for the deployment page. Reports run in the background and may land out of
+    order: an older one never replaces a newer. An opened circuit is also an event in the
+    deployment's history. A deployment gone meanwhile is ignored."""
+    if state not in UpstreamCircuit.State.values:
+        return
+    if not Deployment.objects.filter(pk=deployment_id).exists():
+        return
+    upstream, source = upstream[:255], source[:200]
+    with transaction.atomic():
+        row = (
+            UpstreamCircuit.objects.select_for_update()
+            .filter(deployment_id=deployment_id, upstream=upstream, source=source)
+            .first()
+        )
+        if row is not None and row.changed_at >= changed_at:
+            return
+        if row is None:
+            row = UpstreamCircuit(deployment_id=deployment_id, upstream=upstream, source=source)
+        row.state, row.failures, row.changed_at = state, failures, changed_at
+        try:
+            with transaction.atomic():
+                row.save()
+        except IntegrityError:  # another report of the same process made the row first
+            UpstreamCircuit.objects.filter(
+                deployment_id=deployment_id,
+                upstream=upstream,
+                source=source,
+                changed_at__lt=changed_at,
+            ).update(state=state, failures=failures, changed_at=changed_at)
+        if state == UpstreamCircuit.State.OPEN:
+            transitions.event_record(
+                str(deployment_id),
+                "CircuitOpened",
+                f"A gateway stopped sending requests to {_upstream_label(upstream)} after "
+                f"{failures} failures in a row; it tries again after a cool-down.",
+                warning=True,
+            )
+
+
+def _upstream_label(upstream: str) -> str:
+    """An upstream as its tenant may read it: endpoints and connection names are the
+    platform's business (see deployments.serializers.ReplicaSerializer)."""
+    if upstream.startswith("provider:"):
+        return "the model's provider"
+    name = Replica.objects.filter(endpoint=upstream).values_list("name", flat=True).first()
+    return f"replica {name}" if name else "a replica"
 
 
 def load_report(

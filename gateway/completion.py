@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 import redis
 
-from gateway import metrics, partner, prompt_work
+from gateway import fallback, metrics, partner, prompt_work
 from gateway.budget import NANOS, SpendPosition, TokenPrice
 from gateway.errors import (
     GatewayError,
@@ -136,6 +136,7 @@ class Completion(Exchange):
         "chat",
         "client_gone",
         "endpoint",
+        "fallback_from",
         "gateway",
         "last_messages",
         "outcome",
@@ -144,6 +145,7 @@ class Completion(Exchange):
         "prompt_exact",
         "request",
         "route",
+        "route_name",
         "upstream",
     )
 
@@ -154,6 +156,7 @@ class Completion(Exchange):
         self.caller: Caller | None = None
         self.request: CompletionRequest | None = None
         self.route = None
+        self.route_name = ""  # the deployment name the route was read for
         self.position: SpendPosition | None = None  # the organization's spend limit
         self.price: TokenPrice | None = None  # the price the spend hold is made at
         self.prompt_exact = False  # counted with the model's own tokenizer
@@ -163,6 +166,8 @@ class Completion(Exchange):
         self.endpoint: str | None = None  # the replica (or provider) that took the request
         self.upstream = partner.REPLICA  # or partner.PROVIDER: a partner model's
         self.client_gone = False
+        # The deployment the caller named, once a fallback target took over (gateway/fallback.py).
+        self.fallback_from = None
         # The answer's last messages, held back until the usage event is committed.
         self.last_messages: list[dict] = []
 
@@ -216,6 +221,7 @@ class Completion(Exchange):
         else:
             request = parse_request(raw, chat=self.chat)
         self.request = request
+        self.route_name = request.model
         self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
         if self.route is None or not self.caller.may_call(request.model, self.route):
             raise model_not_found(request.model)  # outside the key's allow-list reads the same
@@ -377,11 +383,7 @@ class Completion(Exchange):
         handler = asyncio.current_task()
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(handler))
         try:
-            if self.upstream is partner.PROVIDER:
-                response, failure = await self.connect_provider()
-            else:
-                await self.wait_for_replicas()
-                response, failure = await self.connect()
+            response, failure = await fallback.connect(self)
             await self.relay(response, failure)
         except asyncio.CancelledError:
             if not self.client_gone:
@@ -402,6 +404,58 @@ class Completion(Exchange):
                 self.client_gone = True
                 handler.cancel()
                 return
+
+    async def connect_upstream(self, *, may_fall_back: bool):
+        """Send the request to the route's upstream (`connect` or `connect_provider`). With a
+        fallback left, a deployment without a ready replica is not waited for (a scale from
+        zero is still asked for): the fallback serves now."""
+        if self.upstream is partner.PROVIDER:
+            return await self.connect_provider()
+        route = self.route
+        if may_fall_back and not route.replicas:
+            if route.can_scale_from_zero:
+                await self.gateway.routes.ask_for_replicas(route.deployment_id)
+            raise upstream_error(
+                503,
+                f"The deployment `{self.request.model}` has no ready replica.",
+                retry_after=RETRY_AFTER_NO_REPLICA,
+                code="no_ready_replica",
+            )
+        await self.wait_for_replicas()
+        return await self.connect()
+
+    async def switch_route(self, name: str, route) -> None:
+        """Serve the request from a fallback target from now on: its upstream, and its price
+        for the spend settlement (gateway/fallback.py)."""
+        if self.fallback_from is None:
+            self.fallback_from = self.route.deployment_id
+        self.route, self.route_name = route, name
+        self.upstream = partner.PROVIDER if route.partner_publisher is not None else partner.REPLICA
+        self.price = await self.gateway.spend.price(route.model_version_id)
+
+    def abandon(self, response, failure: GatewayError | None) -> None:
+        """Drop an attempt that failed before the first byte (a fallback takes over): it
+        delivered nothing, so it makes no usage event."""
+        if response is not None:
+            response.close()
+        route = self.route
+        self.gateway.routes.release(self.endpoint)
+        self.gateway.load.finished(route.deployment_id)
+        deployment_metrics = metrics.for_deployment(str(route.deployment_id))
+        deployment_metrics.in_flight.dec()
+        deployment_metrics.finished(failure.status if failure is not None else response.status)
+        self.outcome = None
+        self.endpoint = None
+
+    def _judged(self, upstream: str, response, failure: GatewayError | None) -> None:
+        """Tell the upstream's circuit breaker how the attempt went (gateway/circuit.py)."""
+        breakers, context = self.gateway.breakers, self.route.deployment_id
+        if failure is not None or response.status >= 500:
+            breakers.failure(upstream, context)
+        elif response.status == 429:
+            breakers.neither(upstream)
+        else:
+            breakers.success(upstream, context)
 
     async def wait_for_replicas(self) -> None:
         """Until the route has a ready replica, waiting for a scale-up if need be."""
@@ -445,7 +499,7 @@ class Completion(Exchange):
                 )
             await asyncio.sleep(min(0.5, max(0.0, deadline - now)))
             route = await self.gateway.routes.route(
-                self.caller.organization_id, request.model, fresh=True
+                self.caller.organization_id, self.route_name, fresh=True
             )
             if route is None:
                 raise model_not_found(request.model)
@@ -463,10 +517,15 @@ class Completion(Exchange):
         path = self.upstream_path()
         body = request.upstream_body(route.served_model_name)
         headers = {"content-type": "application/json", "x-request-id": self.request_id}
-        tried: set[str] = set()
+        breakers = gateway.breakers
+        # Replicas whose circuit is open are not even connected to.
+        tried: set[str] = {e for _, e in route.replicas if not breakers.available(e)}
+        skipped = len(tried)
         refused = None
         while (endpoint := gateway.routes.pick(route, tried, request.prefix_keys)) is not None:
             tried.add(endpoint)
+            if not breakers.begin(endpoint, route.deployment_id):
+                continue
             gateway.routes.acquire(endpoint)
             try:
                 async with asyncio.timeout(config.first_byte_timeout):
@@ -476,6 +535,7 @@ class Completion(Exchange):
                 failure = None
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 gateway.routes.release(endpoint)
+                breakers.failure(endpoint, route.deployment_id)
                 if gateway.routes.refused(endpoint):
                     logger.warning("replica %s refused the connection: %s", endpoint, error)
                 gateway.routes.unhealthy(
@@ -507,12 +567,22 @@ class Completion(Exchange):
                 )
             except BaseException:
                 gateway.routes.release(endpoint)
+                breakers.neither(endpoint)
                 raise
+            self._judged(endpoint, response, failure)
             self.outcome = Outcome()
             self.endpoint = endpoint
             self.gateway.load.started(route.deployment_id)
             metrics.for_deployment(str(route.deployment_id)).in_flight.inc()
             return response, failure
+        if skipped and not refused:
+            raise upstream_error(
+                503,
+                f"Every replica of `{request.model}` failed repeatedly; the gateway tries them "
+                "again shortly. Retry shortly.",
+                retry_after=RETRY_AFTER_NO_REPLICA,
+                code="replica_unreachable",
+            )
         raise upstream_error(
             502 if refused else 503,
             f"No replica of `{request.model}` accepted the connection "
@@ -528,6 +598,15 @@ class Completion(Exchange):
         body = partner.request_body(request, provider)
         url = partner.chat_url(provider, chat=request.chat)
         endpoint = provider.base_url
+        circuit = f"provider:{provider.connection_name}"
+        if not gateway.breakers.begin(circuit, self.route.deployment_id):
+            raise upstream_error(
+                503,
+                f"The model's provider ({self.route.partner_publisher}) failed repeatedly; the "
+                "gateway tries it again shortly. Retry shortly.",
+                retry_after=RETRY_AFTER_NO_REPLICA,
+                code="provider_circuit_open",
+            )
         gateway.routes.acquire(endpoint)
         try:
             async with asyncio.timeout(provider.timeout_seconds):
@@ -537,6 +616,7 @@ class Completion(Exchange):
             failure = None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             gateway.routes.release(endpoint)
+            gateway.breakers.failure(circuit, self.route.deployment_id)
             logger.warning(
                 "provider connection %s refused the connection: %s",
                 provider.connection_name,
@@ -571,7 +651,9 @@ class Completion(Exchange):
             )
         except BaseException:
             gateway.routes.release(endpoint)
+            gateway.breakers.neither(circuit)
             raise
+        self._judged(circuit, response, failure)
         self.outcome = Outcome()
         self.endpoint = endpoint
         gateway.load.started(self.route.deployment_id)
@@ -871,6 +953,7 @@ class Completion(Exchange):
             "provider_connection_id": (
                 route.provider.connection_id if self.upstream is partner.PROVIDER else None
             ),
+            "fallback_from_deployment_id": self.fallback_from,
             "started_at": now - timedelta(seconds=latency),
             "finished_at": now,
         }

@@ -37,6 +37,8 @@ class GatewaySettings:
     prompt_queue_per_organization: int
     max_choices: int
     tag_values_per_organization: int
+    circuit_failures: int
+    circuit_cooldown: float
 
     @classmethod
     def from_django(cls, **overrides) -> GatewaySettings:
@@ -65,6 +67,8 @@ class GatewaySettings:
             "prompt_queue_per_organization": settings.GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION,
             "max_choices": settings.GATEWAY_MAX_CHOICES,
             "tag_values_per_organization": settings.GATEWAY_TAG_VALUES_PER_ORGANIZATION,
+            "circuit_failures": settings.GATEWAY_CIRCUIT_FAILURES,
+            "circuit_cooldown": settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS,
         }
         values.update(overrides)
         return cls(**values)

@@ -43,6 +43,23 @@ REFUSED = Counter(
     ["status"],
 )
 
+CIRCUIT_STATE = Gauge(
+    "sirocco_gateway_circuit_state",
+    "Circuit breaker of an upstream in this gateway process: 0 closed, 1 half-open (a probe "
+    "allowed), 2 open (no request sent)",
+    ["upstream"],
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "sirocco_gateway_circuit_transitions_total",
+    "Circuit breaker state changes of an upstream in this gateway process, by new state",
+    ["upstream", "state"],
+)
+FALLBACKS = Counter(
+    "sirocco_gateway_fallbacks_total",
+    "Requests passed on to a deployment's next fallback target, by why the previous failed",
+    ["deployment", "reason"],
+)
+
 
 class DeploymentMetrics:
     """The labelled children of one deployment, looked up once (labels() is not free)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 import aiohttp
 
@@ -13,6 +14,7 @@ from gateway import revocation, sources
 from gateway.attribution import TagRegistry
 from gateway.auth import KeyCache, touch_keys, touch_keys_forever
 from gateway.budget import SpendLimits
+from gateway.circuit import Breakers
 from gateway.conf import GatewaySettings
 from gateway.dbthreads import DbThreads
 from gateway.fairpool import FairPool, prompt_executor
@@ -78,6 +80,12 @@ class Gateway:
             synchronous_commit=config.usage_synchronous_commit,
         )
         self.load = LoadTracker()
+        self.breakers = Breakers(
+            failures=config.circuit_failures,
+            cooldown=config.circuit_cooldown,
+            on_change=self._circuit_changed,
+        )
+        self._circuit_reports: set[asyncio.Task] = set()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
@@ -105,6 +113,31 @@ class Gateway:
                 )
             )
         revocation.register(self.keys)
+
+    def _circuit_changed(self, upstream: str, deployment_id, state: str, failures: int) -> None:
+        """Report a circuit breaker's new state to the control plane, in the background (the
+        deployment page shows it; /metrics has it already)."""
+        logger.warning("circuit of %s is %s after %d failures", upstream, state, failures)
+        if deployment_id is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._report_circuit(
+                deployment_id=deployment_id,
+                upstream=upstream,
+                source=self.load.source,
+                state=state,
+                failures=failures,
+                changed_at=datetime.now(UTC),
+            )
+        )
+        self._circuit_reports.add(task)
+        task.add_done_callback(self._circuit_reports.discard)
+
+    async def _report_circuit(self, **report) -> None:
+        try:
+            await self.db.call(sources.report_circuit, **report)
+        except Exception:  # the breaker works without it: only the page lags
+            logger.warning("reporting a circuit state failed: %s", report, exc_info=True)
 
     async def close(self) -> None:
         revocation.unregister(self.keys)

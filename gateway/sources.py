@@ -15,6 +15,7 @@ from deployments.selectors import callable_models, route_for
 from deployments.services import deployment_request_scale_up as request_scale_up
 from deployments.services import load_report
 from deployments.services import replica_unhealthy_report as report_unhealthy
+from deployments.services import upstream_circuit_report as report_circuit
 from gateway.tokenizer_files import TOKENIZER_FILES, TokenizerSource
 from metering.tags import usage_tags_register
 
@@ -23,6 +24,7 @@ __all__ = [
     "load_report",
     "organization_spend_position",
     "project_spend_position",
+    "report_circuit",
     "report_unhealthy",
     "request_scale_up",
     "route_for",

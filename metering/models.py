@@ -87,6 +87,11 @@ class UsageEvent(models.Model):
     # the deployment's: the connection may be deleted, its cost recorded on the ledger stays);
     # None for our own replicas. Billing records the provider's cost per connection from it.
     provider_connection_id = models.BigIntegerField(null=True, blank=True)
+    # When a fallback target served the request (gateway/fallback.py): the deployment the caller
+    # named, whose upstream failed before the first byte. `deployment_id`, `model_version_id`,
+    # `deployment_type` and `provider_connection_id` are then the target's, so the request is
+    # rated at the target's price. None when the named deployment served it.
+    fallback_from_deployment_id = models.UUIDField(null=True, blank=True)
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()
     ingested_at = models.DateTimeField(null=True, blank=True)

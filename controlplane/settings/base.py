@@ -210,6 +210,11 @@ GATEWAY_INLINE_PROMPT_BYTES = env.int("GATEWAY_INLINE_PROMPT_BYTES", default=819
 # The most choices (`n`) one request may ask for: each reserves max_tokens against the limits
 # and the spend limit, and each is generated (and billed); above it, 400 naming `n`.
 GATEWAY_MAX_CHOICES = env.int("GATEWAY_MAX_CHOICES", default=16)
+# Circuit breakers per upstream (gateway/circuit.py): open after this many consecutive
+# failures (refused connect, no first byte in time, 5xx); a probe is let through after the
+# cool-down.
+GATEWAY_CIRCUIT_FAILURES = env.int("GATEWAY_CIRCUIT_FAILURES", default=5)
+GATEWAY_CIRCUIT_COOLDOWN_SECONDS = env.float("GATEWAY_CIRCUIT_COOLDOWN_SECONDS", default=10.0)
 GATEWAY_PROMPT_WORKERS = env.int("GATEWAY_PROMPT_WORKERS", default=2)
 GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION = env.int("GATEWAY_PROMPT_QUEUE_PER_ORGANIZATION", default=8)
 # Distinct `metadata` key=value pairs an organization's requests may use in all (a request
@@ -291,6 +296,9 @@ SIROCCO_K8S_ARTIFACT_EGRESS_PORTS = env.list(
     "SIROCCO_K8S_ARTIFACT_EGRESS_PORTS", cast=int, default=[443]
 )
 DEPLOYMENTS_MAX_REPLICAS = env.int("DEPLOYMENTS_MAX_REPLICAS", default=16)
+# The most fallback targets one deployment may name (each is tried in turn before the first
+# byte; a long list only adds latency to a request that fails anyway).
+DEPLOYMENTS_MAX_FALLBACKS = env.int("DEPLOYMENTS_MAX_FALLBACKS", default=3)
 # Autoscaler: time constant of the in-flight moving average (the beat schedule sets how often
 # it ticks: DEPLOYMENTS_AUTOSCALE_SECONDS, and the drift sweep: DEPLOYMENTS_SWEEP_SECONDS).
 DEPLOYMENTS_LOAD_AVERAGE_SECONDS = env.float("DEPLOYMENTS_LOAD_AVERAGE_SECONDS", default=30.0)
