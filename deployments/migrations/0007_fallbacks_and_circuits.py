@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('deployments', '0005_deployment_routing_policy'),
+        ('deployments', '0006_deployment_project'),
     ]
 
     operations = [

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('metering', '0003_usage_provider_connection'),
+        ('metering', '0004_usage_attribution'),
     ]
 
     operations = [
