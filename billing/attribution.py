@@ -78,7 +78,12 @@ def ledger_groups(
     groups: dict = defaultdict(Group)
     for row in (
         records.annotate(group=expression)
-        .values("group", "input_price_per_million", "output_price_per_million")
+        .values(
+            "group",
+            "input_price_per_million",
+            "output_price_per_million",
+            "cached_input_price_per_million",
+        )
         .annotate(
             requests=Count("pk"),
             input_tokens=Sum("input_tokens"),
@@ -97,6 +102,8 @@ def ledger_groups(
             output_tokens=row["output_tokens"],
             input_per_million=row["input_price_per_million"],
             output_per_million=row["output_price_per_million"],
+            cached_tokens=row["cached_tokens"],
+            cached_input_per_million=row["cached_input_price_per_million"],
         )
     # Dedicated time belongs to its deployment's project; it has no user or tag.
     fields = ["project_id", "price_per_hour"] if dimension == "project" else ["price_per_hour"]

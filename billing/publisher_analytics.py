@@ -81,11 +81,13 @@ def publisher_analytics(*, publisher: Publisher, start: date, end: date) -> Publ
             "currency",
             "input_price_per_million",
             "output_price_per_million",
+            "cached_input_price_per_million",
         )
         .annotate(
             requests=Sum("requests"),
             input_tokens=Sum("input_tokens"),
             output_tokens=Sum("output_tokens"),
+            cached_tokens=Sum("cached_tokens"),
         )
         .order_by()
     )
@@ -122,6 +124,8 @@ def publisher_analytics(*, publisher: Publisher, start: date, end: date) -> Publ
                 output_tokens=row["output_tokens"],
                 input_per_million=row["input_price_per_million"],
                 output_per_million=row["output_price_per_million"],
+                cached_tokens=row["cached_tokens"],
+                cached_input_per_million=row["cached_input_price_per_million"],
             )
         figures = UsageFigures(
             requests=row["requests"],
