@@ -107,7 +107,8 @@ def serving_replicas(deployment: Deployment) -> list[Replica]:
 def route_for(*, organization_id: int, model: str) -> Route | None:
     """The route for `model` as the organization calls it, or None (the gateway says 404).
 
-    Two queries: the deployment (with its version and pool) and the ready replicas. The gateway
+    Four queries: the deployment (with its version and pool), its fallback targets, the ready
+    replicas and the terms in force. The gateway
     caches the answer for a few seconds.
     """
     deployment = (
