@@ -3,10 +3,12 @@ allow-lists (a model outside one is a 404 exactly like an unknown one), a projec
 budget while its organization is not, a project's own rate limits, and cost attribution
 (`user` and `metadata` stored on the usage event; past a bound, a 400)."""
 
+import asyncio
 from decimal import Decimal
 
 import httpx
 import pytest
+from django.db import connection
 
 from accounts.actors import Actor
 from accounts.models import APIKey
@@ -174,3 +176,37 @@ def test_embeddings_honour_the_allow_list(setup):
         "nonexistent", "other"
     )
     assert not UsageEvent.objects.exists()
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="the SQLite test database is shared-cache memory, where a racing lock fails at once",
+)
+def test_tag_cardinality_holds_when_50_new_values_race(setup, gateway):
+    """50 concurrent requests, each with a new value, against a bound of 5: exactly 5 pass
+    (the organization's row is locked while pairs are counted), the rest are a clear 400,
+    never a 500, and the registry holds 5 pairs."""
+    gateway.reset(tag_values_per_organization=5)
+    _search, client_for = setup
+    headers = dict(client_for().headers)
+
+    async def race():
+        async with httpx.AsyncClient(base_url=gateway.v1, headers=headers, timeout=60) as http:
+            return await asyncio.gather(
+                *(
+                    http.post(
+                        "/chat/completions",
+                        json={"model": "chat", "messages": CHAT, "metadata": {"run": f"r{i}"}},
+                    )
+                    for i in range(50)
+                )
+            )
+
+    responses = asyncio.run(race())
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] * 5 + [400] * 45, statuses
+    for response in responses:
+        if response.status_code == 400:
+            assert response.json()["error"]["code"] == "metadata_cardinality_exceeded"
+    assert UsageTag.objects.count() == 5
+    assert UsageEvent.objects.count() == 5
