@@ -222,6 +222,20 @@ class ScaleForm(forms.Form):
     max_replicas = forms.IntegerField(min_value=1, label="Maximum replicas")
 
 
+class FallbacksForm(forms.Form):
+    fallbacks = forms.CharField(
+        label="Fallbacks, in order",
+        required=False,
+        max_length=500,
+        help_text="Names of your other deployments (or partner models you enabled), separated "
+        "by commas; tried in order when this one fails before answering. Empty for none.",
+    )
+
+    def names(self) -> list[str]:
+        raw = self.cleaned_data["fallbacks"].replace(",", " ")
+        return raw.split()
+
+
 class SingleSignOnForm(PageForm):
     """An organization's single sign-on settings. The client secret field is never filled in
     from the stored one (PasswordInput does not render a value)."""

@@ -70,6 +70,11 @@ urlpatterns = [
         name="deployment-scale",
     ),
     path(
+        "deployments/<uuid:deployment_id>/fallbacks",
+        deployments.DeploymentFallbacksView.as_view(),
+        name="deployment-fallbacks",
+    ),
+    path(
         "deployments/<uuid:deployment_id>/delete",
         deployments.DeploymentDeleteView.as_view(),
         name="deployment-delete",

@@ -9,13 +9,14 @@ from django.utils import timezone
 from accounts.roles import Permission
 from catalog import selectors as catalog_selectors
 from console import estimates
-from console.forms import DeployForm, ScaleForm
+from console.forms import DeployForm, FallbacksForm, ScaleForm
 from console.views.base import ConsoleView, apply_domain_error
 from console.views.catalog import hardware_options, token_price
 from controlplane.errors import DomainError
 from deployments import selectors, services
 from deployments.filters import DeploymentFilter
 from deployments.models import Deployment
+from deployments.serializers import circuit_label
 
 # While a deployment moves, its page asks for news every 2 s; once it settles, every 15 s.
 TRANSITIONAL = {
@@ -108,11 +109,20 @@ class DeploymentDetailView(DeploymentMixin, ConsoleView):
     def get(self, request, deployment_id):
         return self.show(self.get_deployment(deployment_id))
 
-    def show(self, deployment, *, scale_form=None, status=200):
+    def show(self, deployment, *, scale_form=None, fallbacks_form=None, status=200):
         events = list(selectors.deployment_events(deployment=deployment)[:EVENTS_SHOWN])
+        replicas = selectors.serving_replicas(deployment)
+        fallbacks = list(deployment.fallbacks.all())
+        names = {replica.endpoint: replica.name for replica in replicas}
         context = {
+            "fallbacks": fallbacks,
+            "circuits": [
+                (circuit_label(circuit, names), circuit) for circuit in deployment.circuits.all()
+            ],
+            "fallbacks_form": fallbacks_form
+            or FallbacksForm(initial={"fallbacks": ", ".join(f.target.name for f in fallbacks)}),
             "deployment": deployment,
-            "replicas": selectors.serving_replicas(deployment),
+            "replicas": replicas,
             "events": events,
             "poll": poll_interval([deployment]),
             "base_url": gateway_base_url(),
@@ -150,6 +160,27 @@ class DeploymentScaleView(DeploymentDetailView):
                 messages.success(request, f"Scaling {deployment.name}.")
                 return redirect("console:deployment", deployment_id=deployment.pk)
         return self.show(deployment, scale_form=form, status=400)
+
+
+class DeploymentFallbacksView(DeploymentDetailView):
+    """Set a deployment's fallbacks (deployments.services.deployment_update, as PATCH does)."""
+
+    required_permissions = {"POST": Permission.DEPLOYMENTS_WRITE}
+
+    def post(self, request, deployment_id):
+        deployment = self.get_deployment(deployment_id)
+        form = FallbacksForm(request.POST)
+        if form.is_valid():
+            try:
+                services.deployment_update(
+                    actor=request.actor, deployment=deployment, fallbacks=form.names()
+                )
+            except DomainError as error:
+                apply_domain_error(form, error)
+            else:
+                messages.success(request, f"Fallbacks of {deployment.name} saved.")
+                return redirect("console:deployment", deployment_id=deployment.pk)
+        return self.show(deployment, fallbacks_form=form, status=400)
 
 
 class DeploymentDeleteView(DeploymentMixin, ConsoleView):
