@@ -148,3 +148,45 @@ def test_a_cached_price_is_set_over_rest_and_never_over_the_input_price(version)
     listed = operator.get(url).json()
     prices = listed["results"] if isinstance(listed, dict) else listed
     assert {p["cached_input_per_million"] for p in prices} == {"0.100000"}
+
+
+def test_under_a_private_offer_cached_tokens_never_cost_more_than_its_input_price(
+    organization, version, operator_actor
+):
+    # List: $1 in, $0.40 cached; an offer at 90 % off makes input $0.10, so cached tokens cost
+    # $0.10 too (the list's cached price is over it), never more than uncached ones.
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from catalog.offers import private_offer_create
+
+    start = timezone.now() + timedelta(seconds=1)
+    TokenPriceFactory(
+        model_version=version,
+        input_per_million=Decimal("1.000000"),
+        cached_input_per_million=Decimal("0.400000"),
+        output_per_million=Decimal("2.000000"),
+        effective_from=start - timedelta(days=1),
+    )
+    private_offer_create(
+        actor=operator_actor,
+        organization=organization,
+        version=version,
+        discount_percent=Decimal("90"),
+        starts_at=start,
+        expires_at=start + timedelta(days=30),
+    )
+    event = UsageEventFactory(
+        organization=organization,
+        model_version_id=version.pk,
+        finished_at=start + timedelta(minutes=1),
+        prompt_tokens=1_000_000,
+        completion_tokens=0,
+        cached_tokens=500_000,
+    )
+    usage_events_ingest(now=start + timedelta(minutes=2))
+    record = UsageRecord.objects.get(request_id=event.request_id)
+    assert record.input_price_per_million == Decimal("0.1")
+    assert record.cached_input_price_per_million == Decimal("0.1")
+    assert record.amount == Decimal("0.1")
