@@ -95,17 +95,6 @@ def terms_accepted(*, organization_id: int, version_id: int, at: datetime | None
     return TermsAcceptance.objects.filter(terms=terms, organization_id=organization_id).exists()
 
 
-def terms_accepted_or_pending(*, organization_id: int, version_id: int) -> str | None:
-    """None when the organization may use the version (no terms, or those in force accepted);
-    else the version of the terms in force it must accept first."""
-    terms = terms_in_force(version_id=version_id)
-    if terms is None:
-        return None
-    if TermsAcceptance.objects.filter(terms=terms, organization_id=organization_id).exists():
-        return None
-    return terms.version
-
-
 @transaction.atomic
 def terms_accept(*, actor: Actor, version: ModelVersion, terms_version: str) -> TermsAcceptance:
     """Record that the actor's organization accepts the terms in force for `version`. The

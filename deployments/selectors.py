@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from uuid import UUID
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Exists, OuterRef, Prefetch, QuerySet, Subquery
+from django.db.models.functions import Now
 
 from accounts.models import Organization
 from deployments.models import (
@@ -107,14 +108,15 @@ def serving_replicas(deployment: Deployment) -> list[Replica]:
 def route_for(*, organization_id: int, model: str) -> Route | None:
     """The route for `model` as the organization calls it, or None (the gateway says 404).
 
-    Four queries: the deployment (with its version and pool), its fallback targets, the ready
-    replicas and the terms in force. The gateway
-    caches the answer for a few seconds.
+    Three queries: the deployment (with its version, pool and whether the organization
+    accepted the version's terms in force), its fallback targets and the ready replicas. The
+    gateway caches the answer for a few seconds.
     """
     deployment = (
         Deployment.objects.filter(
             organization_id=organization_id, name=model, status__in=CALLABLE_STATUSES
         )
+        .annotate(**_terms_annotations())
         .select_related("model_version__model", "pool")
         .only(
             "id",
@@ -187,7 +189,7 @@ def route_for(*, organization_id: int, model: str) -> Route | None:
 
 def _partner_route(deployment: Deployment, fallbacks: tuple[str, ...]) -> Route:
     """A partner model's entry: no replicas; its provider (credential decrypted for the
-    gateway) and whether the organization accepted the terms in force. Three queries."""
+    gateway) and whether the organization accepted the terms in force (route_for's query)."""
     from catalog.providers import partner_target
 
     version = deployment.model_version
@@ -219,14 +221,36 @@ def fallback_targets(*, deployment_id) -> tuple[str, ...]:
     )
 
 
+def _terms_annotations() -> dict:
+    """For route_for's query: the version of the terms in force for the deployment's model
+    version (catalog.terms.terms_in_force's rule), and whether its organization accepted them."""
+    from catalog.models import TermsAcceptance, TermsOfUse
+
+    def in_force(version_ref):
+        return TermsOfUse.objects.filter(
+            model_version_id=version_ref, effective_from__lte=Now()
+        ).order_by("-effective_from", "-id")
+
+    return {
+        "terms_version": Subquery(in_force(OuterRef("model_version_id")).values("version")[:1]),
+        "terms_accepted": Exists(
+            TermsAcceptance.objects.filter(
+                organization_id=OuterRef("organization_id"),
+                # Nested one level deeper: the deployment's version is two queries out.
+                terms_id=Subquery(
+                    in_force(OuterRef(OuterRef("model_version_id"))).values("pk")[:1]
+                ),
+            )
+        ),
+    }
+
+
 def _terms_pending(deployment: Deployment) -> str | None:
     """The version of the terms in force the organization has yet to accept (None: accepted,
-    or the model has none). One query without terms, two with."""
-    from catalog.terms import terms_accepted_or_pending
-
-    return terms_accepted_or_pending(
-        organization_id=deployment.organization_id, version_id=deployment.model_version_id
-    )
+    or the model has none), from route_for's annotations."""
+    if deployment.terms_version is None or deployment.terms_accepted:
+        return None
+    return deployment.terms_version
 
 
 def _terms_accept_path(version) -> str:

@@ -25,9 +25,9 @@ def test_route_for_a_dedicated_deployment_lists_its_ready_replicas(
     ReplicaFactory(deployment=deployment, name="chat-b", endpoint="http://10.0.0.2:8000")
     ReplicaFactory(deployment=deployment, name="chat-a", endpoint="http://10.0.0.1:8000")
     ReplicaFactory(deployment=deployment, name="chat-c", ready=False, phase="loading_weights")
-    # The deployment with its version, its fallback targets, its ready replicas, and the terms
-    # in force (none here).
-    with django_assert_num_queries(4):
+    # The deployment with its version and terms (none here), its fallback targets and its ready
+    # replicas.
+    with django_assert_num_queries(3):
         route = route_for(organization_id=organization.pk, model="chat")
     assert route.terms_pending is None
     assert route.deployment_id == deployment.pk
