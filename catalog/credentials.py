@@ -1,10 +1,7 @@
-"""Provider credentials at rest: Fernet (AES-128-CBC + HMAC-SHA256, from `cryptography`) with
-keys from the environment, never home-made crypto.
-
-`PROVIDER_CREDENTIAL_KEYS` lists the keys, newest first: the first encrypts, every one
-decrypts (`MultiFernet`), so rotation is: put a new key first, run
-`manage.py provider_credentials_rotate` (re-encrypts every stored credential with the first
-key), then drop the old key. The database alone (a dump, a backup) reveals no credential.
+"""Provider credentials at rest: the platform's one encryption scheme and key list
+(controlplane/secrets_at_rest.py: Fernet, keys from PROVIDER_CREDENTIAL_KEYS, rotated with
+`manage.py rotate_encrypted_secrets`); this module only wraps a decrypted credential as a
+`Secret` for the gateway.
 
 A decrypted credential travels as a `Secret`, whose repr and str hide it, so a log line or
 an error report that formats the object it sits in shows `Secret('***')`.
@@ -12,10 +9,8 @@ an error report that formats the object it sits in shows `Secret('***')`.
 
 from __future__ import annotations
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from django.conf import settings
-
-from controlplane.errors import ValidationFailed
+from controlplane.secrets_at_rest import EncryptionKeysMissing, SecretUnreadable, encrypt
+from controlplane.secrets_at_rest import decrypt as decrypt_text
 
 
 class Secret:
@@ -41,40 +36,10 @@ class Secret:
         return hash(self._value)
 
 
-class CredentialKeysMissing(ValidationFailed):
-    pass
-
-
-def _fernet() -> MultiFernet:
-    keys = [key.strip() for key in settings.PROVIDER_CREDENTIAL_KEYS if key.strip()]
-    if not keys:
-        raise CredentialKeysMissing(
-            "The platform has no key to encrypt provider credentials with: set "
-            "PROVIDER_CREDENTIAL_KEYS (docs/security.md) and restart.",
-            field="credential",
-        )
-    try:
-        return MultiFernet([Fernet(key) for key in keys])
-    except ValueError as error:
-        raise CredentialKeysMissing(
-            f"PROVIDER_CREDENTIAL_KEYS holds a key that is not a Fernet key ({error}).",
-            field="credential",
-        ) from None
-
-
-def encrypt(plaintext: str) -> str:
-    return _fernet().encrypt(plaintext.encode()).decode("ascii")
-
-
 def decrypt(token: str) -> Secret:
-    """The credential; raises InvalidToken when no configured key decrypts it (a key was
-    dropped before rotation finished)."""
-    return Secret(_fernet().decrypt(token.encode("ascii")).decode())
+    """The credential; raises SecretUnreadable when no configured key decrypts it (a key was
+    dropped before rotation finished), EncryptionKeysMissing when none is configured."""
+    return Secret(decrypt_text(token))
 
 
-def rotate(token: str) -> str:
-    """The same credential encrypted with the first key (MultiFernet.rotate)."""
-    return _fernet().rotate(token.encode("ascii")).decode("ascii")
-
-
-__all__ = ["CredentialKeysMissing", "InvalidToken", "Secret", "decrypt", "encrypt", "rotate"]
+__all__ = ["EncryptionKeysMissing", "Secret", "SecretUnreadable", "decrypt", "encrypt"]

@@ -290,21 +290,6 @@ def provider_cost_set(
     return cost
 
 
-@transaction.atomic
-def provider_credentials_rotate() -> int:
-    """Re-encrypt every stored credential with the first key of PROVIDER_CREDENTIAL_KEYS;
-    returns how many. Safe to run twice (a token already under the first key is re-encrypted
-    under it again)."""
-    rotated = 0
-    for connection in ProviderConnection.objects.select_for_update().exclude(
-        credential_encrypted=""
-    ):
-        connection.credential_encrypted = credentials.rotate(connection.credential_encrypted)
-        connection.save(update_fields=["credential_encrypted", "updated_at"])
-        rotated += 1
-    return rotated
-
-
 # --- reads ------------------------------------------------------------------------------------
 
 
@@ -336,10 +321,10 @@ def partner_target(*, version_id: int) -> PartnerTarget | None:
     connection = mapping.connection
     try:
         credential = credentials.decrypt(connection.credential_encrypted)
-    except (credentials.InvalidToken, credentials.CredentialKeysMissing):
+    except (credentials.SecretUnreadable, credentials.EncryptionKeysMissing):
         logger.error(
             "the credential of provider connection %s cannot be decrypted with "
-            "PROVIDER_CREDENTIAL_KEYS (a key dropped before provider_credentials_rotate ran?)",
+            "PROVIDER_CREDENTIAL_KEYS (a key dropped before rotate_encrypted_secrets ran?)",
             connection.name,
         )
         return None

@@ -11,8 +11,8 @@ reveals no secret. Without keys nothing can be stored encrypted: the write is re
 message that says what to set.
 
 Callers store the token text (`encrypt`) and read the plain text back only where it is used
-(`decrypt`); nothing returns it through an API. (catalog/credentials.py is the catalog's own
-wrapper of the same scheme and keys.)
+(`decrypt`); nothing returns it through an API. (catalog/credentials.py wraps a decrypted
+provider credential as a `Secret` whose repr hides it.)
 """
 
 from functools import cache

@@ -226,7 +226,7 @@ def test_rotation_re_encrypts_with_the_first_key(seeded, operator, settings):
     old, other = settings.PROVIDER_CREDENTIAL_KEYS
     new_first = [other, old]
     with override_settings(PROVIDER_CREDENTIAL_KEYS=new_first):
-        call_command("provider_credentials_rotate")
+        call_command("rotate_encrypted_secrets")
         after = ProviderConnection.objects.get().credential_encrypted
         assert after != before
     # Only the new first key now: still decrypts.
