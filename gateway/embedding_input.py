@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.errors import bad_request
-from gateway.protocol import MAX_NESTING, upstream_tail
+from gateway.protocol import read_payload, upstream_tail
 from gateway.tokens import ModelTokenizer, estimate_text
 
 # OpenAI's limit on inputs in one request (the builtin runtime's too).
@@ -71,27 +71,7 @@ def _count_one(item, tokenizer: ModelTokenizer | None) -> int:
 
 
 def parse_embedding_request(raw: bytes) -> EmbeddingRequest:
-    if not raw:
-        raise bad_request("The request body is empty. Send a JSON object with `model` and `input`.")
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise bad_request(
-            f"We could not parse the JSON body of your request ({error}). Send valid JSON "
-            f"with Content-Type: application/json, nested at most {MAX_NESTING} levels deep.",
-            code="invalid_json",
-        ) from None
-    if not isinstance(payload, dict):
-        raise bad_request("The request body must be a JSON object.")
-    model = payload.get("model")
-    if model is None:
-        raise bad_request("You must provide a model parameter.", param="model")
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request(
-            "`model` must be a non-empty string: the name of one of your deployments "
-            "(GET /v1/models lists them).",
-            param="model",
-        )
+    payload, model = read_payload(raw, wants="`input`")
     _check_input(payload.get("input"))
     encoding_format = payload.get("encoding_format")
     if encoding_format is not None and encoding_format not in ENCODING_FORMATS:

@@ -97,11 +97,12 @@ def upstream_tail(payload: dict, *, stream: bool) -> bytes:
     return encoded[len(_MODEL_FIRST) :]
 
 
-def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
+def read_payload(raw: bytes, *, wants: str) -> tuple[dict, str]:
+    """The JSON object a /v1 request body holds and the `model` it names; 400s in OpenAI's
+    words otherwise. `wants` names the other field the endpoint needs (`messages`, `input`)."""
     if not raw:
         raise bad_request(
-            "The request body is empty. Send a JSON object with `model` and "
-            + ("`messages`." if chat else "`prompt`.")
+            f"The request body is empty. Send a JSON object with `model` and {wants}."
         )
     try:
         payload = orjson.loads(raw)
@@ -122,6 +123,11 @@ def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
             "(GET /v1/models lists them).",
             param="model",
         )
+    return payload, model
+
+
+def parse_request(raw: bytes, *, chat: bool) -> CompletionRequest:
+    payload, model = read_payload(raw, wants="`messages`" if chat else "`prompt`")
     if chat:
         _check_messages(payload.get("messages"))
         try:
