@@ -56,88 +56,89 @@ def tiny_version_name(seed: int) -> str:
 def ensure_tiny_moe(*, seed: int = 0, store: ArtifactStore | None = None, progress=None):
     """Build, import and publish `mixtral-tiny` unless it is there already. Idempotent: a
     published version whose files are all in the store is left alone (no rebuild)."""
-    store = store or get_store()
-    seeds.ensure_runtimes_and_profiles()
-    existing = ModelVersion.objects.filter(
-        model__slug=TINY_SLUG,
-        version=tiny_version_name(seed),
-        status=ModelVersion.Status.PUBLISHED,
-    ).first()
-    if existing is not None and _stored_whole(existing, store):
-        version = existing
-    else:
-        with tempfile.TemporaryDirectory(prefix="sirocco-tiny-moe-") as folder:
-            build = _builder("tiny_moe", "build_tiny_moe")
-            build(Path(folder), seed=seed)
-            checkpoint = inspect_checkpoint(Path(folder))
-            facts = {
-                "display_name": "Mixtral tiny (CPU demo)",
-                "publisher": "Sirocco",
-                "family": "Mixtral",
-                "description": TINY_DESCRIPTION,
-                "tasks": [Model.Task.CHAT, Model.Task.COMPLETION],
-                "languages": ["en"],
-                "license": "Apache-2.0",
-                "context_length": checkpoint.context_length,
-                "architecture": Model.Architecture.MOE,
-                "num_experts": checkpoint.num_experts,
-                "experts_per_token": checkpoint.experts_per_token,
-                "total_parameters": checkpoint.total_parameters,
-                "active_parameters": checkpoint.active_parameters,
-                "tags": ["moe", "tiny", "cpu", "demo"],
-            }
-            version = _import(
-                checkpoint, TINY_SLUG, facts, seed=seed, store=store, progress=progress
-            )
-    cpu = HardwareProfile.objects.get(name=seeds.CPU_PROFILE)
-    seeds.ensure_prices(
-        version=version,
+
+    def facts(checkpoint) -> dict:
+        return {
+            "display_name": "Mixtral tiny (CPU demo)",
+            "publisher": "Sirocco",
+            "family": "Mixtral",
+            "description": TINY_DESCRIPTION,
+            "tasks": [Model.Task.CHAT, Model.Task.COMPLETION],
+            "languages": ["en"],
+            "license": "Apache-2.0",
+            "context_length": checkpoint.context_length,
+            "architecture": Model.Architecture.MOE,
+            "num_experts": checkpoint.num_experts,
+            "experts_per_token": checkpoint.experts_per_token,
+            "total_parameters": checkpoint.total_parameters,
+            "active_parameters": checkpoint.active_parameters,
+            "tags": ["moe", "tiny", "cpu", "demo"],
+        }
+
+    return _ensure_tiny(
+        TINY_SLUG,
+        ("tiny_moe", "build_tiny_moe"),
+        facts,
         token_price=TINY_TOKEN_PRICE,
-        profiles=[cpu],
-        dedicated=lambda profile: profile.price_per_hour,
+        seed=seed,
+        store=store,
+        progress=progress,
     )
-    return version
 
 
 def ensure_tiny_embedding(*, seed: int = 0, store: ArtifactStore | None = None, progress=None):
     """Build, import and publish `embed-tiny` unless it is there already (as ensure_tiny_moe)."""
+
+    def facts(checkpoint) -> dict:
+        return {
+            "display_name": "Embed tiny (CPU demo)",
+            "publisher": "Sirocco",
+            "family": "BERT",
+            "description": TINY_EMBEDDING_DESCRIPTION,
+            "tasks": [Model.Task.EMBEDDINGS],
+            "languages": ["en"],
+            "license": "Apache-2.0",
+            "context_length": checkpoint.context_length,
+            "architecture": Model.Architecture.DENSE,
+            "num_experts": None,
+            "experts_per_token": None,
+            "total_parameters": checkpoint.total_parameters,
+            "active_parameters": checkpoint.total_parameters,
+            "tags": ["embeddings", "tiny", "cpu", "demo"],
+        }
+
+    return _ensure_tiny(
+        TINY_EMBEDDING_SLUG,
+        ("tiny_embedding", "build_tiny_embedding"),
+        facts,
+        token_price=TINY_EMBEDDING_TOKEN_PRICE,
+        seed=seed,
+        store=store,
+        progress=progress,
+    )
+
+
+def _ensure_tiny(slug, builder, facts, *, token_price, seed, store, progress):
+    """The published version of a tiny model, built and imported only when missing."""
     store = store or get_store()
     seeds.ensure_runtimes_and_profiles()
-    existing = ModelVersion.objects.filter(
-        model__slug=TINY_EMBEDDING_SLUG,
+    version = ModelVersion.objects.filter(
+        model__slug=slug,
         version=tiny_version_name(seed),
         status=ModelVersion.Status.PUBLISHED,
     ).first()
-    if existing is not None and _stored_whole(existing, store):
-        version = existing
-    else:
-        with tempfile.TemporaryDirectory(prefix="sirocco-tiny-embedding-") as folder:
-            build = _builder("tiny_embedding", "build_tiny_embedding")
+    if version is None or not _stored_whole(version, store):
+        with tempfile.TemporaryDirectory(prefix=f"sirocco-{slug}-") as folder:
+            build = _builder(*builder)
             build(Path(folder), seed=seed)
             checkpoint = inspect_checkpoint(Path(folder))
-            facts = {
-                "display_name": "Embed tiny (CPU demo)",
-                "publisher": "Sirocco",
-                "family": "BERT",
-                "description": TINY_EMBEDDING_DESCRIPTION,
-                "tasks": [Model.Task.EMBEDDINGS],
-                "languages": ["en"],
-                "license": "Apache-2.0",
-                "context_length": checkpoint.context_length,
-                "architecture": Model.Architecture.DENSE,
-                "num_experts": None,
-                "experts_per_token": None,
-                "total_parameters": checkpoint.total_parameters,
-                "active_parameters": checkpoint.total_parameters,
-                "tags": ["embeddings", "tiny", "cpu", "demo"],
-            }
             version = _import(
-                checkpoint, TINY_EMBEDDING_SLUG, facts, seed=seed, store=store, progress=progress
+                checkpoint, slug, facts(checkpoint), seed=seed, store=store, progress=progress
             )
     cpu = HardwareProfile.objects.get(name=seeds.CPU_PROFILE)
     seeds.ensure_prices(
         version=version,
-        token_price=TINY_EMBEDDING_TOKEN_PRICE,
+        token_price=token_price,
         profiles=[cpu],
         dedicated=lambda profile: profile.price_per_hour,
     )
