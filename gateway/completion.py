@@ -997,8 +997,16 @@ def _choice_text(choice) -> str:
     if isinstance(delta, dict):
         content = delta.get("content")
         text = message_text(content) if content else ""
-        # A tool call's name and arguments are generated tokens too (counted when a stream
+        if isinstance(content, list):  # Mistral's thinking parts: [{type: thinking, thinking}]
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "thinking":
+                    text += message_text(part.get("thinking"))
+        # A reasoning model's thinking (vLLM's `reasoning_content`, newer `reasoning`) and a
+        # tool call's name and arguments are generated tokens too (counted when a stream
         # breaks before the replica reported its usage).
+        for name in ("reasoning_content", "reasoning"):
+            reasoning = delta.get(name)
+            text += reasoning if isinstance(reasoning, str) else ""
         for call in delta.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):

@@ -165,6 +165,32 @@ def test_a_broken_stream_of_tool_calls_bills_the_calls_it_relayed(
     assert row.completion_tokens == tokenizer.count_text("lookupHello, world")
 
 
+def test_a_broken_stream_of_reasoning_bills_the_thinking_it_relayed(
+    gateway, tenant, organization, make_deployment, upstream_server, tiny_moe_dir
+):
+    """A reasoning model's thinking (vLLM's `reasoning_content` or `reasoning` deltas, Mistral's
+    `thinking` content parts) is
+    generated tokens: a stream cut before the replica's usage bills it, not zero."""
+    deployment = make_deployment(
+        organization,
+        name="chat",
+        endpoints=[upstream_server.url],
+        served_model_name="stub-reasoning-legacy-break",
+    )
+    version = deployment.model_version
+    version.artifact_uri = str(tiny_moe_dir)
+    version.save(update_fields=["artifact_uri"])
+    response = httpx.post(
+        gateway.v1 + "/chat/completions",
+        json={"model": "chat", "messages": CHAT, "stream": True},
+        headers=tenant,
+    )
+    assert '"reasoning_content"' in response.text
+    row = UsageEvent.objects.get()
+    assert row.usage_source == UsageEvent.Source.COUNTED
+    assert row.completion_tokens == ModelTokenizer(tiny_moe_dir).count_text("Hello, world")
+
+
 def test_client_disconnect_mid_stream_cancels_upstream_and_leaves_one_row(
     gateway, tenant, organization, make_deployment, runtime_process
 ):

@@ -14,7 +14,9 @@ and with `continuous_usage_stats` as well the counts so far on every content chu
 with "-legacy" (e.g. "stub-legacy-break") behaves the same but, like a replica that reports
 usage only at the end, ignores continuous_usage_stats; so does "stub-usage-in-choices".
 "stub-tools-break" streams its tokens as the arguments of a tool call named "lookup" (OpenAI's
-`tool_calls` deltas) and breaks off after three, as "stub-break" does.
+`tool_calls` deltas) and breaks off after three, as "stub-break" does; "stub-reasoning-break"
+streams them as a reasoning model's thinking (vLLM's `reasoning_content`, then `reasoning`, then
+a Mistral `thinking` content part) and breaks off after three too.
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ class Upstream:
                 if disconnected.is_set():
                     self.cancelled += 1
                     return
-                if model in ("stub-break", "stub-tools-break") and index == 3:
+                if (
+                    model in ("stub-break", "stub-tools-break", "stub-reasoning-break")
+                    and index == 3
+                ):
                     return
                 last = index == len(tokens) - 1
                 delta = {"content": token}
@@ -105,6 +110,13 @@ class Upstream:
                         call.update(id="call0", type="function")
                         call["function"]["name"] = "lookup"
                     delta = {"tool_calls": [call]}
+                elif model == "stub-reasoning-break":
+                    thinking = [{"type": "thinking", "thinking": [{"type": "text", "text": token}]}]
+                    delta = [
+                        {"reasoning_content": token},
+                        {"reasoning": token},
+                        {"content": thinking},
+                    ][index]
                 choice = (
                     {
                         "index": 0,
