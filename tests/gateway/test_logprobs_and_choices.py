@@ -109,3 +109,33 @@ def test_n_over_the_configured_maximum_is_a_400_before_anything_is_reserved(gate
     two = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=2, n=2)
     assert len(two.choices) == 2
     assert UsageEvent.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("chat", "extra", "param"),
+    [
+        (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (True, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        (True, {"logprobs": True, "top_logprobs": "5"}, "top_logprobs"),
+        (True, {"top_logprobs": 5}, "top_logprobs"),
+        (True, {"logprobs": "yes"}, "logprobs"),
+        (False, {"logprobs": 6}, "logprobs"),
+        (False, {"logprobs": 10**18}, "logprobs"),
+    ],
+)
+def test_logprobs_out_of_bounds_are_a_400_naming_the_parameter_and_bill_nothing(
+    client, chat, extra, param
+):
+    """A tenant asking for more alternatives per token than OpenAI's bounds (20 on chat, 5 on
+    completions), or for a negative or non-integer count, gets a 400 naming the parameter
+    (from the runtime, passed through), with nothing generated or billed."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        if chat:
+            client.chat.completions.create(
+                model="chat", messages=MESSAGES, max_tokens=2, n=4, extra_body=extra
+            )
+        else:
+            client.completions.create(model="chat", prompt="Hello", max_tokens=2, extra_body=extra)
+    assert refused.value.body["param"] == param
+    assert not UsageEvent.objects.filter(completion_tokens__gt=0).exists()
+    assert not UsageEvent.objects.filter(status_code=200).exists()
