@@ -122,6 +122,11 @@ def test_concurrent_requests_each_get_their_rows_and_one_event(tenant):
         ({"input": ["fine", 3]}, "input[1]", None),
         ({"input": [["nested"]]}, "input[0]", None),
         ({"input": ["x"] * 2049}, "input", None),
+        ({"input": [-1]}, "input[0]", None),
+        ({"input": [[1, -2]]}, "input[0]", None),
+        ({"input": [True]}, "input[0]", None),
+        ({"input": [[1], [[2]]]}, "input[1]", None),
+        ({"input": [[]]}, "input[0]", None),
         ({"input": "word " * CONTEXT_LENGTH}, "input", "context_length_exceeded"),
         ({"input": "fine", "encoding_format": "hex"}, "encoding_format", None),
         ({"input": "fine", "dimensions": "64"}, "dimensions", None),
@@ -156,6 +161,15 @@ def test_a_replica_refusal_reaches_the_client_and_bills_nothing(tenant):
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model="vectors", input="fine", dimensions=48)
     assert refused.value.body["param"] == "dimensions"
+    row = UsageEvent.objects.get()
+    assert (row.status_code, row.prompt_tokens, row.completion_tokens) == (400, 0, 0)
+
+
+def test_a_token_id_past_the_vocabulary_is_the_replicas_400_and_bills_nothing(tenant):
+    _deployment, _key, _secret, client = tenant
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="vectors", input=[[1, 2**62]])
+    assert refused.value.body["param"].startswith("input")
     row = UsageEvent.objects.get()
     assert (row.status_code, row.prompt_tokens, row.completion_tokens) == (400, 0, 0)
 
