@@ -210,3 +210,20 @@ def test_tag_cardinality_holds_when_50_new_values_race(setup, gateway):
             assert response.json()["error"]["code"] == "metadata_cardinality_exceeded"
     assert UsageTag.objects.count() == 5
     assert UsageEvent.objects.count() == 5
+
+
+@pytest.mark.parametrize(
+    "name", ["Chat", "CHAT", " chat", "chat ", "chat\u200b", "\uff43hat", "ch\u0430t"]
+)
+def test_a_name_trick_does_not_pass_the_allow_list(
+    setup, name, organization, make_deployment, upstream_server
+):
+    """A project allowed only "chat" asks for a look-alike (case, whitespace, a zero-width
+    space, fullwidth or Cyrillic letters): a 404 exactly like an unknown model, and nothing is
+    billed; names are compared exactly on both the route and the allow-list."""
+    search, client_for = setup
+    # Even where the look-alike is a real deployment of the organization, outside the list.
+    make_deployment(organization, name=name, endpoints=[upstream_server.url])
+    assert_error(chat(client_for(search), name), 404, code="model_not_found")
+    assert not UsageEvent.objects.exists()
+    assert chat(client_for(), name).status_code == 200  # a key outside the project may
