@@ -159,8 +159,8 @@ def test_run_platform_supervises_restarts_and_reaps(tmp_path):
         while chat(port, key) != 200:
             assert time.monotonic() < deadline, output.text()[-6000:]
             time.sleep(1)
-        state = json.loads(next(tmp_path.glob("replicas/*/state.json")).read_text())
-        replica = state["replicas"][0]["pid"]
+        # The demo's chat pool keeps one replica; its embedding pool starts from zero.
+        (replica,) = [r["pid"] for r in _replicas(tmp_path)]
         replica_pids.add(replica)
 
         # The worker dies: the web server and the replica go on serving; the worker is back.
@@ -176,8 +176,7 @@ def test_run_platform_supervises_restarts_and_reaps(tmp_path):
         assert _alive(replica), "the replica outlives its worker"
         # The new worker adopts it rather than starting a second one.
         time.sleep(3)
-        state = json.loads(next(tmp_path.glob("replicas/*/state.json")).read_text())
-        assert [r["pid"] for r in state["replicas"]] == [replica]
+        assert [r["pid"] for r in _replicas(tmp_path)] == [replica]
         assert chat(port, key) == 200
 
         # The web server dies: it comes back on the same port.

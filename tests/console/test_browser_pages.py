@@ -117,7 +117,8 @@ def test_catalog_model_deploy_form_deployment_usage_and_invoices(page, live_serv
     usage_events_ingest(now=now)
     page.get_by_role("link", name="Usage").click()
     page.get_by_role("heading", name="Tokens a day").wait_for()
-    assert page.locator("svg.chart").count() == 4
+    # Tokens and cost a day; by model, deployment, project, and end user or tag.
+    assert page.locator("svg.chart").count() == 6
     screenshot(page, "usage")
 
     page.get_by_role("link", name="Invoices").click()
