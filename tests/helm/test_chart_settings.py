@@ -57,6 +57,13 @@ NOT_SET_BY_THE_CHART = {
     "SECURE_HSTS_INCLUDE_SUBDOMAINS": "the operator's domain policy (config.extraEnv)",
     "SECURE_HSTS_PRELOAD": "the operator's domain policy (config.extraEnv)",
     "SECURE_SSL_REDIRECT": "the Ingress redirects to HTTPS; kubelet probes speak plain HTTP",
+    "DEPLOYMENTS_MAX_FALLBACKS": TUNING,
+    "GATEWAY_CIRCUIT_FAILURES": TUNING,
+    "GATEWAY_CIRCUIT_COOLDOWN_SECONDS": TUNING,
+    "GATEWAY_MAX_CHOICES": TUNING,
+    "GATEWAY_TAG_VALUES_PER_ORGANIZATION": TUNING,
+    "SSO_HTTP_TIMEOUT": TUNING,
+    "SSO_ALLOW_HTTP_ISSUERS": "for a provider on a private network only; issuers use https",
 }
 ENV_READ = re.compile(
     r"""(?:\benv(?:\.\w+)?\(|os\.environ\.get\(|os\.getenv\(|os\.environ\[)\s*["']([A-Z][A-Z0-9_]*)["']"""

@@ -393,5 +393,5 @@ the values to change.
 static files and the console's pages (console/urls.py; tests/helm/test_ingress.py keeps the two
 lists equal). */}}
 {{- define "sirocco.webIngressPrefixes" -}}
-/api/ /static/ /login/ /logout/ /password-reset/ /organization/ /models/ /deployments/ /playground/ /usage/ /invoices/ /api-keys/ /settings/
+/api/ /static/ /login/ /logout/ /password-reset/ /organization/ /models/ /deployments/ /playground/ /usage/ /invoices/ /api-keys/ /settings/ /projects/ /publisher/
 {{- end }}
