@@ -140,7 +140,9 @@ class LocalState:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
+        # A temporary file of this writer's own: a shared name let two writers (a worker's exit
+        # watch and a pass) rename each other's file away.
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
         temporary.write_text(json.dumps(asdict(self), indent=1))
         os.replace(temporary, path)  # a reader never sees half a file
 
