@@ -208,6 +208,22 @@ class Completion(Exchange):
         hold = self.gateway.spend.hold(self.position, None, prompt_tokens=0, completion_tokens=0)
         self.admission = await self._admit(limits, hold)
 
+    async def find_route(self) -> None:
+        """The route of the request's model as the caller may call it: a 404 for an unknown
+        name and the same for one outside the key's allow-list; a 403 until the model's terms
+        are accepted. Its name is kept: a wait for replicas reads the route again by it."""
+        request = self.request
+        self.route_name = request.model
+        self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
+        if self.route is None or not self.caller.may_call(request.model, self.route):
+            raise model_not_found(request.model)
+        if self.route.terms_pending is not None:  # a partner's or a publisher's model
+            raise terms_not_accepted(
+                request.model,
+                terms_version=self.route.terms_pending,
+                accept_path=self.route.terms_accept_path,
+            )
+
     async def read_prompt(self, raw: bytes) -> None:
         """The request, its route, and its prompt's tokens: a large body is parsed and
         counted in a prompt worker in its organization's turn (gateway/fairpool.py), a small
@@ -221,16 +237,7 @@ class Completion(Exchange):
         else:
             request = parse_request(raw, chat=self.chat)
         self.request = request
-        self.route_name = request.model
-        self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
-        if self.route is None or not self.caller.may_call(request.model, self.route):
-            raise model_not_found(request.model)  # outside the key's allow-list reads the same
-        if self.route.terms_pending is not None:  # a partner's or a publisher's model
-            raise terms_not_accepted(
-                request.model,
-                terms_version=self.route.terms_pending,
-                accept_path=self.route.terms_accept_path,
-            )
+        await self.find_route()
         if self.route.partner_publisher is not None:
             partner.check_route(self.route, request.model)
             self.upstream = partner.PROVIDER
@@ -936,9 +943,8 @@ class Completion(Exchange):
             "organization_id": self.caller.organization_id,
             "api_key_id": self.caller.key_id,
             "project_id": self.caller.project_id,
-            # Embeddings carry no `metadata`; `user` where the request class reads it.
-            "end_user": getattr(request, "end_user", None),
-            "tags": getattr(request, "tags", None),
+            "end_user": request.end_user,
+            "tags": request.tags,
             "deployment_id": route.deployment_id,
             "model_version_id": route.model_version_id,
             "deployment_type": route.deployment_type,

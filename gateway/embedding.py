@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from gateway.completion import Completion
 from gateway.embedding_input import check_input_context, parse_embedding_request
-from gateway.errors import bad_request, model_not_found
+from gateway.errors import bad_request
 from gateway.prompt_work import count_embedding_inputs, error_from, read_embedding_request
 from gateway.tokens import prompt_token_bound
 
@@ -44,9 +44,7 @@ class Embedding(Completion):
         else:
             request = parse_embedding_request(raw)
         self.request = request
-        self.route = await self.gateway.routes.route(self.caller.organization_id, request.model)
-        if self.route is None or not self.caller.may_call(request.model, self.route):
-            raise model_not_found(request.model)  # outside the key's allow-list reads the same
+        await self.find_route()
         if self.route.partner_publisher is not None:
             raise bad_request(
                 f"`{request.model}` is hosted by {self.route.partner_publisher}: the platform "
@@ -54,6 +52,7 @@ class Embedding(Completion):
                 param="model",
                 code="unsupported_model_task",
             )
+        await self.gateway.tags.admit(self.caller.organization_id, request.tags)
         tokenizer = self.gateway.tokenizers.get_nowait(self.route.model_version_id)
         if not pooled:
             request.prompt_tokens, request.longest_input = request.count_inputs(tokenizer)

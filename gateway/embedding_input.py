@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from gateway.attribution import read_attribution, without_metadata
 from gateway.errors import bad_request
 from gateway.protocol import read_payload, upstream_tail
 from gateway.tokens import ModelTokenizer, estimate_text
@@ -39,6 +40,8 @@ class EmbeddingRequest:
     # No prompt prefix to route by (gateway/routing.py): an encoder keeps no KV cache, so the
     # replica least in flight takes it.
     prefix_keys: tuple[bytes, ...] = ()
+    end_user: str | None = None  # OpenAI's `user`
+    tags: dict[str, str] | None = None  # `metadata`
     stream = False  # the gateway's common steps ask; an embedding is one JSON answer
 
     def count_inputs(self, tokenizer: ModelTokenizer | None) -> tuple[int, int]:
@@ -81,11 +84,11 @@ def parse_embedding_request(raw: bytes) -> EmbeddingRequest:
         isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
     ):
         raise bad_request("`dimensions` must be a positive integer.", param="dimensions")
-    user = payload.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("`user` must be a string.", param="user")
     request = EmbeddingRequest(payload, model)
-    request.upstream_tail = upstream_tail(payload, stream=False)
+    # Attributed as a chat's are (gateway/attribution.py); the tags are not the replica's.
+    request.end_user, request.tags = read_attribution(payload)
+    upstream = payload if "metadata" not in payload else without_metadata(payload)
+    request.upstream_tail = upstream_tail(upstream, stream=False)
     return request
 
 

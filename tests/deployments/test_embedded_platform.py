@@ -1,7 +1,8 @@
-"""The embedded default for real: `bootstrap_demo` defines the mixtral-tiny pool, `run_platform`
-starts the web server and a Celery worker (SQLite broker, beat embedded); the worker reconciles
-the pool into a local runtime process; the gateway answers a chat completion with it; Ctrl-C
-stops every child, the model replica included."""
+"""The embedded default for real: `bootstrap_demo` defines the mixtral-tiny and embed-tiny pools,
+`run_platform` starts the web server and a Celery worker (SQLite broker, beat embedded); the
+worker reconciles the chat pool into a local runtime process and the gateway answers a chat
+completion with it; the first embeddings call scales the embedding pool from zero and is
+answered; Ctrl-C stops every child, the model replicas included."""
 
 import contextlib
 import json
@@ -30,19 +31,22 @@ def free_port() -> int:
 
 
 def chat(port: int, key: str) -> tuple[int, dict]:
+    body = {
+        "model": "mixtral-tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+    }
+    return call(port, key, "/v1/chat/completions", body)
+
+
+def call(port: int, key: str, path: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps(
-            {
-                "model": "mixtral-tiny",
-                "messages": [{"role": "user", "content": "Hi"}],
-                "max_tokens": 3,
-            }
-        ).encode(),
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, {"body": error.read().decode(errors="replace")[:2000]}
@@ -100,15 +104,24 @@ def test_make_run_serves_mixtral_tiny_from_a_local_replica_and_stops_it(tmp_path
             time.sleep(1)
         assert status == 200, (body, "".join(lines))
         assert body["usage"]["completion_tokens"] > 0
+        assert len(replica_pids(tmp_path)) == 1, "the chat pool's replica, by the Celery worker"
+
+        # The embedding pool runs nothing until asked: the first call waits for its replica
+        # to start from zero and is answered, not refused.
+        status, body = call(
+            port, key, "/v1/embeddings", {"model": "embed-tiny", "input": "Hi"}, 150
+        )
+        assert status == 200, (body, "".join(lines))
+        assert body["usage"]["prompt_tokens"] > 0 and len(body["data"]) == 1
         pids = replica_pids(tmp_path)
-        assert len(pids) == 1, "the pool's one replica, started by the Celery worker"
+        assert len(pids) == 2
 
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=90)
         assert process.returncode == 0, rest
-        assert "Stopped 1 local model replica(s)." in rest
+        assert "Stopped 2 local model replica(s)." in rest
         # Dead: gone, or a zombie left to whoever adopted it (a container's init may not reap).
-        assert _process_state(pids[0]) in (None, "Z")
+        assert all(_process_state(pid) in (None, "Z") for pid in pids)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)

@@ -4,6 +4,8 @@ usage event per request (input tokens only), limits and budgets, and its own inv
 
 import asyncio
 import base64
+import threading
+import time
 from decimal import Decimal
 
 import httpx
@@ -11,13 +13,18 @@ import numpy as np
 import openai
 import pytest
 
+from accounts.actors import Actor
+from accounts.roles import Role
 from billing.invoicing import invoice_draft
 from billing.ledger import usage_events_ingest
 from billing.models import InvoiceLine
+from catalog import terms
+from catalog.permissions import operator_system_actor
 from gateway.tokens import ModelTokenizer
 from metering.models import UsageEvent
 from runtime.tiny_embedding import CONTEXT_LENGTH, HIDDEN_SIZE
 from tests.catalog.factories import TokenPriceFactory
+from tests.deployments.factories import ReplicaFactory
 from tests.gateway.conftest import EMBEDDING_SERVED_NAME
 
 pytestmark = pytest.mark.slow
@@ -219,3 +226,92 @@ def test_a_large_body_is_read_and_counted_in_a_prompt_worker(gateway, tenant, ti
         client.embeddings.create(model="vectors", input=["long enough to be pooled", ""])
     assert refused.value.body["param"] == "input[1]"
     assert UsageEvent.objects.get().prompt_tokens == reply.usage.prompt_tokens
+
+
+def test_a_request_from_zero_replicas_waits_for_one_and_is_served(
+    gateway, tenant, organization, make_deployment, embedding_runtime
+):
+    """The first vector of a pool that scaled to zero: the gateway asks for a replica, waits
+    for it (re-reading the route by the name called) and answers 200, billed once."""
+    _deployment, _key, _secret, client = tenant
+    gateway.reset(scale_from_zero_wait=20)
+    cold = make_deployment(
+        organization,
+        name="cold-vectors",
+        served_model_name=EMBEDDING_SERVED_NAME,
+        min_replicas=0,
+        max_replicas=1,
+        desired_replicas=0,
+    )
+
+    def replica_comes_up():
+        time.sleep(1.2)
+        ReplicaFactory(deployment=cold, endpoint=embedding_runtime)
+
+    threading.Thread(target=replica_comes_up).start()
+    reply = client.embeddings.create(model="cold-vectors", input=TEXTS, encoding_format="float")
+    assert len(reply.data) == len(TEXTS) and reply.usage.prompt_tokens > 0
+    cold.refresh_from_db()
+    assert cold.desired_replicas == 1  # the gateway asked the control plane for one
+    row = UsageEvent.objects.get()
+    assert (row.deployment_id, row.status_code) == (cold.id, 200)
+
+
+def test_user_and_metadata_are_attributed_and_not_sent_to_the_replica(tenant):
+    _deployment, _key, secret, client = tenant
+    response = httpx.post(
+        f"{client.base_url}embeddings",
+        json={
+            "model": "vectors",
+            "input": "fine",
+            "user": "end-user-7",
+            "metadata": {"team": "search"},
+        },
+        headers={"authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text  # the runtime refuses unknown fields
+    row = UsageEvent.objects.get()
+    assert (row.end_user, row.tags) == ("end-user-7", {"team": "search"})
+    bad = httpx.post(
+        f"{client.base_url}embeddings",
+        json={"model": "vectors", "input": "fine", "metadata": {"team": 7}},
+        headers={"authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("metadata")
+
+
+def test_terms_in_force_must_be_accepted_before_any_vector(tenant, organization):
+    deployment, _key, _secret, client = tenant
+    terms.terms_publish(
+        actor=operator_system_actor(),
+        version=deployment.model_version,
+        terms_version="1",
+        title="Embedding terms",
+        body="Read them.",
+    )
+    deadline = time.monotonic() + 5  # the gateway's route cache (0.2 s in tests)
+    while True:
+        try:
+            client.embeddings.create(model="vectors", input="fine")
+        except openai.PermissionDeniedError as refused:
+            assert refused.body["code"] == "terms_not_accepted"
+            break
+        assert time.monotonic() < deadline, "served without the terms accepted"
+        time.sleep(0.1)
+    billed = UsageEvent.objects.count()
+    terms.terms_accept(
+        actor=Actor(organization=organization, role=Role.OWNER),
+        version=deployment.model_version,
+        terms_version="1",
+    )
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            client.embeddings.create(model="vectors", input="fine")
+            break
+        except openai.PermissionDeniedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert UsageEvent.objects.count() == billed + 1
