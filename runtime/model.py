@@ -29,11 +29,13 @@ import torch.nn.functional as F
 
 from runtime.block_manager import SCRATCH_BLOCK
 
-# Row counts that MKL's sgemm treats alike (measured on AVX-512: GEMMs of 1, 2, 3, 5 and 7 rows
-# use other kernels; multiples of 4 agree row for row, in any position, with 1 to 4 threads).
-# Token batches are padded to 16 rows, each expert's group of tokens to 4.
+# Row counts that the CPU GEMMs (F.linear, grouped_mm) treat alike. Which small row counts get
+# other kernels depends on the CPU: on one AVX-512 machine GEMMs of 1, 2, 3, 5 and 7 rows did
+# and multiples of 4 agreed; on an AVX-512 + AMX machine every count from 1 to 10 could, 4 and
+# 8 included, and every count from 11 up agreed row for row, in any position, with 1 or 2
+# threads. Token batches and each expert's group of tokens are padded to 16 rows.
 ROW_MULTIPLE = 16
-EXPERT_ROW_MULTIPLE = 4
+EXPERT_ROW_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
