@@ -3,8 +3,9 @@
 Each iteration of `Engine.step`:
 1. drops cancelled requests (their cache blocks are free again at once);
 2. admits waiting requests while the KV cache has blocks for their prompts, reusing the blocks of
-   any cached prefix (`BlockManager`), running the rest of each prompt alone (prefill) and sampling
-   its first token, so a newcomer never waits for the running ones to finish;
+   any cached prefix (`BlockManager`), and computes the rest of their prompts together in one
+   forward pass (prefill), sampling each one's first token, so a newcomer never waits for the
+   running ones to finish, nor for the newcomers ahead of it;
 3. gives every running sequence a block for its next position, preempting the newest sequences
    when none is free (they go back to the head of the queue and are recomputed from their tokens,
    mostly from the prefix cache, as vLLM's recompute preemption does), then runs one decode
@@ -286,8 +287,11 @@ class Engine:
                 self._release(sequence)
 
     def _admit_waiting(self) -> None:
+        """Admit waiting sequences while blocks and the step's prefill budget allow, and run
+        their prefills together in one forward pass, each sampling its first token."""
         budget = self.max_prefill_tokens
-        admitted = 0
+        batch: list[tuple[_Sequence, list[int], int]] = []
+        computing: set[bytes] = set()  # keys of the blocks this pass computes
         while self._waiting and len(self._running) < self.max_num_seqs:
             sequence = self._waiting[0]
             # A preempted sequence is recomputed from all its tokens (the prompt and the output
@@ -297,7 +301,11 @@ class Engine:
             # The budget counts the tokens to compute: a prompt mostly in the prefix cache is
             # cheap, so many such newcomers join in one step (as vLLM's scheduler counts them).
             cached_blocks = len(self.blocks.cached_prefix(keys, len(tokens)))
-            if admitted and len(tokens) - cached_blocks * self.blocks.block_size > budget:
+            if batch and len(tokens) - cached_blocks * self.blocks.block_size > budget:
+                break
+            # A prompt that shares blocks this pass computes waits one step and reads them from
+            # the cache then, instead of computing them twice.
+            if not computing.isdisjoint(keys[cached_blocks:]):
                 break
             allocation = self.blocks.allocate(keys, len(tokens))
             if allocation is None:
@@ -309,13 +317,20 @@ class Engine:
                 self.listener.on_prefix_cache(queried_tokens=len(tokens), hit_tokens=cached)
                 self.listener.on_prompt(tokens=len(tokens))
             sequence.admitted = True
-            self._running.append(sequence)  # before the forward pass, so a failure reaches it
-            logits = self.runner.prefill(sequence.block_table, tokens, start=cached)
             sequence.block_keys = keys
-            self.blocks.publish(sequence.block_table, keys)
+            self._running.append(sequence)  # before the forward pass, so a failure reaches it
+            batch.append((sequence, tokens, cached))
+            computing.update(keys[cached_blocks:])
             budget -= len(tokens) - cached
-            admitted += 1
-            token = self._sample(logits[None], [sequence])[0]
+        if not batch:
+            return
+        logits = self.runner.prefill_batch(
+            [(sequence.block_table, tokens, cached) for sequence, tokens, cached in batch]
+        )
+        sequences = [sequence for sequence, _, _ in batch]
+        for sequence in sequences:
+            self.blocks.publish(sequence.block_table, sequence.block_keys)
+        for sequence, token in zip(sequences, self._sample(logits, sequences), strict=True):
             self._accept(sequence, token)
             if sequence.finish_reason is not None:
                 self._release(sequence)

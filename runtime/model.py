@@ -18,6 +18,7 @@ because the engine needs two things transformers' modules don't give together:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -341,26 +342,40 @@ class MixtralRunner:
         blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets[None, :]).reshape(-1)
 
-    @torch.inference_mode()
     def prefill(self, block_table: list[int], token_ids: list[int], start: int = 0) -> torch.Tensor:
-        """Compute the cache entries of `token_ids[start:]` (those before `start` are in the cache
-        already: a prefix-cache hit) and return the float32 logits of the last token.
+        """One sequence's `prefill_batch`: the float32 logits of its last token."""
+        return self.prefill_batch([(block_table, token_ids, start)])[0]
 
-        In batch-invariant mode `start` is a multiple of `block_size` and attention runs block by
-        block, each block of queries over the keys up to its own end: a position's numbers then
-        depend only on the tokens up to its block's end, so they are the same bits whether the
-        prefix came from the cache or was computed here, and whatever follows the prompt."""
-        length = len(token_ids)
-        new = length - start
-        if new < 1:
-            raise ValueError("prefill needs at least one token to compute")
-        if self.batch_invariant and start % self.block_size:
-            raise ValueError("a cached prefix must be whole blocks in batch-invariant mode")
-        num_blocks = -(-length // self.block_size)
-        slots = self._slots(block_table, num_blocks)  # [num_blocks * block_size]
-        new_slots = slots[start:length]
-        tokens = torch.tensor(token_ids[start:], dtype=torch.long, device=self.device)
-        positions = self.positions[start:length]
+    @torch.inference_mode()
+    def prefill_batch(self, sequences: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
+        """For each (block table, token ids, start): compute the cache entries of
+        `token_ids[start:]` (those before `start` are in the cache already: a prefix-cache hit);
+        return the float32 logits of each sequence's last token, [sequences, vocab].
+
+        The sequences' new tokens share one forward pass (one set of GEMMs over all their rows),
+        and attention runs per sequence over its own cache. In batch-invariant mode `start` is a
+        multiple of `block_size` and attention runs block by block, each block of queries over
+        the keys up to its own end: a position's numbers then depend only on the tokens up to
+        its block's end, so they are the same bits whether the prefix came from the cache or
+        was computed here, whatever follows the prompt and whatever shares the pass (GEMM rows
+        are computed alike in any position of a padded batch)."""
+        parts = []
+        for block_table, token_ids, start in sequences:
+            length = len(token_ids)
+            if length - start < 1:
+                raise ValueError("prefill needs at least one token to compute")
+            if self.batch_invariant and start % self.block_size:
+                raise ValueError("a cached prefix must be whole blocks in batch-invariant mode")
+            slots = self._slots(block_table, -(-length // self.block_size))
+            parts.append((slots, start, length))
+        tokens = torch.tensor(
+            [t for _, token_ids, start in sequences for t in token_ids[start:]],
+            dtype=torch.long,
+            device=self.device,
+        )
+        new = tokens.shape[0]
+        positions = torch.cat([self.positions[start:length] for _, start, length in parts])
+        new_slots = torch.cat([slots[start:length] for slots, start, length in parts])
         hidden = self._pad(F.embedding(tokens, self.weights.embed))
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(hidden, new, layer, positions)
@@ -368,14 +383,25 @@ class MixtralRunner:
             # index_copy_/index_select: several times faster than advanced indexing on dim 1.
             k_cache.index_copy_(1, new_slots, k.transpose(0, 1))
             v_cache.index_copy_(1, new_slots, v.transpose(0, 1))
-            keys = k_cache.index_select(1, slots)  # [kv_heads, blocks * size, dim]
-            values = v_cache.index_select(1, slots)
-            if self.batch_invariant:
-                attention = self._blockwise_attention(q, keys, values, start)
-            else:
-                attention = self._prefix_attention(q, keys[:, :length], values[:, :length], start)
-            hidden = self._attention_out_and_moe(hidden, self._pad(attention), new, layer)
-        return self._logits(self._pad(hidden[new - 1 : new]))[0]
+            attention, first = [], 0
+            for slots, start, length in parts:
+                rows = q[first : first + length - start]
+                first += length - start
+                keys = k_cache.index_select(1, slots)  # [kv_heads, blocks * size, dim]
+                values = v_cache.index_select(1, slots)
+                if self.batch_invariant:
+                    attention.append(self._blockwise_attention(rows, keys, values, start))
+                else:
+                    attention.append(
+                        self._prefix_attention(rows, keys[:, :length], values[:, :length], start)
+                    )
+            attention = self._pad(torch.cat(attention) if len(attention) > 1 else attention[0])
+            hidden = self._attention_out_and_moe(hidden, attention, new, layer)
+        last = torch.tensor(
+            list(itertools.accumulate(length - start for _, start, length in parts)),
+            device=self.device,
+        )
+        return self._logits(self._pad(hidden[last - 1]))[: len(parts)]
 
     def _prefix_attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int

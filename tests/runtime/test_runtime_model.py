@@ -79,6 +79,36 @@ def test_a_cached_prefix_gives_the_same_logits_bit_for_bit(loaded, batch_invaria
         token = int(from_hit.argmax())
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_prefills_sharing_a_pass_give_the_logits_of_each_alone(loaded, batch_invariant):
+    # Three prompts in one prefill pass, one of them over a cached prefix: each one's logits
+    # (and the cache entries its decode steps read) are those of its prefill alone.
+    same = torch.equal if batch_invariant else _close
+    spec, weights, _ = loaded
+    runner = MixtralRunner(
+        spec,
+        weights,
+        max_num_seqs=4,
+        max_model_len=128,
+        batch_invariant=batch_invariant,
+        num_blocks=80,
+    )
+    shared = _prompt(40, spec.vocab_size, seed=5)
+    prompts = [shared + _prompt(9, spec.vocab_size, seed=6), _prompt(3, spec.vocab_size, seed=7)]
+    prompts.append(_prompt(70, spec.vocab_size, seed=8))
+    runner.prefill(_table(1, 48), shared + [0] * 8)  # the first 2 blocks (32 tokens) cached
+    tables = [[1, 2, 20, 21], _table(30, 3), _table(40, 70)]
+    together = runner.prefill_batch(
+        [(tables[0], prompts[0], 32), (tables[1], prompts[1], 0), (tables[2], prompts[2], 0)]
+    )
+    for row, prompt in enumerate(prompts):
+        alone_table = _table(60, len(prompt))
+        alone = runner.prefill(alone_table, prompt)
+        assert same(together[row], alone), row
+        after = runner.decode([7], [len(prompt)], [tables[row]])[0]
+        assert same(after, runner.decode([7], [len(prompt)], [alone_table])[0]), row
+
+
 def test_decode_logits_are_bitwise_independent_of_the_batch(loaded):
     spec, weights, _ = loaded
     runner = MixtralRunner(

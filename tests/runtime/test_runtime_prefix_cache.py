@@ -189,3 +189,31 @@ def test_a_request_that_can_never_fit_is_refused(tiny):
     engine = _engine(tiny, num_blocks=5)  # 64 tokens
     with pytest.raises(ValueError, match="KV cache"):
         engine.submit("big", list(range(60)), SamplingParams(max_tokens=10), lambda event: None)
+
+
+def test_newcomers_are_prefilled_together_and_a_shared_prefix_is_computed_once(tiny):
+    """Six conversations with one uncached system prompt arrive at once: the first step
+    computes it once (the others wait rather than compute it again beside it); the next step
+    prefills the other five together from the cache, each getting its first token in that one
+    step; greedy outputs are those of each request alone without the cache."""
+    spec, _ = tiny
+    prompts = _conversations(spec.vocab_size)
+    uncached = _run(_engine(tiny, caching=False), prompts, together=False)
+    listener = Counting()
+    engine = _engine(tiny, listener=listener)
+    events = {index: [] for index in range(len(prompts))}
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for index, prompt in enumerate(prompts):
+        engine.submit(str(index), prompt, params, events[index].append)
+    first_step = {}
+    step = 0
+    while engine.step():
+        step += 1
+        for index, received in events.items():
+            if received and index not in first_step:
+                first_step[index] = step
+    assert first_step == {0: 1, 1: 2, 2: 2, 3: 2, 4: 2, 5: 2}
+    texts = ["".join(e.text for e in events[index]) for index in range(len(prompts))]
+    assert texts == [text for text, _ in uncached]
+    assert [events[index][-1].cached_tokens for index in range(len(prompts))] == [0] + [64] * 5
+    assert listener.hits == 5 * 64
