@@ -5,7 +5,8 @@ A route (`deployments.selectors.route_for`) is cached per (organization, model n
 GATEWAY_ROUTE_CACHE_SECONDS; an older one keeps serving while a background read replaces it
 (replica lists change slowly, and a dead replica costs only a refused connect, after which
 another is tried). Unknown names are never served stale: a new deployment is callable as
-soon as the cache expires.
+soon as the cache expires. Requests that need a route while it is being read wait for that one
+read (a burst on a cold cache is one query, not one per request).
 
 Prefix-aware routing (a deployment's `routing_policy`, the default) sends a request to the
 replica most likely to hold its prompt's prefix in its KV cache, as llm-d's and vLLM production
@@ -120,6 +121,7 @@ class RouteTable:
         self._reported_at: dict[str, float] = {}
         self._reports: set[asyncio.Task] = set()
         self._routes: dict[tuple[int, str], _Cached] = {}
+        self._reading: dict[tuple[int, str], asyncio.Task] = {}
         self._models: dict[int, _Cached] = {}
         self._in_flight: dict[str, int] = {}
         self._scale_up_asked: dict[str, float] = {}
@@ -144,6 +146,22 @@ class RouteTable:
         return await self._fetch(key)
 
     async def _fetch(self, key: tuple[int, str]):
+        """Read a route; requests that need the same one meanwhile wait for this read rather
+        than each making their own (a burst on a cold or expired cache is one query). The read
+        is a task of its own: a caller that goes away does not cancel it for the others."""
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = asyncio.get_running_loop().create_task(self._read(key))
+            self._reading[key] = reading
+            reading.add_done_callback(lambda task: self._read_done(key, task))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, key: tuple[int, str], task: asyncio.Task) -> None:
+        self._reading.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every caller went away before it failed
+
+    async def _read(self, key: tuple[int, str]):
         organization_id, model = key
         fetched = time.monotonic()
         route = await self._db.call(self._route_for, organization_id=organization_id, model=model)
