@@ -117,7 +117,7 @@ class KeyCache:
         self._unknown: OrderedDict[bytes, float] = OrderedDict()  # digest → when read
         self._digest_by_key_id: dict[int, bytes] = {}
         self._revoked_at: dict[int, float] = {}
-        self._loading: dict[bytes, asyncio.Future] = {}
+        self._loading: dict[bytes, asyncio.Task] = {}
         self.used: set[int] = set()  # keys used since the last touch_keys()
 
     async def authenticate(self, authorization: bytes | None) -> Caller:
@@ -163,29 +163,30 @@ class KeyCache:
             logger.warning("re-reading an API key failed", exc_info=True)
 
     async def _fetch(self, digest: bytes, secret: str) -> Caller | None:
-        pending = self._loading.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._loading[digest] = future
-        started = time.monotonic()
-        try:
-            caller = await self._db.call(_load, secret=secret)
-            if caller is not None and self._revoked_at.get(caller.key_id, -1.0) >= started:
-                # Revoked while we were reading the row: what we read may predate it.
-                caller = dataclasses.replace(caller, revoked=True)
-            self._store(digest, caller, started)
-            future.set_result(caller)
-            return caller
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+        """Read a key; requests with the same secret meanwhile wait for this read. The read is
+        a task of its own: a caller that goes away does not cancel it for the others."""
+        reading = self._loading.get(digest)
+        if reading is None:
+            reading = asyncio.get_running_loop().create_task(self._read(digest, secret))
+            self._loading[digest] = reading
+            reading.add_done_callback(lambda task: self._read_done(digest, task))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, digest: bytes, task: asyncio.Task) -> None:
+        self._loading.pop(digest, None)
+        if task.cancelled() or task.exception() is not None:
             entry = self._entries.get(digest)
             if entry is not None:
                 entry.refreshing = False
-            raise
-        finally:
-            del self._loading[digest]
+
+    async def _read(self, digest: bytes, secret: str) -> Caller | None:
+        started = time.monotonic()
+        caller = await self._db.call(_load, secret=secret)
+        if caller is not None and self._revoked_at.get(caller.key_id, -1.0) >= started:
+            # Revoked while we were reading the row: what we read may predate it.
+            caller = dataclasses.replace(caller, revoked=True)
+        self._store(digest, caller, started)
+        return caller
 
     def _store(self, digest: bytes, caller: Caller | None, fetched: float) -> None:
         """Remember what a secret names; the oldest entry goes when full (O(1): both caches
