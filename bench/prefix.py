@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.gateway import free_port, start, stop, wait_http  # noqa: E402
-from runtime.tiny_moe import build_tiny_moe  # noqa: E402
+from runtime.tiny_moe import TINY, MoeShape, build_tiny_moe  # noqa: E402
 
 SERVED = "tiny-moe"
 MODEL = "chat"
@@ -261,11 +261,17 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1500)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--hidden-size", type=int, default=TINY.hidden_size, help="the random MoE's width"
+    )
+    parser.add_argument("--intermediate-size", type=int, default=TINY.intermediate_size)
+    parser.add_argument("--layers", type=int, default=TINY.num_layers)
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    model_dir = build_tiny_moe(workdir / "tiny-moe")
+    shape = MoeShape(args.hidden_size, args.intermediate_size, args.layers)
+    model_dir = build_tiny_moe(workdir / "tiny-moe", shape=shape)
     from tokenizers import Tokenizer
 
     system = system_prompt(
@@ -305,6 +311,11 @@ def main() -> None:
         "conversations": args.conversations,
         "turns": args.turns,
         "system_tokens": args.system_tokens,
+        "model": {
+            "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+            "layers": shape.num_layers,
+        },
         "max_tokens": args.max_tokens,
         "configurations": [],
     }

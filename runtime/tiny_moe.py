@@ -9,6 +9,7 @@ below, so any UTF-8 text round-trips. The same seed gives byte-identical files.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,7 +122,24 @@ SELECT id, name FROM models WHERE org_id = 42 ORDER BY created_at DESC;
 """  # noqa: RUF001 (lookalike letters are the point of a multilingual corpus)
 
 
-def build_tiny_moe(out_dir: Path, *, seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class MoeShape:
+    """The sizes of a random MoE built here: the tiny model's by default. Benchmarks build wider
+    and deeper ones where the forward pass, not the process around it, should dominate."""
+
+    hidden_size: int = HIDDEN_SIZE
+    intermediate_size: int = INTERMEDIATE_SIZE
+    num_layers: int = NUM_LAYERS
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // NUM_ATTENTION_HEADS
+
+
+TINY = MoeShape()
+
+
+def build_tiny_moe(out_dir: Path, *, seed: int = 0, shape: MoeShape = TINY) -> Path:
     """Write the tiny MoE checkpoint folder into `out_dir` (created if missing) and return it.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json,
@@ -137,13 +155,17 @@ def build_tiny_moe(out_dir: Path, *, seed: int = 0) -> Path:
     im_end_id = tokenizer.token_to_id(IM_END)
 
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
-    _write_json(out_dir / "config.json", _model_config(vocab_size, end_of_text_id, im_end_id))
+    _write_json(
+        out_dir / "config.json", _model_config(vocab_size, end_of_text_id, im_end_id, shape)
+    )
     _write_json(
         out_dir / "generation_config.json",
         {"eos_token_id": [im_end_id, end_of_text_id], "pad_token_id": end_of_text_id},
     )
     weights_path = out_dir / "model.safetensors"
-    save_file(_random_weights(vocab_size, seed), str(weights_path), metadata={"format": "pt"})
+    save_file(
+        _random_weights(vocab_size, seed, shape), str(weights_path), metadata={"format": "pt"}
+    )
     weights_path.chmod(0o644)  # safetensors creates it owner-only; the other files are 0644
     write_manifest(out_dir)
     return out_dir
@@ -179,19 +201,19 @@ def _tokenizer_config() -> dict:
     }
 
 
-def _model_config(vocab_size: int, end_of_text_id: int, im_end_id: int) -> dict:
+def _model_config(vocab_size: int, end_of_text_id: int, im_end_id: int, shape: MoeShape) -> dict:
     # Written by hand rather than by MixtralConfig.save_pretrained so that the bytes do not change
     # with the installed transformers version; transformers' MixtralConfig reads every key.
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
         "vocab_size": vocab_size,
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": INTERMEDIATE_SIZE,
-        "num_hidden_layers": NUM_LAYERS,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
         "num_attention_heads": NUM_ATTENTION_HEADS,
         "num_key_value_heads": NUM_KEY_VALUE_HEADS,
-        "head_dim": HIDDEN_SIZE // NUM_ATTENTION_HEADS,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": CONTEXT_LENGTH,
         "initializer_range": INIT_STD,
@@ -211,39 +233,32 @@ def _model_config(vocab_size: int, end_of_text_id: int, im_end_id: int) -> dict:
     }
 
 
-def _random_weights(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+def _random_weights(vocab_size: int, seed: int, shape: MoeShape) -> dict[str, torch.Tensor]:
     """Seeded normal weights under the tensor names of the original Mixtral checkpoints."""
     generator = torch.Generator().manual_seed(seed)
 
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * INIT_STD
+    def normal(*dims: int) -> torch.Tensor:
+        return torch.randn(*dims, generator=generator) * INIT_STD
 
-    head_dim = HIDDEN_SIZE // NUM_ATTENTION_HEADS
-    tensors = {"model.embed_tokens.weight": normal(vocab_size, HIDDEN_SIZE)}
-    for layer in range(NUM_LAYERS):
+    hidden, intermediate = shape.hidden_size, shape.intermediate_size
+    heads, kv_heads = NUM_ATTENTION_HEADS * shape.head_dim, NUM_KEY_VALUE_HEADS * shape.head_dim
+    tensors = {"model.embed_tokens.weight": normal(vocab_size, hidden)}
+    for layer in range(shape.num_layers):
         prefix = f"model.layers.{layer}"
-        tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(HIDDEN_SIZE)
-        tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(HIDDEN_SIZE)
-        tensors[f"{prefix}.self_attn.q_proj.weight"] = normal(
-            NUM_ATTENTION_HEADS * head_dim, HIDDEN_SIZE
-        )
-        tensors[f"{prefix}.self_attn.k_proj.weight"] = normal(
-            NUM_KEY_VALUE_HEADS * head_dim, HIDDEN_SIZE
-        )
-        tensors[f"{prefix}.self_attn.v_proj.weight"] = normal(
-            NUM_KEY_VALUE_HEADS * head_dim, HIDDEN_SIZE
-        )
-        tensors[f"{prefix}.self_attn.o_proj.weight"] = normal(
-            HIDDEN_SIZE, NUM_ATTENTION_HEADS * head_dim
-        )
-        tensors[f"{prefix}.block_sparse_moe.gate.weight"] = normal(NUM_EXPERTS, HIDDEN_SIZE)
+        tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}.self_attn.q_proj.weight"] = normal(heads, hidden)
+        tensors[f"{prefix}.self_attn.k_proj.weight"] = normal(kv_heads, hidden)
+        tensors[f"{prefix}.self_attn.v_proj.weight"] = normal(kv_heads, hidden)
+        tensors[f"{prefix}.self_attn.o_proj.weight"] = normal(hidden, heads)
+        tensors[f"{prefix}.block_sparse_moe.gate.weight"] = normal(NUM_EXPERTS, hidden)
         for expert in range(NUM_EXPERTS):
             expert_prefix = f"{prefix}.block_sparse_moe.experts.{expert}"
-            tensors[f"{expert_prefix}.w1.weight"] = normal(INTERMEDIATE_SIZE, HIDDEN_SIZE)
-            tensors[f"{expert_prefix}.w2.weight"] = normal(HIDDEN_SIZE, INTERMEDIATE_SIZE)
-            tensors[f"{expert_prefix}.w3.weight"] = normal(INTERMEDIATE_SIZE, HIDDEN_SIZE)
-    tensors["model.norm.weight"] = torch.ones(HIDDEN_SIZE)
-    tensors["lm_head.weight"] = normal(vocab_size, HIDDEN_SIZE)
+            tensors[f"{expert_prefix}.w1.weight"] = normal(intermediate, hidden)
+            tensors[f"{expert_prefix}.w2.weight"] = normal(hidden, intermediate)
+            tensors[f"{expert_prefix}.w3.weight"] = normal(intermediate, hidden)
+    tensors["model.norm.weight"] = torch.ones(hidden)
+    tensors["lm_head.weight"] = normal(vocab_size, hidden)
     return tensors
 
 

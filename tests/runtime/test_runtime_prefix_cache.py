@@ -191,28 +191,29 @@ def test_a_request_that_can_never_fit_is_refused(tiny):
         engine.submit("big", list(range(60)), SamplingParams(max_tokens=10), lambda event: None)
 
 
-def test_newcomers_are_prefilled_together_and_a_shared_prefix_is_computed_once(tiny):
-    """Six conversations with one uncached system prompt arrive at once: the first step
-    computes it once (the others wait rather than compute it again beside it); the next step
-    prefills the other five together from the cache, each getting its first token in that one
-    step; greedy outputs are those of each request alone without the cache."""
+def test_newcomers_are_prefilled_in_groups_and_a_shared_prefix_is_computed_once(tiny):
+    """Six conversations with one uncached system prompt arrive at once. The first pass computes
+    the prompt once (the others do not compute it again beside it); the next passes read it
+    from the cache, four newcomers to a pass, all in the same engine step: every request has its
+    first token after one step, in three forward passes, and greedy outputs are those of each
+    request alone without the cache."""
     spec, _ = tiny
     prompts = _conversations(spec.vocab_size)
     uncached = _run(_engine(tiny, caching=False), prompts, together=False)
     listener = Counting()
     engine = _engine(tiny, listener=listener)
+    passes = []
+    prefill_batch = engine.runner.prefill_batch
+    engine.runner.prefill_batch = lambda group: passes.append(len(group)) or prefill_batch(group)
     events = {index: [] for index in range(len(prompts))}
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for index, prompt in enumerate(prompts):
         engine.submit(str(index), prompt, params, events[index].append)
-    first_step = {}
-    step = 0
+    assert engine.step()
+    assert all(events[index] for index in range(len(prompts)))
+    assert passes == [1, 4, 1]
     while engine.step():
-        step += 1
-        for index, received in events.items():
-            if received and index not in first_step:
-                first_step[index] = step
-    assert first_step == {0: 1, 1: 2, 2: 2, 3: 2, 4: 2, 5: 2}
+        pass
     texts = ["".join(e.text for e in events[index]) for index in range(len(prompts))]
     assert texts == [text for text, _ in uncached]
     assert [events[index][-1].cached_tokens for index in range(len(prompts))] == [0] + [64] * 5
