@@ -25,37 +25,50 @@ from billing.periods import period_starting
 def budget_alerts_raise(*, spend_rows: list[PeriodSpend]) -> list[BudgetAlert]:
     """Record the thresholds these spend rows crossed (each once per period) and email them
     after the transaction commits. Runs inside the ingestion transaction."""
-    if not spend_rows:
-        return []
     limits = dict(
         Organization.objects.filter(
-            id__in={row.organization_id for row in spend_rows},
-            monthly_spend_limit__gt=0,
+            id__in={row.organization_id for row in spend_rows}, monthly_spend_limit__gt=0
         ).values_list("id", "monthly_spend_limit")
     )
-    candidates = []
-    for row in spend_rows:
-        limit = limits.get(row.organization_id)
-        if limit is None:
-            continue
-        for threshold in BudgetAlert.THRESHOLDS:
-            if row.amount * 100 >= limit * threshold:
-                candidates.append(
-                    BudgetAlert(
-                        organization_id=row.organization_id,
-                        period_start=row.period_start,
-                        threshold_percent=threshold,
-                        spend=round_money(row.amount, row.currency),
-                        limit=limit,
-                        currency=row.currency,
-                    )
-                )
+    return _raise(BudgetAlert, "organization_id", limits, spend_rows, "budget_alert_email")
+
+
+def project_budget_alerts_raise(*, spend_rows: list[ProjectPeriodSpend]) -> list:
+    """The projects' side of budget_alerts_raise."""
+    budgets = dict(
+        Project.objects.filter(
+            id__in={row.project_id for row in spend_rows}, monthly_budget__gt=0
+        ).values_list("id", "monthly_budget")
+    )
+    return _raise(
+        ProjectBudgetAlert, "project_id", budgets, spend_rows, "project_budget_alert_email"
+    )
+
+
+def _raise(alert_model, owner: str, limits: dict, spend_rows: list, email_task: str) -> list:
+    """An alert row for each threshold a spend row crossed against its owner's limit (the
+    unique constraint keeps one per owner, period and threshold), emailed after the
+    transaction commits unless it was already."""
+    candidates = [
+        alert_model(
+            **{owner: getattr(row, owner)},
+            period_start=row.period_start,
+            threshold_percent=threshold,
+            spend=round_money(row.amount, row.currency),
+            limit=limits[getattr(row, owner)],
+            currency=row.currency,
+        )
+        for row in spend_rows
+        if getattr(row, owner) in limits
+        for threshold in BudgetAlert.THRESHOLDS
+        if row.amount * 100 >= limits[getattr(row, owner)] * threshold
+    ]
     if not candidates:
         return []
-    BudgetAlert.objects.bulk_create(candidates, ignore_conflicts=True)
+    alert_model.objects.bulk_create(candidates, ignore_conflicts=True)
     pending = list(
-        BudgetAlert.objects.filter(
-            organization_id__in={a.organization_id for a in candidates},
+        alert_model.objects.filter(
+            **{f"{owner}__in": {getattr(a, owner) for a in candidates}},
             period_start__in={a.period_start for a in candidates},
             emailed_at__isnull=True,
         ).values_list("id", flat=True)
@@ -63,131 +76,90 @@ def budget_alerts_raise(*, spend_rows: list[PeriodSpend]) -> list[BudgetAlert]:
     if pending:
         from billing import tasks
 
-        transaction.on_commit(lambda: [tasks.budget_alert_email.delay(pk) for pk in pending])
+        task = getattr(tasks, email_task)
+        transaction.on_commit(lambda: [task.delay(pk) for pk in pending])
     return candidates
 
 
 @transaction.atomic
 def budget_alert_email(*, alert_id: int) -> bool:
     """Email one alert to the organization's billing address, once. Returns whether it sent."""
-    alert = (
-        BudgetAlert.objects.select_for_update()
-        .select_related("organization")
-        .filter(pk=alert_id, emailed_at__isnull=True)
-        .first()
-    )
-    if alert is None:
-        return False
-    organization = alert.organization
-    recipients = [organization.billing_email] if organization.billing_email else []
-    if recipients:
-        period = period_starting(alert.period_start)
-        send_mail(
-            subject=(
-                f"[Sirocco] {organization.name} reached {alert.threshold_percent}% "
-                f"of its spend limit"
-            ),
-            message=(
-                f"{organization.name} ({organization.slug}) has spent {alert.spend} "
-                f"{alert.currency} in the billing period {period.label}, "
-                f"{alert.threshold_percent}% of its limit of {alert.limit} {alert.currency}.\n"
-                + (
-                    "Requests are refused until the period ends or the limit is raised.\n"
-                    if alert.threshold_percent >= 100
-                    else ""
-                )
-                + f"\nUsage and invoices: {settings.SIROCCO_PUBLIC_URL}/\n"
-            ),
-            from_email=settings.DEFAULT_FROM_EMAIL,
-            recipient_list=recipients,
-        )
-    alert.emailed_at = timezone.now()
-    alert.save(update_fields=["emailed_at"])
-    return bool(recipients)
 
-
-def project_budget_alerts_raise(*, spend_rows: list[ProjectPeriodSpend]) -> list:
-    """The projects' side of budget_alerts_raise: each threshold once per period, emailed
-    after the transaction commits."""
-    if not spend_rows:
-        return []
-    budgets = dict(
-        Project.objects.filter(
-            id__in={row.project_id for row in spend_rows}, monthly_budget__gt=0
-        ).values_list("id", "monthly_budget")
-    )
-    candidates = [
-        ProjectBudgetAlert(
-            project_id=row.project_id,
-            period_start=row.period_start,
-            threshold_percent=threshold,
-            spend=round_money(row.amount, row.currency),
-            limit=budgets[row.project_id],
-            currency=row.currency,
+    def compose(alert):
+        organization = alert.organization
+        subject = (
+            f"[Sirocco] {organization.name} reached {alert.threshold_percent}% of its spend limit"
         )
-        for row in spend_rows
-        if row.project_id in budgets
-        for threshold in BudgetAlert.THRESHOLDS
-        if row.amount * 100 >= budgets[row.project_id] * threshold
-    ]
-    if not candidates:
-        return []
-    ProjectBudgetAlert.objects.bulk_create(candidates, ignore_conflicts=True)
-    pending = list(
-        ProjectBudgetAlert.objects.filter(
-            project_id__in={a.project_id for a in candidates},
-            period_start__in={a.period_start for a in candidates},
-            emailed_at__isnull=True,
-        ).values_list("id", flat=True)
-    )
-    if pending:
-        from billing import tasks
-
-        transaction.on_commit(
-            lambda: [tasks.project_budget_alert_email.delay(pk) for pk in pending]
+        body = (
+            f"{organization.name} ({organization.slug}) has spent {alert.spend} "
+            f"{alert.currency} in the billing period {_period(alert)}, "
+            f"{alert.threshold_percent}% of its limit of {alert.limit} {alert.currency}.\n"
+            + (
+                "Requests are refused until the period ends or the limit is raised.\n"
+                if alert.threshold_percent >= 100
+                else ""
+            )
+            + f"\nUsage and invoices: {settings.SIROCCO_PUBLIC_URL}/\n"
         )
-    return candidates
+        return organization, subject, body
+
+    return _email_once(BudgetAlert, alert_id, "organization", compose)
 
 
 @transaction.atomic
 def project_budget_alert_email(*, alert_id: int) -> bool:
     """Email one project alert to the organization's billing address, once."""
+
+    def compose(alert):
+        project = alert.project
+        organization = project.organization
+        subject = (
+            f"[Sirocco] Project {project.name} of {organization.name} reached "
+            f"{alert.threshold_percent}% of its budget"
+        )
+        body = (
+            f"The project {project.name} of {organization.name} ({organization.slug}) has "
+            f"spent {alert.spend} {alert.currency} in the billing period {_period(alert)}, "
+            f"{alert.threshold_percent}% of its budget of {alert.limit} {alert.currency}.\n"
+            + (
+                "Its keys' requests are refused until the period ends or the budget is raised.\n"
+                if alert.threshold_percent >= 100
+                else ""
+            )
+            + f"\nProjects: {settings.SIROCCO_PUBLIC_URL}/projects/\n"
+        )
+        return organization, subject, body
+
+    return _email_once(ProjectBudgetAlert, alert_id, "project__organization", compose)
+
+
+def _email_once(alert_model, alert_id: int, related: str, compose) -> bool:
+    """Send an alert not yet emailed to its organization's billing address (if it has one)
+    and mark it emailed, under a row lock: once, however many workers run the task."""
     alert = (
-        ProjectBudgetAlert.objects.select_for_update()
-        .select_related("project__organization")
+        alert_model.objects.select_for_update()
+        .select_related(related)
         .filter(pk=alert_id, emailed_at__isnull=True)
         .first()
     )
     if alert is None:
         return False
-    project = alert.project
-    organization = project.organization
+    organization, subject, body = compose(alert)
     recipients = [organization.billing_email] if organization.billing_email else []
     if recipients:
-        period = period_starting(alert.period_start)
         send_mail(
-            subject=(
-                f"[Sirocco] Project {project.name} of {organization.name} reached "
-                f"{alert.threshold_percent}% of its budget"
-            ),
-            message=(
-                f"The project {project.name} of {organization.name} ({organization.slug}) has "
-                f"spent {alert.spend} {alert.currency} in the billing period {period.label}, "
-                f"{alert.threshold_percent}% of its budget of {alert.limit} {alert.currency}.\n"
-                + (
-                    "Its keys' requests are refused until the period ends or the budget is "
-                    "raised.\n"
-                    if alert.threshold_percent >= 100
-                    else ""
-                )
-                + f"\nProjects: {settings.SIROCCO_PUBLIC_URL}/projects/\n"
-            ),
+            subject=subject,
+            message=body,
             from_email=settings.DEFAULT_FROM_EMAIL,
             recipient_list=recipients,
         )
     alert.emailed_at = timezone.now()
     alert.save(update_fields=["emailed_at"])
     return bool(recipients)
+
+
+def _period(alert) -> str:
+    return period_starting(alert.period_start).label
 
 
 def spend_percent(spend: Decimal, limit: Decimal | None) -> Decimal | None:
