@@ -13,58 +13,12 @@ import pytest
 from gateway.tokens import ModelTokenizer
 from metering.models import UsageEvent
 from tests.gateway.conftest import RUNTIME_SERVED_NAME
+from tests.tool_schemas import ORDER, QUESTION, WEATHER
 
 pytestmark = pytest.mark.slow
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOLS = [WEATHER]
 PARAMETERS = WEATHER["function"]["parameters"]
-QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-ORDER = {
-    "type": "object",
-    "properties": {
-        "customer": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "tier": {"enum": ["free", "pro", "enterprise"]},
-            },
-            "required": ["name", "tier"],
-            "additionalProperties": False,
-        },
-        "lines": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "sku": {"type": "string"},
-                    "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
-                    "tags": {"type": "array", "items": {"enum": ["gift", "fragile", "bulk"]}},
-                },
-                "required": ["sku", "quantity", "tags"],
-                "additionalProperties": False,
-            },
-        },
-        "priority": {"enum": ["low", "normal", "high"]},
-    },
-    "required": ["customer", "lines", "priority"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture
