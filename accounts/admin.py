@@ -3,7 +3,7 @@ from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
 from accounts import services
 from accounts.actors import Actor
-from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
+from accounts.models import APIKey, AuditLogEntry, MemberRemoval, Membership, Organization, User
 from accounts.roles import Role
 
 
@@ -67,6 +67,9 @@ class OrganizationAdmin(admin.ModelAdmin):
         actor = _operator(request, form.instance)
         for membership in formset.deleted_objects:
             services.member_keys_bind(actor=actor, membership=membership, removed=True)
+            services.member_removal_record(
+                organization_id=membership.organization_id, user_id=membership.user_id
+            )
         for membership, changed in formset.changed_objects:
             if "user" in changed:  # the row now names someone else: the old person left
                 form = next(f for f in formset.forms if f.instance is membership)
@@ -77,8 +80,15 @@ class OrganizationAdmin(admin.ModelAdmin):
                     ),
                     removed=True,
                 )
+                services.member_removal_record(
+                    organization_id=membership.organization_id, user_id=form.initial["user"]
+                )
             if "role" in changed:
                 services.member_keys_bind(actor=actor, membership=membership)
+        for membership in formset.new_objects:  # added back on purpose
+            MemberRemoval.objects.filter(
+                organization_id=membership.organization_id, user_id=membership.user_id
+            ).delete()
 
 
 @admin.register(APIKey)

@@ -167,6 +167,25 @@ class Membership(models.Model):
         return f"{self.user} in {self.organization} as {self.role}"
 
 
+class MemberRemoval(models.Model):
+    """A person an organization removed: single sign-on does not provision them again just in
+    time (their domain would let it) until someone adds them back (accounts.services)."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="member_removals"
+    )
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="removals")
+    removed_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "user"], name="unique_member_removal")
+        ]
+
+    def __str__(self):
+        return f"{self.user} removed from {self.organization}"
+
+
 class ProjectMembership(models.Model):
     """A person's role in one project, from the same permission table as the organization's.
     It adds to what their organization role grants, inside this project only."""

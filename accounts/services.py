@@ -9,7 +9,15 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from accounts.actors import Actor
-from accounts.models import APIKey, AuditLogEntry, Membership, Organization, Project, User
+from accounts.models import (
+    APIKey,
+    AuditLogEntry,
+    MemberRemoval,
+    Membership,
+    Organization,
+    Project,
+    User,
+)
 from accounts.roles import Permission, Role, role_can_grant, role_cap
 from accounts.signals import api_key_revoked
 from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
@@ -114,6 +122,8 @@ def member_add(*, actor: Actor, email: str, role: str) -> Membership:
     if Membership.objects.filter(organization=actor.organization, user=user).exists():
         raise Conflict(f"{email} is already a member; change their role instead.", field="email")
     membership = Membership.objects.create(organization=actor.organization, user=user, role=role)
+    # Added back on purpose: single sign-on may let them in again.
+    MemberRemoval.objects.filter(organization=actor.organization, user=user).delete()
     audit_record(actor=actor, action="member.add", target=membership, changes={"role": role})
     return membership
 
@@ -146,7 +156,15 @@ def member_remove(*, actor: Actor, membership: Membership) -> None:
     from accounts.projects import project_memberships_drop
 
     project_memberships_drop(organization_id=membership.organization_id, user_id=membership.user_id)
+    member_removal_record(organization_id=membership.organization_id, user_id=membership.user_id)
     membership.delete()
+
+
+def member_removal_record(*, organization_id: int, user_id: int) -> None:
+    """Remember that the organization removed the person: single sign-on will not provision
+    them again until they are added back (member_add). Called by member_remove and by the
+    admin, the only other writer of memberships."""
+    MemberRemoval.objects.update_or_create(organization_id=organization_id, user_id=user_id)
 
 
 @transaction.atomic

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from accounts.actors import Actor
 from accounts.models import (
+    MemberRemoval,
     Membership,
     Organization,
     SingleSignOnConfiguration,
@@ -260,7 +261,8 @@ def _sso_sign_in(*, configuration: SingleSignOnConfiguration, claims: dict) -> U
     audience, expiry and nonce. Here: the email must be verified (when the provider says) and
     in an allowed domain; a known (issuer, subject) is that person whatever the email says
     now; a new subject is linked to the person with that email, made if none exists, and
-    given a membership with the default role if they have none. Every write is audited.
+    given a membership with the default role if they have none — unless the organization
+    removed them (then only adding them back lets them in). Every write is audited.
     """
     organization = configuration.organization
     issuer, subject = configuration.issuer, str(claims.get("sub") or "")
@@ -320,6 +322,15 @@ def _sso_sign_in(*, configuration: SingleSignOnConfiguration, claims: dict) -> U
         )
     if not user.is_active:
         raise SignInRefused("inactive", "This account is deactivated. Ask the platform operators.")
+    if (
+        not Membership.objects.filter(organization=organization, user=user).exists()
+        and MemberRemoval.objects.filter(organization=organization, user=user).exists()
+    ):
+        raise SignInRefused(
+            "removed",
+            f"{organization.name} removed you from its members. Ask one of its owners or "
+            "admins to add you again.",
+        )
     membership, joined = Membership.objects.get_or_create(
         organization=organization, user=user, defaults={"role": configuration.default_role}
     )

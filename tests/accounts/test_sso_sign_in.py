@@ -7,6 +7,7 @@ import pytest
 from accounts.actors import Actor
 from accounts.models import AuditLogEntry, Membership, SingleSignOnConfiguration, User
 from accounts.roles import Role
+from accounts.services import member_add, member_remove
 from accounts.sso import SignInRefused, sso_required_for, sso_sign_in
 from controlplane.secrets_at_rest import encrypt
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
@@ -117,3 +118,27 @@ def test_a_person_cannot_switch_passwords_off_from_a_password_session(configurat
     configuration.save()
     with pytest.raises(ValidationFailed, match="only while single sign-on is enabled"):
         sso_configure(actor=through_sso, password_login_enabled=False)
+
+
+def test_a_removed_member_is_not_provisioned_again_until_added_back(configuration, organization):
+    """Removing a member must hold: their domain still allows single sign-on, yet their next
+    sign-in is refused until an admin adds them back."""
+    owner = Actor(organization=organization, role=Role.OWNER)
+    ana = sso_sign_in(configuration=configuration, claims=claims())
+    member_remove(actor=owner, membership=Membership.objects.get(user=ana))
+    with pytest.raises(SignInRefused) as refused:
+        sso_sign_in(configuration=configuration, claims=claims())
+    assert refused.value.reason == "removed"
+    assert not Membership.objects.filter(user=ana, organization=organization).exists()
+    # A member who never used single sign-on, removed: their first sign-in is refused too.
+    carl = member_add(actor=owner, email="carl@acme.example", role=Role.DEVELOPER)
+    member_remove(actor=owner, membership=carl)
+    with pytest.raises(SignInRefused) as refused:
+        sso_sign_in(configuration=configuration, claims=claims(sub="9", email="carl@acme.example"))
+    assert refused.value.reason == "removed"
+    # Someone who was never removed still joins just in time.
+    assert sso_sign_in(configuration=configuration, claims=claims(sub="3", email="bo@acme.example"))
+
+    member_add(actor=owner, email="ana@acme.example", role=Role.VIEWER)
+    assert sso_sign_in(configuration=configuration, claims=claims()) == ana
+    assert Membership.objects.get(user=ana, organization=organization).role == Role.VIEWER
