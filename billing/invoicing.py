@@ -11,7 +11,7 @@ Rerunning after a crash therefore produces the same invoices, each once, with ga
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
@@ -350,49 +350,74 @@ def usage_lines(
     return lines
 
 
-def commitments_for(*, period: Period, organization_ids=None) -> dict[int, list]:
-    """Approved private offers with a committed spend that cover `period` whole, per
-    organization (one query)."""
+@dataclass(frozen=True)
+class Commitment:
+    """What an approved private offer commits its customer to spend on its model in one
+    billing period: the monthly amount, prorated by the share of the period the offer covers
+    (an offer that starts, expires or is withdrawn within the period commits that share)."""
+
+    offer: object  # catalog.models.PrivateOffer
+    amount: Decimal
+
+
+def commitments_for(*, period: Period, organization_ids=None) -> dict[int, list[Commitment]]:
+    """The commitments of approved private offers in force during `period`, per organization
+    (one query)."""
     from catalog.models import PrivateOffer
 
     offers = (
         PrivateOffer.objects.filter(
             status=PrivateOffer.Status.APPROVED,
             committed_monthly_spend__gt=0,
-            starts_at__lte=period.start,
+            starts_at__lt=period.end,
         )
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gte=period.end))
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=period.start))
         .select_related("model_version__model")
         .order_by("model_version_id", "starts_at")
     )
     if organization_ids is not None:
         offers = offers.filter(organization_id__in=list(organization_ids))
+    whole = (period.end - period.start) // timedelta(microseconds=1)
     result = defaultdict(list)
     for offer in offers:
-        result[offer.organization_id].append(offer)
+        covered = min(period.end, offer.expires_at or period.end) - max(
+            period.start, offer.starts_at
+        )
+        share = Decimal(covered // timedelta(microseconds=1)) / Decimal(whole)
+        amount = round_money(offer.committed_monthly_spend * share, offer.currency)
+        if amount > 0:
+            result[offer.organization_id].append(Commitment(offer, amount))
     return result
 
 
-def commitment_lines(*, currency: str, lines: list[DraftLine], offers: list) -> list[DraftLine]:
-    """A line per committed offer whose model's usage lines this period add up to less than
-    the commitment: the difference, so the model's lines total the commitment."""
+def commitment_lines(
+    *, currency: str, lines: list[DraftLine], offers: list[Commitment]
+) -> list[DraftLine]:
+    """A line per commitment whose model's usage lines this period add up to less than it: the
+    difference, so the model's lines total the commitment."""
     extra = []
-    for offer in offers:
+    for commitment in offers:
+        offer = commitment.offer
         if offer.currency != currency:
             continue
         spent = sum(
             (line.amount for line in lines if line.model_version_id == offer.model_version_id),
             Decimal(0),
         )
-        shortfall = round_money(offer.committed_monthly_spend - spent, currency)
+        shortfall = round_money(commitment.amount - spent, currency)
         if shortfall <= 0:
             continue
-        commitment = format_money(offer.committed_monthly_spend, currency)
+        monthly = format_money(offer.committed_monthly_spend, currency)
+        prorated = (
+            ""
+            if commitment.amount == offer.committed_monthly_spend
+            else f" (prorated: {format_money(commitment.amount, currency)} {currency} this period)"
+        )
         extra.append(
             DraftLine(
                 kind=InvoiceLine.Kind.COMMITMENT,
-                description=f"{offer.model_version} — committed spend {commitment} {currency} "
-                "a period, shortfall",
+                description=f"{offer.model_version} — committed spend {monthly} {currency} "
+                f"a period{prorated}, shortfall",
                 quantity=Decimal(1),
                 unit="",
                 unit_price=shortfall,

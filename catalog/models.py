@@ -858,7 +858,8 @@ class PrivateOffer(models.Model):
         "rate given as such.",
     )
     # A commitment: the least the customer pays for the model in each billing period the offer
-    # covers whole (at its rate); the invoice adds the shortfall (billing.invoicing).
+    # is in force (at its rate), prorated for a period it covers in part; the invoice adds the
+    # shortfall (billing.invoicing.commitments_for).
     committed_monthly_spend = models.DecimalField(
         max_digits=14,
         decimal_places=2,

@@ -189,3 +189,43 @@ def test_a_committed_spend_invoices_the_shortfall_and_the_publisher_shares_it(
     statement = PublisherStatement.objects.get(period_start=following.start)
     assert (statement.revenue, statement.share) == (Decimal("15.00"), Decimal("4.50"))
     assert reconcile_period(following, check_stripe=False).differences == []
+
+
+def test_a_commitment_for_part_of_a_period_is_prorated(listed, operator_actor):
+    """An offer that starts halfway through a period commits half the monthly amount for it;
+    one withdrawn a quarter into the next period commits a quarter there; reconcile agrees."""
+    _publisher, _listing, version = listed
+    following = period_starting(period_containing(timezone.now()).end)
+    after = period_starting(following.end)
+    half = following.start + (following.end - following.start) / 2
+    buyer = OrganizationFactory()
+    offer = private_offer_create(
+        actor=operator_actor,
+        organization=buyer,
+        version=version,
+        input_per_million=Decimal("0.25"),
+        output_per_million=Decimal("0.75"),
+        committed_monthly_spend=Decimal("10.00"),
+        starts_at=half,
+    )
+    use(buyer, version, prompt=4_000_000, completion=0, when=half)  # 1.00 at the offer
+    usage_events_ingest(now=half + timedelta(hours=1))
+    billing_period_close(period_start=following.start, now=following.end + timedelta(minutes=1))
+    invoice = Invoice.objects.get(organization=buyer, period_start=following.start)
+    lines = [(line.kind, line.amount, line.description) for line in invoice.lines.all()]
+    assert [(kind, amount) for kind, amount, _ in lines] == [
+        ("input_tokens", Decimal("1.00")),
+        ("commitment", Decimal("4.00")),
+    ]
+    assert f"a period (prorated: 5.00 {invoice.currency} this period), shortfall" in lines[1][2]
+    assert reconcile_period(following, check_stripe=False).differences == []
+
+    # Ending a quarter into the next period (as a withdrawal then would): a quarter committed.
+    quarter = after.start + (after.end - after.start) / 4
+    PrivateOffer.objects.filter(pk=offer.pk).update(expires_at=quarter)
+    billing_period_close(period_start=after.start, now=after.end + timedelta(minutes=1))
+    invoice = Invoice.objects.get(organization=buyer, period_start=after.start)
+    assert [(line.kind, line.amount) for line in invoice.lines.all()] == [
+        ("commitment", Decimal("2.50"))
+    ]
+    assert reconcile_period(after, check_stripe=False).differences == []
