@@ -62,6 +62,18 @@ WAITING_STATUSES = {"pending", "provisioning", "scaling", "updating"}
 RETRY_AFTER_NO_REPLICA = 10
 # What a request without max_tokens reserves when the model's context length is unknown.
 UNKNOWN_COMPLETION_RESERVE = 4096
+# A stream event longer than this is no chat chunk: the stream is cut, not the event held.
+MAX_EVENT_BYTES = 1 << 20
+# A provider's answer (a body, or a whole stream) may take 1 MiB plus this per token allowed.
+PROVIDER_BYTES_PER_TOKEN = 1024
+# A provider's stream is cut once the gateway's count of its text passes twice the tokens
+# the request allows plus this (twice: our count is not the provider's tokenizer's).
+OVERRUN_SLACK_TOKENS = 16
+# A provider's prompt figure is believed up to twice the bound of the body (templates with
+# tools) plus this (a system prompt of the provider's own).
+PROVIDER_PROMPT_SLACK = 1024
+# After [DONE], how long the rest of the upstream's body (its end) is waited for.
+DRAIN_SECONDS = 1.0
 
 _DONE = object()
 _GARBAGE = object()
@@ -84,8 +96,10 @@ class Outcome:
         "per_choice",
         "prompt_tokens",
         "status",
+        "text_bytes",
         "ttft",
         "usage_final",
+        "usage_invalid",
         "usage_seen",
     )
 
@@ -102,6 +116,8 @@ class Outcome:
         self.per_choice: dict[int, int] = {}
         self.ttft: float | None = None
         self.parts: list[str] = []
+        self.text_bytes = 0  # of `parts`, in UTF-8
+        self.usage_invalid = False  # a figure that is not a count (negative, not a number)
 
     def take_usage(self, usage, *, final: bool = True, index=0) -> None:
         """Take a figure the replica reported; a running count never replaces a final one."""
@@ -109,6 +125,8 @@ class Outcome:
             return
         self.usage_seen = True
         self.usage_final = final
+        if not all(_is_count(usage.get(name)) for name in ("prompt_tokens", "completion_tokens")):
+            self.usage_invalid = True
         self.prompt_tokens = _int(usage.get("prompt_tokens"))
         details = usage.get("prompt_tokens_details")
         self.cached_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
@@ -123,7 +141,11 @@ class Outcome:
 
 
 def _int(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if _is_count(value) else 0
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Completion(Exchange):
@@ -292,6 +314,13 @@ class Completion(Exchange):
             self.body_bytes,
         )
 
+    def completion_allowed(self) -> int:
+        """The most completion tokens the request lets its upstream generate: n × max_tokens,
+        else n × the model's context length (n × 4,096 when that is unknown)."""
+        request = self.request
+        per_choice = request.max_tokens or self.route.max_model_len or UNKNOWN_COMPLETION_RESERVE
+        return request.n * per_choice
+
     async def settle(self) -> None:
         """Give back what admission held beyond the tokens really used, and release the spend
         hold with the real cost."""
@@ -358,6 +387,15 @@ class Completion(Exchange):
                 raise _spend_refused(admission)
             raise _rate_limited(admission, self.caller)
         return admission
+
+    async def _count_completion(self, text: str, tokenizer) -> int:
+        """`text`'s tokens: the model's tokenizer (a long text in a prompt worker), else the
+        estimate."""
+        if tokenizer is None:
+            return estimate_text(text)
+        if len(text) > self.gateway.config.inline_prompt_bytes:  # off the event loop
+            return await self._count_text_in_pool(text, tokenizer)
+        return tokenizer.count_text(text)
 
     async def _count_text_in_pool(self, text: str, tokenizer) -> int:
         """A long text's tokens in a prompt worker. It is billed, so it is counted whatever
@@ -699,7 +737,10 @@ class Completion(Exchange):
         status = response.status
         try:
             async with asyncio.timeout(self._idle_timeout()):
-                raw = await response.read()
+                if self.upstream is partner.PROVIDER:
+                    raw = await self._read_bounded(response)
+                else:
+                    raw = await response.read()
         except TimeoutError:
             outcome.status = 504
             raise upstream_error(
@@ -725,8 +766,10 @@ class Completion(Exchange):
             outcome.status = 200
             if isinstance(data.get("usage"), dict):
                 outcome.take_usage(data["usage"])
-            else:
-                outcome.parts = [_choice_text(choice) for choice in data.get("choices") or ()]
+            if not outcome.usage_seen or self.upstream is partner.PROVIDER:  # see record_usage
+                choices = data.get("choices")
+                choices = choices if isinstance(choices, list) else ()
+                outcome.parts = [_choice_text(choice) for choice in choices]
         elif self.upstream is partner.PROVIDER and status != 200 and isinstance(data, dict):
             error = partner.error_from_provider(status, data, response.headers, self.route.provider)
             outcome.status = status = error.status
@@ -767,20 +810,37 @@ class Completion(Exchange):
         content = response.content
         idle = self._idle_timeout()
         who = self.upstream
+        hostile = who is partner.PROVIDER  # a third party's: bounded in tokens and bytes too
+        answer_timeout = self.gateway.config.answer_timeout
+        deadline = time.monotonic() + answer_timeout
+        bytes_most = self._answer_bytes_most()
+        # The text's bytes at which its estimate passes the overrun bound: counted then, and
+        # again each time it grew by a quarter (the model's tokenizer may count fewer).
+        count_at = 4 * (2 * self.completion_allowed() + OVERRUN_SLACK_TOKENS) + 1
+        received = 0
         buffer = b""
         done = False
         failure = None
         outcome.status = 200
         while True:
+            left = deadline - time.monotonic()
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(DRAIN_SECONDS if done else min(idle, left)):
                     data = await content.readany()
             except TimeoutError:
+                if done:
+                    break
                 failure = upstream_error(
-                    504, f"The {who.noun} sent nothing for {idle:.0f}s.", code=who.code("timeout")
+                    504,
+                    f"The {who.noun} did not finish its answer within {answer_timeout:.0f}s."
+                    if left <= idle
+                    else f"The {who.noun} sent nothing for {idle:.0f}s.",
+                    code=who.code("timeout"),
                 )
                 break
             except aiohttp.ClientError as error:
+                if done:
+                    break
                 self._replica_broke(error)
                 failure = upstream_error(
                     502,
@@ -788,15 +848,12 @@ class Completion(Exchange):
                     code=who.code("stream_broken"),
                 )
                 break
-            if not data:
-                break
-            if done:
-                continue  # read to the end so the connection can be reused
+            if not data or done:
+                break  # more after [DONE]: left unread, and the connection closed, not reused
+            received += len(data)
             buffer += data
             if b"\r\n" in buffer:
                 buffer = buffer.replace(b"\r\n", b"\n")
-            if b"\n\n" not in buffer:
-                continue
             *events, buffer = buffer.split(b"\n\n")
             out = []
             for event in events:
@@ -813,6 +870,19 @@ class Completion(Exchange):
                     break
                 if kept:
                     out.append(kept)
+                if hostile and outcome.text_bytes >= count_at:
+                    failure = await self._overran()
+                    if failure is not None:
+                        break
+                    count_at = outcome.text_bytes + outcome.text_bytes // 4 + 1
+            if failure is None and len(buffer) > MAX_EVENT_BYTES:
+                failure = upstream_error(
+                    502,
+                    f"The {who.noun} sent a stream event longer than {MAX_EVENT_BYTES >> 20} MiB.",
+                    code=who.code("bad_response"),
+                )
+            if failure is None and hostile and received > bytes_most:
+                failure = self._too_large(bytes_most)
             if out:
                 out.append(b"")
                 await send(
@@ -830,6 +900,53 @@ class Completion(Exchange):
             outcome.status = failure.status
         tail = b"data: [DONE]\n\n" if failure is None else b"data: " + failure.body() + b"\n\n"
         self.last_messages = [{"type": "http.response.body", "body": tail, "more_body": False}]
+
+    async def _overran(self) -> GatewayError | None:
+        """The error that ends a provider's stream whose text passed twice what the request
+        allows (counted like a broken stream's: the model's tokenizer, else the estimate)."""
+        allowed = self.completion_allowed()
+        tokenizer = self.gateway.tokenizers.get_nowait(self.route.model_version_id)
+        counted = await self._count_completion("".join(self.outcome.parts), tokenizer)
+        if counted <= 2 * allowed + OVERRUN_SLACK_TOKENS:
+            return None
+        logger.warning(
+            "provider connection %s went on past max_tokens (%d tokens relayed, %d allowed)",
+            self.route.provider.connection_name,
+            counted,
+            allowed,
+        )
+        return upstream_error(
+            502,
+            f"The model's provider went on generating past the {allowed} tokens this request "
+            "allows (`max_tokens`, else the model's context length); the stream was cut.",
+            code="provider_bad_response",
+        )
+
+    def _answer_bytes_most(self) -> int:
+        """The most bytes a provider's answer may take (see PROVIDER_BYTES_PER_TOKEN)."""
+        return (1 << 20) + PROVIDER_BYTES_PER_TOKEN * self.completion_allowed()
+
+    def _too_large(self, most: int) -> GatewayError:
+        self.outcome.status = 502
+        return upstream_error(
+            502,
+            f"The model's provider sent more than {most / (1 << 20):.1f} MiB for an answer of "
+            f"at most {self.completion_allowed()} tokens.",
+            code="provider_bad_response",
+        )
+
+    async def _read_bounded(self, response) -> bytes:
+        """A provider's whole body, at most `_answer_bytes_most()` of it."""
+        most = self._answer_bytes_most()
+        if response.content_length is not None and response.content_length > most:
+            raise self._too_large(most)
+        pieces, size = [], 0
+        async for piece in response.content.iter_any():
+            size += len(piece)
+            if size > most:
+                raise self._too_large(most)
+            pieces.append(piece)
+        return b"".join(pieces)
 
     def _idle_timeout(self) -> float:
         if self.upstream is partner.PROVIDER:
@@ -866,11 +983,14 @@ class Completion(Exchange):
         if not isinstance(chunk, dict):
             return event
         outcome = self.outcome
-        choices = chunk.get("choices") or ()
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            choices = ()
         for choice in choices:
             text = _choice_text(choice)
             if text:
                 outcome.parts.append(text)
+                outcome.text_bytes += len(text.encode())
                 if outcome.ttft is None:
                     outcome.ttft = time.perf_counter() - self.started
         usage = chunk.get("usage")
@@ -906,6 +1026,17 @@ class Completion(Exchange):
         """Write the request's one UsageEvent and wait until it is durable. Called once,
         from `serve()`'s finally."""
         gateway, request, route, outcome = self.gateway, self.request, self.route, self.outcome
+        provider = self.upstream is partner.PROVIDER
+        distrusted = provider and outcome.usage_seen and not self._usage_believable()
+        if distrusted:
+            logger.warning(
+                "provider connection %s reported usage no request of this size can use; "
+                "billed by the gateway's count",
+                route.provider.connection_name,
+            )
+            outcome.usage_seen = outcome.usage_final = False
+            outcome.cached_tokens, outcome.cached_reported = 0, None
+            outcome.prompt_tokens = outcome.completion_tokens = 0
         source = UsageEvent.Source.UPSTREAM
         if outcome.usage_seen and not outcome.usage_final:
             # Cut before the final figure: the last one the replica reported is billed (what
@@ -913,18 +1044,17 @@ class Completion(Exchange):
             source = UsageEvent.Source.UPSTREAM_PARTIAL
         if not outcome.usage_seen:
             source = UsageEvent.Source.COUNTED
-            if outcome.parts:
-                # The client received text but no usage: bill what it received, counted with
-                # the model's own tokenizer.
+            if outcome.parts or distrusted:
+                # The client received text but no (believable) usage: bill what it received,
+                # counted with the model's own tokenizer.
                 tokenizer = await gateway.tokenizers.get(route.model_version_id)
                 outcome.prompt_tokens = request.count_prompt(tokenizer)
                 text = "".join(outcome.parts)
-                if tokenizer is None:
-                    outcome.completion_tokens = estimate_text(text)
-                elif len(text) > gateway.config.inline_prompt_bytes:  # off the event loop
-                    outcome.completion_tokens = await self._count_text_in_pool(text, tokenizer)
-                else:
-                    outcome.completion_tokens = tokenizer.count_text(text)
+                outcome.completion_tokens = await self._count_completion(text, tokenizer)
+            if provider:  # never past what the request allowed (and its spend hold priced)
+                outcome.completion_tokens = min(
+                    outcome.completion_tokens, self.completion_allowed()
+                )
         deployment_metrics = metrics.for_deployment(str(route.deployment_id))
         deployment_metrics.prompt_tokens.inc(outcome.prompt_tokens)
         deployment_metrics.completion_tokens.inc(outcome.completion_tokens)
@@ -970,6 +1100,19 @@ class Completion(Exchange):
         except UsageNotDurable:
             # Not acknowledged: the answer's last bytes become the error.
             self.last_messages = self._error_messages(_usage_not_recorded())
+
+    def _usage_believable(self) -> bool:
+        """A provider's figures are counts a request of this size can use: a prompt of at
+        most twice the body's bound plus PROVIDER_PROMPT_SLACK, a completion of at most what
+        the request allows, cached tokens within the prompt. Else the gateway counts."""
+        outcome = self.outcome
+        return (
+            not outcome.usage_invalid
+            and outcome.prompt_tokens
+            <= 2 * prompt_token_bound(self.body_bytes) + PROVIDER_PROMPT_SLACK
+            and outcome.completion_tokens <= self.completion_allowed()
+            and outcome.cached_tokens <= outcome.prompt_tokens
+        )
 
     def _error_messages(self, error: GatewayError) -> list[dict]:
         """`error` as the response's last messages: a whole response while the held-back

@@ -17,6 +17,7 @@ class GatewaySettings:
     connect_timeout: float
     first_byte_timeout: float
     idle_timeout: float
+    answer_timeout: float
     scale_from_zero_wait: float
     scale_progress_interval: float
     org_rpm_limit: int
@@ -47,6 +48,7 @@ class GatewaySettings:
             "connect_timeout": settings.GATEWAY_CONNECT_TIMEOUT,
             "first_byte_timeout": settings.GATEWAY_FIRST_BYTE_TIMEOUT,
             "idle_timeout": settings.GATEWAY_IDLE_TIMEOUT,
+            "answer_timeout": settings.GATEWAY_ANSWER_TIMEOUT,
             "scale_from_zero_wait": settings.GATEWAY_SCALE_FROM_ZERO_WAIT,
             "scale_progress_interval": settings.GATEWAY_SCALE_PROGRESS_INTERVAL,
             "org_rpm_limit": settings.GATEWAY_ORG_RPM_LIMIT,

@@ -15,10 +15,14 @@
   "error", "message": "Rate limit exceeded", "type": "rate_limited", "code": "1300"}` with
   `Retry-After: retry_after`), `stall` (headers only after `stall_seconds`), `cut` (a stream
   that stops after `cut_after` chunks, without usage or `[DONE]`), `garbage` (a 200 whose body
-  is not JSON; in a stream, an event that is not JSON), `no_usage` (answers without `usage`);
-  `delay_seconds` paces each chunk;
+  is not JSON; in a stream, an event that is not JSON), `no_usage` (answers without `usage`),
+  and hostile ones: `forever` (a stream that ignores `max_tokens` and never ends), `trickle`
+  (a stream that sends an SSE comment every `delay_seconds`, forever), `huge` (one `data:` line
+  of `huge_bytes` with no newline; not streamed, a chat completion of that size);
+  `delay_seconds` paces each chunk; `usage` (a dict) overrides fields of the reported usage;
 - `GET /_requests`: the bodies and headers received so far (the credential header's value is
-  reduced to whether it matched), for tests to check what the gateway sent.
+  reduced to whether it matched), and whether the client hung up mid-answer (`aborted`), for
+  tests to check what the gateway sent and when it let go.
 
 It answers `words` pseudo-tokens, one per chunk: prompt tokens are the words of the messages.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -87,13 +92,13 @@ class FakeProvider:
             body = json.loads(raw)
         except ValueError:
             body = None
-        self.received.append(
-            {
-                "body": body,
-                "authorized": authorized,
-                "headers": sorted(k.lower() for k in request.headers),
-            }
-        )
+        record = {
+            "body": body,
+            "authorized": authorized,
+            "headers": sorted(k.lower() for k in request.headers),
+            "aborted": False,
+        }
+        self.received.append(record)
         if not authorized:
             return web.json_response(
                 {"message": "Unauthorized", "request_id": uuid.uuid4().hex}, status=401
@@ -135,6 +140,7 @@ class FakeProvider:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": count,
             "total_tokens": prompt_tokens + count,
+            **control.get("usage", {}),
         }
         ident = uuid.uuid4().hex
         created = int(time.time())
@@ -142,6 +148,8 @@ class FakeProvider:
         if not body.get("stream"):
             if mode == "garbage":
                 return web.Response(status=200, text="<html>oops</html>")
+            if mode == "huge":
+                pieces = ["x" * int(control.get("huge_bytes", 50_000_000))]
             answer = {
                 "id": ident,
                 "object": "chat.completion",
@@ -161,7 +169,7 @@ class FakeProvider:
             }
             if mode != "no_usage":
                 answer["usage"] = usage
-            return web.json_response(answer)
+            return await _send_json(request, answer, record)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         try:
             await response.prepare(request)
@@ -186,6 +194,21 @@ class FakeProvider:
 
         try:
             await event(chunk({"role": "assistant", "content": ""}))
+            if mode == "forever":
+                for index in itertools.count():
+                    await event(chunk({"content": WORDS[index % len(WORDS)] + " "}))
+                    await asyncio.sleep(delay)  # at least yield, so the loop stays responsive
+            if mode == "trickle":
+                while True:
+                    await response.write(b": still thinking\n\n")
+                    await asyncio.sleep(delay)
+            if mode == "huge":
+                await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "')
+                left = int(control.get("huge_bytes", 50_000_000))
+                while left > 0:
+                    await response.write(b"x" * min(left, 1 << 20))
+                    left -= 1 << 20
+                return response  # no newline, ever
             for index, piece in enumerate(pieces):
                 if mode == "cut" and index >= int(control.get("cut_after", 3)):
                     return response  # the connection ends with no usage and no [DONE]
@@ -198,9 +221,25 @@ class FakeProvider:
                 await event(data)
             await event("[DONE]")
             await response.write_eof()
-        except ConnectionResetError:  # the client left (aiohttp's error is one)
-            pass
+        except ConnectionError:  # the client left (aiohttp's errors are ones)
+            record["aborted"] = True
         return response
+
+
+async def _send_json(request: web.Request, answer: dict, record: dict) -> web.StreamResponse:
+    """`answer` in pieces of 1 MiB, so a client that hangs up mid-body is seen doing it."""
+    body = json.dumps(answer).encode()
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/json", "Content-Length": str(len(body))}
+    )
+    try:
+        await response.prepare(request)
+        for start in range(0, len(body), 1 << 20):
+            await response.write(body[start : start + (1 << 20)])
+        await response.write_eof()
+    except ConnectionError:  # the client left
+        record["aborted"] = True
+    return response
 
 
 def _error(status: int, message, type_: str, *, code="3000") -> web.Response:

@@ -177,6 +177,8 @@ GATEWAY_MAX_BODY_BYTES = env.int("GATEWAY_MAX_BODY_BYTES", default=4 * 1024 * 10
 GATEWAY_CONNECT_TIMEOUT = env.float("GATEWAY_CONNECT_TIMEOUT", default=3.0)
 GATEWAY_FIRST_BYTE_TIMEOUT = env.float("GATEWAY_FIRST_BYTE_TIMEOUT", default=600.0)
 GATEWAY_IDLE_TIMEOUT = env.float("GATEWAY_IDLE_TIMEOUT", default=120.0)
+# The most a streamed answer may last, however steadily it comes (a provider trickling forever).
+GATEWAY_ANSWER_TIMEOUT = env.float("GATEWAY_ANSWER_TIMEOUT", default=3600.0)
 # How long a request waits for a deployment at zero replicas to get one; streaming requests
 # get an SSE comment with progress every GATEWAY_SCALE_PROGRESS_INTERVAL seconds meanwhile.
 GATEWAY_SCALE_FROM_ZERO_WAIT = env.float("GATEWAY_SCALE_FROM_ZERO_WAIT", default=300.0)
