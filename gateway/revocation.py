@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 _live_caches: weakref.WeakSet = weakref.WeakSet()
 _publisher: redis.Redis | None = None
+# How long the listener waits for a message before it looks at its stop flag again, so at most
+# how long a stopping gateway waits for it (the tests, which stop a gateway per test, shorten it).
+POLL_SECONDS = 0.5
 
 
 def channel_name(prefix: str) -> str:
@@ -67,7 +70,9 @@ async def listen_for_revocations(redis_url: str, prefix: str, cache, stop: async
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(channel)
                 while not stop.is_set():
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=POLL_SECONDS
+                    )
                     if message is not None and message["type"] == "message":
                         cache.forget(int(message["data"]))
         except (redis.RedisError, OSError, ValueError):

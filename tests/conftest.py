@@ -14,6 +14,20 @@ from accounts.services import api_key_create
 from tests.factories import MembershipFactory, OrganizationFactory
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    """A test that drives Chromium checks the console's pages, scripts and flows: it gives the
+    same answer on either database, so it is `backend_neutral` (pyproject.toml): `make test`
+    runs it once, in the PostgreSQL + Redis pass, as production serves the console. (A `nodb`
+    one, such as the quickstart on `make run`'s own SQLite, stays in the SQLite pass.)"""
+    for item in items:
+        nodb = item.get_closest_marker("nodb") is not None
+        if "browser" in getattr(item, "fixturenames", ()) and not nodb:
+            item.add_marker(pytest.mark.backend_neutral)
+        elif nodb and item.get_closest_marker("backend_neutral"):
+            raise pytest.UsageError(f"{item.nodeid}: nodb and backend_neutral: no pass runs it")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _api_key_uses_written_only_when_a_test_asks():
     """No background thread writing to the test database behind a test's back: tests call
@@ -21,6 +35,71 @@ def _api_key_uses_written_only_when_a_test_asks():
     from accounts.key_use import recorder
 
     recorder.interval = 0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _postgres_empties_tables_by_delete():
+    """A transactional test (live server, gateway, browser) ends with Django's flush of every
+    table. On PostgreSQL that is one TRUNCATE of ~100 tables, which makes new files for each
+    table and index: 0.3 s or more a test on the 2-core CI machine. DELETE FROM leaves the same
+    empty tables (neither resets sequences here) in milliseconds; the foreign keys are deferred
+    to the commit, when all are empty. The tables whose triggers refuse a DELETE (the billing
+    ledger's immutability), and those whose foreign keys point at them, are still truncated;
+    flushes that reset sequences keep Django's TRUNCATE ... RESTART IDENTITY."""
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    truncate = DatabaseOperations.sql_flush
+    refusing_delete: dict[str, set[str]] = {}  # database name → tables to truncate
+
+    def tables_to_truncate(connection) -> set[str]:
+        name = connection.settings_dict["NAME"]
+        if name not in refusing_delete:
+            with connection.cursor() as cursor:
+                cursor.execute(  # user triggers that fire on DELETE (TRIGGER_TYPE_DELETE = 8)
+                    "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                    "WHERE NOT t.tgisinternal AND t.tgtype & 8 <> 0"
+                )
+                found = {table for (table,) in cursor.fetchall()}
+                cursor.execute(
+                    "SELECT conrelid::regclass::text, confrelid::regclass::text "
+                    "FROM pg_constraint WHERE contype = 'f'"
+                )
+                references = cursor.fetchall()
+            while grown := {src for src, dst in references if dst in found} - found:
+                found |= grown  # TRUNCATE needs the tables referring to a table with it
+            refusing_delete[name] = found
+        return refusing_delete[name]
+
+    def sql_flush(self, style, tables, *, reset_sequences=False, allow_cascade=False):
+        if reset_sequences or not tables:
+            return truncate(
+                self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade
+            )
+        truncated = tables_to_truncate(self.connection)
+        statements = truncate(
+            self,
+            style,
+            [table for table in tables if table in truncated],
+            allow_cascade=allow_cascade,
+        )
+        kept = [table for table in tables if table not in truncated]
+        return statements + [f"DELETE FROM {self.quote_name(t)};" for t in kept]  # noqa: S608
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DatabaseOperations, "sql_flush", sql_flush)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _gateways_stop_without_waiting_out_a_poll():
+    """With Redis, a gateway's revocation listener looks at its stop flag every 0.5 s, so each
+    stop (the `gateway` fixture stops its gateway twice a test) waited up to that long. Polling
+    every 20 ms changes nothing a test sees but how soon a gateway closes."""
+    from gateway import revocation
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(revocation, "POLL_SECONDS", 0.02)
+        yield
 
 
 @pytest.fixture

@@ -130,7 +130,7 @@ def test_the_quickstart_from_login_to_the_upcoming_invoice(page, platform):
         if page.locator("td", has_text=name).count():
             break
         assert time.monotonic() < deadline, "the playground's tokens never reached usage"
-        time.sleep(3)
+        time.sleep(1)
     screenshot(page, "journey-5-usage")
 
     page.goto(f"{url}/invoices/upcoming")
@@ -158,7 +158,7 @@ def test_the_quickstart_from_login_to_the_upcoming_invoice(page, platform):
     deadline = time.monotonic() + 240
     while api.get(f"/deployments/{created.json()['id']}").json()["status"] != "ready":
         assert time.monotonic() < deadline, "the API's deployment never became ready"
-        time.sleep(2)
+        time.sleep(0.5)
 
     client = OpenAI(base_url=f"{url}/v1", api_key=api_key)
     assert {"mixtral-tiny", name, "mixtral-api"} <= {model.id for model in client.models.list()}
@@ -177,4 +177,4 @@ def test_the_quickstart_from_login_to_the_upcoming_invoice(page, platform):
         if any(row.get("label") == "mixtral-api" for row in rows):
             break
         assert time.monotonic() < deadline, f"the SDK's tokens never reached usage: {rows}"
-        time.sleep(3)
+        time.sleep(1)

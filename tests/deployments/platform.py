@@ -250,23 +250,24 @@ class Platform:
         self.worker.wait(timeout=30)
 
     def stop_worker(self) -> None:
+        """As run_platform stops it: SIGTERM to the worker alone (a warm shutdown that stops its
+        pool), then SIGKILL to what is left of its group. (SIGTERM to the whole group killed the
+        pool under the warm shutdown, which then hung for a minute.)"""
+        self._stop(self.worker, grace=60)
+
+    def _stop(self, process: subprocess.Popen, *, grace: float) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.worker.pid, signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.kill_worker()
+            os.kill(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
     def close(self) -> None:
         for process in (self.worker, self.web):
             if process is not None and process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+                self._stop(process, grace=30)
         for pid in self.replica_pids():  # never leave a runtime behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
