@@ -20,6 +20,9 @@ _STOP = object()
 CALL_TIMEOUT = 10.0
 
 
+RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, None)
+
+
 class DatabaseUnavailable(Exception):
     """The control plane's database did not answer in time, or refused the connection: the
     request gets a 503 with Retry-After (gateway/exchange.py), not a 500."""
@@ -50,6 +53,19 @@ class DbThreads:
             raise DatabaseUnavailable(f"{function.__name__} took over {CALL_TIMEOUT}s") from None
         except (OperationalError, InterfaceError) as error:
             raise DatabaseUnavailable(f"{function.__name__}: {error}") from error
+
+    async def call_retrying(self, function: Callable[..., Any], /, **kwargs) -> Any:
+        """`call`, tried again after 0.25, 0.5, 1 and 2 s when it fails: for a background write
+        a request does not wait for (a report whose loss would leave stale state behind, when
+        the database is briefly locked or restarting); the last failure is raised."""
+        for delay in RETRY_DELAYS:
+            try:
+                return await self.call(function, **kwargs)
+            except Exception:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+        return None
 
     def stop(self, timeout: float = 5) -> None:
         for _ in self._threads:

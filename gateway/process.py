@@ -135,16 +135,11 @@ class Gateway:
 
     async def _report_circuit(self, **report) -> None:
         # A lost report would leave the page showing a state the breaker has left until its
-        # next change: retry a few times (a newer report supersedes an older one anyway).
-        for delay in (0.25, 0.5, 1.0, 2.0, None):
-            try:
-                await self.db.call(sources.report_circuit, **report)
-                return
-            except Exception:  # the breaker works without it: only the page lags
-                if delay is None:
-                    logger.warning("reporting a circuit state failed: %s", report, exc_info=True)
-                    return
-                await asyncio.sleep(delay)
+        # next change: retried (a newer report supersedes an older one anyway).
+        try:
+            await self.db.call_retrying(sources.report_circuit, **report)
+        except Exception:  # the breaker works without it: only the page lags
+            logger.warning("reporting a circuit state failed: %s", report, exc_info=True)
 
     async def close(self) -> None:
         revocation.unregister(self.keys)

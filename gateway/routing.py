@@ -310,8 +310,10 @@ class RouteTable:
         task.add_done_callback(self._reports.discard)
 
     async def _report(self, **report) -> None:
+        # Retried: a lost report (the database locked or restarting for a moment) leaves the
+        # replica listed as ready to every other gateway process.
         try:
-            await self._db.call(self._report_unhealthy, **report)
+            await self._db.call_retrying(self._report_unhealthy, **report)
         except Exception:  # the reconciler's own checks still find it
             logger.warning("reporting replica %s as unhealthy failed", report, exc_info=True)
 
