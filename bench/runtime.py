@@ -222,11 +222,12 @@ def engine_in_process(model_dir: Path, max_num_seqs: int, tokens: int):
     engine = loaded.engine
     spec = output_spec({"response_format": RESPONSE_FORMAT})
 
-    def measure(texts: list[str], schema: bool = False) -> dict:
-        """Chat prompts under ORDER_SCHEMA when `schema` (compiling each request's grammar
-        is part of the time), else plain prompts run to exactly `tokens` tokens."""
+    def measure(texts: list[str], mode: str | None = None) -> dict:
+        """Plain prompts run to exactly `tokens` tokens; with `mode` "chat" the same as chat
+        prompts, with "schema" chat prompts under ORDER_SCHEMA (compiling each request's
+        grammar is part of the time)."""
         arrived, first, counts = {}, {}, {}
-        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=not schema)
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=mode != "schema")
         started = time.perf_counter()
         for index, text in enumerate(texts):
             arrived[index] = time.perf_counter()
@@ -235,11 +236,11 @@ def engine_in_process(model_dir: Path, max_num_seqs: int, tokens: int):
                 first.setdefault(index, time.perf_counter())
                 counts[index] = event.completion_tokens
 
-            if schema:
+            if mode is None:  # the text itself, as transformers' baseline gets it
+                prompt_ids = loaded.tokenization.encode(text)
+            else:  # a chat prompt, as the server's chat rows send it, schema or not
                 prompt_ids = loaded.tokenization.render_chat([{"role": "user", "content": text}])
-                constraint = loaded.grammars.constraint(spec)
-            else:
-                prompt_ids, constraint = loaded.tokenization.encode(text), None
+            constraint = loaded.grammars.constraint(spec) if mode == "schema" else None
             engine.submit(str(index), prompt_ids, params, sink, constraint)
         while engine.step():
             pass
@@ -348,9 +349,7 @@ def main() -> None:
                 structured[mode].append(
                     asyncio.run(closed_loop(url, texts, widest, args.tokens, mode))
                 )
-                structured[f"engine_{mode}"].append(
-                    engine(prompts(widest), schema=mode == "schema")
-                )
+                structured[f"engine_{mode}"].append(engine(prompts(widest), mode=mode))
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -15,9 +15,12 @@ decides. A tokenizer without the control token gets the same marker as plain tex
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import string
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +38,8 @@ TOOL_CALLS_MARKER = "[TOOL_CALLS]"
 JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 # Mistral's templates require call ids of 9 letters and digits (vLLM's mistral parser too).
 CALL_ID_LENGTH = 9
+# Compiled grammars kept per model for requests that repeat a schema (a few MB at most each).
+COMPILED_GRAMMARS = 64
 _CALL_ID_ALPHABET = string.ascii_letters + string.digits
 # The work one grammar may cost: compiling (initial_lexer_fuel, about 20 ms at llguidance's
 # rate) and each step's mask (step_lexer_fuel and step_max_items, a few ms). A grammar over
@@ -81,6 +86,9 @@ class Grammars:
         # The control token when the tokenizer has one (Mistral v3 and later, the tiny MoE).
         self.call_token: int | None = marker if marker in special else None
         self.closing = ClosingScores(self.tokenizer, special, eos_token_id, vocab_size)
+        # Grammar text -> its compiled matcher, untouched (requests get copies); LRU.
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._compiled_lock = threading.Lock()
 
     def grammar(self, spec: OutputSpec) -> str:
         """The llguidance grammar for a constrained request."""
@@ -103,18 +111,32 @@ class Grammars:
         return llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
 
     def constraint(self, spec: OutputSpec) -> Constraint:
-        """Compile a request's grammar (blocking; llguidance drops the GIL meanwhile)."""
-        matcher = llguidance.LLMatcher(
-            self.tokenizer,
-            self.grammar(spec),
-            log_level=0,
-            limits=llguidance.LLParserLimits(**PARSER_LIMITS),
-        )
-        if matcher.is_error():
-            raise InvalidRequest(
-                f"the schema cannot be compiled into a grammar: {matcher.get_error()}",
-                "response_format" if not spec.calls_tools else "tools",
+        """A request's grammar state: a copy of the compiled grammar when the same grammar was
+        compiled lately (clients send the same schema again and again; a copy costs about a
+        microsecond, a compile about a millisecond for a modest schema), else compiled now
+        (blocking; llguidance drops the GIL meanwhile)."""
+        grammar = self.grammar(spec)
+        with self._compiled_lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                matcher = compiled.deep_copy()
+        if compiled is None:
+            matcher = llguidance.LLMatcher(
+                self.tokenizer,
+                grammar,
+                log_level=0,
+                limits=llguidance.LLParserLimits(**PARSER_LIMITS),
             )
+            if matcher.is_error():
+                raise InvalidRequest(
+                    f"the schema cannot be compiled into a grammar: {matcher.get_error()}",
+                    "response_format" if not spec.calls_tools else "tools",
+                )
+            with self._compiled_lock:
+                self._compiled[grammar] = matcher.deep_copy()
+                if len(self._compiled) > COMPILED_GRAMMARS:
+                    self._compiled.popitem(last=False)
         return Constraint(
             matcher,
             self.call_token,
@@ -176,10 +198,6 @@ class Constraint:
     def steers_to_close(self) -> bool:
         """JSON is being written (not free text), so the end of the budget steers it shut."""
         return self.always_json or self.calling
-
-    def fill_bitmask(self, row: torch.Tensor) -> None:
-        """Write the allowed next tokens into `row` (int32, one bit per token, on the CPU)."""
-        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def consume(self, token: int) -> bool:
         if self.consumed == 0 and token == self.call_token:
@@ -274,6 +292,7 @@ class MaskPool:
 
     def __init__(self):
         self._executor: ThreadPoolExecutor | None = None
+        self._masks: llguidance.LLExecutor | None = None
 
     def start(self, sequences) -> PendingMasks:
         rows = [row for row, s in enumerate(sequences) if s.constraint is not None]
@@ -282,13 +301,19 @@ class MaskPool:
         constraints = [sequences[row].constraint for row in rows]
         width = bitmask_width(constraints[0].closing.vocab_size)
         bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)
-
-        def fill() -> None:
-            for index, constraint in enumerate(constraints):
-                constraint.fill_bitmask(bitmask[index])
-
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+            self._masks = llguidance.LLExecutor(num_threads=1)
+        # All rows in one call that holds no GIL: a loop of one call per row took the GIL back
+        # between rows, waiting on the engine thread each time.
+        matchers = [(constraint.matcher, index) for index, constraint in enumerate(constraints)]
+        fill = functools.partial(
+            self._masks.unsafe_compute_mask_ptr,
+            matchers,
+            bitmask.data_ptr(),
+            width * bitmask.element_size(),
+            len(rows),
+        )
         return PendingMasks(rows, bitmask, self._executor.submit(fill))
 
 
