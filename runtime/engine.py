@@ -322,9 +322,8 @@ class Engine:
             # The budget counts the tokens to compute: a prompt mostly in the prefix cache is
             # cheap, so many such newcomers join in one step (as vLLM's scheduler counts them).
             cached_blocks = len(self.blocks.cached_prefix(keys, len(tokens)))
-            if (group or not first) and len(
-                tokens
-            ) - cached_blocks * self.blocks.block_size > budget:
+            to_compute = len(tokens) - cached_blocks * self.blocks.block_size
+            if (group or not first) and to_compute > budget:
                 break
             # A prompt that shares blocks this pass computes waits for the next pass and reads
             # them from the cache then, instead of computing them twice.
