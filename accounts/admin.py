@@ -3,7 +3,7 @@ from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
 from accounts import services
 from accounts.actors import Actor
-from accounts.models import APIKey, AuditLogEntry, MemberRemoval, Membership, Organization, User
+from accounts.models import APIKey, AuditLogEntry, Membership, Organization, User
 from accounts.roles import Role
 
 
@@ -85,10 +85,10 @@ class OrganizationAdmin(admin.ModelAdmin):
                 )
             if "role" in changed:
                 services.member_keys_bind(actor=actor, membership=membership)
-        for membership in formset.new_objects:  # added back on purpose
-            MemberRemoval.objects.filter(
+        for membership in formset.new_objects:
+            services.member_removal_forget(
                 organization_id=membership.organization_id, user_id=membership.user_id
-            ).delete()
+            )
 
 
 @admin.register(APIKey)

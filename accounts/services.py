@@ -122,8 +122,7 @@ def member_add(*, actor: Actor, email: str, role: str) -> Membership:
     if Membership.objects.filter(organization=actor.organization, user=user).exists():
         raise Conflict(f"{email} is already a member; change their role instead.", field="email")
     membership = Membership.objects.create(organization=actor.organization, user=user, role=role)
-    # Added back on purpose: single sign-on may let them in again.
-    MemberRemoval.objects.filter(organization=actor.organization, user=user).delete()
+    member_removal_forget(organization_id=actor.organization.pk, user_id=user.pk)
     audit_record(actor=actor, action="member.add", target=membership, changes={"role": role})
     return membership
 
@@ -165,6 +164,12 @@ def member_removal_record(*, organization_id: int, user_id: int) -> None:
     them again until they are added back (member_add). Called by member_remove and by the
     admin, the only other writer of memberships."""
     MemberRemoval.objects.update_or_create(organization_id=organization_id, user_id=user_id)
+
+
+def member_removal_forget(*, organization_id: int, user_id: int) -> None:
+    """The person was added back on purpose: single sign-on may let them in again. Called by
+    member_add and by the admin."""
+    MemberRemoval.objects.filter(organization_id=organization_id, user_id=user_id).delete()
 
 
 @transaction.atomic

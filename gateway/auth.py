@@ -23,6 +23,7 @@ from django.utils import timezone
 from accounts.models import APIKey
 from accounts.selectors import api_key_by_secret
 from gateway.errors import GatewayError, unauthorized
+from gateway.singleflight import SingleFlight
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class KeyCache:
         self._unknown: OrderedDict[bytes, float] = OrderedDict()  # digest → when read
         self._digest_by_key_id: dict[int, bytes] = {}
         self._revoked_at: dict[int, float] = {}
-        self._loading: dict[bytes, asyncio.Task] = {}
+        self._reads = SingleFlight()
         self.used: set[int] = set()  # keys used since the last touch_keys()
 
     async def authenticate(self, authorization: bytes | None) -> Caller:
@@ -163,21 +164,14 @@ class KeyCache:
             logger.warning("re-reading an API key failed", exc_info=True)
 
     async def _fetch(self, digest: bytes, secret: str) -> Caller | None:
-        """Read a key; requests with the same secret meanwhile wait for this read. The read is
-        a task of its own: a caller that goes away does not cancel it for the others."""
-        reading = self._loading.get(digest)
-        if reading is None:
-            reading = asyncio.get_running_loop().create_task(self._read(digest, secret))
-            self._loading[digest] = reading
-            reading.add_done_callback(lambda task: self._read_done(digest, task))
-        return await asyncio.shield(reading)
+        """Read a key; requests with the same secret meanwhile wait for this read."""
 
-    def _read_done(self, digest: bytes, task: asyncio.Task) -> None:
-        self._loading.pop(digest, None)
-        if task.cancelled() or task.exception() is not None:
+        def failed() -> None:
             entry = self._entries.get(digest)
             if entry is not None:
                 entry.refreshing = False
+
+        return await self._reads.run(digest, lambda: self._read(digest, secret), on_failure=failed)
 
     async def _read(self, digest: bytes, secret: str) -> Caller | None:
         started = time.monotonic()

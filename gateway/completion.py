@@ -116,7 +116,7 @@ class Outcome:
         self.per_choice: dict[int, int] = {}
         self.ttft: float | None = None
         self.parts: list[str] = []
-        self.text_bytes = 0  # of `parts`, in UTF-8
+        self.text_bytes = 0  # of `parts`, in UTF-8 (a provider's only)
         self.usage_invalid = False  # a figure that is not a count (negative, not a number)
 
     def take_usage(self, usage, *, final: bool = True, index=0) -> None:
@@ -986,11 +986,13 @@ class Completion(Exchange):
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             choices = ()
+        sized = self.upstream is partner.PROVIDER  # only a provider's text is bounded
         for choice in choices:
             text = _choice_text(choice)
             if text:
                 outcome.parts.append(text)
-                outcome.text_bytes += len(text.encode())
+                if sized:
+                    outcome.text_bytes += len(text.encode())
                 if outcome.ttft is None:
                     outcome.ttft = time.perf_counter() - self.started
         usage = chunk.get("usage")

@@ -20,6 +20,7 @@ _STOP = object()
 CALL_TIMEOUT = 10.0
 
 
+# call_retrying's waits before each retry; None: the last try.
 RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, None)
 
 
@@ -64,8 +65,7 @@ class DbThreads:
             except Exception:
                 if delay is None:
                     raise
-                await asyncio.sleep(delay)
-        return None
+            await asyncio.sleep(delay)
 
     def stop(self, timeout: float = 5) -> None:
         for _ in self._threads:

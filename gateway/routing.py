@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway import metrics
+from gateway.singleflight import SingleFlight
 from gateway.tokens import message_text
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class RouteTable:
         self._reported_at: dict[str, float] = {}
         self._reports: set[asyncio.Task] = set()
         self._routes: dict[tuple[int, str], _Cached] = {}
-        self._reading: dict[tuple[int, str], asyncio.Task] = {}
+        self._reads = SingleFlight()
         self._models: dict[int, _Cached] = {}
         self._in_flight: dict[str, int] = {}
         self._scale_up_asked: dict[str, float] = {}
@@ -146,20 +147,8 @@ class RouteTable:
         return await self._fetch(key)
 
     async def _fetch(self, key: tuple[int, str]):
-        """Read a route; requests that need the same one meanwhile wait for this read rather
-        than each making their own (a burst on a cold or expired cache is one query). The read
-        is a task of its own: a caller that goes away does not cancel it for the others."""
-        reading = self._reading.get(key)
-        if reading is None:
-            reading = asyncio.get_running_loop().create_task(self._read(key))
-            self._reading[key] = reading
-            reading.add_done_callback(lambda task: self._read_done(key, task))
-        return await asyncio.shield(reading)
-
-    def _read_done(self, key: tuple[int, str], task: asyncio.Task) -> None:
-        self._reading.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved, even when every caller went away before it failed
+        """Read a route; requests that need the same one meanwhile wait for this read."""
+        return await self._reads.run(key, lambda: self._read(key))
 
     async def _read(self, key: tuple[int, str]):
         organization_id, model = key

@@ -1,10 +1,14 @@
 from pathlib import Path
 
 import pytest
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.asgi import get_asgi_application
 from django.test import Client
 
 from accounts.roles import Role
+from gateway.app import GatewayApp
 from tests.factories import MembershipFactory
+from tests.gateway.conftest import ServerThread
 
 
 @pytest.fixture
@@ -64,3 +68,21 @@ def screenshot(page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+@pytest.fixture
+def console_and_gateway(tmp_path):
+    """Django (console, with its static files) and the gateway under /v1, as controlplane/asgi.py
+    composes them, in a server thread."""
+    django_app = ASGIStaticFilesHandler(get_asgi_application())
+    gateway_app = GatewayApp(usage_spool_dir=str(tmp_path / "spool"))
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan" or scope.get("path", "").startswith("/v1/"):
+            await gateway_app(scope, receive, send)
+        else:
+            await django_app(scope, receive, send)
+
+    server = ServerThread(app)
+    yield server
+    server.stop()

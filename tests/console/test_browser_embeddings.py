@@ -5,12 +5,9 @@ embedding model behind it."""
 from decimal import Decimal
 
 import pytest
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-from django.core.asgi import get_asgi_application
 from playwright.sync_api import expect
 
 from accounts.roles import Role
-from gateway.app import GatewayApp
 from metering.models import UsageEvent
 from tests.catalog.factories import ModelFactory, ModelVersionFactory, TokenPriceFactory
 from tests.console.conftest import screenshot
@@ -18,7 +15,7 @@ from tests.console.test_browser_foundation import log_in
 from tests.deployments.factories import DeploymentFactory, ReplicaFactory
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 from tests.gateway import conftest as gateway_fixtures
-from tests.gateway.conftest import EMBEDDING_SERVED_NAME, ServerThread
+from tests.gateway.conftest import EMBEDDING_SERVED_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 # The gateway tests' session fixtures: the tiny embedding model and its runtime process.
@@ -26,27 +23,9 @@ tiny_embedding_dir = gateway_fixtures.tiny_embedding_dir
 embedding_runtime = gateway_fixtures.embedding_runtime
 
 
-@pytest.fixture
-def platform(tmp_path):
-    """Django (console, with its static files) and the gateway under /v1, as controlplane/asgi.py
-    composes them."""
-    django_app = ASGIStaticFilesHandler(get_asgi_application())
-    gateway_app = GatewayApp(usage_spool_dir=str(tmp_path / "spool"))
-
-    async def app(scope, receive, send):
-        if scope["type"] == "lifespan" or scope.get("path", "").startswith("/v1/"):
-            await gateway_app(scope, receive, send)
-        else:
-            await django_app(scope, receive, send)
-
-    server = ServerThread(app)
-    yield server
-    server.stop()
-
-
 def test_the_embeddings_tab_embeds_through_the_gateway(
     page,
-    platform,
+    console_and_gateway,
     embedding_runtime,
     tiny_embedding_dir,
 ):
@@ -69,8 +48,8 @@ def test_the_embeddings_tab_embeds_through_the_gateway(
     deployment = DeploymentFactory(organization=organization, name="vectors", model_version=version)
     ReplicaFactory(deployment=deployment, endpoint=embedding_runtime)
 
-    log_in(page, platform, "dev@acme.example")
-    page.goto(f"{platform.url}/deployments/{deployment.pk}/playground")
+    log_in(page, console_and_gateway, "dev@acme.example")
+    page.goto(f"{console_and_gateway.url}/deployments/{deployment.pk}/playground")
     # An embedding model opens on the Embeddings tab.
     expect(page.get_by_role("link", name="Embeddings")).to_have_attribute("aria-current", "page")
     page.get_by_label("Texts, one per line").fill(

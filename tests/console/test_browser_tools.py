@@ -6,13 +6,10 @@ parsed. The model page lists each version's features."""
 from decimal import Decimal
 
 import pytest
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-from django.core.asgi import get_asgi_application
 from playwright.sync_api import expect
 
 from accounts.roles import Role
 from catalog.models import ServingRuntime
-from gateway.app import GatewayApp
 from metering.models import UsageEvent
 from tests.catalog.factories import ModelFactory, ModelVersionFactory, TokenPriceFactory
 from tests.console.conftest import screenshot
@@ -20,7 +17,7 @@ from tests.console.test_browser_foundation import log_in
 from tests.deployments.factories import DeploymentFactory, ReplicaFactory
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 from tests.gateway import conftest as gateway_fixtures
-from tests.gateway.conftest import RUNTIME_SERVED_NAME, ServerThread
+from tests.gateway.conftest import RUNTIME_SERVED_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 # The gateway tests' session fixtures: the tiny MoE and its runtime process.
@@ -28,25 +25,9 @@ tiny_moe_dir = gateway_fixtures.tiny_moe_dir
 runtime_process = gateway_fixtures.runtime_process
 
 
-@pytest.fixture
-def platform(tmp_path):
-    """Django (console, with its static files) and the gateway under /v1, as controlplane/asgi.py
-    composes them."""
-    django_app = ASGIStaticFilesHandler(get_asgi_application())
-    gateway_app = GatewayApp(usage_spool_dir=str(tmp_path / "spool"))
-
-    async def app(scope, receive, send):
-        if scope["type"] == "lifespan" or scope.get("path", "").startswith("/v1/"):
-            await gateway_app(scope, receive, send)
-        else:
-            await django_app(scope, receive, send)
-
-    server = ServerThread(app)
-    yield server
-    server.stop()
-
-
-def test_the_playground_calls_tools_and_parses_json(page, platform, runtime_process, tiny_moe_dir):
+def test_the_playground_calls_tools_and_parses_json(
+    page, console_and_gateway, runtime_process, tiny_moe_dir
+):
     organization = OrganizationFactory(slug="acme", name="Acme")
     user = UserFactory(email="dev@acme.example")
     MembershipFactory(organization=organization, user=user, role=Role.OWNER)
@@ -67,15 +48,15 @@ def test_the_playground_calls_tools_and_parses_json(page, platform, runtime_proc
     deployment = DeploymentFactory(organization=organization, name="chat", model_version=version)
     ReplicaFactory(deployment=deployment, endpoint=runtime_process)
 
-    log_in(page, platform, "dev@acme.example")
+    log_in(page, console_and_gateway, "dev@acme.example")
 
     # The model page lists what each version serves.
-    page.goto(f"{platform.url}/models/mixtral-tiny/")
+    page.goto(f"{console_and_gateway.url}/models/mixtral-tiny/")
     expect(page.locator("dl.facts")).to_contain_text("structured outputs (json_schema, strict)")
     expect(page.locator("dl.facts")).to_contain_text("tool calling: auto, required, named")
     screenshot(page, "model-features")
 
-    page.goto(f"{platform.url}/deployments/{deployment.pk}/playground")
+    page.goto(f"{console_and_gateway.url}/deployments/{deployment.pk}/playground")
     page.get_by_role("button", name="Insert an example tool").click()
     page.get_by_label("Tool choice").select_option("required")
     page.get_by_label("Max tokens").fill("80")

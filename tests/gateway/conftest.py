@@ -26,6 +26,7 @@ from runtime.tiny_embedding import build_tiny_embedding
 from runtime.tiny_moe import build_tiny_moe
 from tests.deployments.factories import DeploymentFactory, ReplicaFactory
 from tests.gateway.upstream import Upstream
+from tests.partner import start_fake_provider
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_SERVED_NAME = "tiny-moe"
@@ -208,3 +209,19 @@ def inference_key(make_api_key):
         return make_api_key(organization, scopes=[APIKey.Scope.INFERENCE], **fields)
 
     return make
+
+
+# A partner model's provider: the fake provider process (tests/fakeprovider.py), one per test
+# module, back to its normal answers and with its request log emptied for each test.
+@pytest.fixture(scope="module")
+def fake_provider(tmp_path_factory):
+    provider = start_fake_provider(tmp_path_factory.mktemp("fakeprovider") / "provider.log")
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def provider(fake_provider):
+    fake_provider.control(mode="ok", reset_requests=True)
+    yield fake_provider
+    fake_provider.control(mode="ok")

@@ -32,25 +32,11 @@ from deployments.services import deployment_update
 from metering.models import UsageEvent
 from tests.catalog.factories import TokenPriceFactory
 from tests.gateway.conftest import REPO_ROOT
-from tests.partner import enable_partner_model, make_partner_model, start_fake_provider
+from tests.partner import enable_partner_model, make_partner_model
 
 pytestmark = pytest.mark.slow
 
 CHAT = [{"role": "user", "content": "Say hello in French please"}]
-
-
-@pytest.fixture(scope="module")
-def fake_provider(tmp_path_factory):
-    provider = start_fake_provider(tmp_path_factory.mktemp("fakeprovider") / "provider.log")
-    yield provider
-    provider.stop()
-
-
-@pytest.fixture
-def provider(fake_provider):
-    fake_provider.control(mode="ok", reset_requests=True)
-    yield fake_provider
-    fake_provider.control(mode="ok")
 
 
 def owner(organization):

@@ -27,26 +27,11 @@ from tests.partner import (
     PROVIDER_MODEL_ID,
     enable_partner_model,
     make_partner_model,
-    start_fake_provider,
 )
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "Say hello in French please"}]
-
-
-@pytest.fixture(scope="module")
-def fake_provider(tmp_path_factory):
-    provider = start_fake_provider(tmp_path_factory.mktemp("fakeprovider") / "provider.log")
-    yield provider
-    provider.stop()
-
-
-@pytest.fixture
-def provider(fake_provider):
-    fake_provider.control(mode="ok", reset_requests=True)
-    yield fake_provider
-    fake_provider.control(mode="ok")
 
 
 @pytest.fixture
