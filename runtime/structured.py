@@ -38,8 +38,11 @@ TOOL_CALLS_MARKER = "[TOOL_CALLS]"
 JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 # Mistral's templates require call ids of 9 letters and digits (vLLM's mistral parser too).
 CALL_ID_LENGTH = 9
-# Compiled grammars kept per model for requests that repeat a schema (a few MB at most each).
+# Compiled grammars kept per model for requests that repeat a schema, and the longest grammar
+# text kept: a client sending many large schemas must not pin their compiled forms in memory
+# (a larger one is compiled for each request, as any new one is).
 COMPILED_GRAMMARS = 64
+COMPILED_GRAMMAR_MAX_BYTES = 16 * 1024
 _CALL_ID_ALPHABET = string.ascii_letters + string.digits
 # The work one grammar may cost: compiling (initial_lexer_fuel, about 20 ms at llguidance's
 # rate) and each step's mask (step_lexer_fuel and step_max_items, a few ms). A grammar over
@@ -133,10 +136,11 @@ class Grammars:
                     f"the schema cannot be compiled into a grammar: {matcher.get_error()}",
                     "response_format" if not spec.calls_tools else "tools",
                 )
-            with self._compiled_lock:
-                self._compiled[grammar] = matcher.deep_copy()
-                if len(self._compiled) > COMPILED_GRAMMARS:
-                    self._compiled.popitem(last=False)
+            if len(grammar) <= COMPILED_GRAMMAR_MAX_BYTES:
+                with self._compiled_lock:
+                    self._compiled[grammar] = matcher.deep_copy()
+                    if len(self._compiled) > COMPILED_GRAMMARS:
+                        self._compiled.popitem(last=False)
         return Constraint(
             matcher,
             self.call_token,

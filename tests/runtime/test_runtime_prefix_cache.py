@@ -218,3 +218,25 @@ def test_newcomers_are_prefilled_in_groups_and_a_shared_prefix_is_computed_once(
     assert texts == [text for text, _ in uncached]
     assert [events[index][-1].cached_tokens for index in range(len(prompts))] == [0] + [64] * 5
     assert listener.hits == 5 * 64
+
+
+def test_a_failed_prefill_pass_fails_its_requests_frees_their_blocks_and_the_engine_goes_on(tiny):
+    """A forward pass that raises (here a token id past the model's embeddings, which the
+    server refuses before the engine; submitted to the engine directly) fails the requests in
+    flight with an error event each, frees every block, and the next requests are served."""
+    spec, _ = tiny
+    engine = _engine(tiny)
+    prompts = _conversations(spec.vocab_size, count=3)
+    prompts[1] = [*prompts[1], spec.vocab_size + 5]
+    events = {index: [] for index in range(len(prompts))}
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for index, prompt in enumerate(prompts):
+        engine.submit(str(index), prompt, params, events[index].append)
+    while engine.step():
+        pass
+    for received in events.values():
+        assert received[-1].finish_reason == "error"
+        assert "IndexError" in received[-1].error
+    assert engine.blocks.usage == 0.0 and engine.num_running == engine.num_waiting == 0
+    after = _run(engine, _conversations(spec.vocab_size, count=2), max_tokens=4)
+    assert [event.completion_tokens for _, event in after] == [4, 4]

@@ -12,7 +12,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from runtime.chat import output_spec, template_messages, template_tools
-from runtime.structured import AnswerReader, Grammars, ToolCallReader
+from runtime.structured import (
+    COMPILED_GRAMMARS,
+    AnswerReader,
+    Grammars,
+    ToolCallReader,
+)
 from tests.tool_schemas import ADD, ORDER, QUESTION, WEATHER
 
 pytestmark = [pytest.mark.slow, pytest.mark.nodb]
@@ -358,3 +363,34 @@ def test_adversarial_schemas_do_not_stall_other_requests(client):
         outcomes = [future.result() for future in hostile_futures]
     assert all(o in ("length", "stop", "response_format") for o in outcomes), outcomes
     assert plain < 10
+
+
+def test_requests_repeating_a_schema_get_their_own_grammar_state(tokenizer):
+    """The compiled-grammar cache hands out copies: one request's tokens never move another's
+    grammar state; it keeps at most COMPILED_GRAMMARS grammars, and none over
+    COMPILED_GRAMMAR_MAX_BYTES (a client flooding large schemas pins nothing)."""
+    grammars = Grammars(tokenizer.backend_tokenizer, tokenizer.eos_token_id, len(tokenizer))
+    spec = output_spec({"tools": [ADD], "tool_choice": "required"})
+    first, second = grammars.constraint(spec), grammars.constraint(spec)
+    call = '[{"name": "add", "arguments": {"a": 1, "b": 2}}]'
+    tokens = [tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")]
+    tokens += tokenizer.encode(call, add_special_tokens=False)
+    assert all(first.consume(token) for token in tokens) and first.matcher.is_accepting()
+    assert not second.matcher.is_accepting() and second.consumed == 0
+    assert all(second.consume(token) for token in tokens)  # from the start, as a new request
+
+    for index in range(COMPILED_GRAMMARS + 10):
+        schema = {"type": "object", "properties": {f"field_{index}": {"type": "integer"}}}
+        grammars.constraint(output_spec({"response_format": _json_format(schema)}))
+    assert len(grammars._compiled) == COMPILED_GRAMMARS
+    large = {
+        "type": "object",
+        "properties": {f"a_rather_long_field_name_{i}": {"type": "string"} for i in range(600)},
+    }
+    before = dict(grammars._compiled)
+    grammars.constraint(output_spec({"response_format": _json_format(large)}))
+    assert dict(grammars._compiled).keys() == before.keys()
+
+
+def _json_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "strict": True, "schema": schema}}
