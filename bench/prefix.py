@@ -6,11 +6,15 @@ builtin runtime replicas, in three configurations:
 3. prefix caching on, prefix-aware routing (the deployment's default `routing_policy`).
 
     python bench/prefix.py [--replicas 2] [--conversations 32] [--turns 4]
-        [--system-tokens 1500] [--max-tokens 16] [--json out.json]
+        [--system-tokens 1500] [--max-tokens 16] [--think-time 0.5] [--json out.json]
 
 Every conversation shares one system prompt of `--system-tokens` tokens (the tiny MoE's
 tokenizer) and grows turn by turn: each turn sends the whole history plus a new user message
-and streams the answer back; all conversations run at once (each one turn after the other).
+and streams the answer back; all conversations run at once, each one turn after the other with
+a user's pause before every turn (exponential, mean `--think-time` seconds, the same pauses in
+every configuration), as vLLM's multi-turn benchmark does. `--think-time 0` sends every turn the
+instant the previous answer ends: the conversations then move in lockstep and each turn reaches
+a replica as one burst, the hardest case for time to first token.
 Each configuration starts fresh replicas (empty caches) and a fresh gateway. Reports, per
 configuration: time to first token p50/p99 (client side, to the first streamed text), generated
 tokens/s over the whole run, and the prefix-cache hit rate (cached / prompt tokens, as the
@@ -193,7 +197,10 @@ async def run_workload(base: str, key: str, args, system: str) -> dict:
     async def conversation(client: httpx.AsyncClient, index: int) -> None:
         nonlocal completion_tokens, prompt_tokens, cached_tokens
         messages = [{"role": "system", "content": system}]
+        thinking = random.Random(index)  # the same pauses in every configuration
         for turn in range(args.turns):
+            if args.think_time:
+                await asyncio.sleep(thinking.expovariate(1 / args.think_time))
             messages.append({"role": "user", "content": user_message(index, turn)})
             body = {
                 "model": MODEL,
@@ -262,6 +269,12 @@ def main() -> None:
     parser.add_argument("--system-tokens", type=int, default=1500)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument(
+        "--think-time",
+        type=float,
+        default=0.5,
+        help="mean seconds a user pauses before each turn (exponential); 0: none (lockstep)",
+    )
+    parser.add_argument(
         "--hidden-size", type=int, default=TINY.hidden_size, help="the random MoE's width"
     )
     parser.add_argument("--intermediate-size", type=int, default=TINY.intermediate_size)
@@ -317,6 +330,7 @@ def main() -> None:
             "layers": shape.num_layers,
         },
         "max_tokens": args.max_tokens,
+        "think_time": args.think_time,
         "configurations": [],
     }
     for label, policy, caching in CONFIGURATIONS:
