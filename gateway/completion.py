@@ -168,6 +168,7 @@ class Completion(Exchange):
         "request",
         "route",
         "route_name",
+        "stated_usage",
         "upstream",
     )
 
@@ -192,6 +193,9 @@ class Completion(Exchange):
         self.fallback_from = None
         # The answer's last messages, held back until the usage event is committed.
         self.last_messages: list[dict] = []
+        # A provider's answer (JSON) or final stream chunk carrying the usage the client sees:
+        # restated with the gateway's figures when those replace the provider's.
+        self.stated_usage: dict | None = None
 
     async def handle(self) -> None:
         config = self.gateway.config
@@ -766,6 +770,8 @@ class Completion(Exchange):
             outcome.status = 200
             if isinstance(data.get("usage"), dict):
                 outcome.take_usage(data["usage"])
+                if self.upstream is partner.PROVIDER:
+                    self.stated_usage = data
             if not outcome.usage_seen or self.upstream is partner.PROVIDER:  # see record_usage
                 choices = data.get("choices")
                 choices = choices if isinstance(choices, list) else ()
@@ -1015,12 +1021,23 @@ class Completion(Exchange):
                 return event  # the client asked for exactly this
             if not choices:
                 # The usage chunk: the client's if it asked for usage, else the gateway's.
-                return event if request.wants_usage else None
+                return self._usage_event(event, chunk) if request.wants_usage else None
             if request.wants_usage and final and not outcome.continuous:
-                return event  # a replica's one usage, on its last content chunk
+                return self._usage_event(event, chunk)  # one usage, on the last content chunk
             del chunk["usage"]  # the running count the gateway asked for, not the client
             return b"data: " + orjson.dumps(chunk)
         return event
+
+    def _usage_event(self, event: bytes, chunk: dict) -> bytes | None:
+        """A stream's final usage for the client: a replica's passes now. A provider's is held
+        back until its figures are judged and leaves with the stream's last bytes, as OpenAI
+        sends it (a chunk of its own, `choices` empty); text riding with it goes on now."""
+        if self.upstream is not partner.PROVIDER:
+            return event
+        usage = chunk.pop("usage")
+        held = {name: chunk[name] for name in ("id", "object", "created", "model") if name in chunk}
+        self.stated_usage = {**held, "choices": [], "usage": usage}
+        return b"data: " + orjson.dumps(chunk) if chunk.get("choices") else None
 
     # ---- usage ---------------------------------------------------------------------------
 
@@ -1057,6 +1074,7 @@ class Completion(Exchange):
                 outcome.completion_tokens = min(
                     outcome.completion_tokens, self.completion_allowed()
                 )
+        self._state_usage(restate=distrusted)
         deployment_metrics = metrics.for_deployment(str(route.deployment_id))
         deployment_metrics.prompt_tokens.inc(outcome.prompt_tokens)
         deployment_metrics.completion_tokens.inc(outcome.completion_tokens)
@@ -1102,6 +1120,28 @@ class Completion(Exchange):
         except UsageNotDurable:
             # Not acknowledged: the answer's last bytes become the error.
             self.last_messages = self._error_messages(_usage_not_recorded())
+
+    def _state_usage(self, *, restate: bool) -> None:
+        """Put the usage a provider reported into the answer's last bytes, with the gateway's
+        own figures where they replace the provider's: the client sees what it is billed."""
+        answer, outcome = self.stated_usage, self.outcome
+        if answer is None or not self.last_messages:
+            return
+        if restate:
+            answer["usage"] = {
+                "prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+            }
+        last = self.last_messages[-1]
+        if self.request.stream:  # the held-back chunk goes out before the stream's tail
+            last["body"] = b"data: " + orjson.dumps(answer) + b"\n\n" + last["body"]
+        elif restate:
+            start = self.last_messages[0]
+            last["body"] = orjson.dumps(answer)
+            start["headers"] = [
+                (name, value) for name, value in start["headers"] if name != b"content-length"
+            ] + [(b"content-length", str(len(last["body"])).encode())]
 
     def _usage_believable(self) -> bool:
         """A provider's figures are counts a request of this size can use: a prompt of at

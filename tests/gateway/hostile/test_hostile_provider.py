@@ -36,6 +36,13 @@ def chat(gateway, secret, **body):
 
 def stream(gateway, secret, **body) -> tuple[list[str], str]:
     """The content the client received, and the stream's last event."""
+    content, last, _seen_on, _final = stream_with_usage(gateway, secret, **body)
+    return content, last
+
+
+def stream_with_usage(gateway, secret, **body) -> tuple[list[str], str, dict | None, dict]:
+    """The content the client received, the stream's last event, the last chunk that carried
+    usage, and the last chunk before that last event."""
     with httpx.stream(
         "POST",
         f"{gateway.v1}/chat/completions",
@@ -45,11 +52,13 @@ def stream(gateway, secret, **body) -> tuple[list[str], str]:
     ) as response:
         assert response.status_code == 200
         lines = [line[5:].strip() for line in response.iter_lines() if line.startswith("data:")]
-    content = []
+    content, seen_on, chunk = [], None, None
     for line in lines[:-1]:
-        for choice in orjson.loads(line)["choices"]:
+        chunk = orjson.loads(line)
+        for choice in chunk["choices"]:
             content.append(choice["delta"].get("content") or "")
-    return content, lines[-1]
+        seen_on = chunk if chunk.get("usage") else seen_on
+    return content, lines[-1], seen_on, chunk
 
 
 def the_one_event() -> UsageEvent:
@@ -136,24 +145,54 @@ def test_negative_or_absurd_usage_is_replaced_by_the_gateways_count(
 ):
     provider.control(usage=usage)
     if streamed:
-        content, last = stream(gateway, secret, max_tokens=5)
+        content, last, seen_on, _final = stream_with_usage(
+            gateway, secret, max_tokens=5, stream_options={"include_usage": True}
+        )
+        seen = seen_on["usage"]
         assert last == "[DONE]" and "".join(content).startswith("Bonjour")
     else:
         response = chat(gateway, secret, max_tokens=5)
         assert response.status_code == 200
+        assert response.headers["content-length"] == str(len(response.content))
+        seen = response.json()["usage"]
     event = the_one_event()
     assert event.status_code == 200 and event.usage_source == UsageEvent.Source.COUNTED
     # The gateway's own count: the prompt's words and the five words relayed (estimated at
     # a token per 4 bytes, this model having no tokenizer files), at most max_tokens.
     assert 0 < event.prompt_tokens < 100
     assert 0 < event.completion_tokens <= 5
+    # And the client is shown what it is billed, not the provider's figures.
+    assert seen == {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
 
 
 def test_usage_within_bounds_is_the_providers(gateway, provider, secret):
     # A provider that counts a few more tokens than the gateway would (its own system prompt)
     # is believed: only figures no request of this size could use are replaced.
     provider.control(usage={"prompt_tokens": 40})
-    assert chat(gateway, secret, max_tokens=5).status_code == 200
+    response = chat(gateway, secret, max_tokens=5)
+    assert response.status_code == 200
     event = the_one_event()
     assert (event.prompt_tokens, event.completion_tokens) == (40, 5)
     assert event.usage_source == UsageEvent.Source.UPSTREAM
+    assert response.json()["usage"]["prompt_tokens"] == 40  # passed on as the provider sent it
+
+
+def test_a_streamed_usage_within_bounds_reaches_the_client_after_the_last_text(
+    gateway, provider, secret
+):
+    provider.control(usage={"prompt_tokens": 40})
+    content, last, seen_on, final = stream_with_usage(
+        gateway, secret, max_tokens=5, stream_options={"include_usage": True}
+    )
+    seen = seen_on["usage"]
+    assert last == "[DONE]" and "".join(content).startswith("Bonjour")
+    assert (seen["prompt_tokens"], seen["completion_tokens"]) == (40, 5)
+    # On a chunk of its own, the last before [DONE], as OpenAI sends it (the provider, like
+    # Mistral's API, put it on its last content chunk).
+    assert seen_on["choices"] == [] and seen_on is final
+    event = the_one_event()
+    assert (event.prompt_tokens, event.completion_tokens) == (40, 5)
