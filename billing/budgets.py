@@ -90,16 +90,12 @@ def budget_alert_email(*, alert_id: int) -> bool:
         subject = (
             f"[Sirocco] {organization.name} reached {alert.threshold_percent}% of its spend limit"
         )
-        body = (
-            f"{organization.name} ({organization.slug}) has spent {alert.spend} "
-            f"{alert.currency} in the billing period {_period(alert)}, "
-            f"{alert.threshold_percent}% of its limit of {alert.limit} {alert.currency}.\n"
-            + (
-                "Requests are refused until the period ends or the limit is raised.\n"
-                if alert.threshold_percent >= 100
-                else ""
-            )
-            + f"\nUsage and invoices: {settings.SIROCCO_PUBLIC_URL}/\n"
+        body = _alert_body(
+            alert,
+            f"{organization.name} ({organization.slug})",
+            "limit",
+            "Requests are refused until the period ends or the limit is raised.",
+            f"Usage and invoices: {settings.SIROCCO_PUBLIC_URL}/",
         )
         return organization, subject, body
 
@@ -117,16 +113,12 @@ def project_budget_alert_email(*, alert_id: int) -> bool:
             f"[Sirocco] Project {project.name} of {organization.name} reached "
             f"{alert.threshold_percent}% of its budget"
         )
-        body = (
-            f"The project {project.name} of {organization.name} ({organization.slug}) has "
-            f"spent {alert.spend} {alert.currency} in the billing period {_period(alert)}, "
-            f"{alert.threshold_percent}% of its budget of {alert.limit} {alert.currency}.\n"
-            + (
-                "Its keys' requests are refused until the period ends or the budget is raised.\n"
-                if alert.threshold_percent >= 100
-                else ""
-            )
-            + f"\nProjects: {settings.SIROCCO_PUBLIC_URL}/projects/\n"
+        body = _alert_body(
+            alert,
+            f"The project {project.name} of {organization.name} ({organization.slug})",
+            "budget",
+            "Its keys' requests are refused until the period ends or the budget is raised.",
+            f"Projects: {settings.SIROCCO_PUBLIC_URL}/projects/",
         )
         return organization, subject, body
 
@@ -156,6 +148,17 @@ def _email_once(alert_model, alert_id: int, related: str, compose) -> bool:
     alert.emailed_at = timezone.now()
     alert.save(update_fields=["emailed_at"])
     return bool(recipients)
+
+
+def _alert_body(alert, spender: str, limit_name: str, refused: str, link: str) -> str:
+    """An alert email's text: what was spent, of which limit, what is refused at 100 %."""
+    return (
+        f"{spender} has spent {alert.spend} {alert.currency} in the billing period "
+        f"{_period(alert)}, {alert.threshold_percent}% of its {limit_name} of {alert.limit} "
+        f"{alert.currency}.\n"
+        + (f"{refused}\n" if alert.threshold_percent >= 100 else "")
+        + f"\n{link}\n"
+    )
 
 
 def _period(alert) -> str:

@@ -26,6 +26,7 @@ PROVIDER_KEY = TEST_API_KEY  # the fake provider's credential
 PROVIDER_MODEL_ID = "mistral-large-2411"
 OUR_PRICE = (Decimal("3.000000"), Decimal("9.000000"))  # per million, USD
 PROVIDER_COST = (Decimal("2.000000"), Decimal("6.000000"))
+MESSAGES = [{"role": "user", "content": "Say hello in French please"}]
 
 
 @dataclass
@@ -127,3 +128,26 @@ def enable_partner_model(organization, version, *, name="large", accept=True):
     if accept:
         terms.terms_accept(actor=actor, version=version, terms_version="1")
     return deployment_create(actor=actor, name=name, model=version.model.slug, type="serverless")
+
+
+def partner_chat(gateway, secret, **body) -> httpx.Response:
+    """A chat completion of the partner model as `enable_partner_model` names it (`large`)."""
+    return httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={"model": "large", "messages": MESSAGES, "max_tokens": 4, **body},
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=60,
+    )
+
+
+def partner_stream(gateway, secret, **body) -> list[str]:
+    """The `data:` lines of a streamed chat completion of `large` (answered 200)."""
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        json={"model": "large", "messages": MESSAGES, "max_tokens": 8, "stream": True, **body},
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line.startswith("data:")]

@@ -70,12 +70,11 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
-@pytest.fixture
-def console_and_gateway(tmp_path):
+def serve_console_and_gateway(tmp_path, **gateway_config) -> ServerThread:
     """Django (console, with its static files) and the gateway under /v1, as controlplane/asgi.py
     composes them, in a server thread."""
     django_app = ASGIStaticFilesHandler(get_asgi_application())
-    gateway_app = GatewayApp(usage_spool_dir=str(tmp_path / "spool"))
+    gateway_app = GatewayApp(usage_spool_dir=str(tmp_path / "spool"), **gateway_config)
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan" or scope.get("path", "").startswith("/v1/"):
@@ -83,6 +82,11 @@ def console_and_gateway(tmp_path):
         else:
             await django_app(scope, receive, send)
 
-    server = ServerThread(app)
+    return ServerThread(app)
+
+
+@pytest.fixture
+def console_and_gateway(tmp_path):
+    server = serve_console_and_gateway(tmp_path)
     yield server
     server.stop()

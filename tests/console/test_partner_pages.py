@@ -3,21 +3,16 @@ flow that shows the publisher's terms and records their acceptance, and (in Chro
 the console and gateway in one server and the fake Mistral API process) the playground."""
 
 import re
-import socket
 
 import pytest
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-from django.core.asgi import get_asgi_application
 from playwright.sync_api import expect
 
 from accounts.roles import Role
 from catalog.models import TermsAcceptance
 from deployments.models import Deployment
-from gateway.app import GatewayApp
-from tests.console.conftest import screenshot
+from tests.console.conftest import screenshot, serve_console_and_gateway
 from tests.console.test_browser_foundation import log_in
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
-from tests.gateway.conftest import ServerThread
 from tests.partner import make_partner_model, start_fake_provider
 
 
@@ -59,25 +54,10 @@ def test_partner_pages_and_the_enable_flow(console, organization, db):
     assert viewer.get("/models/mistral-large/enable").status_code == 403
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def platform_server(tmp_path, transactional_db):
-    """The console and the gateway in one uvicorn server, as the web process runs them."""
-    gateway = GatewayApp(route_cache_seconds=0.2, usage_spool_dir=str(tmp_path / "spool"))
-    django_app = ASGIStaticFilesHandler(get_asgi_application())
-
-    async def application(scope, receive, send):
-        if scope["type"] == "lifespan" or scope.get("path", "").startswith("/v1"):
-            await gateway(scope, receive, send)
-        else:
-            await django_app(scope, receive, send)
-
-    server = ServerThread(application)
+    """The console and the gateway in one server, as the web process runs them."""
+    server = serve_console_and_gateway(tmp_path, route_cache_seconds=0.2)
     yield server
     server.stop()
 

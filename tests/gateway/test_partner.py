@@ -6,7 +6,6 @@ between organizations, and the credential in no response or log line."""
 import logging
 import time
 
-import httpx
 import openai
 import orjson
 import pytest
@@ -21,17 +20,18 @@ from catalog.permissions import operator_system_actor
 from metering.models import UsageEvent
 from tests.factories import OrganizationFactory
 from tests.partner import (
+    MESSAGES,
     OUR_PRICE,
     PROVIDER_COST,
     PROVIDER_KEY,
     PROVIDER_MODEL_ID,
     enable_partner_model,
     make_partner_model,
+    partner_chat,
+    partner_stream,
 )
 
 pytestmark = pytest.mark.slow
-
-MESSAGES = [{"role": "user", "content": "Say hello in French please"}]
 
 
 @pytest.fixture
@@ -145,15 +145,6 @@ def test_new_terms_must_be_accepted_before_calling_again(
             time.sleep(0.1)
 
 
-def raw_chat(gateway, secret, **body):
-    return httpx.post(
-        f"{gateway.v1}/chat/completions",
-        json={"model": "large", "messages": MESSAGES, "max_tokens": 4, **body},
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=30,
-    )
-
-
 def test_provider_errors_become_ours(gateway, provider, partner):
     _version, _connection, client, secret = partner
     provider.control(mode="rate_limit", retry_after=7)
@@ -163,17 +154,17 @@ def test_provider_errors_become_ours(gateway, provider, partner):
     assert limited.value.body["code"] == "provider_rate_limited"
 
     provider.control(mode="fail", status=503)
-    failed = raw_chat(gateway, secret)
+    failed = partner_chat(gateway, secret)
     assert failed.status_code == 502 and failed.json()["error"]["code"] == "provider_error"
     assert failed.json()["error"]["type"] == "server_error"
 
     provider.control(mode="garbage")
-    garbage = raw_chat(gateway, secret)
+    garbage = partner_chat(gateway, secret)
     assert garbage.status_code == 502
     assert garbage.json()["error"]["code"] == "provider_bad_response"
 
     provider.control(mode="fail", status=401)
-    refused = raw_chat(gateway, secret)
+    refused = partner_chat(gateway, secret)
     assert refused.status_code == 502
     assert refused.json()["error"]["code"] == "provider_auth_failed"
     for response in (failed, garbage, refused):
@@ -182,25 +173,13 @@ def test_provider_errors_become_ours(gateway, provider, partner):
     assert all(e.prompt_tokens == e.completion_tokens == 0 for e in events())
 
 
-def stream_events(gateway, secret, **body):
-    with httpx.stream(
-        "POST",
-        f"{gateway.v1}/chat/completions",
-        json={"model": "large", "messages": MESSAGES, "max_tokens": 8, "stream": True, **body},
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=30,
-    ) as response:
-        assert response.status_code == 200
-        return [line for line in response.iter_lines() if line.startswith("data:")]
-
-
 def test_a_cut_stream_or_garbage_is_a_502_billed_for_what_was_delivered(gateway, provider, partner):
     _version, _connection, _client, secret = partner
     provider.control(mode="cut", cut_after=3)
-    lines = stream_events(gateway, secret)
+    lines = partner_stream(gateway, secret)
     assert '"provider_stream_broken"' in lines[-1] and lines[-1] != "data: [DONE]"
     provider.control(mode="garbage")
-    lines = stream_events(gateway, secret)
+    lines = partner_stream(gateway, secret)
     assert '"provider_bad_response"' in lines[-1]
     cut, garbage = events()
     assert cut.status_code == 502 and cut.usage_source == UsageEvent.Source.COUNTED
@@ -228,7 +207,7 @@ def test_a_provider_that_stalls_before_its_first_byte_is_a_504(
     enable_partner_model(organization, version)
     _key, secret = inference_key(organization)
     provider.control(mode="stall", stall_seconds=3)
-    response = raw_chat(gateway, secret)
+    response = partner_chat(gateway, secret)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "provider_timeout"
 
@@ -245,13 +224,13 @@ def test_the_provider_quota_is_shared_fairly_between_organizations(
     for tenant in (greedy, polite):
         enable_partner_model(tenant, version)
         secrets[tenant.pk] = inference_key(tenant)[1]
-    greedy_codes = [raw_chat(gateway, secrets[greedy.pk]).status_code for _ in range(8)]
+    greedy_codes = [partner_chat(gateway, secrets[greedy.pk]).status_code for _ in range(8)]
     assert greedy_codes == [200] * 5 + [429] * 3
-    refused = raw_chat(gateway, secrets[greedy.pk])
+    refused = partner_chat(gateway, secrets[greedy.pk])
     assert "share" in refused.json()["error"]["message"]
     assert refused.headers["retry-after"]
     # The greedy tenant used its share, not everyone's quota: the other still gets its half.
-    polite_codes = [raw_chat(gateway, secrets[polite.pk]).status_code for _ in range(5)]
+    polite_codes = [partner_chat(gateway, secrets[polite.pk]).status_code for _ in range(5)]
     assert polite_codes == [200] * 5
     assert len(provider.received()) == 10
 
@@ -260,9 +239,9 @@ def test_our_key_limits_apply_to_partner_models_too(gateway, provider, organizat
     version, _connection = make_partner_model(provider.base_url)
     enable_partner_model(organization, version)
     _key, secret = inference_key(organization, rpm_limit=2)
-    codes = [raw_chat(gateway, secret).status_code for _ in range(3)]
+    codes = [partner_chat(gateway, secret).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
-    refused = raw_chat(gateway, secret)
+    refused = partner_chat(gateway, secret)
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert "API key" in refused.json()["error"]["message"]
     assert len(provider.received()) == 2

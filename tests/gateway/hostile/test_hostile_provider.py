@@ -6,16 +6,13 @@ allowed. (A stream event that is not JSON: tests/gateway/test_partner.py.)"""
 
 import time
 
-import httpx
 import orjson
 import pytest
 
 from metering.models import UsageEvent
-from tests.partner import enable_partner_model, make_partner_model
+from tests.partner import enable_partner_model, make_partner_model, partner_chat, partner_stream
 
 pytestmark = pytest.mark.slow
-
-MESSAGES = [{"role": "user", "content": "Say hello in French please"}]
 
 
 @pytest.fixture
@@ -25,40 +22,14 @@ def secret(gateway, provider, organization, inference_key):
     return inference_key(organization)[1]
 
 
-def chat(gateway, secret, **body):
-    return httpx.post(
-        f"{gateway.v1}/chat/completions",
-        json={"model": "large", "messages": MESSAGES, "max_tokens": 5, **body},
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=60,
-    )
-
-
-def stream(gateway, secret, **body) -> tuple[list[str], str]:
-    """The content the client received, and the stream's last event."""
-    content, last, _seen_on, _final = stream_with_usage(gateway, secret, **body)
-    return content, last
-
-
-def stream_with_usage(gateway, secret, **body) -> tuple[list[str], str, dict | None, dict]:
-    """The content the client received, the stream's last event, the last chunk that carried
-    usage, and the last chunk before that last event."""
-    with httpx.stream(
-        "POST",
-        f"{gateway.v1}/chat/completions",
-        json={"model": "large", "messages": MESSAGES, "max_tokens": 8, "stream": True, **body},
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=60,
-    ) as response:
-        assert response.status_code == 200
-        lines = [line[5:].strip() for line in response.iter_lines() if line.startswith("data:")]
-    content, seen_on, chunk = [], None, None
-    for line in lines[:-1]:
-        chunk = orjson.loads(line)
-        for choice in chunk["choices"]:
-            content.append(choice["delta"].get("content") or "")
-        seen_on = chunk if chunk.get("usage") else seen_on
-    return content, lines[-1], seen_on, chunk
+def stream(gateway, secret, **body) -> tuple[list[str], str, list[dict]]:
+    """The content the client received, the stream's last event, and the chunks before it."""
+    lines = [line[5:].strip() for line in partner_stream(gateway, secret, **body)]
+    chunks = [orjson.loads(line) for line in lines[:-1]]
+    content = [
+        choice["delta"].get("content") or "" for chunk in chunks for choice in chunk["choices"]
+    ]
+    return content, lines[-1], chunks
 
 
 def the_one_event() -> UsageEvent:
@@ -81,7 +52,7 @@ def test_a_stream_that_ignores_max_tokens_is_cut_and_billed_for_what_was_allowed
 ):
     provider.control(mode="forever")
     started = time.monotonic()
-    content, last = stream(gateway, secret, max_tokens=8)
+    content, last, _chunks = stream(gateway, secret, max_tokens=8)
     elapsed = time.monotonic() - started
     error = orjson.loads(last)["error"]
     assert error["code"] == "provider_bad_response" and "max_tokens" in error["message"]
@@ -99,7 +70,7 @@ def test_a_stream_that_trickles_forever_ends_at_the_answer_timeout(gateway, prov
     gateway.reset(answer_timeout=2)
     provider.control(mode="trickle", delay_seconds=0.2)  # well within the 5 s idle timeout
     started = time.monotonic()
-    _content, last = stream(gateway, secret)
+    _content, last, _chunks = stream(gateway, secret)
     elapsed = time.monotonic() - started
     error = orjson.loads(last)["error"]
     assert error["code"] == "provider_timeout" and "2s" in error["message"]
@@ -111,7 +82,7 @@ def test_a_stream_that_trickles_forever_ends_at_the_answer_timeout(gateway, prov
 
 def test_a_50_mb_stream_line_is_cut_without_being_held(gateway, provider, secret):
     provider.control(mode="huge", huge_bytes=50_000_000)
-    _content, last = stream(gateway, secret)
+    _content, last, _chunks = stream(gateway, secret)
     error = orjson.loads(last)["error"]
     assert error["code"] == "provider_bad_response" and "MiB" in error["message"]
     assert let_go(provider)
@@ -121,7 +92,7 @@ def test_a_50_mb_stream_line_is_cut_without_being_held(gateway, provider, secret
 
 def test_a_50_mb_answer_is_a_502_and_billed_nothing(gateway, provider, secret):
     provider.control(mode="huge", huge_bytes=50_000_000)
-    response = chat(gateway, secret)
+    response = partner_chat(gateway, secret, max_tokens=5)
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "provider_bad_response" and error["type"] == "server_error"
@@ -145,13 +116,13 @@ def test_negative_or_absurd_usage_is_replaced_by_the_gateways_count(
 ):
     provider.control(usage=usage)
     if streamed:
-        content, last, seen_on, _final = stream_with_usage(
+        content, last, chunks = stream(
             gateway, secret, max_tokens=5, stream_options={"include_usage": True}
         )
-        seen = seen_on["usage"]
+        seen = chunks[-1]["usage"]
         assert last == "[DONE]" and "".join(content).startswith("Bonjour")
     else:
-        response = chat(gateway, secret, max_tokens=5)
+        response = partner_chat(gateway, secret, max_tokens=5)
         assert response.status_code == 200
         assert response.headers["content-length"] == str(len(response.content))
         seen = response.json()["usage"]
@@ -173,7 +144,7 @@ def test_usage_within_bounds_is_the_providers(gateway, provider, secret):
     # A provider that counts a few more tokens than the gateway would (its own system prompt)
     # is believed: only figures no request of this size could use are replaced.
     provider.control(usage={"prompt_tokens": 40})
-    response = chat(gateway, secret, max_tokens=5)
+    response = partner_chat(gateway, secret, max_tokens=5)
     assert response.status_code == 200
     event = the_one_event()
     assert (event.prompt_tokens, event.completion_tokens) == (40, 5)
@@ -185,14 +156,14 @@ def test_a_streamed_usage_within_bounds_reaches_the_client_after_the_last_text(
     gateway, provider, secret
 ):
     provider.control(usage={"prompt_tokens": 40})
-    content, last, seen_on, final = stream_with_usage(
+    content, last, chunks = stream(
         gateway, secret, max_tokens=5, stream_options={"include_usage": True}
     )
-    seen = seen_on["usage"]
+    seen = chunks[-1]["usage"]
     assert last == "[DONE]" and "".join(content).startswith("Bonjour")
     assert (seen["prompt_tokens"], seen["completion_tokens"]) == (40, 5)
     # On a chunk of its own, the last before [DONE], as OpenAI sends it (the provider, like
     # Mistral's API, put it on its last content chunk).
-    assert seen_on["choices"] == [] and seen_on is final
+    assert chunks[-1]["choices"] == []
     event = the_one_event()
     assert (event.prompt_tokens, event.completion_tokens) == (40, 5)
