@@ -6,11 +6,18 @@ allowed. (A stream event that is not JSON: tests/gateway/test_partner.py.)"""
 
 import time
 
+import httpx
 import orjson
 import pytest
 
 from metering.models import UsageEvent
-from tests.partner import enable_partner_model, make_partner_model, partner_chat, partner_stream
+from tests.partner import (
+    MESSAGES,
+    enable_partner_model,
+    make_partner_model,
+    partner_chat,
+    partner_stream,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -167,3 +174,37 @@ def test_a_streamed_usage_within_bounds_reaches_the_client_after_the_last_text(
     assert chunks[-1]["choices"] == []
     event = the_one_event()
     assert (event.prompt_tokens, event.completion_tokens) == (40, 5)
+
+
+def test_a_client_that_hangs_up_while_its_usage_is_held_is_billed_once_for_what_it_got(
+    gateway, provider, secret
+):
+    # The client asks for usage, then leaves after the first words: the provider's usage
+    # (held back until the end) never reaches it, and it is billed once, for what it received.
+    provider.control(delay_seconds=0.3, usage={"completion_tokens": 2_000_000_000})
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        json={
+            "model": "large",
+            "messages": MESSAGES,
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if '"Bonjour' in line:
+                break  # leaving the block closes the connection mid-stream
+    assert let_go(provider)
+    deadline = time.monotonic() + 10
+    while not UsageEvent.objects.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # nothing more arrives
+    event = the_one_event()
+    assert event.status_code == 499
+    assert 0 < event.completion_tokens <= 5
